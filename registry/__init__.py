@@ -1,0 +1,119 @@
+"""pullthrough: an OCI registry pull-through cache. `create_app(settings)` builds the app."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+import requests
+from flask import Flask, Response, g, request
+from requests.adapters import HTTPAdapter
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+from registry.api import v2
+from registry.config import Settings, load_settings
+from registry.coordination import Coordination, blob_lease_key
+from registry.errors import NotFound, RegistryError, Unsupported, error_response
+from registry.pullthrough import PullThrough
+from registry.store import ContentStore, FilesystemDriver
+from registry.upstream.auth import TokenCache
+from registry.upstream.client import UpstreamClient
+
+log = logging.getLogger("registry")
+
+API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+
+
+def upstream_session(pool_size: int = 64) -> requests.Session:
+    """One pooled HTTP session per process, shared by every upstream client."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = "pullthrough/0.1"
+    # Upstream answers are byte-exact content: never let requests read proxies from .netrc.
+    session.trust_env = False
+    return session
+
+
+def build_pullthrough(settings: Settings, redis_client: redis.Redis | None = None) -> PullThrough:
+    """The services behind the app, wired together (also used by the CLI and workers)."""
+    store = ContentStore(FilesystemDriver(settings.storage_root))
+    client = redis_client or redis.Redis.from_url(
+        settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
+    )
+    coordination = Coordination(client, settings.lease_ttl)
+    session = upstream_session()
+    tokens = TokenCache()
+    upstreams = {
+        registry.name: UpstreamClient(
+            registry,
+            session,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            tokens=tokens,
+            max_manifest_size=settings.max_manifest_size,
+        )
+        for registry in settings.registries
+    }
+    return PullThrough(settings, store, coordination, upstreams)
+
+
+def clean_stale_uploads(pullthrough: PullThrough) -> None:
+    """Remove partial files left by dead fills (no live lease), keeping resumable ones fresh."""
+    coordination = pullthrough.coord
+    try:
+        coordination.redis.ping()
+    except redis.RedisError:
+        log.warning("Redis unreachable at start-up: partial files are left for the next start")
+        return
+    removed = pullthrough.store.clean_uploads(
+        lambda digest: coordination.lease_held(blob_lease_key(digest)),
+        min_age=4 * pullthrough.settings.lease_ttl,
+    )
+    if removed:
+        log.info("removed %d partial files left by dead fills", len(removed))
+
+
+def create_app(
+    settings: Settings | None = None, *, redis_client: redis.Redis | None = None
+) -> Flask:
+    if settings is None:
+        settings = load_settings()
+    app = Flask(__name__)
+    app.config["SETTINGS"] = settings
+    pullthrough = build_pullthrough(settings, redis_client)
+    app.extensions["pullthrough"] = pullthrough
+    app.register_blueprint(v2.bp)
+    clean_stale_uploads(pullthrough)
+
+    @app.errorhandler(RegistryError)
+    def _registry_error(error: RegistryError) -> Response:
+        return error_response(error, head=request.method == "HEAD")
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> Response:
+        if isinstance(error, MethodNotAllowed):
+            mapped: RegistryError = Unsupported(f"{request.method} is not supported here")
+        elif error.code == 404:
+            mapped = NotFound()
+        else:
+            mapped = RegistryError(error.description)
+            mapped.status = error.code or 400
+            mapped.code = "UNSUPPORTED" if mapped.status == 405 else "UNKNOWN"
+        return error_response(mapped, head=request.method == "HEAD")
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(RegistryError("internal error"), head=request.method == "HEAD")
+
+    @app.after_request
+    def _headers(response: Response) -> Response:
+        response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
+        registry_name = g.get("registry")
+        if registry_name and request.args.get("ns"):
+            response.headers["OCI-Namespace"] = registry_name
+        return response
+
+    return app

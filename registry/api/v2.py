@@ -1,0 +1,196 @@
+"""The pull side of the OCI distribution API (/v2/): HTTP only, everything else in pullthrough."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import BinaryIO
+from urllib.parse import quote, urlencode
+
+from flask import Blueprint, Response, current_app, g, request
+
+from registry.digests import Digest
+from registry.errors import PaginationInvalid, RangeInvalid, Unsupported
+from registry.names import Target, resolve, validate_name
+from registry.pullthrough import Blob, PullThrough
+from registry.pullthrough.manifests import parse_accept
+
+bp = Blueprint("v2", __name__)
+
+FILE_CHUNK = 1024 * 1024
+MAX_PAGE = 10000
+READ_ONLY = "pullthrough is a read-only pull-through cache"
+
+
+def _pullthrough() -> PullThrough:
+    return current_app.extensions["pullthrough"]
+
+
+def _target(name: str) -> Target:
+    target = resolve(_pullthrough().settings, name, request.args.get("ns"))
+    g.registry = target.registry.name
+    return target
+
+
+@bp.route("/v2/", methods=["GET"])
+def ping() -> Response:
+    return Response(b"{}", mimetype="application/json")
+
+
+@bp.route("/v2/<path:name>/manifests/<reference>", methods=["GET", "PUT", "DELETE"])
+def manifest(name: str, reference: str) -> Response:
+    if request.method != "GET" and request.method != "HEAD":
+        raise Unsupported(READ_ONLY)
+    target = _target(name)
+    accept = parse_accept(request.headers.getlist("Accept"))
+    found = _pullthrough().manifest(target, reference, accept)
+    g.cache = found.cache
+    response = Response(found.body, mimetype=None)
+    response.headers["Content-Type"] = found.media_type
+    response.headers["Content-Length"] = str(len(found.body))
+    response.headers["Docker-Content-Digest"] = str(found.digest)
+    response.headers["ETag"] = f'"{found.digest}"'
+    response.headers["X-Cache"] = found.cache.upper()
+    if found.cache == "stale":
+        response.headers["Warning"] = '110 pullthrough "Response is stale: upstream failed"'
+    return response
+
+
+@bp.route("/v2/<path:name>/blobs/<digest>", methods=["GET", "DELETE"])
+def blob(name: str, digest: str) -> Response:
+    if request.method == "DELETE":
+        raise Unsupported(READ_ONLY)
+    target = _target(name)
+    head = request.method == "HEAD"
+    found = _pullthrough().blob(target, Digest.parse(digest), head=head)
+    g.cache = found.cache
+    byte_range = parse_range(request.headers.get("Range"), found.size)
+    start, end = byte_range or (0, found.size - 1)
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Content-Length": str(end - start + 1),
+        "Docker-Content-Digest": str(found.digest),
+        "ETag": f'"{found.digest}"',
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "max-age=31536000, immutable",
+        "X-Cache": found.cache.upper(),
+    }
+    if byte_range:
+        headers["Content-Range"] = f"bytes {start}-{end}/{found.size}"
+    status = 206 if byte_range else 200
+    if head:
+        return Response(b"", status=status, headers=headers)
+    return Response(
+        _body(found, start, end), status=status, headers=headers, direct_passthrough=True
+    )
+
+
+def _body(found: Blob, start: int, end: int):
+    if found.stream is not None:
+        return found.stream(start, end)
+    assert found.open_file is not None
+    handle = found.open_file()
+    handle.seek(start)
+    wrapper = request.environ.get("wsgi.file_wrapper")
+    if wrapper is not None and "gunicorn.socket" in request.environ:
+        # gunicorn sends at most Content-Length bytes from the current offset (sendfile).
+        return wrapper(handle, FILE_CHUNK)
+    return _read_range(handle, start, end)
+
+
+def _read_range(handle: BinaryIO, start: int, end: int) -> Iterator[bytes]:
+    with handle:
+        remaining = end - start + 1
+        while remaining > 0:
+            data = handle.read(min(FILE_CHUNK, remaining))
+            if not data:
+                return
+            remaining -= len(data)
+            yield data
+
+
+@bp.route("/v2/<path:name>/blobs/uploads/", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+@bp.route(
+    "/v2/<path:name>/blobs/uploads/<path:session>",
+    methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+)
+def uploads(name: str, session: str | None = None) -> Response:
+    raise Unsupported(READ_ONLY)
+
+
+@bp.route("/v2/<path:name>/tags/list", methods=["GET"])
+def tags(name: str) -> Response:
+    target = _target(name)
+    n, last = _pagination()
+    names, more = _pullthrough().tags(target, n, last)
+    return _listing({"name": name, "tags": names}, f"/v2/{name}/tags/list", n, names, more)
+
+
+@bp.route("/v2/_catalog", methods=["GET"])
+def catalog() -> Response:
+    n, last = _pagination()
+    names, more = _pullthrough().catalog(n, last)
+    return _listing({"repositories": names}, "/v2/_catalog", n, names, more)
+
+
+def _pagination() -> tuple[int | None, str | None]:
+    raw_n = request.args.get("n")
+    n = None
+    if raw_n is not None:
+        if not raw_n.isdigit() or len(raw_n) > 6:
+            raise PaginationInvalid(detail={"n": raw_n[:50]})
+        n = min(int(raw_n), MAX_PAGE)
+    last = request.args.get("last") or None
+    if last is not None and len(last) > 512:
+        raise PaginationInvalid("invalid last", detail={"last": last[:50]})
+    return n, last
+
+
+def _listing(body: dict, path: str, n: int | None, names: list[str], more: bool) -> Response:
+    response = Response(json.dumps(body), mimetype="application/json")
+    if more and names:
+        query = {"n": str(n), "last": names[-1]}
+        if request.args.get("ns"):
+            query["ns"] = request.args["ns"]
+        response.headers["Link"] = f'<{quote(path)}?{urlencode(query)}>; rel="next"'
+    return response
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """One `bytes=` range as (start, end) inclusive; None means serve the whole blob.
+
+    Multiple ranges and malformed headers are ignored (RFC 9110 lets a server do so);
+    a well-formed range that lies outside the blob is a 416.
+    """
+    if not header:
+        return None
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, second = spec.strip().partition("-")
+    if not dash or len(spec) > 40:
+        return None
+    first, second = first.strip(), second.strip()
+    if (first and not first.isdigit()) or (second and not second.isdigit()):
+        return None
+    if not first:
+        if not second:
+            return None
+        suffix = int(second)
+        if suffix == 0 or size == 0:
+            raise _unsatisfiable(size)
+        return max(size - suffix, 0), size - 1
+    start = int(first)
+    end = int(second) if second else size - 1
+    if end < start:
+        return None
+    if start >= size:
+        raise _unsatisfiable(size)
+    return start, min(end, size - 1)
+
+
+def _unsatisfiable(size: int) -> RangeInvalid:
+    return RangeInvalid(headers={"Content-Range": f"bytes */{size}"})
+
+
+__all__ = ["bp", "parse_range", "validate_name"]

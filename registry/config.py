@@ -1,0 +1,237 @@
+"""Configuration: one YAML file validated by marshmallow into frozen settings.
+
+The file's path comes from `PULLTHROUGH_CONFIG`; without it the defaults below describe the
+user's setup (Docker Hub, data under ./data). `REDIS_URL` in the environment overrides
+`redis.url` so `make run` can hand over its private Redis. Every problem is reported with its
+key path (`registries.0.url: Not a valid URL.`) and nothing starts half-configured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
+
+DEFAULT_REGISTRY = "docker.io"
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+DEFAULT_TAG_TTL = 300.0
+
+_REGISTRY_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` lists every one with its key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    name: str
+    url: str
+    credentials: Credentials | None = None
+    # True, False, or the path of a CA bundle (what `requests` takes as `verify`).
+    tls_verify: bool | str = True
+    tag_ttl: float = DEFAULT_TAG_TTL
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).netloc
+
+
+@dataclass(frozen=True)
+class Settings:
+    storage_root: Path
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    registries: tuple[RegistrySettings, ...] = (RegistrySettings(DEFAULT_REGISTRY, DOCKER_HUB_URL),)
+    default_registry: str = DEFAULT_REGISTRY
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    # A fill's Redis lease lapses this long after its holder stops renewing it (kill -9).
+    lease_ttl: float = 5.0
+    # Manifests larger than this are refused (distribution uses the same 4 MiB bound).
+    max_manifest_size: int = 4 * 1024 * 1024
+
+    def registry(self, name: str) -> RegistrySettings | None:
+        for registry in self.registries:
+            if registry.name == name:
+                return registry
+        return None
+
+
+def _url(value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValidationError("Not a valid http(s) URL.")
+
+
+class RegistrySchema(Schema):
+    name = fields.String(required=True, validate=validate.Regexp(_REGISTRY_NAME))
+    url = fields.String(load_default=None, validate=_url)
+    username = fields.String(load_default=None)
+    password = fields.String(load_default=None)
+    tls_verify = fields.Boolean(load_default=True)
+    ca_bundle = fields.String(load_default=None)
+    tag_ttl = fields.Float(load_default=DEFAULT_TAG_TTL, validate=validate.Range(min=0))
+
+    @validates_schema
+    def _credentials_pair(self, data: dict[str, Any], **_: Any) -> None:
+        if (data.get("username") is None) != (data.get("password") is None):
+            raise ValidationError("username and password go together.", "username")
+
+
+class StorageSchema(Schema):
+    root = fields.String(load_default="./data")
+
+
+class RedisSchema(Schema):
+    url = fields.String(load_default="redis://127.0.0.1:6379/0")
+
+
+class UpstreamSchema(Schema):
+    connect_timeout = fields.Float(load_default=5.0, validate=validate.Range(min=0.1))
+    read_timeout = fields.Float(load_default=30.0, validate=validate.Range(min=0.1))
+    lease_ttl = fields.Float(load_default=5.0, validate=validate.Range(min=1))
+
+
+class SettingsSchema(Schema):
+    storage = fields.Nested(StorageSchema, load_default=lambda: {"root": "./data"})
+    redis = fields.Nested(RedisSchema, load_default=lambda: {"url": "redis://127.0.0.1:6379/0"})
+    upstream = fields.Nested(UpstreamSchema, load_default=lambda: UpstreamSchema().load({}))
+    credentials_file = fields.String(load_default=None)
+    default_registry = fields.String(load_default=DEFAULT_REGISTRY)
+    registries = fields.List(
+        fields.Nested(RegistrySchema),
+        load_default=lambda: [{"name": DEFAULT_REGISTRY}],
+        validate=validate.Length(min=1),
+    )
+
+    @validates_schema
+    def _registries(self, data: dict[str, Any], **_: Any) -> None:
+        names = [r["name"] for r in data.get("registries", [])]
+        if len(names) != len(set(names)):
+            raise ValidationError("registry names must be unique.", "registries")
+        if data.get("default_registry", DEFAULT_REGISTRY) not in names:
+            raise ValidationError("must name one of the configured registries.", "default_registry")
+
+    @post_load
+    def _build(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        return data
+
+
+def _flatten(messages: Any, prefix: str = "") -> list[str]:
+    if isinstance(messages, dict):
+        out: list[str] = []
+        for key, value in messages.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            out.extend(_flatten(value, path))
+        return out
+    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
+        return [f"{prefix}: {m}" for m in messages]
+    if isinstance(messages, list):
+        return [line for m in messages for line in _flatten(m, prefix)]
+    return [f"{prefix}: {messages}"]
+
+
+def load_credentials_file(path: str) -> dict[str, Credentials]:
+    """Read `{"registry-1.docker.io": {"username", "password"}}` (the Zot file's shape)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError([f"credentials_file: cannot read {path}: {exc.strerror}"]) from None
+    except ValueError:
+        raise ConfigError([f"credentials_file: {path} is not valid JSON"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(["credentials_file: must be an object keyed by registry host"])
+    out: dict[str, Credentials] = {}
+    for host, entry in raw.items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("username"), str)
+            and isinstance(entry.get("password"), str)
+        ):
+            raise ConfigError([f"credentials_file.{host}: needs string username and password"])
+        out[host] = Credentials(entry["username"], entry["password"])
+    return out
+
+
+def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settings:
+    """Validate a parsed config mapping (plus environment overrides) into Settings."""
+    env = dict(os.environ if env is None else env)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["(root): the configuration must be a mapping"])
+    try:
+        data = SettingsSchema().load(raw)
+    except ValidationError as exc:
+        raise ConfigError(_flatten(exc.messages)) from None
+
+    from_file: dict[str, Credentials] = {}
+    if data["credentials_file"]:
+        from_file = load_credentials_file(data["credentials_file"])
+
+    registries = []
+    for entry in data["registries"]:
+        url = entry["url"] or (DOCKER_HUB_URL if entry["name"] == "docker.io" else None)
+        if url is None:
+            url = f"https://{entry['name']}"
+        host = urlsplit(url).netloc
+        creds = None
+        if entry["username"] is not None:
+            creds = Credentials(entry["username"], entry["password"])
+        else:
+            creds = from_file.get(host) or from_file.get(entry["name"])
+        verify: bool | str = entry["tls_verify"]
+        if entry["ca_bundle"]:
+            verify = entry["ca_bundle"]
+        registries.append(
+            RegistrySettings(
+                name=entry["name"],
+                url=url.rstrip("/"),
+                credentials=creds,
+                tls_verify=verify,
+                tag_ttl=entry["tag_ttl"],
+            )
+        )
+
+    upstream = data["upstream"]
+    return Settings(
+        storage_root=Path(data["storage"]["root"]).resolve(),
+        redis_url=env.get("REDIS_URL") or data["redis"]["url"],
+        registries=tuple(registries),
+        default_registry=data["default_registry"],
+        connect_timeout=upstream["connect_timeout"],
+        read_timeout=upstream["read_timeout"],
+        lease_ttl=upstream["lease_ttl"],
+    )
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    """Settings from the file named by PULLTHROUGH_CONFIG (or the defaults without one)."""
+    env = dict(os.environ if env is None else env)
+    path = env.get("PULLTHROUGH_CONFIG")
+    raw: Any = {}
+    if path:
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError([f"PULLTHROUGH_CONFIG: cannot read {path}: {exc.strerror}"]) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"PULLTHROUGH_CONFIG: {path} is not valid YAML: {exc}"]) from None
+    return settings_from_mapping(raw, env)

@@ -1,0 +1,281 @@
+"""Pull-through: the only module that composes the upstream clients, the store and Redis.
+
+Handlers ask it for a manifest, a blob, a tag list or the catalog and cannot tell whether the
+answer came from disk or upstream. Data flows one way: api -> pullthrough -> store |
+coordination -> upstream -> store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from redis.exceptions import RedisError
+
+from registry.config import Settings
+from registry.coordination import Coordination
+from registry.digests import Digest, looks_like_digest, sha256_of
+from registry.errors import (
+    BlobUnknown,
+    CacheUnavailable,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    UpstreamError,
+)
+from registry.names import Target, validate_tag
+from registry.pullthrough.fill import BlobFiller
+from registry.pullthrough.manifests import InvalidManifest, accepts, parse_manifest
+from registry.store import ContentStore, TagRecord
+from registry.upstream.client import UpstreamClient, UpstreamDenied
+
+log = logging.getLogger(__name__)
+
+# How long a request waits for another process's fetch of the same tag before doing it itself.
+TAG_WAIT = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    body: bytes
+    digest: Digest
+    media_type: str
+    # hit: served from disk; miss: fetched; revalidated: upstream confirmed the cached tag;
+    # stale: upstream failed and the cached tag was served anyway.
+    cache: str
+
+
+@dataclass
+class Blob:
+    """A blob ready to serve: either a committed file or a fill in progress."""
+
+    digest: Digest
+    size: int
+    cache: str  # "hit" or "miss"
+    open_file: Callable[[], BinaryIO] | None = None
+    stream: Callable[[int, int], Iterator[bytes]] | None = None
+
+
+class PullThrough:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ContentStore,
+        coordination: Coordination,
+        upstreams: dict[str, UpstreamClient],
+        *,
+        clock: Callable[[], float] = time.time,
+        filler: BlobFiller | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.coord = coordination
+        self.upstreams = upstreams
+        self.clock = clock
+        self.filler = filler or BlobFiller(
+            store,
+            coordination,
+            start_timeout=settings.connect_timeout + settings.read_timeout + settings.lease_ttl,
+            stall_timeout=settings.read_timeout + 3 * settings.lease_ttl,
+        )
+
+    def upstream(self, target: Target) -> UpstreamClient:
+        return self.upstreams[target.registry.name]
+
+    # -- manifests ----------------------------------------------------------------------------
+    def manifest(self, target: Target, reference: str, accept: list[str]) -> Manifest:
+        if looks_like_digest(reference):
+            return self._manifest_by_digest(target, Digest.parse(reference), accept)
+        return self._manifest_by_tag(target, validate_tag(reference), accept)
+
+    def _manifest_by_digest(self, target: Target, digest: Digest, accept: list[str]) -> Manifest:
+        body = self.store.read_blob(digest)
+        if body is not None:
+            media_type = self.store.manifest_media_type(target, digest)
+            if media_type is None and self.store.is_linked(target, digest):
+                # A child of a cached index: entitled, but not recorded as a revision yet.
+                media_type = self._media_type_of(body)
+            if media_type is not None:
+                if not accepts(accept, media_type):
+                    raise ManifestUnknown(
+                        f"manifest {digest} is {media_type}, which the client does not accept"
+                    )
+                return Manifest(body, digest, media_type, "hit")
+        fetched = self.upstream(target).get_manifest(target.repository, str(digest), accept)
+        if not digest.matches(fetched.body):
+            raise UpstreamError(
+                f"upstream {target.registry.name} served a manifest that does not match {digest}"
+            )
+        media_type = self._store_manifest(target, digest, fetched.body, fetched.media_type)
+        return Manifest(fetched.body, digest, media_type, "miss")
+
+    def _manifest_by_tag(self, target: Target, tag: str, accept: list[str]) -> Manifest:
+        cached = self._cached_tag(target, tag, accept)
+        if cached is not None and self.clock() - cached[1].validated < target.registry.tag_ttl:
+            return cached[0]
+        try:
+            lease = self.coord.tag_lease(str(target), tag)
+            acquired = lease.acquire()
+        except (CacheUnavailable, RedisError):
+            lease, acquired = None, False  # no coordination: serve anyway, maybe ask twice
+        if lease is not None and not acquired:
+            # Another process is fetching this tag: wait for it rather than ask upstream twice.
+            deadline = time.monotonic() + self.settings.connect_timeout + self.settings.read_timeout
+            while self.coord.lease_held(lease.key) and time.monotonic() < deadline:
+                time.sleep(TAG_WAIT)
+            again = self._cached_tag(target, tag, accept)
+            if again is not None and (cached is None or again[1] != cached[1]):
+                return again[0]
+        try:
+            return self._refresh_tag(target, tag, accept, cached)
+        finally:
+            if acquired:
+                lease.release()
+
+    def _cached_tag(
+        self, target: Target, tag: str, accept: list[str]
+    ) -> tuple[Manifest, TagRecord] | None:
+        record = self.store.read_tag(target, tag)
+        if record is None or not accepts(accept, record.media_type):
+            return None
+        body = self.store.read_blob(record.digest)
+        if body is None:
+            return None
+        return Manifest(body, record.digest, record.media_type, "hit"), record
+
+    def _refresh_tag(
+        self,
+        target: Target,
+        tag: str,
+        accept: list[str],
+        cached: tuple[Manifest, TagRecord] | None,
+    ) -> Manifest:
+        upstream = self.upstream(target)
+        try:
+            if cached is not None:
+                head = upstream.head_manifest(target.repository, tag, accept)
+                if head.digest == str(cached[0].digest):
+                    record = TagRecord(cached[0].digest, cached[0].media_type, self.clock())
+                    self.store.write_tag(target, tag, record)
+                    return _replace_cache(cached[0], "revalidated")
+            fetched = upstream.get_manifest(target.repository, tag, accept)
+        except (UpstreamError, UpstreamDenied, RegistryError) as exc:
+            if cached is not None and not isinstance(exc, ManifestUnknown):
+                log.warning("serving stale %s:%s: %s", target, tag, exc.message)
+                return _replace_cache(cached[0], "stale")
+            raise
+        digest = sha256_of(fetched.body)
+        if fetched.digest and fetched.digest != str(digest):
+            claimed = Digest.parse(fetched.digest) if ":" in fetched.digest else None
+            if claimed is None or not claimed.matches(fetched.body):
+                raise UpstreamError(
+                    f"upstream {target.registry.name} served a manifest for {tag} whose bytes "
+                    f"do not match its Docker-Content-Digest"
+                )
+            digest = claimed
+        media_type = self._store_manifest(target, digest, fetched.body, fetched.media_type)
+        self.store.write_tag(target, tag, TagRecord(digest, media_type, self.clock()))
+        if not accepts(accept, media_type):
+            raise ManifestUnknown(f"upstream sent {media_type}, which the client does not accept")
+        return Manifest(fetched.body, digest, media_type, "miss")
+
+    def _store_manifest(
+        self, target: Target, digest: Digest, body: bytes, content_type: str
+    ) -> str:
+        try:
+            media_type, references = parse_manifest(body, content_type)
+        except InvalidManifest as exc:
+            raise UpstreamError(
+                f"upstream {target.registry.name} served an invalid manifest for "
+                f"{target.repository}: {exc}"
+            ) from None
+        self.store.put_verified_bytes(digest, body)
+        for reference in references:
+            self.store.link_blob(target, reference)
+        self.store.put_manifest_revision(target, digest, media_type)
+        self.coord.index_repository(str(target))
+        return media_type
+
+    @staticmethod
+    def _media_type_of(body: bytes) -> str | None:
+        try:
+            return parse_manifest(body, "")[0]
+        except InvalidManifest:
+            return None
+
+    # -- blobs -----------------------------------------------------------------------------
+    def blob(self, target: Target, digest: Digest, *, head: bool = False) -> Blob:
+        size = self.store.blob_size(digest)
+        if size is not None:
+            if not self.store.is_linked(target, digest):
+                # Same bytes cached for another repository: serve only if upstream confirms
+                # this repository has them too, so private content cannot leak across names.
+                if self.upstream(target).blob_size(target.repository, str(digest)) is None:
+                    raise BlobUnknown(detail={"digest": str(digest)})
+                self.store.link_blob(target, digest)
+            return Blob(digest, size, "hit", open_file=lambda: self.store.open_blob(digest))
+        upstream = self.upstream(target)
+        if head:
+            remote = upstream.blob_size(target.repository, str(digest))
+            if remote is None:
+                raise BlobUnknown(detail={"digest": str(digest)})
+            return Blob(digest, remote, "miss")
+        try:
+            started = self.filler.start(target, upstream, digest)
+        except RedisError as exc:
+            raise CacheUnavailable(
+                f"Redis is unreachable, cannot coordinate a fill ({exc})"
+            ) from None
+        if started is None:  # committed while we looked
+            return self.blob(target, digest)
+        return Blob(
+            digest,
+            started.size,
+            "miss",
+            stream=lambda start, end: self.filler.stream(
+                target, upstream, digest, started.size, start, end
+            ),
+        )
+
+    # -- listings --------------------------------------------------------------------------------
+    def tags(self, target: Target, n: int | None, last: str | None) -> tuple[list[str], bool]:
+        """Tags of a repository and whether more follow; upstream first, the cache when it fails."""
+        try:
+            data = self.upstream(target).list_tags(target.repository, n, last)
+            tags = [t for t in data.get("tags") or [] if isinstance(t, str)]
+            return tags, n is not None and len(tags) >= n
+        except NameUnknown:
+            raise
+        except RegistryError as exc:
+            cached = self.store.list_tags(target)
+            if not cached:
+                raise NameUnknown(
+                    f"{target} is not cached and its upstream failed: {exc.message}"
+                ) from None
+            return _page(cached, n, last)
+
+    def catalog(self, n: int | None, last: str | None) -> tuple[list[str], bool]:
+        try:
+            names = self.coord.catalog(
+                None if n is None else n + 1, last, self.store.iter_repositories
+            )
+        except RedisError:
+            return _page(sorted(set(self.store.iter_repositories())), n, last)
+        if n is not None and len(names) > n:
+            return names[:n], True
+        return names, False
+
+
+def _page(items: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
+    if last:
+        items = [i for i in items if i > last]
+    if n is None:
+        return items, False
+    return items[:n], len(items) > n
+
+
+def _replace_cache(manifest: Manifest, cache: str) -> Manifest:
+    return Manifest(manifest.body, manifest.digest, manifest.media_type, cache)

@@ -1,0 +1,362 @@
+"""Single-flight blob fills: one upstream download per digest, however many clients ask.
+
+The first request to miss takes the digest's Redis lease and starts a fill in the
+background: one upstream read, written at explicit offsets into `uploads/<algo>/<hex>`,
+hashed as it streams, committed by rename only when size and digest match. Every client,
+the one that started the fill included, streams from that partial file as it grows, so a
+client that disconnects cancels nothing. The final byte of every response is held back until
+the commit, so a client never mistakes a torn or poisoned download for a good one.
+
+If the fetcher dies (its lease lapses within `lease_ttl`) or its upstream read breaks, a
+follower takes the lease and resumes from the bytes on disk with an upstream Range request,
+or restarts cleanly when upstream ignores Range. The fill record `pt:fill:<digest>` carries
+the size, progress and failure reason for followers in any process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from registry.coordination import Coordination, Lease, blob_lease_key
+from registry.digests import Digest
+from registry.errors import (
+    BlobUnknown,
+    CacheUnavailable,
+    FillFailed,
+    NameUnknown,
+    RegistryError,
+    TooManyRequests,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from registry.names import Target
+from registry.store import ContentStore
+from registry.upstream.client import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1024 * 1024
+PROGRESS_INTERVAL = 0.2
+STATE_CHECK_INTERVAL = 0.1
+MAX_TAKEOVERS = 3
+
+# Failures cross processes by class name; the nearest of these in an error's MRO is recorded.
+_ERRORS: dict[str, type[RegistryError]] = {
+    cls.__name__: cls
+    for cls in (
+        BlobUnknown,
+        NameUnknown,
+        TooManyRequests,
+        UpstreamUnavailable,
+        UpstreamError,
+        CacheUnavailable,
+    )
+}
+
+
+class LeaseLost(Exception):
+    pass
+
+
+@dataclass
+class FillStart:
+    """What a client needs before it can send headers: the blob's size."""
+
+    size: int
+
+
+class BlobFiller:
+    def __init__(
+        self,
+        store: ContentStore,
+        coordination: Coordination,
+        *,
+        start_timeout: float,
+        stall_timeout: float,
+        spawn: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
+        self.store = store
+        self.coord = coordination
+        self.start_timeout = start_timeout
+        self.stall_timeout = stall_timeout
+        self.spawn = spawn or _spawn_thread
+
+    # -- the fetcher ---------------------------------------------------------------------------
+    def _try_fetch(self, target: Target, upstream: UpstreamClient, digest: Digest) -> bool:
+        """Take the lease and start a fill in the background; False when someone holds it."""
+        lease = self.coord.blob_lease(digest)
+        if not lease.acquire():
+            return False
+        try:
+            self.coord.reset_fill(
+                digest, owner=lease.token, state="starting", repository=str(target), size=""
+            )
+        except Exception:
+            lease.release()
+            raise
+        self.spawn(lambda: self._run_fill(target, upstream, digest, lease))
+        return True
+
+    def _run_fill(
+        self, target: Target, upstream: UpstreamClient, digest: Digest, lease: Lease
+    ) -> None:
+        done = threading.Event()
+        lease.keep_alive(lambda: not done.is_set())
+        upload = None
+        stream = None
+        streaming = False
+        started = time.monotonic()
+        try:
+            upload = self.store.open_upload(digest)
+            offset = upload.size()
+            hasher = digest.hasher()
+            if offset:
+                offset = _hash_prefix(upload, hasher, offset)
+            stream = upstream.open_blob(target.repository, str(digest), offset)
+            if stream.offset != offset:  # upstream ignored Range: start over cleanly
+                upload.truncate(0)
+                hasher = digest.hasher()
+                offset = 0
+            total = stream.total
+            if total is None:
+                raise UpstreamError(
+                    f"upstream {upstream.registry.name} did not announce the size of {digest}"
+                )
+            self.coord.update_fill(
+                digest,
+                state="streaming",
+                size=total,
+                written=offset,
+                upstream=upstream.registry.name,
+            )
+            streaming = True
+            last_report = time.monotonic()
+            for chunk in stream.chunks():
+                if lease.lost:
+                    raise LeaseLost()
+                upload.pwrite(chunk, offset)
+                hasher.update(chunk)
+                offset += len(chunk)
+                if offset > total:
+                    raise UpstreamError(
+                        f"upstream {upstream.registry.name} sent more bytes than announced "
+                        f"for {digest}"
+                    )
+                now = time.monotonic()
+                if now - last_report >= PROGRESS_INTERVAL:
+                    self.coord.update_fill(digest, written=offset)
+                    last_report = now
+            if offset != total:
+                raise UpstreamError(
+                    f"upstream {upstream.registry.name} ended {digest} after {offset} of "
+                    f"{total} bytes"
+                )
+            if hasher.hexdigest() != digest.hex:
+                upload.discard()
+                self._fail(
+                    digest,
+                    "digest_mismatch",
+                    UpstreamError(
+                        f"upstream {upstream.registry.name} served bytes that do not match {digest}"
+                    ),
+                    streaming,
+                )
+                return
+            if lease.lost:
+                raise LeaseLost()
+            self.store.commit_upload(upload, digest)
+            self.store.link_blob(target, digest)
+            self.coord.update_fill(digest, state="committed", size=offset, written=offset)
+            log.info(
+                "fill committed digest=%s upstream=%s repository=%s bytes=%d seconds=%.3f",
+                digest,
+                upstream.registry.name,
+                target.repository,
+                offset,
+                time.monotonic() - started,
+            )
+        except LeaseLost:
+            log.warning("fill of %s lost its lease; another process continues it", digest)
+        except RegistryError as exc:
+            self._fail(digest, "upstream_error", exc, streaming)
+        except Exception as exc:  # mid-stream resets, timeouts, disk full
+            reason = "timeout" if "timeout" in type(exc).__name__.lower() else "upstream_error"
+            if isinstance(exc, OSError) and stream is None:
+                reason = "storage_error"
+            self._fail(
+                digest,
+                reason,
+                UpstreamUnavailable(
+                    f"fill of {digest} from upstream {upstream.registry.name} failed: "
+                    f"{type(exc).__name__}"
+                ),
+                streaming,
+            )
+        finally:
+            done.set()
+            if stream is not None:
+                stream.close()
+            if upload is not None:
+                upload.close()
+            lease.release()
+
+    def _fail(self, digest: Digest, reason: str, error: RegistryError, streaming: bool) -> None:
+        log.warning("fill of %s failed (%s): %s", digest, reason, error.message)
+        try:
+            self.coord.update_fill(
+                digest,
+                state="failed",
+                reason=reason,
+                phase="streaming" if streaming else "starting",
+                error_class=next(c.__name__ for c in type(error).__mro__ if c.__name__ in _ERRORS),
+                error_message=error.message,
+                retry_after=error.headers.get("Retry-After", ""),
+            )
+        except Exception:
+            log.warning("could not record the failure of the fill of %s", digest)
+
+    # -- every client ----------------------------------------------------------------------------
+    def start(self, target: Target, upstream: UpstreamClient, digest: Digest) -> FillStart | None:
+        """Join or start the fill of `digest`; return its size once known.
+
+        None means the blob got committed meanwhile: serve it from the store.
+        """
+        deadline = time.monotonic() + self.start_timeout
+        seen_owner = None
+        sleep = 0.002
+        while True:
+            if self.store.blob_size(digest) is not None:
+                return None
+            holder = self.coord.redis.get(blob_lease_key(digest))
+            holder = holder.decode() if holder else None
+            state = self.coord.fill_state(digest)
+            owner = state.get("owner")
+            if holder is not None:
+                seen_owner = holder
+            if owner and owner in (holder, seen_owner):
+                if state.get("state") == "streaming" and state.get("size"):
+                    return FillStart(int(state["size"]))
+                if state.get("state") == "committed":
+                    return None
+                if state.get("state") == "failed" and state.get("phase") != "streaming":
+                    raise _error_from(state)
+            # Nobody holds the lease: nothing started yet, or the fill we followed died or
+            # failed mid-stream. Either way this request becomes the fetcher (or resumes it).
+            if holder is None and self._try_fetch(target, upstream, digest):
+                continue
+            if time.monotonic() > deadline:
+                raise UpstreamUnavailable(
+                    f"upstream {upstream.registry.name} did not start sending {digest} in time"
+                )
+            time.sleep(sleep)
+            sleep = min(sleep * 2, 0.05)
+
+    def stream(
+        self,
+        target: Target,
+        upstream: UpstreamClient,
+        digest: Digest,
+        size: int,
+        start: int,
+        end: int,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> Iterator[bytes]:
+        """Yield bytes [start, end] of the blob as the fill writes them; cut short on failure."""
+        handle = self._open_current(digest)
+        pos = start
+        takeovers = 0
+        last_progress = time.monotonic()
+        last_check = 0.0
+        sleep = 0.001
+        try:
+            while pos <= end:
+                committed = self.store.blob_size(digest) is not None
+                # Hold back the final byte until the content is verified and committed.
+                limit = end + 1 if committed else min(end + 1, size - 1)
+                available = os.fstat(handle.fileno()).st_size if handle else 0
+                if pos < min(available, limit):
+                    data = os.pread(
+                        handle.fileno(), min(READ_CHUNK, min(available, limit) - pos), pos
+                    )
+                    if data:
+                        pos += len(data)
+                        last_progress = time.monotonic()
+                        sleep = 0.001
+                        if on_bytes:
+                            on_bytes(len(data))
+                        yield data
+                        continue
+                reopened = self._reopen_if_replaced(digest, handle)
+                if reopened is not handle:
+                    if handle:
+                        handle.close()
+                    handle = reopened
+                    continue
+                now = time.monotonic()
+                if now - last_check >= STATE_CHECK_INTERVAL:
+                    last_check = now
+                    state = self.coord.fill_state(digest)
+                    if state.get("state") == "failed" and state.get("reason") == "digest_mismatch":
+                        raise FillFailed(state.get("error_message", "fill failed"))
+                    if not committed and not self.coord.lease_held(blob_lease_key(digest)):
+                        if takeovers >= MAX_TAKEOVERS:
+                            raise FillFailed(f"fill of {digest} failed {takeovers} times")
+                        if self._try_fetch(target, upstream, digest):
+                            takeovers += 1
+                            log.info("took over the fill of %s at byte %d", digest, available)
+                            last_progress = now
+                    if now - last_progress > self.stall_timeout:
+                        raise FillFailed(f"fill of {digest} stalled")
+                time.sleep(sleep)
+                sleep = min(sleep * 2, 0.02)
+        finally:
+            if handle:
+                handle.close()
+
+    def _open_current(self, digest: Digest):
+        if self.store.blob_size(digest) is not None:
+            return self.store.open_blob(digest)
+        return self.store.open_upload_read(digest)
+
+    def _reopen_if_replaced(self, digest: Digest, handle):
+        """The bytes live in a new file after a commit or a restarted fill: follow them."""
+        for path in (self.store.blob_path(digest), self.store.upload_path(digest)):
+            try:
+                ino = os.stat(self.store.driver.local_path(path)).st_ino
+            except FileNotFoundError:
+                continue
+            if handle is not None and os.fstat(handle.fileno()).st_ino == ino:
+                return handle
+            try:
+                return open(self.store.driver.local_path(path), "rb")
+            except FileNotFoundError:
+                continue
+        return handle
+
+
+def _hash_prefix(upload, hasher, size: int) -> int:
+    offset = 0
+    while offset < size:
+        data = upload.read_range(offset, min(READ_CHUNK, size - offset))
+        if not data:
+            break
+        hasher.update(data)
+        offset += len(data)
+    return offset
+
+
+def _error_from(state: dict[str, str]) -> RegistryError:
+    cls = _ERRORS.get(state.get("error_class", ""), UpstreamError)
+    headers = {"Retry-After": state["retry_after"]} if state.get("retry_after") else None
+    return cls(state.get("error_message") or "fill failed", headers=headers)
+
+
+def _spawn_thread(target: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=target, name="blob-fill", daemon=True)
+    thread.start()
+    return thread

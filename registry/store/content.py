@@ -1,0 +1,139 @@
+"""ContentStore: the registry's view of the storage driver (layout documented in __init__)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from registry.digests import Digest
+from registry.names import Target
+from registry.store.driver import PartialFile, StorageDriver
+
+
+@dataclass(frozen=True, slots=True)
+class TagRecord:
+    digest: Digest
+    media_type: str
+    validated: float
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {"digest": str(self.digest), "mediaType": self.media_type, "validated": self.validated}
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> TagRecord | None:
+        try:
+            raw = json.loads(data)
+            return cls(Digest.parse(raw["digest"]), str(raw["mediaType"]), float(raw["validated"]))
+        except (ValueError, KeyError, TypeError, Exception):
+            return None  # a torn or foreign file is treated as absent, never as a crash
+
+
+def _digest_path(digest: Digest) -> str:
+    return f"{digest.algorithm}/{digest.hex}"
+
+
+class ContentStore:
+    def __init__(self, driver: StorageDriver) -> None:
+        self.driver = driver
+
+    # -- blobs -----------------------------------------------------------------------------
+    @staticmethod
+    def blob_path(digest: Digest) -> str:
+        return f"blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+    @staticmethod
+    def upload_path(digest: Digest) -> str:
+        return f"uploads/{_digest_path(digest)}"
+
+    def blob_size(self, digest: Digest) -> int | None:
+        return self.driver.stat(self.blob_path(digest))
+
+    def open_blob(self, digest: Digest) -> BinaryIO:
+        return self.driver.open_read(self.blob_path(digest))
+
+    def read_blob(self, digest: Digest) -> bytes | None:
+        return self.driver.read(self.blob_path(digest))
+
+    def put_verified_bytes(self, digest: Digest, data: bytes) -> None:
+        """Store small content (manifests) whose digest the caller has checked."""
+        if self.driver.stat(self.blob_path(digest)) != len(data):
+            self.driver.write_atomic(self.blob_path(digest), data)
+
+    def open_upload(self, digest: Digest) -> PartialFile:
+        return self.driver.open_partial(self.upload_path(digest))
+
+    def open_upload_read(self, digest: Digest) -> BinaryIO | None:
+        return self.driver.open_partial_read(self.upload_path(digest))
+
+    def commit_upload(self, upload: PartialFile, digest: Digest) -> None:
+        upload.commit(self.blob_path(digest))
+
+    def clean_uploads(self, in_use: Callable[[Digest], bool], min_age: float) -> list[str]:
+        """Remove partial files that no live fill owns (start-up clean-up)."""
+        removed = []
+        now = time.time()
+        for path in list(self.driver.walk_files("uploads")):
+            parts = path.split("/")
+            if len(parts) != 3:
+                continue
+            try:
+                digest = Digest.parse(f"{parts[1]}:{parts[2]}")
+            except Exception:
+                self.driver.delete(path)
+                removed.append(path)
+                continue
+            mtime = self.driver.mtime(path)
+            if mtime is not None and now - mtime < min_age:
+                continue
+            if not in_use(digest) and self.driver.delete(path):
+                removed.append(path)
+        return removed
+
+    # -- repositories ------------------------------------------------------------------------
+    @staticmethod
+    def repo_path(target: Target) -> str:
+        return f"repositories/{target.registry.name}/{target.repository}"
+
+    def link_blob(self, target: Target, digest: Digest) -> None:
+        self.driver.touch(f"{self.repo_path(target)}/_layers/{_digest_path(digest)}")
+
+    def is_linked(self, target: Target, digest: Digest) -> bool:
+        base = self.repo_path(target)
+        return (
+            self.driver.stat(f"{base}/_layers/{_digest_path(digest)}") is not None
+            or self.driver.stat(f"{base}/_manifests/revisions/{_digest_path(digest)}") is not None
+        )
+
+    def put_manifest_revision(self, target: Target, digest: Digest, media_type: str) -> None:
+        path = f"{self.repo_path(target)}/_manifests/revisions/{_digest_path(digest)}"
+        if self.driver.read(path) != media_type.encode():
+            self.driver.write_atomic(path, media_type.encode())
+
+    def manifest_media_type(self, target: Target, digest: Digest) -> str | None:
+        path = f"{self.repo_path(target)}/_manifests/revisions/{_digest_path(digest)}"
+        data = self.driver.read(path)
+        return data.decode() if data is not None else None
+
+    def read_tag(self, target: Target, tag: str) -> TagRecord | None:
+        data = self.driver.read(f"{self.repo_path(target)}/_manifests/tags/{tag}")
+        return TagRecord.from_json(data) if data is not None else None
+
+    def write_tag(self, target: Target, tag: str, record: TagRecord) -> None:
+        self.driver.write_atomic(
+            f"{self.repo_path(target)}/_manifests/tags/{tag}", record.to_json()
+        )
+
+    def list_tags(self, target: Target) -> list[str]:
+        return self.driver.list(f"{self.repo_path(target)}/_manifests/tags")
+
+    def iter_repositories(self) -> Iterator[str]:
+        """Yield `<registry>/<repository>` for every repository with a cached manifest."""
+        for path in self.driver.walk_files("repositories"):
+            marker = "/_manifests/revisions/"
+            if marker in path:
+                yield path[len("repositories/") : path.index(marker)]

@@ -1,0 +1,172 @@
+"""The storage driver: a small byte-level interface, and its filesystem implementation.
+
+Paths given to a driver are relative, `/`-separated and built only by `store.layout` from
+validated names and digests. The filesystem driver checks again that every path resolves
+under its root, so no request can touch a file outside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+
+class StorageDriver(Protocol):
+    def stat(self, path: str) -> int | None:
+        """Size in bytes, or None when nothing is there."""
+
+    def mtime(self, path: str) -> float | None: ...
+
+    def open_read(self, path: str) -> BinaryIO: ...
+
+    def read(self, path: str) -> bytes | None: ...
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Write all of `data` so that readers see the old file or the new, never a mix."""
+
+    def touch(self, path: str) -> None: ...
+
+    def open_partial(self, path: str) -> PartialFile:
+        """Open (creating) a partial file that readers may follow while it grows."""
+
+    def open_partial_read(self, path: str) -> BinaryIO | None: ...
+
+    def delete(self, path: str) -> bool: ...
+
+    def list(self, path: str) -> list[str]:
+        """Names of the entries directly under `path` (empty when it does not exist)."""
+
+    def walk_files(self, path: str) -> Iterator[str]:
+        """Relative paths of every file under `path`."""
+
+
+class PartialFile:
+    """A file being filled at explicit offsets; committed by an atomic rename."""
+
+    def __init__(self, driver: FilesystemDriver, path: str) -> None:
+        self._driver = driver
+        self.path = path
+        self.fd = os.open(driver.local_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def truncate(self, size: int = 0) -> None:
+        os.ftruncate(self.fd, size)
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def commit(self, dest: str) -> None:
+        """Make the content durable and move it to `dest` in one step."""
+        os.fdatasync(self.fd)
+        target = self._driver.local_path(dest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._driver.local_path(self.path), target)
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._driver.local_path(self.path))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class FilesystemDriver:
+    """Files under one root directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self._root_prefix = str(self.root) + os.sep
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def local_path(self, path: str) -> Path:
+        full = os.path.normpath(os.path.join(self.root, path))
+        if not full.startswith(self._root_prefix) or "\x00" in path:
+            raise ValueError(f"path escapes the storage root: {path!r}")
+        return Path(full)
+
+    def stat(self, path: str) -> int | None:
+        try:
+            return os.stat(self.local_path(path)).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def mtime(self, path: str) -> float | None:
+        try:
+            return os.stat(self.local_path(path)).st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def open_read(self, path: str) -> BinaryIO:
+        return open(self.local_path(path), "rb")
+
+    def read(self, path: str) -> bytes | None:
+        try:
+            with open(self.local_path(path), "rb") as handle:
+                return handle.read()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        target = self.local_path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.local_path(f"tmp/{uuid.uuid4().hex}")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fdatasync(handle.fileno())
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def touch(self, path: str) -> None:
+        target = self.local_path(path)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+
+    def open_partial(self, path: str) -> PartialFile:
+        self.local_path(path).parent.mkdir(parents=True, exist_ok=True)
+        return PartialFile(self, path)
+
+    def open_partial_read(self, path: str) -> BinaryIO | None:
+        try:
+            return open(self.local_path(path), "rb")
+        except FileNotFoundError:
+            return None
+
+    def delete(self, path: str) -> bool:
+        try:
+            os.unlink(self.local_path(path))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def list(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self.local_path(path)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def walk_files(self, path: str) -> Iterator[str]:
+        base = self.local_path(path)
+        for dirpath, _dirnames, filenames in os.walk(base):
+            rel = os.path.relpath(dirpath, self.root)
+            for filename in filenames:
+                yield f"{rel}/{filename}"

@@ -1,0 +1,58 @@
+"""Upstream authentication: `WWW-Authenticate` challenges and bearer tokens cached to expiry."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+_PARAM = re.compile(r'([a-zA-Z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+# A token is reused until this many seconds before it expires, so it never lapses in flight.
+EXPIRY_MARGIN = 10.0
+# The token spec's default lifetime when the token server does not say.
+DEFAULT_EXPIRES_IN = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    scheme: str  # "bearer" or "basic", lowercase
+    params: dict[str, str]
+
+
+def parse_challenge(header: str | None) -> Challenge | None:
+    """Parse the first challenge of a `WWW-Authenticate` header."""
+    if not header:
+        return None
+    scheme, _, rest = header.strip().partition(" ")
+    params = {
+        m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+        for m in _PARAM.finditer(rest)
+    }
+    return Challenge(scheme.lower(), params)
+
+
+class TokenCache:
+    """Bearer tokens per (service, scope, user), kept until shortly before they expire."""
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    def get(self, key: tuple[str, ...]) -> str | None:
+        with self._lock:
+            entry = self._tokens.get(key)
+            if entry is None:
+                return None
+            token, expires = entry
+            if self._clock() >= expires:
+                del self._tokens[key]
+                return None
+            return token
+
+    def put(self, key: tuple[str, ...], token: str, expires_in: float) -> None:
+        lifetime = max(expires_in - EXPIRY_MARGIN, expires_in / 2)
+        with self._lock:
+            self._tokens[key] = (token, self._clock() + lifetime)

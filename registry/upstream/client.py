@@ -1,0 +1,358 @@
+"""UpstreamClient: the client of one upstream registry.
+
+Owns authentication (anonymous or credentialed bearer tokens, HTTP Basic), explicit
+(connect, read) timeouts on every call, blob redirects followed without `Authorization`, and
+the translation of every upstream failure into a RegistryError that names the upstream.
+Knows nothing about the store.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import requests
+
+from registry.config import RegistrySettings
+from registry.errors import (
+    BlobUnknown,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    TooManyRequests,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from registry.mediatypes import MANIFEST_TYPES
+from registry.upstream.auth import DEFAULT_EXPIRES_IN, TokenCache, parse_challenge
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 256 * 1024
+MAX_REDIRECTS = 5
+
+
+class UpstreamDenied(NameUnknown):
+    """Upstream refused us the repository: it does not exist or needs other credentials."""
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestResponse:
+    body: bytes
+    media_type: str
+    digest: str | None  # upstream's Docker-Content-Digest, if it sent one
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestHead:
+    digest: str | None
+    media_type: str
+    size: int | None
+
+
+class BlobStream:
+    """An open upstream blob response: `offset` is where its bytes start in the blob."""
+
+    def __init__(self, response: requests.Response, offset: int, total: int | None) -> None:
+        self.response = response
+        self.offset = offset
+        self.total = total
+
+    def chunks(self) -> Iterator[bytes]:
+        # decode_content=False: layers are served byte-exact even if someone sets an encoding.
+        yield from self.response.raw.stream(CHUNK_SIZE, decode_content=False)
+
+    def close(self) -> None:
+        self.response.close()
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        registry: RegistrySettings,
+        session: requests.Session,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        tokens: TokenCache | None = None,
+        max_manifest_size: int = 4 * 1024 * 1024,
+    ) -> None:
+        self.registry = registry
+        self.session = session
+        self.timeout = (connect_timeout, read_timeout)
+        self.tokens = tokens or TokenCache()
+        self.max_manifest_size = max_manifest_size
+
+    # -- public calls ------------------------------------------------------------------------
+    def get_manifest(self, repository: str, reference: str, accept: list[str]) -> ManifestResponse:
+        response = self._request(
+            "GET", repository, f"manifests/{reference}", headers=_accept(accept), stream=True
+        )
+        with response:
+            self._raise_for_status(response, repository, ManifestUnknown)
+            body = self._read_bounded(response, repository)
+        return ManifestResponse(
+            body=body,
+            media_type=_media_type(response),
+            digest=response.headers.get("Docker-Content-Digest"),
+        )
+
+    def head_manifest(self, repository: str, reference: str, accept: list[str]) -> ManifestHead:
+        response = self._request(
+            "HEAD", repository, f"manifests/{reference}", headers=_accept(accept)
+        )
+        self._raise_for_status(response, repository, ManifestUnknown)
+        length = response.headers.get("Content-Length")
+        return ManifestHead(
+            digest=response.headers.get("Docker-Content-Digest"),
+            media_type=_media_type(response),
+            size=int(length) if length and length.isdigit() else None,
+        )
+
+    def blob_size(self, repository: str, digest: str) -> int | None:
+        """The blob's size if upstream has it in this repository, else None."""
+        try:
+            response = self._request("HEAD", repository, f"blobs/{digest}", follow=True)
+        except UpstreamDenied:
+            return None
+        if response.status_code in (401, 403, 404):
+            return None
+        self._raise_for_status(response, repository, BlobUnknown)
+        length = response.headers.get("Content-Length", "")
+        return int(length) if length.isdigit() else None
+
+    def open_blob(self, repository: str, digest: str, offset: int = 0) -> BlobStream:
+        """Start a blob download at `offset`; BlobStream.offset says where it really starts."""
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        response = self._request(
+            "GET", repository, f"blobs/{digest}", headers=headers, stream=True, follow=True
+        )
+        if offset and response.status_code == 206:
+            total = _content_range_total(response.headers.get("Content-Range"))
+            start = _content_range_start(response.headers.get("Content-Range"))
+            if start == offset:
+                return BlobStream(response, offset, total)
+            response.close()
+            response = self._request("GET", repository, f"blobs/{digest}", stream=True, follow=True)
+        if response.status_code != 200:
+            response.close()
+            self._raise_for_status(response, repository, BlobUnknown)
+            raise self._failure(f"answered {response.status_code} for blob {digest}")
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        return BlobStream(response, 0, total)
+
+    def list_tags(self, repository: str, n: int | None, last: str | None) -> dict:
+        params = {}
+        if n is not None:
+            params["n"] = str(n)
+        if last:
+            params["last"] = last
+        response = self._request("GET", repository, "tags/list", params=params)
+        self._raise_for_status(response, repository, NameUnknown)
+        try:
+            data = response.json()
+        except ValueError:
+            raise self._failure("answered tags/list with a body that is not JSON") from None
+        if not isinstance(data, dict) or not isinstance(data.get("tags") or [], list):
+            raise self._failure("answered tags/list with an unexpected body")
+        return data
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _url(self, repository: str, path: str) -> str:
+        return f"{self.registry.url}/v2/{repository}/{path}"
+
+    def _failure(self, what: str, status: int | None = None) -> UpstreamError:
+        error = UpstreamError(f"upstream {self.registry.name} ({self.registry.url}) {what}")
+        if status is not None and status >= 500:
+            error.status = 502
+        return error
+
+    def _send(self, method: str, url: str, **kwargs) -> requests.Response:
+        try:
+            return self.session.request(
+                method,
+                url,
+                timeout=self.timeout,
+                verify=self.registry.tls_verify,
+                allow_redirects=False,
+                **kwargs,
+            )
+        except requests.exceptions.ConnectTimeout:
+            reason = "did not accept a connection in time"
+        except requests.exceptions.ReadTimeout:
+            reason = "did not answer in time"
+        except requests.exceptions.SSLError:
+            reason = "failed the TLS handshake or certificate check"
+        except requests.exceptions.ConnectionError as exc:
+            reason = _connection_reason(exc)
+        except requests.exceptions.RequestException as exc:
+            reason = f"request failed ({type(exc).__name__})"
+        host = urlsplit(url).netloc
+        where = (
+            self.registry.url if host == self.registry.host else f"{self.registry.url} via {host}"
+        )
+        raise UpstreamUnavailable(f"upstream {self.registry.name} ({where}) {reason}")
+
+    def _request(
+        self,
+        method: str,
+        repository: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        stream: bool = False,
+        follow: bool = False,
+    ) -> requests.Response:
+        url = self._url(repository, path)
+        scope = f"repository:{repository}:pull"
+        headers = dict(headers or {})
+        token = self.tokens.get(self._token_key(scope))
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        response = self._send(method, url, headers=headers, params=params, stream=stream)
+        if response.status_code == 401:
+            challenge = parse_challenge(response.headers.get("WWW-Authenticate"))
+            response.close()
+            auth = self._authorize(challenge, scope)
+            if auth is None:
+                raise UpstreamDenied(
+                    f"upstream {self.registry.name} requires credentials for {repository}"
+                )
+            headers["Authorization"] = auth
+            response = self._send(method, url, headers=headers, params=params, stream=stream)
+        hops = 0
+        while follow and response.status_code in (301, 302, 303, 307, 308) and hops < MAX_REDIRECTS:
+            location = response.headers.get("Location")
+            response.close()
+            if not location:
+                raise self._failure("sent a redirect without a Location")
+            url = urljoin(url, location)
+            # Never forward our upstream credentials to the redirect target (a CDN).
+            headers.pop("Authorization", None)
+            response = self._send(method, url, headers=headers, stream=stream)
+            hops += 1
+        return response
+
+    def _token_key(self, scope: str) -> tuple[str, ...]:
+        user = self.registry.credentials.username if self.registry.credentials else ""
+        return (self.registry.name, scope, user)
+
+    def _authorize(self, challenge, scope: str) -> str | None:
+        creds = self.registry.credentials
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            if creds is None:
+                return None
+            raw = f"{creds.username}:{creds.password}".encode()
+            return "Basic " + base64.b64encode(raw).decode()
+        if challenge.scheme != "bearer" or "realm" not in challenge.params:
+            return None
+        realm = challenge.params["realm"]
+        params = {"scope": scope}
+        if "service" in challenge.params:
+            params["service"] = challenge.params["service"]
+        auth = (creds.username, creds.password) if creds else None
+        response = self._send("GET", realm, params=params, auth=auth)
+        with response:
+            if response.status_code in (401, 403):
+                raise UpstreamDenied(
+                    f"token service of upstream {self.registry.name} refused the credentials"
+                )
+            if response.status_code != 200:
+                raise self._failure(
+                    f"token service answered {response.status_code}", response.status_code
+                )
+            try:
+                data = response.json()
+                token = data.get("token") or data.get("access_token")
+                expires_in = float(data.get("expires_in") or DEFAULT_EXPIRES_IN)
+            except (ValueError, AttributeError, TypeError):
+                token = None
+        if not token or not isinstance(token, str):
+            raise self._failure("token service answered without a token")
+        self.tokens.put(self._token_key(scope), token, expires_in)
+        return f"Bearer {token}"
+
+    def _raise_for_status(
+        self, response: requests.Response, repository: str, not_found: type[RegistryError]
+    ) -> None:
+        status = response.status_code
+        if status < 300:
+            return
+        if status == 404:
+            raise not_found(f"upstream {self.registry.name} has no such content in {repository}")
+        if status in (401, 403):
+            raise UpstreamDenied(f"upstream {self.registry.name} denied access to {repository}")
+        if status == 429:
+            headers = {}
+            if response.headers.get("Retry-After"):
+                headers["Retry-After"] = response.headers["Retry-After"]
+            raise TooManyRequests(
+                f"upstream {self.registry.name} is rate-limiting this cache", headers=headers
+            )
+        raise self._failure(f"answered {status}", status)
+
+    def _read_bounded(self, response: requests.Response, repository: str) -> bytes:
+        chunks = []
+        size = 0
+        try:
+            for chunk in response.raw.stream(CHUNK_SIZE, decode_content=False):
+                size += len(chunk)
+                if size > self.max_manifest_size:
+                    raise self._failure(f"sent a manifest over {self.max_manifest_size} bytes")
+                chunks.append(chunk)
+        except requests.exceptions.RequestException as exc:
+            raise UpstreamUnavailable(
+                f"upstream {self.registry.name} failed while sending a manifest ({exc})"
+            ) from None
+        except Exception as exc:  # urllib3 protocol/timeout errors during the read
+            if isinstance(exc, RegistryError):
+                raise
+            raise UpstreamUnavailable(
+                f"upstream {self.registry.name} failed while sending a manifest "
+                f"({type(exc).__name__})"
+            ) from None
+        return b"".join(chunks)
+
+
+def _accept(accept: list[str]) -> dict[str, str]:
+    if not accept or "*/*" in accept:
+        # The client accepts anything; registries (distribution among them) hide OCI and
+        # list types from a client that does not name them, so name them all.
+        accept = [*MANIFEST_TYPES, *(a for a in accept if a not in MANIFEST_TYPES)]
+    return {"Accept": ", ".join(accept)}
+
+
+def _media_type(response: requests.Response) -> str:
+    return response.headers.get("Content-Type", "application/octet-stream").split(";")[0].strip()
+
+
+def _content_range_total(value: str | None) -> int | None:
+    if value and "/" in value:
+        total = value.rsplit("/", 1)[1]
+        return int(total) if total.isdigit() else None
+    return None
+
+
+def _content_range_start(value: str | None) -> int | None:
+    if value and value.startswith("bytes ") and "-" in value:
+        start = value[6:].split("-", 1)[0]
+        return int(start) if start.isdigit() else None
+    return None
+
+
+def _connection_reason(exc: Exception) -> str:
+    text = str(exc).lower()
+    if "name or service not known" in text or "nodename nor servname" in text or "resolve" in text:
+        return "could not be resolved (DNS)"
+    if "refused" in text:
+        return "refused the connection"
+    if "reset" in text:
+        return "reset the connection"
+    return "could not be reached"

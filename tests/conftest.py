@@ -1,0 +1,84 @@
+"""Session-wide real servers: Redis, distribution behind a token service, seeded images."""
+
+from __future__ import annotations
+
+import pytest
+import redis as redis_lib
+
+from registry import create_app
+from registry.config import Credentials, RegistrySettings, Settings
+from tests.support.images import Pusher, standard_images
+from tests.support.servers import Distribution, RedisServer, TokenServer
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def token_server(tmp_path_factory):
+    server = TokenServer(tmp_path_factory.mktemp("token")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def images():
+    return standard_images()
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory, token_server, images):
+    registry = Distribution(tmp_path_factory.mktemp("upstream"), token=token_server).start()
+    pusher = Pusher(registry.url, token_server.realm, token_server.service)
+    for image in images.images.values():
+        pusher.push(image)
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    client = redis_lib.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+def make_settings(root, redis_url, upstream_url, *, credentials=None, **overrides) -> Settings:
+    registry = RegistrySettings(
+        "docker.io", upstream_url, credentials=credentials, tag_ttl=overrides.pop("tag_ttl", 300)
+    )
+    return Settings(storage_root=root, redis_url=redis_url, registries=(registry,), **overrides)
+
+
+@pytest.fixture
+def settings(tmp_path, redis_server, redis_client, upstream):
+    return make_settings(
+        tmp_path / "data", redis_server.url, upstream.url, connect_timeout=2, read_timeout=5
+    )
+
+
+@pytest.fixture
+def reader_settings(tmp_path, redis_server, redis_client, upstream):
+    return make_settings(
+        tmp_path / "data",
+        redis_server.url,
+        upstream.url,
+        credentials=Credentials("reader", "readerpw"),
+        connect_timeout=2,
+        read_timeout=5,
+    )
+
+
+@pytest.fixture
+def app(settings):
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()

@@ -1,0 +1,340 @@
+"""Real servers for the tests, all on 127.0.0.1: Redis, CNCF distribution behind a Docker-Hub-like
+token service, gunicorn running pullthrough, and small fakes for faults a real registry cannot
+produce."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+def require(binary: str) -> str:
+    path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
+    if not path:
+        raise RuntimeError(f"{binary} is not installed: run `make test`, which installs it")
+    return path
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [require("redis-server"), "--bind", "127.0.0.1", "--port", str(self.port),
+             "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc:
+            stop(self.proc)
+
+
+# -- token service ------------------------------------------------------------------------------
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenServer:
+    """A Docker-Hub-like token service issuing RS256 JWTs that distribution verifies.
+
+    Anonymous users may pull anything but `private/*`; `reader` may pull everything;
+    `admin` may also push. Requests are counted per scope for assertions.
+    """
+
+    USERS = {"admin": "adminpw", "reader": "readerpw"}
+
+    def __init__(self, workdir: Path, service: str = "pt-test-registry") -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        self.service = service
+        self.issuer = "pt-test-issuer"
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pt-test-token")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.cert_der = cert.public_bytes(serialization.Encoding.DER)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.cert_path = workdir / "token.crt"
+        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        self.port = free_port()
+        self.requests: list[dict] = []
+        self.fail_with: int | None = None
+        self.expires_in = 300
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def realm(self) -> str:
+        return f"http://127.0.0.1:{self.port}/token"
+
+    def sign(self, claims: dict) -> str:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(self.cert_der).decode()]}
+        signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+        signature = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signing_input}.{_b64(signature)}"
+
+    def grant(self, user: str | None, scopes: list[str]) -> list[dict]:
+        access = []
+        for scope in scopes:
+            parts = scope.split(":")
+            if len(parts) < 3 or parts[0] != "repository":
+                continue
+            name, wanted = ":".join(parts[1:-1]), parts[-1].split(",")
+            allowed = {"pull"} if user else ({"pull"} if not name.startswith("private/") else set())
+            if user == "admin":
+                allowed = {"pull", "push", "delete", "*"}
+            actions = [a for a in wanted if a in allowed]
+            if actions:
+                access.append({"type": "repository", "name": name, "actions": actions})
+        return access
+
+    def start(self) -> TokenServer:
+        server_ref = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_GET(self):
+                url = urlsplit(self.path)
+                query = parse_qs(url.query)
+                user = None
+                auth = self.headers.get("Authorization", "")
+                if auth.startswith("Basic "):
+                    raw = base64.b64decode(auth[6:]).decode()
+                    name, _, password = raw.partition(":")
+                    if server_ref.USERS.get(name) != password:
+                        return self._send(401, {"details": "bad credentials"})
+                    user = name
+                scopes = query.get("scope", [])
+                server_ref.requests.append({"user": user, "scopes": scopes})
+                if server_ref.fail_with:
+                    return self._send(server_ref.fail_with, {"details": "token service failing"})
+                now = int(time.time())
+                claims = {
+                    "iss": server_ref.issuer,
+                    "sub": user or "",
+                    "aud": query.get("service", [server_ref.service])[0],
+                    "exp": now + server_ref.expires_in,
+                    "nbf": now - 10,
+                    "iat": now,
+                    "jti": uuid.uuid4().hex,
+                    "access": server_ref.grant(user, scopes),
+                }
+                token = server_ref.sign(claims)
+                self._send(200, {"token": token, "access_token": token,
+                                 "expires_in": server_ref.expires_in})
+
+            def _send(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+# -- CNCF distribution ------------------------------------------------------------------------------
+_ACCESS = re.compile(r'"(GET|HEAD|PUT|POST|PATCH|DELETE) (\S+) HTTP/[0-9.]+" (\d{3})')
+
+
+class Distribution:
+    """Debian's docker-registry (CNCF distribution 2.8), optionally behind the token server."""
+
+    def __init__(self, workdir: Path, token: TokenServer | None = None, proxy_of: str | None = None):
+        self.workdir = workdir
+        self.token = token
+        self.proxy_of = proxy_of
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log_path = workdir / "registry.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def config(self) -> str:
+        lines = [
+            "version: 0.1",
+            "log:",
+            "  level: info",
+            "  formatter: text",
+            "storage:",
+            "  filesystem:",
+            f"    rootdirectory: {self.workdir / 'storage'}",
+            "  delete:",
+            "    enabled: true",
+            "http:",
+            f"  addr: 127.0.0.1:{self.port}",
+        ]
+        if self.token:
+            lines += [
+                "auth:",
+                "  token:",
+                f"    realm: {self.token.realm}",
+                f"    service: {self.token.service}",
+                f"    issuer: {self.token.issuer}",
+                f"    rootcertbundle: {self.token.cert_path}",
+            ]
+        if self.proxy_of:
+            lines += ["proxy:", f"  remoteurl: {self.proxy_of}"]
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> Distribution:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "config.yml"
+        config.write_text(self.config())
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            [require("docker-registry"), "serve", str(config)], stdout=log, stderr=log
+        )
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc:
+            stop(self.proc)
+
+    def requests_seen(self) -> list[tuple[str, str, int]]:
+        """(method, path, status) of every request distribution has logged so far."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return [(m, p, int(s)) for m, p, s in _ACCESS.findall(text)]
+
+    def mark(self) -> int:
+        return len(self.requests_seen())
+
+    def requests_since(self, mark: int) -> list[tuple[str, str, int]]:
+        return self.requests_seen()[mark:]
+
+
+# -- pullthrough under gunicorn ---------------------------------------------------------------------
+class Gunicorn:
+    def __init__(self, config_path: Path, workdir: Path, workers: int = 3, env: dict | None = None):
+        self.config_path = config_path
+        self.workdir = workdir
+        self.workers = workers
+        self.port = free_port()
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+        self.log_path = workdir / "gunicorn.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Gunicorn:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.update(
+            PULLTHROUGH_CONFIG=str(self.config_path),
+            PULLTHROUGH_BIND=f"127.0.0.1:{self.port}",
+            PULLTHROUGH_WORKERS=str(self.workers),
+            PROMETHEUS_MULTIPROC_DIR=str(self.workdir / "prom"),
+        )
+        env.update(self.env)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py"),
+             "wsgi:app"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        wait_for_port(self.port, timeout=30, proc=self.proc)
+        return self
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False
+        )
+        return [int(p) for p in out.stdout.split()]
+
+    def stop(self) -> None:
+        if self.proc:
+            stop(self.proc, timeout=20)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
