@@ -79,7 +79,9 @@ def blob(name: str, digest: str) -> Response:
         headers["Content-Range"] = f"bytes {start}-{end}/{found.size}"
     status = 206 if byte_range else 200
     if head:
-        return Response(b"", status=status, headers=headers)
+        response = Response(b"", status=status)
+        response.headers.update(headers)  # after the body, which would reset Content-Length
+        return response
     return Response(
         _body(found, start, end), status=status, headers=headers, direct_passthrough=True
     )
@@ -182,10 +184,10 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return max(size - suffix, 0), size - 1
     start = int(first)
     end = int(second) if second else size - 1
-    if end < start:
-        return None
     if start >= size:
         raise _unsatisfiable(size)
+    if end < start:
+        return None
     return start, min(end, size - 1)
 
 

@@ -196,7 +196,7 @@ class PullThrough:
         for reference in references:
             self.store.link_blob(target, reference)
         self.store.put_manifest_revision(target, digest, media_type)
-        self.coord.index_repository(str(target))
+        self.coord.index_repository(self.catalog_name(str(target)))
         return media_type
 
     @staticmethod
@@ -257,13 +257,20 @@ class PullThrough:
                 ) from None
             return _page(cached, n, last)
 
+    def catalog_name(self, stored: str) -> str:
+        """`docker.io/library/x` lists as `library/x`; other registries keep their prefix,
+        which is also the path-prefix route, so every catalog name can be pulled as listed."""
+        prefix = f"{self.settings.default_registry}/"
+        return stored[len(prefix) :] if stored.startswith(prefix) else stored
+
+    def _catalog_names(self) -> list[str]:
+        return sorted({self.catalog_name(name) for name in self.store.iter_repositories()})
+
     def catalog(self, n: int | None, last: str | None) -> tuple[list[str], bool]:
         try:
-            names = self.coord.catalog(
-                None if n is None else n + 1, last, self.store.iter_repositories
-            )
+            names = self.coord.catalog(None if n is None else n + 1, last, self._catalog_names)
         except RedisError:
-            return _page(sorted(set(self.store.iter_repositories())), n, last)
+            return _page(self._catalog_names(), n, last)
         if n is not None and len(names) > n:
             return names[:n], True
         return names, False

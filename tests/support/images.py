@@ -193,8 +193,9 @@ def standard_images(big_size: int = 48 * 1024 * 1024) -> Catalog:
     )
     images = {
         "alpine": index("library/alpine", "3.19", [amd64, arm64]),
-        "busybox": single("library/busybox", "1.36", [shared, make_layer(6, 300 * 1024)],
-                          docker=True),
+        "busybox": single(
+            "library/busybox", "1.36", [shared, make_layer(6, 300 * 1024)], docker=True
+        ),
         "multidocker": index("library/multidocker", "1", [docker_amd, docker_arm], docker=True),
         "ocisingle": single("team/app", "v1", [make_layer(7, 100 * 1024)]),
         "big": single("library/big", "1", [make_layer(8, big_size, "big.bin")], docker=True),

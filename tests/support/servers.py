@@ -43,7 +43,9 @@ def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | Non
 
 
 def require(binary: str) -> str:
-    path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
+    path = shutil.which(binary) or (
+        f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None
+    )
     if not path:
         raise RuntimeError(f"{binary} is not installed: run `make test`, which installs it")
     return path
@@ -72,8 +74,19 @@ class RedisServer:
     def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [require("redis-server"), "--bind", "127.0.0.1", "--port", str(self.port),
-             "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+            [
+                require("redis-server"),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -193,8 +206,10 @@ class TokenServer:
                     "access": server_ref.grant(user, scopes),
                 }
                 token = server_ref.sign(claims)
-                self._send(200, {"token": token, "access_token": token,
-                                 "expires_in": server_ref.expires_in})
+                self._send(
+                    200,
+                    {"token": token, "access_token": token, "expires_in": server_ref.expires_in},
+                )
 
             def _send(self, status, body):
                 data = json.dumps(body).encode()
@@ -222,7 +237,9 @@ _ACCESS = re.compile(r'"(GET|HEAD|PUT|POST|PATCH|DELETE) (\S+) HTTP/[0-9.]+" (\d
 class Distribution:
     """Debian's docker-registry (CNCF distribution 2.8), optionally behind the token server."""
 
-    def __init__(self, workdir: Path, token: TokenServer | None = None, proxy_of: str | None = None):
+    def __init__(
+        self, workdir: Path, token: TokenServer | None = None, proxy_of: str | None = None
+    ):
         self.workdir = workdir
         self.token = token
         self.proxy_of = proxy_of
@@ -315,8 +332,14 @@ class Gunicorn:
         env.update(self.env)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py"),
-             "wsgi:app"],
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-c",
+                str(ROOT / "deploy" / "gunicorn.conf.py"),
+                "wsgi:app",
+            ],
             cwd=ROOT,
             env=env,
             stdout=log,

@@ -1,0 +1,166 @@
+"""A fake upstream registry on loopback for faults a real registry cannot produce: poisoned
+bytes, resets mid-stream, short bodies, 429 and 5xx answers, and hanging responses."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tests.support.servers import free_port
+
+
+@dataclass
+class Route:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    # Fault knobs
+    send_bytes: int | None = None  # stop after this many body bytes
+    reset: bool = False  # then reset the connection instead of closing cleanly
+    delay: float = 0.0  # before answering
+    trickle: float = 0.0  # seconds between 64 KiB chunks
+    honour_range: bool = True
+
+
+class FakeRegistry:
+    """Serves the routes it is given; `hits` counts (method, path) pairs."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.routes: dict[str, Route] = {}
+        self.hits: list[tuple[str, str]] = []
+        self.on_request: Callable[[str, str], None] | None = None
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def count(self, method: str, path_part: str) -> int:
+        return sum(1 for m, p in self.hits if m == method and path_part in p)
+
+    def add_blob(self, repository: str, data: bytes, **knobs) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.routes[f"/v2/{repository}/blobs/{digest}"] = Route(body=data, **knobs)
+        return digest
+
+    def start(self) -> FakeRegistry:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self._answer(head=True)
+
+            def do_GET(self):
+                self._answer(head=False)
+
+            def _answer(self, head: bool) -> None:
+                path = self.path.split("?", 1)[0]
+                fake.hits.append((self.command, path))
+                if path == "/v2/":
+                    return self._simple(200, b"{}")
+                route = fake.routes.get(path)
+                if route is None:
+                    return self._simple(404, b'{"errors":[{"code":"NOT_FOUND","message":"nope"}]}')
+                if route.delay:
+                    time.sleep(route.delay)
+                body = route.body
+                status = route.status
+                start = 0
+                rng = self.headers.get("Range")
+                headers = dict(route.headers)
+                if rng and route.honour_range and status == 200 and rng.startswith("bytes="):
+                    start = int(rng[6:].split("-")[0])
+                    headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+                    status = 206
+                    body = body[start:]
+                self.send_response(status)
+                headers.setdefault("Content-Type", "application/octet-stream")
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if head:
+                    return
+                limit = len(body) if route.send_bytes is None else max(route.send_bytes - start, 0)
+                sent = 0
+                try:
+                    while sent < limit:
+                        chunk = body[sent : min(sent + 65536, limit)]
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                        sent += len(chunk)
+                        if route.trickle:
+                            time.sleep(route.trickle)
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+                if route.send_bytes is not None:
+                    if route.reset:
+                        self.connection.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                        )
+                    self.close_connection = True
+                    self.connection.close()
+
+            def _simple(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class FrozenServer:
+    """Accepts TCP connections and never answers: an upstream that hangs."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._sock = socket.socket()
+        self._conns: list[socket.socket] = []
+        self._stop = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FrozenServer:
+        self._sock.bind(("127.0.0.1", self.port))
+        self._sock.listen(128)
+
+        def accept() -> None:
+            while not self._stop:
+                try:
+                    conn, _ = self._sock.accept()
+                except OSError:
+                    return
+                self._conns.append(conn)
+
+        threading.Thread(target=accept, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop = True
+        self._sock.close()
+        for conn in self._conns:
+            conn.close()
