@@ -66,13 +66,13 @@ def test_index_children_are_fetched_lazily_only_when_asked(client, images, upstr
 
 
 def test_accept_values_from_several_headers_are_forwarded(client, images):
-    alpine = images["alpine"]
     response = client.get(
         "/v2/library/alpine/manifests/3.19",
         headers=[("Accept", f"{DOCKER_MANIFEST}, {OCI_MANIFEST};q=0.9"), ("Accept", OCI_INDEX)],
     )
     assert response.status_code == 200
     assert response.headers["Content-Type"] == OCI_INDEX
+    assert response.data == images["alpine"].manifest
 
 
 def test_cached_manifest_of_a_type_the_client_does_not_accept_is_404(client, images):

@@ -112,13 +112,18 @@ class BlobFiller:
         streaming = False
         started = time.monotonic()
         try:
-            upload = self.store.open_upload(digest)
-            offset = upload.size()
-            hasher = digest.hasher()
-            if offset:
-                offset = _hash_prefix(upload, hasher, offset)
+            # Resume from what an earlier fill left; the file is only created once upstream
+            # has answered, so refused fetches leave nothing behind.
+            offset = self.store.upload_size(digest) or 0
             stream = upstream.open_blob(target.repository, str(digest), offset)
-            if stream.offset != offset:  # upstream ignored Range: start over cleanly
+            upload = self.store.open_upload(digest)
+            hasher = digest.hasher()
+            if stream.offset == offset and offset:
+                offset = _hash_prefix(upload, hasher, offset)
+            if stream.offset != offset:  # upstream ignored Range (or the prefix shrank)
+                if stream.offset:
+                    stream.close()
+                    stream = upstream.open_blob(target.repository, str(digest), 0)
                 upload.truncate(0)
                 hasher = digest.hasher()
                 offset = 0
@@ -228,6 +233,7 @@ class BlobFiller:
         """
         deadline = time.monotonic() + self.start_timeout
         seen_owner = None
+        takeovers = 0
         sleep = 0.002
         while True:
             if self.store.blob_size(digest) is not None:
@@ -239,12 +245,20 @@ class BlobFiller:
             if holder is not None:
                 seen_owner = holder
             if owner and owner in (holder, seen_owner):
-                if state.get("state") == "streaming" and state.get("size"):
+                status = state.get("state")
+                if status == "streaming" and state.get("size"):
                     return FillStart(int(state["size"]))
-                if state.get("state") == "committed":
+                if status == "committed":
                     return None
-                if state.get("state") == "failed" and state.get("phase") != "streaming":
-                    raise _error_from(state)
+                if status == "failed":
+                    # Upstream said no, or sent wrong bytes: every waiting client hears it.
+                    # A read that broke mid-stream is resumed instead, a bounded number of times.
+                    resumable = state.get("phase") == "streaming" and state.get("reason") != (
+                        "digest_mismatch"
+                    )
+                    takeovers += 1
+                    if not resumable or takeovers > MAX_TAKEOVERS:
+                        raise _error_from(state)
             # Nobody holds the lease: nothing started yet, or the fill we followed died or
             # failed mid-stream. Either way this request becomes the fetcher (or resumes it).
             if holder is None and self._try_fetch(target, upstream, digest):

@@ -64,6 +64,9 @@ class ContentStore:
         if self.driver.stat(self.blob_path(digest)) != len(data):
             self.driver.write_atomic(self.blob_path(digest), data)
 
+    def upload_size(self, digest: Digest) -> int | None:
+        return self.driver.stat(self.upload_path(digest))
+
     def open_upload(self, digest: Digest) -> PartialFile:
         return self.driver.open_partial(self.upload_path(digest))
 

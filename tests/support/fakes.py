@@ -25,6 +25,7 @@ class Route:
     delay: float = 0.0  # before answering
     trickle: float = 0.0  # seconds between 64 KiB chunks
     honour_range: bool = True
+    faulty_requests: int = 1 << 30  # the fault knobs apply to this many requests, then stop
 
 
 class FakeRegistry:
@@ -34,6 +35,7 @@ class FakeRegistry:
         self.port = free_port()
         self.routes: dict[str, Route] = {}
         self.hits: list[tuple[str, str]] = []
+        self.ranges: list[str | None] = []
         self.on_request: Callable[[str, str], None] | None = None
         self._server: ThreadingHTTPServer | None = None
 
@@ -67,12 +69,16 @@ class FakeRegistry:
             def _answer(self, head: bool) -> None:
                 path = self.path.split("?", 1)[0]
                 fake.hits.append((self.command, path))
+                fake.ranges.append(self.headers.get("Range"))
                 if path == "/v2/":
                     return self._simple(200, b"{}")
                 route = fake.routes.get(path)
                 if route is None:
                     return self._simple(404, b'{"errors":[{"code":"NOT_FOUND","message":"nope"}]}')
-                if route.delay:
+                faulty = route.faulty_requests > 0
+                if self.command == "GET":
+                    route.faulty_requests -= 1
+                if route.delay and faulty:
                     time.sleep(route.delay)
                 body = route.body
                 status = route.status
@@ -92,7 +98,8 @@ class FakeRegistry:
                 self.end_headers()
                 if head:
                     return
-                limit = len(body) if route.send_bytes is None else max(route.send_bytes - start, 0)
+                cut = route.send_bytes if faulty else None
+                limit = len(body) if cut is None else max(cut - start, 0)
                 sent = 0
                 try:
                     while sent < limit:
@@ -100,12 +107,13 @@ class FakeRegistry:
                         self.wfile.write(chunk)
                         self.wfile.flush()
                         sent += len(chunk)
-                        if route.trickle:
+                        if route.trickle and faulty:
                             time.sleep(route.trickle)
                 except (BrokenPipeError, ConnectionResetError):
                     return
-                if route.send_bytes is not None:
+                if cut is not None:
                     if route.reset:
+                        time.sleep(0.3)  # let the client read what was sent before the RST
                         self.connection.setsockopt(
                             socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
                         )

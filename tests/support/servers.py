@@ -98,7 +98,7 @@ class RedisServer:
             stop(self.proc)
 
 
-# -- token service ------------------------------------------------------------------------------
+# -- token service --
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -230,7 +230,7 @@ class TokenServer:
             self._server.server_close()
 
 
-# -- CNCF distribution ------------------------------------------------------------------------------
+# -- CNCF distribution --
 _ACCESS = re.compile(r'"(GET|HEAD|PUT|POST|PATCH|DELETE) (\S+) HTTP/[0-9.]+" (\d{3})')
 
 
@@ -305,7 +305,7 @@ class Distribution:
         return self.requests_seen()[mark:]
 
 
-# -- pullthrough under gunicorn ---------------------------------------------------------------------
+# -- pullthrough under gunicorn --
 class Gunicorn:
     def __init__(self, config_path: Path, workdir: Path, workers: int = 3, env: dict | None = None):
         self.config_path = config_path

@@ -1,0 +1,234 @@
+"""Upstream faults against real gunicorn (several gevent workers) and a fake upstream on
+loopback: poisoned and torn bodies, resets, 429/5xx, hangs, invalid manifests. Each case checks
+what the client saw, what is on disk, and what upstream was asked."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+import requests
+import yaml
+
+from tests.support.fakes import FakeRegistry, FrozenServer, Route
+from tests.support.servers import Gunicorn
+
+
+@pytest.fixture(scope="module")
+def fake():
+    server = FakeRegistry().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def frozen():
+    server = FrozenServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, redis_server, fake, frozen):
+    workdir = tmp_path_factory.mktemp("faults")
+    config = {
+        "storage": {"root": str(workdir / "data")},
+        "redis": {"url": redis_server.url},
+        "upstream": {"connect_timeout": 1, "read_timeout": 2, "lease_ttl": 2},
+        "registries": [
+            {"name": "docker.io", "url": fake.url},
+            {"name": "frozen.test", "url": frozen.url},
+        ],
+    }
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    server = Gunicorn(path, workdir, workers=3).start()
+    server.data = workdir / "data"
+    yield server
+    server.stop()
+
+
+def committed(cache, digest: str) -> bool:
+    hexpart = digest.split(":")[1]
+    return (cache.data / "blobs" / "sha256" / hexpart[:2] / hexpart).exists()
+
+
+def uploads(cache) -> list[Path]:
+    return [p for p in (cache.data / "uploads").rglob("*") if p.is_file()]
+
+
+def fetch(url: str, **kwargs) -> tuple[int, bytes, bool]:
+    """(status, body, complete): complete is False when the stream was cut short."""
+    try:
+        with requests.get(url, stream=True, timeout=30, **kwargs) as response:
+            body = b"".join(response.iter_content(65536))
+            expected = response.headers.get("Content-Length")
+            return response.status_code, body, expected is None or int(expected) == len(body)
+    except requests.exceptions.ChunkedEncodingError:
+        return -1, b"", False
+
+
+def test_poisoned_blob_is_cut_short_and_never_committed(cache, fake):
+    good = random.randbytes(300_000)
+    digest = "sha256:" + hashlib.sha256(good).hexdigest()
+    poisoned = bytearray(good)
+    poisoned[1000] ^= 0xFF
+    fake.routes[f"/v2/library/poison/blobs/{digest}"] = Route(body=bytes(poisoned))
+    status, body, complete = fetch(f"{cache.url}/v2/library/poison/blobs/{digest}")
+    # Either an error before any byte, or a 200 cut short: never a complete 200.
+    assert status != 200 or not complete
+    assert len(body) < len(good)
+    time.sleep(0.2)
+    assert not committed(cache, digest)
+    assert uploads(cache) == []
+
+
+def test_html_error_page_with_200_is_refused(cache, fake):
+    digest = "sha256:" + hashlib.sha256(b"the real layer").hexdigest()
+    fake.routes[f"/v2/library/html/blobs/{digest}"] = Route(
+        body=b"<html><body>Service temporarily unavailable</body></html>",
+        headers={"Content-Type": "text/html"},
+    )
+    status, body, complete = fetch(f"{cache.url}/v2/library/html/blobs/{digest}")
+    assert status != 200 or not complete
+    assert not committed(cache, digest)
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["reset", "short-body"])
+def test_broken_upstream_read_is_resumed_with_a_range_request(cache, fake, reset):
+    data = random.randbytes(2_000_000)
+    digest = fake.add_blob(
+        "library/resume", data, send_bytes=700_000, reset=reset, faulty_requests=1
+    )
+    before = len(fake.hits)
+    status, body, complete = fetch(f"{cache.url}/v2/library/resume/blobs/{digest}")
+    assert status == 200 and complete
+    assert hashlib.sha256(body).hexdigest() == digest.split(":")[1]
+    gets = [
+        (hit, rng)
+        for hit, rng in zip(fake.hits[before:], fake.ranges[before:], strict=True)
+        if hit[0] == "GET" and digest in hit[1]
+    ]
+    assert len(gets) == 2
+    assert gets[0][1] is None
+    assert gets[1][1] is not None and gets[1][1].startswith("bytes=")
+    assert int(gets[1][1][6:].rstrip("-")) > 0
+    assert committed(cache, digest)
+
+
+def test_upstream_429_passes_retry_after_through(cache, fake):
+    digest = "sha256:" + "1" * 64
+    fake.routes[f"/v2/library/limited/blobs/{digest}"] = Route(
+        status=429, body=b"{}", headers={"Retry-After": "17"}
+    )
+    response = requests.get(f"{cache.url}/v2/library/limited/blobs/{digest}", timeout=10)
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "17"
+    assert response.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
+
+
+def test_upstream_5xx_is_a_502_that_names_the_upstream(cache, fake):
+    fake.routes["/v2/library/broken/manifests/1"] = Route(status=503, body=b"down")
+    response = requests.get(f"{cache.url}/v2/library/broken/manifests/1", timeout=10)
+    assert response.status_code == 502
+    assert "docker.io" in response.json()["errors"][0]["message"]
+    assert fake.url in response.json()["errors"][0]["message"]
+
+
+def test_frozen_upstream_fails_fast_with_a_clear_error(cache):
+    started = time.monotonic()
+    response = requests.get(f"{cache.url}/v2/frozen.test/org/app/manifests/1", timeout=30)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 503
+    assert "frozen.test" in response.json()["errors"][0]["message"]
+    assert elapsed < 8  # connect 1 s + read 2 s, with room for a loaded machine
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"this is not json", json.dumps({"schemaVersion": 2, "config": {"digest": "sha256:"
+     + "a" * 64, "size": 1 << 50}, "layers": []}).encode()],
+    ids=["not-json", "absurd-size"],
+)
+def test_invalid_manifests_are_refused_and_not_cached(cache, fake, body):
+    name = f"library/bad{len(body)}"
+    fake.routes[f"/v2/{name}/manifests/1"] = Route(
+        body=body, headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}
+    )
+    response = requests.get(f"{cache.url}/v2/{name}/manifests/1", timeout=10)
+    assert response.status_code == 502
+    assert "invalid manifest" in response.json()["errors"][0]["message"]
+    assert not (cache.data / "repositories" / "docker.io" / name).exists()
+
+
+def test_herd_of_clients_causes_one_upstream_get_and_streams_early(cache, fake):
+    data = random.randbytes(4_000_000)
+    # ~2 s of trickle: followers must see bytes long before the fill ends.
+    digest = fake.add_blob("library/herd", data, trickle=0.03)
+    url = f"{cache.url}/v2/library/herd/blobs/{digest}"
+
+    def one(_):
+        started = time.monotonic()
+        with requests.get(url, stream=True, timeout=60) as response:
+            chunks = response.iter_content(65536)
+            first = next(chunks)
+            ttfb = time.monotonic() - started
+            body = first + b"".join(chunks)
+        return response.status_code, hashlib.sha256(body).hexdigest(), ttfb, time.monotonic()
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
+    wall = time.monotonic() - started
+    assert {r[0] for r in results} == {200}
+    assert {r[1] for r in results} == {digest.split(":")[1]}
+    assert fake.count("GET", digest) == 1
+    median_ttfb = sorted(r[2] for r in results)[len(results) // 2]
+    assert median_ttfb < wall / 2, (median_ttfb, wall)
+
+
+def test_fetcher_killed_mid_fill_is_taken_over(cache, fake, redis_server):
+    data = random.randbytes(3_000_000)
+    digest = fake.add_blob("library/killed", data, trickle=0.05)
+    url = f"{cache.url}/v2/library/killed/blobs/{digest}"
+    redis = redis_lib.Redis.from_url(redis_server.url)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(fetch, url) for _ in range(8)]
+        deadline = time.monotonic() + 10
+        holder = None
+        while time.monotonic() < deadline and holder is None:
+            holder = redis.get(f"pt:lease:blob:{digest}")
+            time.sleep(0.05)
+        assert holder is not None, "no fill lease appeared"
+        written = 0
+        while written < 600_000 and time.monotonic() < deadline:
+            written = int(redis.hget(f"pt:fill:{digest}", "written") or 0)
+            time.sleep(0.05)
+        pid = int(holder.decode().split(":")[1])
+        assert pid in cache.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        results = [f.result() for f in futures]
+    survivors = [r for r in results if r[2] and r[0] == 200]
+    assert survivors, "every client was cut"
+    for _status, body, _complete in survivors:
+        assert hashlib.sha256(body).hexdigest() == digest.split(":")[1]
+    # Retrying after the kill gets the right bytes too.
+    status, body, complete = fetch(url)
+    assert status == 200 and complete and hashlib.sha256(body).digest().hex() in digest
+    assert committed(cache, digest)
+    gets = [
+        rng
+        for hit, rng in zip(fake.hits, fake.ranges, strict=True)
+        if hit[0] == "GET" and digest in hit[1]
+    ]
+    assert len(gets) == 2 and gets[1] is not None, gets  # once, plus the missing part
+    assert uploads(cache) == []
