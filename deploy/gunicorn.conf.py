@@ -16,3 +16,4 @@ keepalive = 75
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("PULLTHROUGH_LOG_LEVEL", "info")
+control_socket_disable = True  # one path in $HOME shared by every instance: not wanted

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 DEFAULT_REGISTRY = "docker.io"
 DOCKER_HUB_URL = "https://registry-1.docker.io"
@@ -110,14 +110,15 @@ class UpstreamSchema(Schema):
 
 
 class SettingsSchema(Schema):
-    storage = fields.Nested(StorageSchema, load_default=lambda: {"root": "./data"})
-    redis = fields.Nested(RedisSchema, load_default=lambda: {"url": "redis://127.0.0.1:6379/0"})
+    # Defaults go through their schema so that nested defaults apply too.
+    storage = fields.Nested(StorageSchema, load_default=lambda: StorageSchema().load({}))
+    redis = fields.Nested(RedisSchema, load_default=lambda: RedisSchema().load({}))
     upstream = fields.Nested(UpstreamSchema, load_default=lambda: UpstreamSchema().load({}))
     credentials_file = fields.String(load_default=None)
     default_registry = fields.String(load_default=DEFAULT_REGISTRY)
     registries = fields.List(
         fields.Nested(RegistrySchema),
-        load_default=lambda: [{"name": DEFAULT_REGISTRY}],
+        load_default=lambda: [RegistrySchema().load({"name": DEFAULT_REGISTRY})],
         validate=validate.Length(min=1),
     )
 
@@ -128,10 +129,6 @@ class SettingsSchema(Schema):
             raise ValidationError("registry names must be unique.", "registries")
         if data.get("default_registry", DEFAULT_REGISTRY) not in names:
             raise ValidationError("must name one of the configured registries.", "default_registry")
-
-    @post_load
-    def _build(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
-        return data
 
 
 def _flatten(messages: Any, prefix: str = "") -> list[str]:

@@ -154,8 +154,16 @@ def test_frozen_upstream_fails_fast_with_a_clear_error(cache):
 
 @pytest.mark.parametrize(
     "body",
-    [b"this is not json", json.dumps({"schemaVersion": 2, "config": {"digest": "sha256:"
-     + "a" * 64, "size": 1 << 50}, "layers": []}).encode()],
+    [
+        b"this is not json",
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "config": {"digest": "sha256:" + "a" * 64, "size": 1 << 50},
+                "layers": [],
+            }
+        ).encode(),
+    ],
     ids=["not-json", "absurd-size"],
 )
 def test_invalid_manifests_are_refused_and_not_cached(cache, fake, body):

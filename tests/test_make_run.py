@@ -1,0 +1,55 @@
+"""`make run`, as the README describes it: a private Redis, every Procfile process in the
+foreground, and Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import requests
+import yaml
+
+from tests.support.servers import ROOT, free_port, wait_for_port
+
+
+def test_make_run_serves_and_ctrl_c_stops_everything(tmp_path):
+    port, redis_port = free_port(), free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "store")}}))
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(
+        PULLTHROUGH_CONFIG=str(config),
+        PULLTHROUGH_BIND=f"127.0.0.1:{port}",
+        PULLTHROUGH_WORKERS="2",
+        PULLTHROUGH_DATA_DIR=str(tmp_path / "data"),
+        PULLTHROUGH_REDIS_PORT=str(redis_port),
+    )
+    log = open(tmp_path / "make-run.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        ["make", "run"], cwd=ROOT, env=env, start_new_session=True, stdout=log, stderr=log
+    )
+    try:
+        wait_for_port(port, timeout=60, proc=proc)
+        # A client that keeps its connection open, as Docker daemons do.
+        session = requests.Session()
+        response = session.get(f"http://127.0.0.1:{port}/v2/", timeout=5)
+        assert response.status_code == 200
+        assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+        wait_for_port(redis_port, timeout=5)
+        time.sleep(2)  # a person presses Ctrl-C after the workers have booted
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        proc.wait(timeout=25)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        print((tmp_path / "make-run.log").read_text(errors="replace")[-3000:])
+    time.sleep(0.5)
+    for p in (port, redis_port):
+        try:
+            requests.get(f"http://127.0.0.1:{p}/", timeout=1)
+            raise AssertionError(f"something still listens on {p} after Ctrl-C")
+        except requests.exceptions.ConnectionError:
+            pass
