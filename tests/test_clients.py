@@ -67,7 +67,7 @@ def skopeo_copy(policy, source: str, dest, *creds: str) -> None:
 def same_tree(left, right) -> bool:
     names = sorted(p.name for p in left.iterdir())
     assert names == sorted(p.name for p in right.iterdir())
-    match, mismatch, errors = filecmp.cmpfiles(left, right, names, shallow=False)
+    _match, mismatch, errors = filecmp.cmpfiles(left, right, names, shallow=False)
     return not mismatch and not errors
 
 

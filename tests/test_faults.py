@@ -97,7 +97,7 @@ def test_html_error_page_with_200_is_refused(cache, fake):
         body=b"<html><body>Service temporarily unavailable</body></html>",
         headers={"Content-Type": "text/html"},
     )
-    status, body, complete = fetch(f"{cache.url}/v2/library/html/blobs/{digest}")
+    status, _body, complete = fetch(f"{cache.url}/v2/library/html/blobs/{digest}")
     assert status != 200 or not complete
     assert not committed(cache, digest)
 
