@@ -240,3 +240,30 @@ def test_fetcher_killed_mid_fill_is_taken_over(cache, fake, redis_server):
     ]
     assert len(gets) == 2 and gets[1] is not None, gets  # once, plus the missing part
     assert uploads(cache) == []
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_streaming_a_large_cold_blob_keeps_worker_memory_flat(cache, fake):
+    size = 256 * 1024 * 1024
+    data = os.urandom(size)
+    digest = fake.add_blob("library/huge", data)
+    workers = cache.worker_pids()
+    before = {pid: _rss_kib(pid) for pid in workers}
+    peak = dict(before)
+    with requests.get(f"{cache.url}/v2/library/huge/blobs/{digest}", stream=True, timeout=60) as r:
+        hasher = hashlib.sha256()
+        for i, chunk in enumerate(r.iter_content(1024 * 1024)):
+            hasher.update(chunk)
+            if i % 16 == 0:
+                for pid in workers:
+                    peak[pid] = max(peak[pid], _rss_kib(pid))
+    assert "sha256:" + hasher.hexdigest() == digest
+    growth_mib = max(peak[pid] - before[pid] for pid in workers) / 1024
+    print(f"worker RSS growth streaming 256 MiB cold: {growth_mib:.1f} MiB")
+    assert growth_mib < 64, f"a worker grew by {growth_mib:.0f} MiB streaming 256 MiB"

@@ -36,6 +36,9 @@ class FakeRegistry:
         self.routes: dict[str, Route] = {}
         self.hits: list[tuple[str, str]] = []
         self.ranges: list[str | None] = []
+        self.authorizations: list[str | None] = []
+        # When set, requests without this exact Authorization get a Basic challenge.
+        self.require_authorization: str | None = None
         self.on_request: Callable[[str, str], None] | None = None
         self._server: ThreadingHTTPServer | None = None
 
@@ -70,6 +73,14 @@ class FakeRegistry:
                 path = self.path.split("?", 1)[0]
                 fake.hits.append((self.command, path))
                 fake.ranges.append(self.headers.get("Range"))
+                fake.authorizations.append(self.headers.get("Authorization"))
+                wanted = fake.require_authorization
+                if wanted and self.headers.get("Authorization") != wanted:
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="fake"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if path == "/v2/":
                     return self._simple(200, b"{}")
                 route = fake.routes.get(path)
