@@ -92,6 +92,10 @@ class BlobFiller:
         lease = self.coord.blob_lease(digest)
         if not lease.acquire():
             return False
+        if self.store.blob_size(digest) is not None:
+            # Committed between our look and the lease: the previous fetcher just finished.
+            lease.release()
+            return False
         try:
             self.coord.reset_fill(
                 digest, owner=lease.token, state="starting", repository=str(target), size=""
