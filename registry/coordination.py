@@ -66,6 +66,8 @@ class Lease:
         self.key = key
         self.ttl = ttl
         self.token = f"{owner}:{uuid.uuid4().hex[:12]}"
+        # Set by keep_alive when a renewal fails: someone else may now hold the lease.
+        self.lost = False
         self._lock = client.lock(key, timeout=ttl, blocking=False, thread_local=False)
 
     def acquire(self) -> bool:
@@ -98,7 +100,6 @@ class Lease:
                     self.lost = True
                     return
 
-        self.lost = False
         thread = threading.Thread(target=run, name=f"lease {self.key}", daemon=True)
         thread.start()
         return thread

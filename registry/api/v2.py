@@ -11,7 +11,7 @@ from flask import Blueprint, Response, current_app, g, request
 
 from registry.digests import Digest
 from registry.errors import PaginationInvalid, RangeInvalid, Unsupported
-from registry.names import Target, resolve, validate_name
+from registry.names import Target, resolve
 from registry.pullthrough import Blob, PullThrough
 from registry.pullthrough.manifests import parse_accept
 
@@ -193,6 +193,3 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 def _unsatisfiable(size: int) -> RangeInvalid:
     return RangeInvalid(headers={"Content-Range": f"bytes */{size}"})
-
-
-__all__ = ["bp", "parse_range", "validate_name"]

@@ -30,7 +30,7 @@ from registry.names import Target, validate_tag
 from registry.pullthrough.fill import BlobFiller
 from registry.pullthrough.manifests import InvalidManifest, accepts, parse_manifest
 from registry.store import ContentStore, TagRecord
-from registry.upstream.client import UpstreamClient, UpstreamDenied
+from registry.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class PullThrough:
                     self.store.write_tag(target, tag, record)
                     return _replace_cache(cached[0], "revalidated")
             fetched = upstream.get_manifest(target.repository, tag, accept)
-        except (UpstreamError, UpstreamDenied, RegistryError) as exc:
+        except RegistryError as exc:  # unreachable, 5xx, 429, denied: serve what we have
             if cached is not None and not isinstance(exc, ManifestUnknown):
                 log.warning("serving stale %s:%s: %s", target, tag, exc.message)
                 return _replace_cache(cached[0], "stale")

@@ -151,6 +151,9 @@ class BlobFiller:
                 upload.pwrite(chunk, offset)
                 hasher.update(chunk)
                 offset += len(chunk)
+                # A fast upstream never blocks the socket read: yield so that the clients
+                # streaming this fill from the same gevent worker get their turn.
+                time.sleep(0)
                 if offset > total:
                     raise UpstreamError(
                         f"upstream {upstream.registry.name} sent more bytes than announced "

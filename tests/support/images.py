@@ -39,7 +39,8 @@ class Layer:
 
 def make_layer(seed: int, size: int, name: str = "file.bin") -> Layer:
     rng = random.Random(seed)
-    payload = rng.randbytes(size)
+    # randbytes cannot make hundreds of MiB in one call
+    payload = b"".join(rng.randbytes(min(1 << 20, size - i)) for i in range(0, size, 1 << 20))
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo(f"data/{name}")
