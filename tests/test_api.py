@@ -327,3 +327,16 @@ def test_manifest_and_blob_list_docker_manifest_list(client, images):
     assert json.loads(response.data)["mediaType"].endswith("manifest.list.v2+json")
     child = multi.children[1]
     assert client.get(f"/v2/library/multidocker/manifests/{child.digest}").data == child.manifest
+
+
+def test_bearer_token_is_fetched_once_and_reused_until_expiry(client, images, token_server):
+    before = len(token_server.requests)
+    assert client.get("/v2/library/busybox/manifests/1.36").status_code == 200
+    for digest in images["busybox"].blobs:
+        assert client.get(f"/v2/library/busybox/blobs/{digest}").status_code == 200
+    asked = [
+        r
+        for r in token_server.requests[before:]
+        if "repository:library/busybox:pull" in r["scopes"]
+    ]
+    assert len(asked) == 1
