@@ -100,7 +100,6 @@ def create_app(
         else:
             mapped = RegistryError(error.description)
             mapped.status = error.code or 400
-            mapped.code = "UNSUPPORTED" if mapped.status == 405 else "UNKNOWN"
         return error_response(mapped, head=request.method == "HEAD")
 
     @app.errorhandler(Exception)

@@ -117,8 +117,12 @@ class Coordination:
     def tag_lease(self, repository: str, tag: str) -> Lease:
         return Lease(self.redis, tag_lease_key(repository, tag), self.lease_ttl, self.owner)
 
+    def lease_holder(self, key: str) -> str | None:
+        holder = self.redis.get(key)
+        return holder.decode() if holder is not None else None
+
     def lease_held(self, key: str) -> bool:
-        return bool(self.redis.exists(key))
+        return self.lease_holder(key) is not None
 
     # -- fill progress -------------------------------------------------------------------------
     def fill_state(self, digest: Digest) -> dict[str, str]:

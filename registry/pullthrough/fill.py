@@ -245,8 +245,7 @@ class BlobFiller:
         while True:
             if self.store.blob_size(digest) is not None:
                 return None
-            holder = self.coord.redis.get(blob_lease_key(digest))
-            holder = holder.decode() if holder else None
+            holder = self.coord.lease_holder(blob_lease_key(digest))
             state = self.coord.fill_state(digest)
             owner = state.get("owner")
             if holder is not None:
@@ -285,10 +284,10 @@ class BlobFiller:
         size: int,
         start: int,
         end: int,
-        on_bytes: Callable[[int], None] | None = None,
     ) -> Iterator[bytes]:
         """Yield bytes [start, end] of the blob as the fill writes them; cut short on failure."""
-        handle = self._open_current(digest)
+        handle = self.store.follow(digest, None)
+        committed = self.store.blob_size(digest) is not None
         pos = start
         takeovers = 0
         last_progress = time.monotonic()
@@ -296,7 +295,6 @@ class BlobFiller:
         sleep = 0.001
         try:
             while pos <= end:
-                committed = self.store.blob_size(digest) is not None
                 # Hold back the final byte until the content is verified and committed.
                 limit = end + 1 if committed else min(end + 1, size - 1)
                 available = os.fstat(handle.fileno()).st_size if handle else 0
@@ -308,15 +306,14 @@ class BlobFiller:
                         pos += len(data)
                         last_progress = time.monotonic()
                         sleep = 0.001
-                        if on_bytes:
-                            on_bytes(len(data))
                         yield data
                         continue
-                reopened = self._reopen_if_replaced(digest, handle)
-                if reopened is not handle:
-                    if handle:
-                        handle.close()
-                    handle = reopened
+                # Nothing to send: only now look at the store and Redis, never per chunk.
+                if not committed and self.store.blob_size(digest) is not None:
+                    committed = True
+                followed = self.store.follow(digest, handle)
+                if followed is not handle:
+                    handle = followed
                     continue
                 now = time.monotonic()
                 if now - last_check >= STATE_CHECK_INTERVAL:
@@ -338,26 +335,6 @@ class BlobFiller:
         finally:
             if handle:
                 handle.close()
-
-    def _open_current(self, digest: Digest):
-        if self.store.blob_size(digest) is not None:
-            return self.store.open_blob(digest)
-        return self.store.open_upload_read(digest)
-
-    def _reopen_if_replaced(self, digest: Digest, handle):
-        """The bytes live in a new file after a commit or a restarted fill: follow them."""
-        for path in (self.store.blob_path(digest), self.store.upload_path(digest)):
-            try:
-                ino = os.stat(self.store.driver.local_path(path)).st_ino
-            except FileNotFoundError:
-                continue
-            if handle is not None and os.fstat(handle.fileno()).st_ino == ino:
-                return handle
-            try:
-                return open(self.store.driver.local_path(path), "rb")
-            except FileNotFoundError:
-                continue
-        return handle
 
 
 def _hash_prefix(upload, hasher, size: int) -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from registry.digests import Digest
+from registry.errors import RegistryError
 from registry.names import Target
 from registry.store.driver import PartialFile, StorageDriver
 
@@ -29,7 +30,7 @@ class TagRecord:
         try:
             raw = json.loads(data)
             return cls(Digest.parse(raw["digest"]), str(raw["mediaType"]), float(raw["validated"]))
-        except (ValueError, KeyError, TypeError, Exception):
+        except (ValueError, KeyError, TypeError, RegistryError):
             return None  # a torn or foreign file is treated as absent, never as a crash
 
 
@@ -72,6 +73,24 @@ class ContentStore:
 
     def open_upload_read(self, digest: Digest) -> BinaryIO | None:
         return self.driver.open_partial_read(self.upload_path(digest))
+
+    def follow(self, digest: Digest, handle: BinaryIO | None) -> BinaryIO | None:
+        """The open file that holds the digest's bytes now: `handle` itself, or a newly
+        opened one after a commit (the blob) or a restarted fill (a new upload file)."""
+        for path in (self.blob_path(digest), self.upload_path(digest)):
+            if handle is not None:
+                same = self.driver.is_same_file(handle, path)
+                if same:
+                    return handle
+                if same is None:
+                    continue
+            opened = self.driver.open_partial_read(path)
+            if opened is None:
+                continue
+            if handle is not None:
+                handle.close()
+            return opened
+        return handle
 
     def commit_upload(self, upload: PartialFile, digest: Digest) -> None:
         upload.commit(self.blob_path(digest))

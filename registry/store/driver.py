@@ -35,6 +35,9 @@ class StorageDriver(Protocol):
 
     def open_partial_read(self, path: str) -> BinaryIO | None: ...
 
+    def is_same_file(self, handle: BinaryIO, path: str) -> bool | None:
+        """Whether `handle` is the file now at `path`; None when nothing is there."""
+
     def delete(self, path: str) -> bool: ...
 
     def list(self, path: str) -> list[str]:
@@ -51,9 +54,6 @@ class PartialFile:
         self._driver = driver
         self.path = path
         self.fd = os.open(driver.local_path(path), os.O_RDWR | os.O_CREAT, 0o644)
-
-    def size(self) -> int:
-        return os.fstat(self.fd).st_size
 
     def pwrite(self, data: bytes, offset: int) -> None:
         view = memoryview(data)
@@ -148,6 +148,12 @@ class FilesystemDriver:
     def open_partial_read(self, path: str) -> BinaryIO | None:
         try:
             return open(self.local_path(path), "rb")
+        except FileNotFoundError:
+            return None
+
+    def is_same_file(self, handle: BinaryIO, path: str) -> bool | None:
+        try:
+            return os.stat(self.local_path(path)).st_ino == os.fstat(handle.fileno()).st_ino
         except FileNotFoundError:
             return None
 

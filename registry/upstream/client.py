@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -131,8 +132,7 @@ class UpstreamClient:
             "GET", repository, f"blobs/{digest}", headers=headers, stream=True, follow=True
         )
         if offset and response.status_code == 206:
-            total = _content_range_total(response.headers.get("Content-Range"))
-            start = _content_range_start(response.headers.get("Content-Range"))
+            start, total = _content_range(response.headers.get("Content-Range"))
             if start == offset:
                 return BlobStream(response, offset, total)
             response.close()
@@ -165,11 +165,8 @@ class UpstreamClient:
     def _url(self, repository: str, path: str) -> str:
         return f"{self.registry.url}/v2/{repository}/{path}"
 
-    def _failure(self, what: str, status: int | None = None) -> UpstreamError:
-        error = UpstreamError(f"upstream {self.registry.name} ({self.registry.url}) {what}")
-        if status is not None and status >= 500:
-            error.status = 502
-        return error
+    def _failure(self, what: str) -> UpstreamError:
+        return UpstreamError(f"upstream {self.registry.name} ({self.registry.url}) {what}")
 
     def _send(self, method: str, url: str, **kwargs) -> requests.Response:
         try:
@@ -265,9 +262,7 @@ class UpstreamClient:
                     f"token service of upstream {self.registry.name} refused the credentials"
                 )
             if response.status_code != 200:
-                raise self._failure(
-                    f"token service answered {response.status_code}", response.status_code
-                )
+                raise self._failure(f"token service answered {response.status_code}")
             try:
                 data = response.json()
                 token = data.get("token") or data.get("access_token")
@@ -296,7 +291,7 @@ class UpstreamClient:
             raise TooManyRequests(
                 f"upstream {self.registry.name} is rate-limiting this cache", headers=headers
             )
-        raise self._failure(f"answered {status}", status)
+        raise self._failure(f"answered {status}")
 
     def _read_bounded(self, response: requests.Response, repository: str) -> bytes:
         chunks = []
@@ -333,18 +328,13 @@ def _media_type(response: requests.Response) -> str:
     return response.headers.get("Content-Type", "application/octet-stream").split(";")[0].strip()
 
 
-def _content_range_total(value: str | None) -> int | None:
-    if value and "/" in value:
-        total = value.rsplit("/", 1)[1]
-        return int(total) if total.isdigit() else None
-    return None
-
-
-def _content_range_start(value: str | None) -> int | None:
-    if value and value.startswith("bytes ") and "-" in value:
-        start = value[6:].split("-", 1)[0]
-        return int(start) if start.isdigit() else None
-    return None
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """(start, total) of `bytes START-END/TOTAL`; None for what is missing or malformed."""
+    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", (value or "").strip())
+    if not match:
+        return None, None
+    total = match.group(2)
+    return int(match.group(1)), int(total) if total.isdigit() else None
 
 
 def _connection_reason(exc: Exception) -> str:

@@ -7,11 +7,10 @@ import hashlib
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
-from tests.support.servers import free_port
+from tests.support.servers import LoopbackHTTP, free_port, send_json
 
 
 @dataclass
@@ -28,23 +27,17 @@ class Route:
     faulty_requests: int = 1 << 30  # the fault knobs apply to this many requests, then stop
 
 
-class FakeRegistry:
+class FakeRegistry(LoopbackHTTP):
     """Serves the routes it is given; `hits` counts (method, path) pairs."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        super().__init__()
         self.routes: dict[str, Route] = {}
         self.hits: list[tuple[str, str]] = []
         self.ranges: list[str | None] = []
         self.authorizations: list[str | None] = []
         # When set, requests without this exact Authorization get a Basic challenge.
         self.require_authorization: str | None = None
-        self.on_request: Callable[[str, str], None] | None = None
-        self._server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def count(self, method: str, path_part: str) -> int:
         return sum(1 for m, p in self.hits if m == method and path_part in p)
@@ -132,22 +125,10 @@ class FakeRegistry:
                     self.connection.close()
 
             def _simple(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
+                send_json(self, status, body)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
 
 
 class FrozenServer:

@@ -98,12 +98,43 @@ class RedisServer:
             stop(self.proc)
 
 
+class LoopbackHTTP:
+    """A threaded HTTP server on 127.0.0.1 inside the test process."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+def send_json(handler: BaseHTTPRequestHandler, status: int, data: bytes) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    if handler.command != "HEAD":
+        handler.wfile.write(data)
+
+
 # -- token service --
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-class TokenServer:
+class TokenServer(LoopbackHTTP):
     """A Docker-Hub-like token service issuing RS256 JWTs that distribution verifies.
 
     Anonymous users may pull anything but `private/*`; `reader` may pull everything;
@@ -113,6 +144,7 @@ class TokenServer:
     USERS = {"admin": "adminpw", "reader": "readerpw"}
 
     def __init__(self, workdir: Path, service: str = "pt-test-registry") -> None:
+        super().__init__()
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
@@ -138,11 +170,9 @@ class TokenServer:
         workdir.mkdir(parents=True, exist_ok=True)
         self.cert_path = workdir / "token.crt"
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        self.port = free_port()
         self.requests: list[dict] = []
         self.fail_with: int | None = None
         self.expires_in = 300
-        self._server: ThreadingHTTPServer | None = None
 
     @property
     def realm(self) -> str:
@@ -212,22 +242,10 @@ class TokenServer:
                 )
 
             def _send(self, status, body):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, json.dumps(body).encode())
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
 
 
 # -- CNCF distribution --
