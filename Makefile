@@ -38,7 +38,7 @@ format: $(VENV)/.test-deps
 	$(BIN)/ruff check --fix .
 
 bench: $(VENV)/.test-deps
-	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry skopeo=skopeo
+	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry skopeo=skopeo wrk=wrk ab=apache2-utils
 	$(BIN)/python -m bench
 
 clean:

@@ -1,7 +1,12 @@
 """`make bench`: pullthrough side by side with CNCF distribution's proxy mode, same machine, same
 run, same local upstream (distribution behind a token server). Writes docs/benchmarks.md.
 
-A first harness: thundering herd, warm blob throughput and warm manifest request rates.
+Scenarios:
+- WAN: the upstream behind a relay that caps its bandwidth (as Docker Hub over a home link):
+  one cold download, a 50-client herd on another cold blob (wall time against the single
+  download), and a herd whose fetching worker is killed half-way.
+- Loopback: the same herd against both caches with an unthrottled upstream, warm blob
+  throughput, and warm manifest request rates measured with wrk.
 Reported as ratios because these machines are noisy.
 """
 
@@ -11,46 +16,89 @@ import concurrent.futures
 import hashlib
 import os
 import platform
+import re
+import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+import redis
 import requests
 import yaml
 
 from registry.mediatypes import MANIFEST_TYPES
 from tests.support.images import Pusher, make_layer, single
-from tests.support.servers import ROOT, Distribution, Gunicorn, RedisServer, TokenServer
+from tests.support.servers import (
+    ROOT,
+    Distribution,
+    Gunicorn,
+    RedisServer,
+    ThrottledRelay,
+    TokenServer,
+    require,
+)
 
 BLOB_MIB = int(os.environ.get("BENCH_BLOB_MIB", "256"))
 HERD = int(os.environ.get("BENCH_HERD", "50"))
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
+WORKERS = int(os.environ.get("BENCH_WORKERS", "4"))
+# 25 MiB/s is about a 200 Mbit/s home link.
+WAN_MIBPS = float(os.environ.get("BENCH_WAN_MIBPS", "25"))
 # What Docker and containerd send; without it distribution rewrites manifests to schema 1.
-ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES[:4])}
+ACCEPT = ", ".join(MANIFEST_TYPES[:4])
+
+
+def download(url: str) -> tuple[int, str, float]:
+    """(status, sha256 hex, time to first byte) of one streamed GET."""
+    started = time.monotonic()
+    with requests.get(url, stream=True, timeout=300) as response:
+        chunks = response.iter_content(1 << 20)
+        first = next(chunks, b"")
+        ttfb = time.monotonic() - started
+        hasher = hashlib.sha256(first)
+        for chunk in chunks:
+            hasher.update(chunk)
+    return response.status_code, hasher.hexdigest(), ttfb
 
 
 def herd(url: str, clients: int) -> dict:
-    def one(_):
-        started = time.monotonic()
-        with requests.get(url, stream=True, timeout=300) as response:
-            chunks = response.iter_content(1 << 20)
-            first = next(chunks)
-            ttfb = time.monotonic() - started
-            hasher = hashlib.sha256(first)
-            for chunk in chunks:
-                hasher.update(chunk)
-        return response.status_code, hasher.hexdigest(), ttfb
-
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(one, range(clients)))
+        results = list(pool.map(lambda _: download(url), range(clients)))
     ttfbs = sorted(r[2] for r in results)
     return {
         "wall": time.monotonic() - started,
         "ttfb_p50": ttfbs[len(ttfbs) // 2],
         "ok": sum(1 for r in results if r[0] == 200),
-        "digests": len({r[1] for r in results}),
+        "digests": {r[1] for r in results},
+    }
+
+
+def killed_herd(url: str, clients: int, expected: str, kill_when) -> dict:
+    """A herd whose fetcher is killed by `kill_when()`; each client retries until it has the
+    verified blob (at most 5 attempts), as Docker and containerd retry a failed layer."""
+
+    def one(_):
+        for attempt in range(1, 6):
+            try:
+                status, digest, _ = download(url)
+            except requests.RequestException:
+                continue
+            if status == 200 and digest == expected:
+                return attempt
+        return 0
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(clients + 1) as pool:
+        killer = pool.submit(kill_when)
+        attempts = list(pool.map(one, range(clients)))
+        killed = killer.result()
+    return {
+        "wall": time.monotonic() - started,
+        "ok": sum(1 for a in attempts if a),
+        "retried": sum(1 for a in attempts if a > 1),
+        "killed": killed,
     }
 
 
@@ -64,21 +112,46 @@ def throughput(url: str, size: int) -> float:
     return size / (time.monotonic() - started) / (1 << 20)
 
 
-def rate(url: str, seconds: float, connections: int = 32, method: str = "GET") -> float:
-    deadline = time.monotonic() + seconds
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
-    def loop(_):
-        session = requests.Session()
-        count = 0
-        while time.monotonic() < deadline:
-            response = session.request(method, url, headers=ACCEPT, timeout=30)
-            assert response.status_code == 200, response.status_code
-            count += 1
-        return count
 
-    with concurrent.futures.ThreadPoolExecutor(connections) as pool:
-        total = sum(pool.map(loop, range(connections)))
-    return total / seconds
+def wrk(url: str, work: Path) -> dict:
+    """GET requests/s and median latency (ms) from wrk, 2 threads, 32 connections."""
+    script = work / "wrk.lua"
+    script.write_text(f'wrk.headers["Accept"] = "{ACCEPT}"\n')
+    out = subprocess.run(
+        [require("wrk"), "-t2", "-c32", f"-d{SECONDS:g}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw errors against {url}:\n{out}")
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)\b", out)
+    assert p50, out
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": float(p50.group(1)) * _UNITS[p50.group(2)],
+    }
+
+
+def ab_head(url: str) -> dict:
+    """HEAD requests/s and median latency (ms) from ApacheBench, 32 keep-alive connections
+    (wrk 4.1 waits for a body after a HEAD that carries Content-Length)."""
+    args = ["-q", "-k", "-i", "-c32", f"-t{SECONDS:g}", "-n1000000", "-H", f"Accept: {ACCEPT}"]
+    out = subprocess.run(
+        [require("ab"), *args, url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    failed = re.search(r"Failed requests:\s+(\d+)", out)
+    if "Non-2xx" in out or not failed or failed.group(1) != "0":
+        raise RuntimeError(f"ab saw errors against {url}:\n{out}")
+    return {
+        "rps": float(re.search(r"Requests per second:\s+([\d.]+)", out).group(1)),
+        "p50_ms": float(re.search(r"\n\s+50%\s+(\d+)", out).group(1)),
+    }
 
 
 def upstream_blob_gets(upstream: Distribution, mark: int, digest: str) -> int:
@@ -87,45 +160,98 @@ def upstream_blob_gets(upstream: Distribution, mark: int, digest: str) -> int:
     )
 
 
+def wan_scenarios(cache: Gunicorn, store: redis.Redis, relay: ThrottledRelay, images) -> dict:
+    """Cold single download, herd and killed herd through the bandwidth-capped upstream."""
+    base = f"{cache.url}/v2/wan.test/library"
+    r: dict = {}
+    for name in ("single", "herd", "kill"):
+        requests.get(f"{base}/{name}/manifests/1", headers={"Accept": ACCEPT}, timeout=60)
+    single_layer, size = images["single"]
+    started = time.monotonic()
+    status, digest, _ = download(f"{base}/single/blobs/{single_layer}")
+    r["single_wall"] = time.monotonic() - started
+    assert status == 200 and f"sha256:{digest}" == single_layer
+
+    herd_layer, _ = images["herd"]
+    before = relay.bytes_down
+    r["herd"] = herd(f"{base}/herd/blobs/{herd_layer}", HERD)
+    r["herd"]["upstream_mib"] = (relay.bytes_down - before) / (1 << 20)
+
+    kill_layer, _ = images["kill"]
+
+    def kill_half_way() -> int:
+        # The fetcher's pid is in the lease value (<host>:<pid>:<token>); kill -9 it once
+        # the fill record says half the blob is on disk.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            written = store.hget(f"pt:fill:{kill_layer}", "written")
+            holder = store.get(f"pt:lease:blob:{kill_layer}")
+            if written and holder and int(written) >= size // 2:
+                pid = int(holder.decode().split(":")[1])
+                os.kill(pid, signal.SIGKILL)
+                return pid
+            time.sleep(0.05)
+        raise RuntimeError("the fill never reached half-way")
+
+    before = relay.bytes_down
+    r["kill"] = killed_herd(f"{base}/kill/blobs/{kill_layer}", HERD, kill_layer[7:], kill_half_way)
+    r["kill"]["upstream_mib"] = (relay.bytes_down - before) / (1 << 20)
+    return r
+
+
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pt-bench-"))
-    redis = RedisServer(work / "redis").start()
+    redis_server = RedisServer(work / "redis").start()
     token = TokenServer(work / "token").start()
     upstream = Distribution(work / "upstream", token=token).start()
-    big = single("library/bench", "1", [make_layer(42, BLOB_MIB << 20, "big.bin")], docker=True)
-    Pusher(upstream.url, token.realm, token.service).push(big)
-    layer = max(big.blobs, key=lambda d: len(big.blobs[d]))
-    size = len(big.blobs[layer])
+    relay = ThrottledRelay(upstream.port, WAN_MIBPS).start()
+    pusher = Pusher(upstream.url, token.realm, token.service)
+    images: dict[str, tuple[str, int]] = {}
+    for seed, name in enumerate(("bench", "single", "herd", "kill")):
+        image = single(f"library/{name}", "1", [make_layer(seed, BLOB_MIB << 20)], docker=True)
+        pusher.push(image)
+        layer = max(image.blobs, key=lambda d: len(image.blobs[d]))
+        images[name] = (layer, len(image.blobs[layer]))
+        if name == "bench":
+            bench_manifest = image.digest
+    layer, size = images["bench"]
 
     config = work / "pullthrough.yaml"
     config.write_text(
         yaml.safe_dump(
             {
                 "storage": {"root": str(work / "pt-data")},
-                "redis": {"url": redis.url},
-                "registries": [{"name": "docker.io", "url": upstream.url}],
+                "redis": {"url": redis_server.url},
+                "registries": [
+                    {"name": "docker.io", "url": upstream.url},
+                    {"name": "wan.test", "url": relay.url},
+                ],
             }
         )
     )
-    cache = Gunicorn(config, work / "pt", workers=4).start()
+    cache = Gunicorn(config, work / "pt", workers=WORKERS).start()
     proxy = Distribution(work / "proxy", proxy_of=upstream.url).start()
     servers = {"pullthrough": cache.url, "distribution": proxy.url}
     results: dict[str, dict] = {}
     try:
+        wan = wan_scenarios(cache, redis.Redis.from_url(redis_server.url), relay, images)
         for name, base in servers.items():
             r: dict = {}
             blob_url = f"{base}/v2/library/bench/blobs/{layer}"
             # Manifests first, as a client would (distribution's proxy needs it too).
             manifest_url = f"{base}/v2/library/bench/manifests/1"
-            requests.get(manifest_url, headers=ACCEPT, timeout=60).raise_for_status()
+            requests.get(manifest_url, headers={"Accept": ACCEPT}, timeout=60).raise_for_status()
             mark = upstream.mark()
             r["herd"] = herd(blob_url, HERD)
             r["herd"]["upstream_gets"] = upstream_blob_gets(upstream, mark, layer)
             time.sleep(1)
             r["mbps"] = throughput(blob_url, size)
             mark = upstream.mark()
-            r["tag_rps"] = rate(f"{base}/v2/library/bench/manifests/1", SECONDS)
-            r["digest_rps"] = rate(f"{base}/v2/library/bench/manifests/{big.digest}", SECONDS)
+            for ref in ("1", bench_manifest):
+                kind = "tag" if ref == "1" else "digest"
+                url = f"{base}/v2/library/bench/manifests/{ref}"
+                r[f"{kind}_GET"] = wrk(url, work)
+                r[f"{kind}_HEAD"] = ab_head(url)
             r["manifest_upstream_requests"] = len(
                 [x for x in upstream.requests_since(mark) if "/manifests/" in x[1]]
             )
@@ -133,20 +259,50 @@ def main() -> None:
     finally:
         cache.stop()
         proxy.stop()
+        relay.stop()
         upstream.stop()
         token.stop()
-        redis.stop()
-    write_report(results, size)
+        redis_server.stop()
+    write_report(wan, results, size)
 
 
-def write_report(results: dict, size: int) -> None:
+def write_report(wan: dict, results: dict, size: int) -> None:
     pt, dist = results["pullthrough"], results["distribution"]
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
+    mib = size / (1 << 20)
 
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}x" if b else "n/a"
+
+    wan_rows = [
+        ("single cold download, 1 client (s)", f"{wan['single_wall']:.2f}"),
+        (f"herd of {HERD}: wall time (s)", f"{wan['herd']['wall']:.2f}"),
+        (
+            "herd wall / single cold download (goal ≤ 1.5)",
+            f"{wan['herd']['wall'] / wan['single_wall']:.2f}",
+        ),
+        ("herd: median TTFB (s)", f"{wan['herd']['ttfb_p50']:.3f}"),
+        (
+            "herd: clients with 200 / distinct digests",
+            f"{wan['herd']['ok']} / {len(wan['herd']['digests'])}",
+        ),
+        ("herd: MiB sent by upstream", f"{wan['herd']['upstream_mib']:.1f}"),
+        ("fetcher killed half-way: clients with verified bytes", f"{wan['kill']['ok']} / {HERD}"),
+        ("fetcher killed half-way: clients that had to retry", wan["kill"]["retried"]),
+        ("fetcher killed half-way: MiB sent by upstream", f"{wan['kill']['upstream_mib']:.1f}"),
+        ("fetcher killed half-way: wall time (s)", f"{wan['kill']['wall']:.2f}"),
+    ]
+
+    def rate_row(kind: str, method: str) -> tuple:
+        a, b = pt[f"{kind}_{method}"], dist[f"{kind}_{method}"]
+        return (
+            f"manifest {method} by {kind} (req/s; p50 ms)",
+            f"{a['rps']:.0f}; {a['p50_ms']:.2f}",
+            f"{b['rps']:.0f}; {b['p50_ms']:.2f}",
+            ratio(a["rps"], b["rps"]),
+        )
 
     rows = [
         (
@@ -156,7 +312,12 @@ def write_report(results: dict, size: int) -> None:
             "",
         ),
         ("herd: clients with 200", pt["herd"]["ok"], dist["herd"]["ok"], ""),
-        ("herd: distinct digests served", pt["herd"]["digests"], dist["herd"]["digests"], ""),
+        (
+            "herd: distinct digests served",
+            len(pt["herd"]["digests"]),
+            len(dist["herd"]["digests"]),
+            "",
+        ),
         (
             "herd: median TTFB (s)",
             f"{pt['herd']['ttfb_p50']:.3f}",
@@ -175,20 +336,12 @@ def write_report(results: dict, size: int) -> None:
             f"{dist['mbps']:.0f}",
             ratio(pt["mbps"], dist["mbps"]),
         ),
+        rate_row("tag", "GET"),
+        rate_row("tag", "HEAD"),
+        rate_row("digest", "GET"),
+        rate_row("digest", "HEAD"),
         (
-            "manifest GET by tag (req/s, 32 conns)",
-            f"{pt['tag_rps']:.0f}",
-            f"{dist['tag_rps']:.0f}",
-            ratio(pt["tag_rps"], dist["tag_rps"]),
-        ),
-        (
-            "manifest GET by digest (req/s, 32 conns)",
-            f"{pt['digest_rps']:.0f}",
-            f"{dist['digest_rps']:.0f}",
-            ratio(pt["digest_rps"], dist["digest_rps"]),
-        ),
-        (
-            "upstream manifest requests during those runs",
+            "upstream manifest requests during the wrk runs",
             pt["manifest_upstream_requests"],
             dist["manifest_upstream_requests"],
             "",
@@ -197,20 +350,38 @@ def write_report(results: dict, size: int) -> None:
     lines = [
         "# Benchmarks",
         "",
-        "Produced by `make bench` (bench/__main__.py). pullthrough: gunicorn, 4 gevent workers, "
-        "real Redis. distribution: Debian's docker-registry 2.8 in proxy mode. Both pull from the "
-        "same local distribution upstream behind a token server, on 127.0.0.1. The load "
-        "generator is Python (requests + threads) on the same 2 cores, so absolute rates are "
-        "bounded by the client; read the ratios.",
+        f"Produced by `make bench` (bench/__main__.py). pullthrough: gunicorn, {WORKERS} gevent "
+        "workers, real Redis. distribution: Debian's docker-registry 2.8 in proxy mode. Both "
+        "pull from the same local distribution upstream behind a token server, on 127.0.0.1. "
+        "Herd clients are Python threads hashing every byte; GET rates come from wrk "
+        "(2 threads, 32 connections), HEAD rates from ApacheBench (32 keep-alive connections; "
+        "it reports whole milliseconds). Everything shares the same 2 cores, so read the ratios.",
         "",
         f"Machine: {os.cpu_count()} cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
         f"{platform.platform()}, Python {platform.python_version()}; commit {commit}; "
-        f"blob {size / 2**20:.0f} MiB; herd {HERD} clients; rate runs {SECONDS:.0f} s each.",
+        f"blobs {mib:.0f} MiB; herd {HERD} clients; wrk runs {SECONDS:g} s each.",
+        "",
+        f"## Cold blobs through a {WAN_MIBPS:g} MiB/s upstream link (pullthrough)",
+        "",
+        "The upstream sits behind a loopback relay that caps the bandwidth of everything it "
+        "sends (about a 200 Mbit/s home link) and counts the bytes. distribution is not run "
+        f"here: it sends one upstream GET per client, so its herd would take about {HERD}x the "
+        "single download through the same link.",
+        "",
+        "| figure | pullthrough |",
+        "|---|---|",
+        *[f"| {a} | {b} |" for a, b in wan_rows],
+        "",
+        "## Loopback, side by side",
         "",
         "| figure | pullthrough | distribution | ratio (pullthrough better when > 1) |",
         "|---|---|---|---|",
         *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+        "",
+        "On an unthrottled loopback upstream a single cold download takes about a second, so "
+        "the herd's wall time is bounded by the clients hashing "
+        f"{HERD} x {mib:.0f} MiB on the same 2 cores, not by the upstream.",
         "",
         "Not yet measured (issue #9): cold/warm skopeo pulls of an image set, 8-client "
         "throughput and CPU per GB, nginx sendfile as the limit, peak RSS with a 1 GiB blob, "

@@ -379,3 +379,75 @@ class Gunicorn:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+class ThrottledRelay:
+    """A TCP relay on loopback in front of a real server, as a WAN link in front of Docker Hub:
+    bytes flowing back to the client share one token bucket of `mib_per_s`, and are counted
+    (`bytes_down`) so a benchmark can prove how much an upstream really sent."""
+
+    def __init__(self, target_port: int, mib_per_s: float) -> None:
+        self.target_port = target_port
+        self.rate = mib_per_s * (1 << 20)
+        self.port = free_port()
+        self.bytes_down = 0
+        self._lock = threading.Lock()
+        self._next_free = time.monotonic()
+        self._stopping = False
+        self._listener: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _spend(self, n: int) -> None:
+        # Reserve a slot on the shared link, then sleep until it arrives.
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next_free)
+            ready = self._next_free = start + n / self.rate
+            self.bytes_down += n
+        if ready > now:
+            time.sleep(ready - now)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, throttle: bool) -> None:
+        try:
+            while True:
+                data = src.recv(64 << 10)
+                if not data:
+                    break
+                if throttle:
+                    self._spend(len(data))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while not self._stopping:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            for args in ((client, server, False), (server, client, True)):
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
+
+    def start(self) -> ThrottledRelay:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._listener is not None:
+            self._listener.close()
