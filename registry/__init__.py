@@ -12,11 +12,15 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from registry.api import v2
 from registry.config import Settings, load_settings
-from registry.coordination import Coordination, blob_lease_key
+from registry.coordination import (
+    Coordination,
+    SharedTokenCache,
+    UpstreamHealth,
+    blob_lease_key,
+)
 from registry.errors import NotFound, RegistryError, Unsupported, error_response
 from registry.pullthrough import PullThrough
 from registry.store import ContentStore, FilesystemDriver
-from registry.upstream.auth import TokenCache
 from registry.upstream.client import UpstreamClient
 
 log = logging.getLogger("registry")
@@ -44,7 +48,7 @@ def build_pullthrough(settings: Settings, redis_client: redis.Redis | None = Non
     )
     coordination = Coordination(client, settings.lease_ttl)
     session = upstream_session()
-    tokens = TokenCache()
+    tokens = SharedTokenCache(client)
     upstreams = {
         registry.name: UpstreamClient(
             registry,
@@ -52,6 +56,13 @@ def build_pullthrough(settings: Settings, redis_client: redis.Redis | None = Non
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
             tokens=tokens,
+            health=UpstreamHealth(
+                client,
+                registry.name,
+                failure_threshold=settings.breaker_failures,
+                window=settings.breaker_window,
+                backoff=settings.breaker_backoff,
+            ),
             max_manifest_size=settings.max_manifest_size,
         )
         for registry in settings.registries

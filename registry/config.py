@@ -8,7 +8,9 @@ key path (`registries.0.url: Not a valid URL.`) and nothing starts half-configur
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -41,6 +43,15 @@ class Credentials:
 
 
 @dataclass(frozen=True)
+class TagRule:
+    """Tags whose `<repository>:<tag>` matches the glob `match` get their own TTL
+    (`math.inf` for immutable tags, never revalidated)."""
+
+    match: str
+    ttl: float
+
+
+@dataclass(frozen=True)
 class RegistrySettings:
     name: str
     url: str
@@ -48,10 +59,19 @@ class RegistrySettings:
     # True, False, or the path of a CA bundle (what `requests` takes as `verify`).
     tls_verify: bool | str = True
     tag_ttl: float = DEFAULT_TAG_TTL
+    tag_rules: tuple[TagRule, ...] = ()
 
     @property
     def host(self) -> str:
         return urlsplit(self.url).netloc
+
+    def ttl_of(self, repository: str, tag: str) -> float:
+        """How long a cached tag is served without asking upstream: the first matching rule."""
+        name = f"{repository}:{tag}"
+        for rule in self.tag_rules:
+            if fnmatch.fnmatchcase(name, rule.match):
+                return rule.ttl
+        return self.tag_ttl
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,13 @@ class Settings:
     lease_ttl: float = 5.0
     # Manifests larger than this are refused (distribution uses the same 4 MiB bound).
     max_manifest_size: int = 4 * 1024 * 1024
+    # "Upstream has no such tag/repository" is remembered this long, so retry storms stay here.
+    negative_ttl: float = 30.0
+    # Circuit breaker: this many upstream failures within breaker_window seconds stop all
+    # calls to that upstream for breaker_backoff seconds (cached content is served meanwhile).
+    breaker_failures: int = 5
+    breaker_window: float = 30.0
+    breaker_backoff: float = 30.0
 
     def registry(self, name: str) -> RegistrySettings | None:
         for registry in self.registries:
@@ -80,6 +107,17 @@ def _url(value: str) -> None:
         raise ValidationError("Not a valid http(s) URL.")
 
 
+class TagRuleSchema(Schema):
+    match = fields.String(required=True, validate=validate.Length(min=1))
+    ttl = fields.Float(load_default=None, validate=validate.Range(min=0))
+    immutable = fields.Boolean(load_default=False)
+
+    @validates_schema
+    def _one_of(self, data: dict[str, Any], **_: Any) -> None:
+        if (data.get("ttl") is None) == (not data.get("immutable")):
+            raise ValidationError("give either ttl or immutable: true", "ttl")
+
+
 class RegistrySchema(Schema):
     name = fields.String(required=True, validate=validate.Regexp(_REGISTRY_NAME))
     url = fields.String(load_default=None, validate=_url)
@@ -88,6 +126,7 @@ class RegistrySchema(Schema):
     tls_verify = fields.Boolean(load_default=True)
     ca_bundle = fields.String(load_default=None)
     tag_ttl = fields.Float(load_default=DEFAULT_TAG_TTL, validate=validate.Range(min=0))
+    tag_ttl_overrides = fields.List(fields.Nested(TagRuleSchema), load_default=list)
 
     @validates_schema
     def _credentials_pair(self, data: dict[str, Any], **_: Any) -> None:
@@ -107,6 +146,10 @@ class UpstreamSchema(Schema):
     connect_timeout = fields.Float(load_default=5.0, validate=validate.Range(min=0.1))
     read_timeout = fields.Float(load_default=30.0, validate=validate.Range(min=0.1))
     lease_ttl = fields.Float(load_default=5.0, validate=validate.Range(min=1))
+    negative_ttl = fields.Float(load_default=30.0, validate=validate.Range(min=0))
+    breaker_failures = fields.Integer(load_default=5, validate=validate.Range(min=1))
+    breaker_window = fields.Float(load_default=30.0, validate=validate.Range(min=1))
+    breaker_backoff = fields.Float(load_default=30.0, validate=validate.Range(min=0.1))
 
 
 class SettingsSchema(Schema):
@@ -204,6 +247,10 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
                 credentials=creds,
                 tls_verify=verify,
                 tag_ttl=entry["tag_ttl"],
+                tag_rules=tuple(
+                    TagRule(rule["match"], math.inf if rule["immutable"] else rule["ttl"])
+                    for rule in entry["tag_ttl_overrides"]
+                ),
             )
         )
 
@@ -216,6 +263,10 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
         connect_timeout=upstream["connect_timeout"],
         read_timeout=upstream["read_timeout"],
         lease_ttl=upstream["lease_ttl"],
+        negative_ttl=upstream["negative_ttl"],
+        breaker_failures=upstream["breaker_failures"],
+        breaker_window=upstream["breaker_window"],
+        breaker_backoff=upstream["breaker_backoff"],
     )
 
 

@@ -19,11 +19,32 @@ no cached content, and every index is rebuilt from disk when missing.
     pt:repos:built              string  no TTL. Set once pt:repos was rebuilt from disk; when
                                         missing (e.g. after FLUSHALL) the next catalog
                                         request rebuilds the index.
+    pt:token:<sha256>           string  TTL: the token's lifetime less a margin. An upstream
+                                        bearer token shared by every worker; the name hashes
+                                        (upstream URL, scope, username). Keep Redis private.
+    pt:upstream:<registry>:failures
+                                string  TTL breaker_window. Upstream failures (refused,
+                                        timeout, reset, 5xx) counted towards the breaker;
+                                        deleted by any good answer.
+    pt:upstream:<registry>:breaker
+                                string  TTL breaker_backoff, or a 429's Retry-After. While it
+                                        exists nobody calls that upstream; JSON {status,
+                                        reason, since}.
+    pt:upstream:<registry>:ratelimit
+                                hash    TTL 24 h. The last rate-limit headers upstream sent:
+                                        limit, remaining, window (s), source, updated.
+    pt:missing:<user>@<registry>/<repository>[:<reference>]
+                                string  TTL negative_ttl. Upstream said this repository (or
+                                        tag/digest) does not exist or is denied to <user> (the
+                                        configured upstream account, empty when anonymous);
+                                        the value is its message. Retry storms stop here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import socket
 import threading
@@ -36,11 +57,15 @@ from redis.exceptions import LockError, RedisError
 
 from registry.digests import Digest
 from registry.errors import CacheUnavailable
+from registry.upstream.auth import TokenCache, token_lifetime
 
 PREFIX = "pt:"
 FILL_RECORD_TTL = 3600
 REPOS_KEY = f"{PREFIX}repos"
 REPOS_BUILT_KEY = f"{PREFIX}repos:built"
+RATELIMIT_TTL = 24 * 3600
+# A 429's Retry-After larger than this is not believed (Docker Hub's window is 6 h).
+MAX_RETRY_AFTER = 6 * 3600
 
 
 def blob_lease_key(digest: Digest) -> str:
@@ -53,6 +78,14 @@ def fill_key(digest: Digest) -> str:
 
 def tag_lease_key(repository: str, tag: str) -> str:
     return f"{PREFIX}lease:tag:{repository}:{tag}"
+
+
+def missing_key(identity: str, repository: str, reference: str | None = None) -> str:
+    return f"{PREFIX}missing:{identity}@{repository}" + (f":{reference}" if reference else "")
+
+
+def upstream_key(registry: str, what: str) -> str:
+    return f"{PREFIX}upstream:{registry}:{what}"
 
 
 class Lease:
@@ -145,6 +178,20 @@ class Coordination:
         pipe.expire(fill_key(digest), FILL_RECORD_TTL)
         pipe.execute()
 
+    # -- negative cache --------------------------------------------------------------------------
+    def remember_missing(self, key: str, message: str, ttl: float) -> None:
+        if ttl > 0:
+            with contextlib.suppress(RedisError):
+                self.redis.set(key, message, px=int(ttl * 1000))
+
+    def missing(self, *keys: str) -> str | None:
+        """The remembered message of the first of `keys` upstream said is missing."""
+        try:
+            values = self.redis.mget(keys)
+        except RedisError:
+            return None
+        return next((v.decode() for v in values if v is not None), None)
+
     # -- catalog index ---------------------------------------------------------------------------
     def index_repository(self, name: str) -> None:
         # The index is rebuilt from disk: a missed entry is not lost content.
@@ -165,3 +212,121 @@ class Coordination:
         if n is None:
             return [m.decode() for m in self.redis.zrangebylex(REPOS_KEY, start, "+")]
         return [m.decode() for m in self.redis.zrangebylex(REPOS_KEY, start, "+", 0, n)]
+
+
+class SharedTokenCache:
+    """Upstream bearer tokens in Redis, so N workers fetch one token per scope, not N; a
+    per-process copy in front saves the round trip, and serves alone when Redis is down."""
+
+    def __init__(self, client: redis.Redis, local: TokenCache | None = None) -> None:
+        self.redis = client
+        self.local = local or TokenCache()
+
+    @staticmethod
+    def _key(key: tuple[str, ...]) -> str:
+        return f"{PREFIX}token:" + hashlib.sha256("\0".join(key).encode()).hexdigest()
+
+    def get(self, key: tuple[str, ...]) -> str | None:
+        token = self.local.get(key)
+        if token is not None:
+            return token
+        try:
+            pipe = self.redis.pipeline()
+            pipe.get(self._key(key))
+            pipe.pttl(self._key(key))
+            value, pttl = pipe.execute()
+        except RedisError:
+            return None
+        if value is None or pttl <= 0:
+            return None
+        self.local.put_for(key, value.decode(), pttl / 1000)
+        return value.decode()
+
+    def put(self, key: tuple[str, ...], token: str, expires_in: float) -> None:
+        lifetime = token_lifetime(expires_in)
+        self.local.put_for(key, token, lifetime)
+        with contextlib.suppress(RedisError):
+            self.redis.set(self._key(key), token, px=max(1, int(lifetime * 1000)))
+
+
+class UpstreamHealth:
+    """Circuit breaker and rate-limit record of one upstream, shared by every process.
+
+    `failure_threshold` failures within `window` seconds open the breaker for `backoff`
+    seconds; a 429 opens it for its Retry-After. While open, callers fail at once (and serve
+    from cache) instead of waiting for timeouts. When it closes, the next call probes: the
+    failure count is kept one short of the threshold, so a failed probe reopens it.
+    Redis trouble never blocks a call: the breaker then stays closed.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        registry: str,
+        *,
+        failure_threshold: int,
+        window: float,
+        backoff: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = client
+        self.registry = registry
+        self.threshold = failure_threshold
+        self.window = window
+        self.backoff = backoff
+        self.clock = clock
+        self.failures_key = upstream_key(registry, "failures")
+        self.breaker_key = upstream_key(registry, "breaker")
+        self.ratelimit_key = upstream_key(registry, "ratelimit")
+
+    def open_state(self) -> tuple[dict, float] | None:
+        """(what opened the breaker, seconds until it closes) while it is open, else None."""
+        try:
+            pipe = self.redis.pipeline()
+            pipe.get(self.breaker_key)
+            pipe.pttl(self.breaker_key)
+            value, pttl = pipe.execute()
+        except RedisError:
+            return None
+        if value is None:
+            return None
+        try:
+            state = json.loads(value)
+        except ValueError:
+            state = {}
+        return state, max(pttl, 0) / 1000
+
+    def failed(self, reason: str) -> None:
+        with contextlib.suppress(RedisError):
+            pipe = self.redis.pipeline()
+            pipe.incr(self.failures_key)
+            pipe.expire(self.failures_key, int(self.window), nx=True)
+            count, _ = pipe.execute()
+            if count >= self.threshold:
+                self._open({"status": 503, "reason": reason}, self.backoff)
+
+    def rate_limited(self, retry_after: float | None) -> None:
+        wait = retry_after if retry_after and retry_after > 0 else self.backoff
+        wait = min(wait, MAX_RETRY_AFTER)
+        with contextlib.suppress(RedisError):
+            self._open({"status": 429, "reason": "rate-limited (429)"}, wait)
+
+    def _open(self, state: dict, seconds: float) -> None:
+        state["since"] = round(self.clock(), 3)
+        pipe = self.redis.pipeline()
+        pipe.set(self.breaker_key, json.dumps(state), px=max(1, int(seconds * 1000)))
+        # Keep the count one short of the threshold past the back-off: a failed probe reopens.
+        pipe.set(self.failures_key, self.threshold - 1, ex=int(seconds + self.window) + 1)
+        pipe.execute()
+
+    def succeeded(self) -> None:
+        with contextlib.suppress(RedisError):
+            self.redis.delete(self.failures_key)
+
+    def record_rate_limit(self, fields: dict[str, str]) -> None:
+        fields = dict(fields, updated=f"{self.clock():.3f}")
+        with contextlib.suppress(RedisError):
+            pipe = self.redis.pipeline()
+            pipe.hset(self.ratelimit_key, mapping=fields)
+            pipe.expire(self.ratelimit_key, RATELIMIT_TTL)
+            pipe.execute()

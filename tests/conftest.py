@@ -7,6 +7,7 @@ import redis as redis_lib
 
 from registry import create_app
 from registry.config import Credentials, RegistrySettings, Settings
+from tests.support.fakes import FakeRegistry
 from tests.support.images import Pusher, standard_images
 from tests.support.servers import Distribution, RedisServer, TokenServer
 
@@ -45,6 +46,25 @@ def redis_client(redis_server):
     client = redis_lib.Redis.from_url(redis_server.url)
     client.flushall()
     yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def fake():
+    """A fake upstream per test module, for faults a real registry cannot produce."""
+    server = FakeRegistry().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def forget_upstream_health(redis_server):
+    """Forget breakers, failure counts, rate-limit records and remembered misses, for modules
+    whose long-lived gunicorn stages one upstream incident per test."""
+    client = redis_lib.Redis.from_url(redis_server.url)
+    for pattern in ("pt:upstream:*", "pt:missing:*"):
+        for key in client.scan_iter(pattern):
+            client.delete(key)
     client.close()
 
 

@@ -5,63 +5,26 @@ upstream for content."""
 from __future__ import annotations
 
 import filecmp
-import json
-import subprocess
 
 import pytest
-import yaml
 
-from tests.support.servers import Gunicorn, require
+from tests.support.clients import skopeo_copy, skopeo_policy
+from tests.support.servers import Gunicorn
 
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
-    path = tmp_path_factory.mktemp("skopeo") / "policy.json"
-    path.write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
-    return path
+    return skopeo_policy(tmp_path_factory.mktemp("skopeo"))
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, redis_server, upstream):
-    workdir = tmp_path_factory.mktemp("clients")
-    config = {
-        "storage": {"root": str(workdir / "data")},
-        "redis": {"url": redis_server.url},
-        "registries": [
-            {
-                "name": "docker.io",
-                "url": upstream.url,
-                "username": "reader",
-                "password": "readerpw",
-            },
-        ],
-    }
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    server = Gunicorn(path, workdir, workers=3).start()
+    registry = {"name": "docker.io", "url": upstream.url, "username": "reader"}
+    server = Gunicorn.with_config(
+        tmp_path_factory.mktemp("clients"), redis_server.url, [{**registry, "password": "readerpw"}]
+    )
     yield server
     server.stop()
-
-
-def skopeo_copy(policy, source: str, dest, *creds: str) -> None:
-    subprocess.run(
-        [
-            require("skopeo"),
-            "--policy",
-            str(policy),
-            "copy",
-            "--all",
-            "--retry-times",
-            "0",
-            "--src-tls-verify=false",
-            *creds,
-            f"docker://{source}",
-            f"dir:{dest}",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=180,
-    )
 
 
 def same_tree(left, right) -> bool:

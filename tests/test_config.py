@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -69,3 +70,45 @@ def test_check_config_exits_non_zero_and_names_the_key(tmp_path):
 def test_unreadable_config_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError):
         load_settings({"PULLTHROUGH_CONFIG": str(tmp_path / "missing.yaml")})
+
+
+def test_the_shipped_example_config_is_valid():
+    settings = load_settings({"PULLTHROUGH_CONFIG": str(ROOT / "deploy" / "config.example.yaml")})
+    hub = settings.registry("docker.io")
+    assert hub.ttl_of("library/alpine", "3.20.3") == 86400
+    assert hub.ttl_of("library/alpine", "latest") == hub.tag_ttl
+
+
+def test_tag_ttl_rules_first_match_wins_and_immutable_never_expires():
+    settings = settings_from_mapping(
+        {
+            "registries": [
+                {
+                    "name": "docker.io",
+                    "tag_ttl": 60,
+                    "tag_ttl_overrides": [
+                        {"match": "*:sha-*", "immutable": True},
+                        {"match": "library/*", "ttl": 5},
+                        {"match": "library/*:*", "ttl": 3600},
+                    ],
+                }
+            ]
+        },
+        env={},
+    )
+    hub = settings.registry("docker.io")
+    assert hub.ttl_of("team/app", "sha-1234") == math.inf
+    # `*` spans "/" and ":" too, so the earlier, broader rule wins.
+    assert hub.ttl_of("library/redis", "7") == 5
+    assert hub.ttl_of("team/app", "latest") == 60
+
+
+@pytest.mark.parametrize(
+    "rule", [{"match": "x"}, {"match": "x", "ttl": 5, "immutable": True}, {"ttl": 5}]
+)
+def test_a_tag_rule_needs_a_match_and_exactly_one_of_ttl_or_immutable(rule):
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping(
+            {"registries": [{"name": "docker.io", "tag_ttl_overrides": [rule]}]}, env={}
+        )
+    assert "registries.0.tag_ttl_overrides.0." in "\n".join(caught.value.problems)

@@ -16,17 +16,12 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 import requests
-import yaml
 
-from tests.support.fakes import FakeRegistry, FrozenServer, Route
+from tests.support.fakes import FrozenServer, Route
 from tests.support.servers import Gunicorn
 
-
-@pytest.fixture(scope="module")
-def fake():
-    server = FakeRegistry().start()
-    yield server
-    server.stop()
+# Each case is its own upstream incident (the breaker itself is tested in test_freshness).
+pytestmark = pytest.mark.usefixtures("forget_upstream_health")
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +33,12 @@ def frozen():
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, redis_server, fake, frozen):
-    workdir = tmp_path_factory.mktemp("faults")
-    config = {
-        "storage": {"root": str(workdir / "data")},
-        "redis": {"url": redis_server.url},
-        "upstream": {"connect_timeout": 1, "read_timeout": 2, "lease_ttl": 2},
-        "registries": [
-            {"name": "docker.io", "url": fake.url},
-            {"name": "frozen.test", "url": frozen.url},
-        ],
-    }
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    server = Gunicorn(path, workdir, workers=3).start()
-    server.data = workdir / "data"
+    server = Gunicorn.with_config(
+        tmp_path_factory.mktemp("faults"),
+        redis_server.url,
+        [{"name": "docker.io", "url": fake.url}, {"name": "frozen.test", "url": frozen.url}],
+        upstream={"connect_timeout": 1, "read_timeout": 2, "lease_ttl": 2},
+    )
     yield server
     server.stop()
 

@@ -11,12 +11,12 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from redis.exceptions import RedisError
 
 from registry.config import Settings
-from registry.coordination import Coordination
+from registry.coordination import Coordination, missing_key
 from registry.digests import Digest, looks_like_digest, sha256_of
 from registry.errors import (
     BlobUnknown,
@@ -30,9 +30,11 @@ from registry.names import Target, validate_tag
 from registry.pullthrough.fill import BlobFiller
 from registry.pullthrough.manifests import InvalidManifest, accepts, parse_manifest
 from registry.store import ContentStore, TagRecord
-from registry.upstream.client import UpstreamClient
+from registry.upstream.client import UpstreamClient, UpstreamDenied
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # How long a request waits for another process's fetch of the same tag before doing it itself.
 TAG_WAIT = 0.05
@@ -85,6 +87,29 @@ class PullThrough:
     def upstream(self, target: Target) -> UpstreamClient:
         return self.upstreams[target.registry.name]
 
+    def _ask(self, target: Target, reference: str, call: Callable[[], T]) -> T:
+        """Call upstream about `reference`, unless it recently said the repository or the
+        reference does not exist; remember such answers for `negative_ttl`."""
+        # Per credential: what anonymous may not see, the configured account may.
+        who = self.upstream(target).identity
+        repo_key, ref_key = missing_key(who, str(target)), missing_key(who, str(target), reference)
+        remembered = self.coord.missing(repo_key, ref_key)
+        if remembered is not None:
+            error = UpstreamDenied if remembered.startswith("denied:") else ManifestUnknown
+            raise error(remembered.partition(":")[2] + " (remembered)")
+        try:
+            return call()
+        except UpstreamDenied as exc:
+            self.coord.remember_missing(
+                repo_key, f"denied:{exc.message}", self.settings.negative_ttl
+            )
+            raise
+        except ManifestUnknown as exc:
+            self.coord.remember_missing(
+                ref_key, f"unknown:{exc.message}", self.settings.negative_ttl
+            )
+            raise
+
     # -- manifests ----------------------------------------------------------------------------
     def manifest(self, target: Target, reference: str, accept: list[str]) -> Manifest:
         if looks_like_digest(reference):
@@ -104,7 +129,12 @@ class PullThrough:
                         f"manifest {digest} is {media_type}, which the client does not accept"
                     )
                 return Manifest(body, digest, media_type, "hit")
-        fetched = self.upstream(target).get_manifest(target.repository, str(digest), accept)
+        upstream = self.upstream(target)
+        fetched = self._ask(
+            target,
+            str(digest),
+            lambda: upstream.get_manifest(target.repository, str(digest), accept),
+        )
         if not digest.matches(fetched.body):
             raise UpstreamError(
                 f"upstream {target.registry.name} served a manifest that does not match {digest}"
@@ -114,7 +144,8 @@ class PullThrough:
 
     def _manifest_by_tag(self, target: Target, tag: str, accept: list[str]) -> Manifest:
         cached = self._cached_tag(target, tag, accept)
-        if cached is not None and self.clock() - cached[1].validated < target.registry.tag_ttl:
+        ttl = target.registry.ttl_of(target.repository, tag)
+        if cached is not None and self.clock() - cached[1].validated < ttl:
             return cached[0]
         try:
             lease = self.coord.tag_lease(str(target), tag)
@@ -129,6 +160,13 @@ class PullThrough:
             again = self._cached_tag(target, tag, accept)
             if again is not None and (cached is None or again[1] != cached[1]):
                 return again[0]
+        elif acquired:
+            # The previous holder may have refreshed the tag between our read and our lease.
+            again = self._cached_tag(target, tag, accept)
+            if again is not None and self.clock() - again[1].validated < ttl:
+                lease.release()
+                return again[0]
+            cached = again if again is not None else cached
         try:
             return self._refresh_tag(target, tag, accept, cached)
         finally:
@@ -156,12 +194,16 @@ class PullThrough:
         upstream = self.upstream(target)
         try:
             if cached is not None:
-                head = upstream.head_manifest(target.repository, tag, accept)
+                head = self._ask(
+                    target, tag, lambda: upstream.head_manifest(target.repository, tag, accept)
+                )
                 if head.digest == str(cached[0].digest):
                     record = TagRecord(cached[0].digest, cached[0].media_type, self.clock())
                     self.store.write_tag(target, tag, record)
                     return _replace_cache(cached[0], "revalidated")
-            fetched = upstream.get_manifest(target.repository, tag, accept)
+            fetched = self._ask(
+                target, tag, lambda: upstream.get_manifest(target.repository, tag, accept)
+            )
         except RegistryError as exc:  # unreachable, 5xx, 429, denied: serve what we have
             if cached is not None and not isinstance(exc, ManifestUnknown):
                 log.warning("serving stale %s:%s: %s", target, tag, exc.message)

@@ -33,6 +33,11 @@ def parse_challenge(header: str | None) -> Challenge | None:
     return Challenge(scheme.lower(), params)
 
 
+def token_lifetime(expires_in: float) -> float:
+    """How long to reuse a token that expires in `expires_in` seconds."""
+    return max(expires_in - EXPIRY_MARGIN, expires_in / 2)
+
+
 class TokenCache:
     """Bearer tokens per (service, scope, user), kept until shortly before they expire."""
 
@@ -53,6 +58,9 @@ class TokenCache:
             return token
 
     def put(self, key: tuple[str, ...], token: str, expires_in: float) -> None:
-        lifetime = max(expires_in - EXPIRY_MARGIN, expires_in / 2)
+        self.put_for(key, token, token_lifetime(expires_in))
+
+    def put_for(self, key: tuple[str, ...], token: str, lifetime: float) -> None:
+        """Keep `token` for exactly `lifetime` seconds."""
         with self._lock:
             self._tokens[key] = (token, self._clock() + lifetime)

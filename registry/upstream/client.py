@@ -13,6 +13,7 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -38,6 +39,21 @@ MAX_REDIRECTS = 5
 
 class UpstreamDenied(NameUnknown):
     """Upstream refused us the repository: it does not exist or needs other credentials."""
+
+
+class Health(Protocol):
+    """Where the client reports how its upstream behaves (coordination.UpstreamHealth)."""
+
+    def open_state(self) -> tuple[dict, float] | None: ...
+    def failed(self, reason: str) -> None: ...
+    def rate_limited(self, retry_after: float | None) -> None: ...
+    def succeeded(self) -> None: ...
+    def record_rate_limit(self, fields: dict[str, str]) -> None: ...
+
+
+class Tokens(Protocol):
+    def get(self, key: tuple[str, ...]) -> str | None: ...
+    def put(self, key: tuple[str, ...], token: str, expires_in: float) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,14 +94,21 @@ class UpstreamClient:
         *,
         connect_timeout: float,
         read_timeout: float,
-        tokens: TokenCache | None = None,
+        tokens: Tokens | None = None,
+        health: Health | None = None,
         max_manifest_size: int = 4 * 1024 * 1024,
     ) -> None:
         self.registry = registry
         self.session = session
         self.timeout = (connect_timeout, read_timeout)
-        self.tokens = tokens or TokenCache()
+        self.tokens: Tokens = tokens or TokenCache()
+        self.health = health
         self.max_manifest_size = max_manifest_size
+
+    @property
+    def identity(self) -> str:
+        """Who this client is upstream: the account name, empty when anonymous."""
+        return self.registry.credentials.username if self.registry.credentials else ""
 
     # -- public calls ------------------------------------------------------------------------
     def get_manifest(self, repository: str, reference: str, accept: list[str]) -> ManifestResponse:
@@ -169,8 +192,9 @@ class UpstreamClient:
         return UpstreamError(f"upstream {self.registry.name} ({self.registry.url}) {what}")
 
     def _send(self, method: str, url: str, **kwargs) -> requests.Response:
+        self._check_breaker()
         try:
-            return self.session.request(
+            response = self.session.request(
                 method,
                 url,
                 timeout=self.timeout,
@@ -188,11 +212,47 @@ class UpstreamClient:
             reason = _connection_reason(exc)
         except requests.exceptions.RequestException as exc:
             reason = f"request failed ({type(exc).__name__})"
+        else:
+            self._observe(response)
+            return response
         host = urlsplit(url).netloc
         where = (
             self.registry.url if host == self.registry.host else f"{self.registry.url} via {host}"
         )
+        if self.health is not None:
+            self.health.failed(reason)
         raise UpstreamUnavailable(f"upstream {self.registry.name} ({where}) {reason}")
+
+    def _check_breaker(self) -> None:
+        state = self.health.open_state() if self.health is not None else None
+        if state is None:
+            return
+        what, remaining = state
+        wait = max(1, round(remaining))
+        if what.get("status") == 429:
+            raise TooManyRequests(
+                f"upstream {self.registry.name} is rate-limiting this cache; not asking it "
+                f"again for {wait} s",
+                headers={"Retry-After": str(wait)},
+            )
+        raise UpstreamUnavailable(
+            f"upstream {self.registry.name} ({self.registry.url}) keeps failing "
+            f"({what.get('reason', 'unknown')}); not asking it again for {wait} s"
+        )
+
+    def _observe(self, response: requests.Response) -> None:
+        """Feed the breaker and the rate-limit record from an answer."""
+        if self.health is None:
+            return
+        limits = _rate_limit_fields(response.headers)
+        if limits:
+            self.health.record_rate_limit(limits)
+        if response.status_code == 429:
+            self.health.rate_limited(_retry_after(response.headers.get("Retry-After")))
+        elif response.status_code >= 500:
+            self.health.failed(f"answered {response.status_code}")
+        else:
+            self.health.succeeded()
 
     def _request(
         self,
@@ -236,8 +296,7 @@ class UpstreamClient:
         return response
 
     def _token_key(self, scope: str) -> tuple[str, ...]:
-        user = self.registry.credentials.username if self.registry.credentials else ""
-        return (self.registry.name, scope, user)
+        return (self.registry.url, scope, self.identity)
 
     def _authorize(self, challenge, scope: str) -> str | None:
         creds = self.registry.credentials
@@ -335,6 +394,32 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
         return None, None
     total = match.group(2)
     return int(match.group(1)), int(total) if total.isdigit() else None
+
+
+def _rate_limit_fields(headers) -> dict[str, str]:
+    """Docker Hub's `ratelimit-limit: 100;w=21600`, `ratelimit-remaining: 76;w=21600` and
+    `docker-ratelimit-source` as limit, remaining, window and source."""
+    fields: dict[str, str] = {}
+    for name in ("limit", "remaining"):
+        value = headers.get(f"ratelimit-{name}")
+        if not value:
+            continue
+        count, _, params = value.partition(";")
+        if count.strip().isdigit():
+            fields[name] = count.strip()
+        window = re.search(r"\bw=(\d+)", params)
+        if window:
+            fields["window"] = window.group(1)
+    source = headers.get("docker-ratelimit-source")
+    if source and fields:
+        fields["source"] = source[:100]
+    return fields
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value and value.strip().isdigit():
+        return float(value.strip())
+    return None
 
 
 def _connection_reason(exc: Exception) -> str:

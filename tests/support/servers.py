@@ -367,6 +367,25 @@ class Gunicorn:
         wait_for_port(self.port, timeout=30, proc=self.proc)
         return self
 
+    @classmethod
+    def with_config(
+        cls, workdir: Path, redis_url: str, registries: list[dict], workers: int = 3, **sections
+    ) -> Gunicorn:
+        """Write a config (data under workdir/data, plus any other `sections`) and start."""
+        import yaml
+
+        config = {
+            "storage": {"root": str(workdir / "data")},
+            "redis": {"url": redis_url},
+            "registries": registries,
+            **sections,
+        }
+        path = workdir / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        server = cls(path, workdir, workers=workers).start()
+        server.data = workdir / "data"
+        return server
+
     def worker_pids(self) -> list[int]:
         out = subprocess.run(
             ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False
