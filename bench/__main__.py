@@ -28,6 +28,8 @@ import requests
 import yaml
 
 from registry.mediatypes import MANIFEST_TYPES
+from tests.support.clients import skopeo_copy, skopeo_policy
+from tests.support.fakes import FrozenServer
 from tests.support.images import Pusher, make_layer, single
 from tests.support.servers import (
     ROOT,
@@ -45,6 +47,8 @@ SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 WORKERS = int(os.environ.get("BENCH_WORKERS", "4"))
 # 25 MiB/s is about a 200 Mbit/s home link.
 WAN_MIBPS = float(os.environ.get("BENCH_WAN_MIBPS", "25"))
+# How long an offline pull may take before we call it hung (skopeo itself waits far longer).
+OFFLINE_PATIENCE = 60
 # What Docker and containerd send; without it distribution rewrites manifests to schema 1.
 ACCEPT = ", ".join(MANIFEST_TYPES[:4])
 
@@ -199,6 +203,50 @@ def wan_scenarios(cache: Gunicorn, store: redis.Redis, relay: ThrottledRelay, im
     return r
 
 
+def timed_pull(policy: Path, ref: str, dest: Path) -> tuple[bool, float]:
+    """(succeeded, seconds) of a skopeo pull, given up after OFFLINE_PATIENCE seconds."""
+    started = time.monotonic()
+    try:
+        ok = skopeo_copy(policy, ref, dest, check=False, timeout=OFFLINE_PATIENCE).returncode == 0
+    except subprocess.TimeoutExpired:
+        ok = False
+    return ok, time.monotonic() - started
+
+
+def offline_scenarios(servers: dict[str, str], upstream: Distribution, work: Path) -> dict:
+    """Cached and uncached skopeo pulls with upstream stopped, then frozen (accepting
+    connections, never answering). pullthrough is asked through `stale.test`, a registry
+    entry with tag_ttl 0, so every tag is due for revalidation: the worst case."""
+    policy = skopeo_policy(work)
+    refs = {
+        "pullthrough": ("stale.test/library/offline:1", "stale.test/library/neverpulled:1"),
+        "distribution": ("library/offline:1", "library/neverpulled:1"),
+    }
+    for name, base in servers.items():
+        cached, _ = refs[name]
+        skopeo_copy(policy, f"{base.removeprefix('http://')}/{cached}", work / f"warm-{name}")
+    out: dict = {}
+    upstream.stop()
+    frozen = None
+    try:
+        for state in ("stopped", "frozen"):
+            if state == "frozen":
+                frozen = FrozenServer(upstream.port).start()
+            for name, base in servers.items():
+                host = base.removeprefix("http://")
+                cached, uncached = refs[name]
+                out[(state, name, "cached")] = timed_pull(
+                    policy, f"{host}/{cached}", work / f"{state}-{name}-cached"
+                )
+                out[(state, name, "uncached")] = timed_pull(
+                    policy, f"{host}/{uncached}", work / f"{state}-{name}-uncached"
+                )
+    finally:
+        if frozen is not None:
+            frozen.stop()
+    return out
+
+
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pt-bench-"))
     redis_server = RedisServer(work / "redis").start()
@@ -214,6 +262,7 @@ def main() -> None:
         images[name] = (layer, len(image.blobs[layer]))
         if name == "bench":
             bench_manifest = image.digest
+    pusher.push(single("library/offline", "1", [make_layer(7, 1 << 20)], docker=True))
     layer, size = images["bench"]
 
     config = work / "pullthrough.yaml"
@@ -225,6 +274,7 @@ def main() -> None:
                 "registries": [
                     {"name": "docker.io", "url": upstream.url},
                     {"name": "wan.test", "url": relay.url},
+                    {"name": "stale.test", "url": upstream.url, "tag_ttl": 0},
                 ],
             }
         )
@@ -256,6 +306,7 @@ def main() -> None:
                 [x for x in upstream.requests_since(mark) if "/manifests/" in x[1]]
             )
             results[name] = r
+        offline = offline_scenarios(servers, upstream, work)
     finally:
         cache.stop()
         proxy.stop()
@@ -263,10 +314,10 @@ def main() -> None:
         upstream.stop()
         token.stop()
         redis_server.stop()
-    write_report(wan, results, size)
+    write_report(wan, results, offline, size)
 
 
-def write_report(wan: dict, results: dict, size: int) -> None:
+def write_report(wan: dict, results: dict, offline: dict, size: int) -> None:
     pt, dist = results["pullthrough"], results["distribution"]
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -347,6 +398,22 @@ def write_report(wan: dict, results: dict, size: int) -> None:
             "",
         ),
     ]
+
+    def pull(key: tuple) -> str:
+        ok, seconds = offline[key]
+        if not ok and seconds >= OFFLINE_PATIENCE:
+            return f"hung (gave up after {OFFLINE_PATIENCE} s)"
+        return f"{'pulled' if ok else 'failed'} in {seconds:.2f} s"
+
+    offline_rows = [
+        (
+            f"upstream {state}: {kind} image",
+            pull((state, "pullthrough", kind)),
+            pull((state, "distribution", kind)),
+        )
+        for state in ("stopped", "frozen")
+        for kind in ("cached", "uncached")
+    ]
     lines = [
         "# Benchmarks",
         "",
@@ -382,6 +449,18 @@ def write_report(wan: dict, results: dict, size: int) -> None:
         "On an unthrottled loopback upstream a single cold download takes about a second, so "
         "the herd's wall time is bounded by the clients hashing "
         f"{HERD} x {mib:.0f} MiB on the same 2 cores, not by the upstream.",
+        "",
+        "## Upstream down",
+        "",
+        "skopeo pulls a cached image (1 MiB layer) and one never pulled, after the upstream "
+        "was stopped, then while a server on its port accepts connections and never answers. "
+        "pullthrough is asked through a registry entry with `tag_ttl: 0`, so every tag request "
+        "tries upstream first (the worst case; default timeouts: connect 5 s, metadata 5 s; "
+        "breaker after 5 failures).",
+        "",
+        "| scenario | pullthrough | distribution |",
+        "|---|---|---|",
+        *[f"| {a} | {b} | {c} |" for a, b, c in offline_rows],
         "",
         "Not yet measured (issue #9): cold/warm skopeo pulls of an image set, 8-client "
         "throughput and CPU per GB, nginx sendfile as the limit, peak RSS with a 1 GiB blob, "

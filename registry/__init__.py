@@ -55,6 +55,7 @@ def build_pullthrough(settings: Settings, redis_client: redis.Redis | None = Non
             session,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
+            metadata_timeout=settings.metadata_timeout,
             tokens=tokens,
             health=UpstreamHealth(
                 client,

@@ -81,7 +81,11 @@ class Settings:
     registries: tuple[RegistrySettings, ...] = (RegistrySettings(DEFAULT_REGISTRY, DOCKER_HUB_URL),)
     default_registry: str = DEFAULT_REGISTRY
     connect_timeout: float = 5.0
+    # How long a blob download may stay silent mid-body.
     read_timeout: float = 30.0
+    # How long to wait for a small answer (manifest, HEAD, token, tag list): short, because
+    # a cached tag is served stale when it runs out, and an uncached one should fail fast.
+    metadata_timeout: float = 5.0
     # A fill's Redis lease lapses this long after its holder stops renewing it (kill -9).
     lease_ttl: float = 5.0
     # Manifests larger than this are refused (distribution uses the same 4 MiB bound).
@@ -145,6 +149,7 @@ class RedisSchema(Schema):
 class UpstreamSchema(Schema):
     connect_timeout = fields.Float(load_default=5.0, validate=validate.Range(min=0.1))
     read_timeout = fields.Float(load_default=30.0, validate=validate.Range(min=0.1))
+    metadata_timeout = fields.Float(load_default=None, validate=validate.Range(min=0.1))
     lease_ttl = fields.Float(load_default=5.0, validate=validate.Range(min=1))
     negative_ttl = fields.Float(load_default=30.0, validate=validate.Range(min=0))
     breaker_failures = fields.Integer(load_default=5, validate=validate.Range(min=1))
@@ -262,6 +267,7 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
         default_registry=data["default_registry"],
         connect_timeout=upstream["connect_timeout"],
         read_timeout=upstream["read_timeout"],
+        metadata_timeout=upstream["metadata_timeout"] or min(5.0, upstream["read_timeout"]),
         lease_ttl=upstream["lease_ttl"],
         negative_ttl=upstream["negative_ttl"],
         breaker_failures=upstream["breaker_failures"],

@@ -1,4 +1,4 @@
-"""The upstream client against fake registries on loopback: redirects and credentials."""
+"""The upstream client against fake registries on loopback: redirects, credentials, timeouts."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ import base64
 import hashlib
 import logging
 import random
+import time
 
-from registry import create_app
-from registry.config import Credentials
+import pytest
+
+from registry import create_app, upstream_session
+from registry.config import Credentials, RegistrySettings
+from registry.errors import UpstreamUnavailable
+from registry.upstream.client import UpstreamClient
 from tests.conftest import make_settings
 from tests.support.fakes import FakeRegistry, Route
 
@@ -44,3 +49,27 @@ def test_blob_redirect_is_followed_without_forwarding_authorization(
     finally:
         origin.stop()
         cdn.stop()
+
+
+def test_small_answers_get_the_short_timeout_and_blob_bodies_the_long_one(fake):
+    client = UpstreamClient(
+        RegistrySettings("slow.test", fake.url),
+        upstream_session(),
+        connect_timeout=1,
+        read_timeout=5,
+        metadata_timeout=0.5,
+    )
+    fake.routes["/v2/org/slow/manifests/1"] = Route(body=b"{}", delay=3)
+    started = time.monotonic()
+    with pytest.raises(UpstreamUnavailable, match=r"slow\.test .* did not answer in time"):
+        client.get_manifest("org/slow", "1", [])
+    assert time.monotonic() - started < 2
+
+    # A blob body that pauses 1 s between chunks (longer than the metadata timeout) completes.
+    data = random.randbytes(4 * 65536)
+    digest = fake.add_blob("org/slow", data, trickle=1.0)
+    stream = client.open_blob("org/slow", digest)
+    try:
+        assert b"".join(stream.chunks()) == data
+    finally:
+        stream.close()

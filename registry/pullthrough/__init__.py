@@ -154,7 +154,11 @@ class PullThrough:
             lease, acquired = None, False  # no coordination: serve anyway, maybe ask twice
         if lease is not None and not acquired:
             # Another process is fetching this tag: wait for it rather than ask upstream twice.
-            deadline = time.monotonic() + self.settings.connect_timeout + self.settings.read_timeout
+            deadline = (
+                time.monotonic()
+                + self.settings.connect_timeout
+                + 2 * self.settings.metadata_timeout
+            )
             while self.coord.lease_held(lease.key) and time.monotonic() < deadline:
                 time.sleep(TAG_WAIT)
             again = self._cached_tag(target, tag, accept)

@@ -94,13 +94,17 @@ class UpstreamClient:
         *,
         connect_timeout: float,
         read_timeout: float,
+        metadata_timeout: float | None = None,
         tokens: Tokens | None = None,
         health: Health | None = None,
         max_manifest_size: int = 4 * 1024 * 1024,
     ) -> None:
         self.registry = registry
         self.session = session
-        self.timeout = (connect_timeout, read_timeout)
+        # Small answers (manifests, HEADs, tokens, tag lists) get the short metadata timeout;
+        # blob bodies may pause for read_timeout.
+        self.timeout = (connect_timeout, metadata_timeout or read_timeout)
+        self.blob_timeout = (connect_timeout, read_timeout)
         self.tokens: Tokens = tokens or TokenCache()
         self.health = health
         self.max_manifest_size = max_manifest_size
@@ -152,14 +156,22 @@ class UpstreamClient:
         """Start a blob download at `offset`; BlobStream.offset says where it really starts."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         response = self._request(
-            "GET", repository, f"blobs/{digest}", headers=headers, stream=True, follow=True
+            "GET",
+            repository,
+            f"blobs/{digest}",
+            headers=headers,
+            stream=True,
+            follow=True,
+            blob=True,
         )
         if offset and response.status_code == 206:
             start, total = _content_range(response.headers.get("Content-Range"))
             if start == offset:
                 return BlobStream(response, offset, total)
             response.close()
-            response = self._request("GET", repository, f"blobs/{digest}", stream=True, follow=True)
+            response = self._request(
+                "GET", repository, f"blobs/{digest}", stream=True, follow=True, blob=True
+            )
         if response.status_code != 200:
             response.close()
             self._raise_for_status(response, repository, BlobUnknown)
@@ -191,13 +203,13 @@ class UpstreamClient:
     def _failure(self, what: str) -> UpstreamError:
         return UpstreamError(f"upstream {self.registry.name} ({self.registry.url}) {what}")
 
-    def _send(self, method: str, url: str, **kwargs) -> requests.Response:
+    def _send(self, method: str, url: str, *, blob: bool = False, **kwargs) -> requests.Response:
         self._check_breaker()
         try:
             response = self.session.request(
                 method,
                 url,
-                timeout=self.timeout,
+                timeout=self.blob_timeout if blob else self.timeout,
                 verify=self.registry.tls_verify,
                 allow_redirects=False,
                 **kwargs,
@@ -264,6 +276,7 @@ class UpstreamClient:
         params: dict[str, str] | None = None,
         stream: bool = False,
         follow: bool = False,
+        blob: bool = False,
     ) -> requests.Response:
         url = self._url(repository, path)
         scope = f"repository:{repository}:pull"
@@ -271,7 +284,7 @@ class UpstreamClient:
         token = self.tokens.get(self._token_key(scope))
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        response = self._send(method, url, headers=headers, params=params, stream=stream)
+        response = self._send(method, url, headers=headers, params=params, stream=stream, blob=blob)
         if response.status_code == 401:
             challenge = parse_challenge(response.headers.get("WWW-Authenticate"))
             response.close()
@@ -281,7 +294,9 @@ class UpstreamClient:
                     f"upstream {self.registry.name} requires credentials for {repository}"
                 )
             headers["Authorization"] = auth
-            response = self._send(method, url, headers=headers, params=params, stream=stream)
+            response = self._send(
+                method, url, headers=headers, params=params, stream=stream, blob=blob
+            )
         hops = 0
         while follow and response.status_code in (301, 302, 303, 307, 308) and hops < MAX_REDIRECTS:
             location = response.headers.get("Location")
@@ -291,7 +306,7 @@ class UpstreamClient:
             url = urljoin(url, location)
             # Never forward our upstream credentials to the redirect target (a CDN).
             headers.pop("Authorization", None)
-            response = self._send(method, url, headers=headers, stream=stream)
+            response = self._send(method, url, headers=headers, stream=stream, blob=blob)
             hops += 1
         return response
 

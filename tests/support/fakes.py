@@ -134,9 +134,10 @@ class FakeRegistry(LoopbackHTTP):
 class FrozenServer:
     """Accepts TCP connections and never answers: an upstream that hangs."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
         self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._conns: list[socket.socket] = []
         self._stop = False
 
