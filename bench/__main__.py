@@ -16,7 +16,6 @@ import concurrent.futures
 import hashlib
 import os
 import platform
-import re
 import signal
 import subprocess
 import tempfile
@@ -27,7 +26,8 @@ import redis
 import requests
 import yaml
 
-from registry.mediatypes import MANIFEST_TYPES
+from bench import gc as gc_bench
+from bench.load import ACCEPT, SECONDS, ab_head, wrk
 from tests.support.clients import skopeo_copy, skopeo_policy
 from tests.support.fakes import FrozenServer
 from tests.support.images import Pusher, make_layer, single
@@ -38,19 +38,15 @@ from tests.support.servers import (
     RedisServer,
     ThrottledRelay,
     TokenServer,
-    require,
 )
 
 BLOB_MIB = int(os.environ.get("BENCH_BLOB_MIB", "256"))
 HERD = int(os.environ.get("BENCH_HERD", "50"))
-SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 WORKERS = int(os.environ.get("BENCH_WORKERS", "4"))
 # 25 MiB/s is about a 200 Mbit/s home link.
 WAN_MIBPS = float(os.environ.get("BENCH_WAN_MIBPS", "25"))
 # How long an offline pull may take before we call it hung (skopeo itself waits far longer).
 OFFLINE_PATIENCE = 60
-# What Docker and containerd send; without it distribution rewrites manifests to schema 1.
-ACCEPT = ", ".join(MANIFEST_TYPES[:4])
 
 
 def download(url: str) -> tuple[int, str, float]:
@@ -114,52 +110,6 @@ def throughput(url: str, size: int) -> float:
             got += len(chunk)
     assert got == size, (got, size)
     return size / (time.monotonic() - started) / (1 << 20)
-
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-
-
-def wrk(url: str, work: Path) -> dict:
-    """GET requests/s and median latency (ms) from wrk, 2 threads, 32 connections."""
-    script = work / "wrk.lua"
-    script.write_text(f'wrk.headers["Accept"] = "{ACCEPT}"\n')
-    out = subprocess.run(
-        [require("wrk"), "-t2", "-c32", f"-d{SECONDS:g}s", "--latency", "-s", str(script), url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    if "Non-2xx" in out:
-        raise RuntimeError(f"wrk saw errors against {url}:\n{out}")
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)\b", out)
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
-    assert p50 and p99, out
-    return {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "p50_ms": float(p50.group(1)) * _UNITS[p50.group(2)],
-        "p99_ms": float(p99.group(1)) * _UNITS[p99.group(2)],
-        "errors": sum(int(n) for n in errors.groups()) if errors else 0,
-    }
-
-
-def ab_head(url: str) -> dict:
-    """HEAD requests/s and median latency (ms) from ApacheBench, 32 keep-alive connections
-    (wrk 4.1 waits for a body after a HEAD that carries Content-Length)."""
-    args = ["-q", "-k", "-i", "-c32", f"-t{SECONDS:g}", "-n1000000", "-H", f"Accept: {ACCEPT}"]
-    out = subprocess.run(
-        [require("ab"), *args, url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    failed = re.search(r"Failed requests:\s+(\d+)", out)
-    if "Non-2xx" in out or not failed or failed.group(1) != "0":
-        raise RuntimeError(f"ab saw errors against {url}:\n{out}")
-    return {
-        "rps": float(re.search(r"Requests per second:\s+([\d.]+)", out).group(1)),
-        "p50_ms": float(re.search(r"\n\s+50%\s+(\d+)", out).group(1)),
-    }
 
 
 def upstream_blob_gets(upstream: Distribution, mark: int, digest: str) -> int:
@@ -318,10 +268,10 @@ def main() -> None:
         upstream.stop()
         token.stop()
         redis_server.stop()
-    write_report(wan, results, offline, size)
+    write_report(wan, results, offline, size, gc_bench.main())
 
 
-def write_report(wan: dict, results: dict, offline: dict, size: int) -> None:
+def write_report(wan: dict, results: dict, offline: dict, size: int, gc: list[str]) -> None:
     pt, dist = results["pullthrough"], results["distribution"]
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -475,6 +425,7 @@ def write_report(wan: dict, results: dict, offline: dict, size: int) -> None:
         "|---|---|---|",
         *[f"| {a} | {b} | {c} |" for a, b, c in offline_rows],
         "",
+        *gc,
         "Not yet measured (issue #9): cold/warm skopeo pulls of an image set, 8-client "
         "throughput and CPU per GB, nginx sendfile as the limit, peak RSS with a 1 GiB blob, "
         "the PNG chart.",

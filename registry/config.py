@@ -75,6 +75,18 @@ class RegistrySettings:
 
 
 @dataclass(frozen=True)
+class GcSettings:
+    """The GC worker's schedule and retention rules (all retention is off by default)."""
+
+    interval: float = 86400.0  # seconds between scheduled sweeps
+    delay: float = 86400.0  # unreferenced content younger than this is never deleted
+    keep_pulled_within: float | None = None  # seconds; older-pulled tags are dropped
+    max_size: int | None = None  # byte budget of the store
+    low_watermark: float = 0.9  # evict down to this fraction of max_size
+    pins: tuple[str, ...] = ()  # globs over "<registry>/<repository>:<tag>", never evicted
+
+
+@dataclass(frozen=True)
 class Settings:
     storage_root: Path
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -97,6 +109,7 @@ class Settings:
     breaker_failures: int = 5
     breaker_window: float = 30.0
     breaker_backoff: float = 30.0
+    gc: GcSettings = field(default_factory=GcSettings)
 
     def registry(self, name: str) -> RegistrySettings | None:
         for registry in self.registries:
@@ -157,11 +170,55 @@ class UpstreamSchema(Schema):
     breaker_backoff = fields.Float(load_default=30.0, validate=validate.Range(min=0.1))
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+class Duration(fields.Field):
+    """Seconds, or a number with a unit: `90s`, `15m`, `24h`, `7d`, `2w`."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        match = _DURATION.fullmatch(str(value).strip().lower())
+        if not match:
+            raise ValidationError("Not a duration (seconds, or e.g. 15m, 24h, 7d).")
+        return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+class ByteSize(fields.Field):
+    """Bytes, or a number with a unit: `500MB`, `50GiB`, `2T` (powers of 1024 with `i`)."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        match = _SIZE.fullmatch(str(value).strip())
+        if not match:
+            raise ValidationError("Not a size (bytes, or e.g. 500MB, 50GiB).")
+        unit = match.group(2).lower()
+        scale = _SIZE_UNITS[unit[:1]]
+        if "i" in unit:
+            scale = 1024 ** " kmgt".index(unit[0])
+        return int(float(match.group(1)) * scale)
+
+
+class GcSchema(Schema):
+    interval = Duration(load_default=86400.0, validate=validate.Range(min=1))
+    delay = Duration(load_default=86400.0, validate=validate.Range(min=0))
+    keep_pulled_within = Duration(load_default=None, validate=validate.Range(min=60))
+    max_size = ByteSize(load_default=None, validate=validate.Range(min=1))
+    low_watermark = fields.Float(load_default=0.9, validate=validate.Range(min=0.1, max=1))
+    pins = fields.List(fields.String(validate=validate.Length(min=1)), load_default=list)
+
+
 class SettingsSchema(Schema):
     # Defaults go through their schema so that nested defaults apply too.
     storage = fields.Nested(StorageSchema, load_default=lambda: StorageSchema().load({}))
     redis = fields.Nested(RedisSchema, load_default=lambda: RedisSchema().load({}))
     upstream = fields.Nested(UpstreamSchema, load_default=lambda: UpstreamSchema().load({}))
+    gc = fields.Nested(GcSchema, load_default=lambda: GcSchema().load({}))
     credentials_file = fields.String(load_default=None)
     default_registry = fields.String(load_default=DEFAULT_REGISTRY)
     registries = fields.List(
@@ -273,6 +330,14 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
         breaker_failures=upstream["breaker_failures"],
         breaker_window=upstream["breaker_window"],
         breaker_backoff=upstream["breaker_backoff"],
+        gc=GcSettings(
+            interval=data["gc"]["interval"],
+            delay=data["gc"]["delay"],
+            keep_pulled_within=data["gc"]["keep_pulled_within"],
+            max_size=data["gc"]["max_size"],
+            low_watermark=data["gc"]["low_watermark"],
+            pins=tuple(data["gc"]["pins"]),
+        ),
     )
 
 

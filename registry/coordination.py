@@ -38,6 +38,27 @@ no cached content, and every index is rebuilt from disk when missing.
                                         tag/digest) does not exist or is denied to <user> (the
                                         configured upstream account, empty when anonymous);
                                         the value is its message. Retry storms stop here.
+    pt:pulled                   zset    no TTL. Last pull time (score, unix s) of every tag,
+                                        `<registry>/<repository>:<tag>`, and manifest pulled by
+                                        digest, `<registry>/<repository>@<digest>`. Written at
+                                        most once a minute per member and process. Lost after
+                                        FLUSHALL: the GC then counts unknown members as pulled
+                                        now, so nothing is evicted for lack of history.
+    pt:gc:lock                  string  TTL 10 s, renewed. Held by the one sweep running; the
+                                        value names its holder.
+    pt:gc:live                  set     TTL 1 h; deleted when a sweep ends. Digests that pulls
+                                        referenced while a sweep ran: the sweep spares them.
+    pt:gc:last                  hash    no TTL. The last sweep's report: started, finished,
+                                        seconds, dry_run, repositories, manifests, blobs,
+                                        store_bytes, marked_blobs, deleted_tags,
+                                        deleted_manifests, deleted_links, deleted_blobs,
+                                        deleted_uploads, freed_bytes, skipped_in_use, evicted,
+                                        error.
+    pt:gc:history               list    no TTL, newest first, 50 kept. JSON of each report.
+    pt:gc:scheduled             string  TTL 0.9 x gc.interval. Taken (SET NX) by the scheduler
+                                        that enqueues this interval's sweep, so several
+                                        schedulers enqueue it once.
+    rq:*                                rq's own keys for the `pullthrough` queue and worker.
 """
 
 from __future__ import annotations
@@ -64,6 +85,15 @@ FILL_RECORD_TTL = 3600
 REPOS_KEY = f"{PREFIX}repos"
 REPOS_BUILT_KEY = f"{PREFIX}repos:built"
 RATELIMIT_TTL = 24 * 3600
+PULLED_KEY = f"{PREFIX}pulled"
+GC_LOCK_KEY = f"{PREFIX}gc:lock"
+GC_LIVE_KEY = f"{PREFIX}gc:live"
+GC_LAST_KEY = f"{PREFIX}gc:last"
+GC_HISTORY_KEY = f"{PREFIX}gc:history"
+GC_SLOT_KEY = f"{PREFIX}gc:scheduled"
+GC_LOCK_TTL = 10.0
+# Recency is written at most this often per member and process (pulls are hot paths).
+PULLED_EVERY = 60.0
 # A 429's Retry-After larger than this is not believed (Docker Hub's window is 6 h).
 MAX_RETRY_AFTER = 6 * 3600
 
@@ -143,6 +173,7 @@ class Coordination:
         self.redis = client
         self.lease_ttl = lease_ttl
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._pulled_written: dict[str, float] = {}
 
     def blob_lease(self, digest: Digest) -> Lease:
         return Lease(self.redis, blob_lease_key(digest), self.lease_ttl, self.owner)
@@ -177,6 +208,81 @@ class Coordination:
         pipe.hset(fill_key(digest), mapping={k: str(v) for k, v in fields.items()})
         pipe.expire(fill_key(digest), FILL_RECORD_TTL)
         pipe.execute()
+
+    # -- recency and the GC ----------------------------------------------------------------------
+    def touch_pulled(self, member: str) -> None:
+        now = time.monotonic()
+        if now - self._pulled_written.get(member, -PULLED_EVERY) < PULLED_EVERY:
+            return
+        self._pulled_written[member] = now
+        with contextlib.suppress(RedisError):
+            self.redis.zadd(PULLED_KEY, {member: time.time()})
+
+    def pulled_times(
+        self, members: list[str], default: float, record_default: bool = False
+    ) -> dict[str, float]:
+        """Last pull time of each member, `default` for unknown ones (also written to Redis
+        when `record_default`, so the next run sees the same time)."""
+        if not members:
+            return {}
+        scores = self.redis.zmscore(PULLED_KEY, members)
+        if record_default:
+            unknown = {m: default for m, s in zip(members, scores, strict=True) if s is None}
+            if unknown:
+                self.redis.zadd(PULLED_KEY, unknown, nx=True)
+        return {m: default if s is None else s for m, s in zip(members, scores, strict=True)}
+
+    def has_pull_history(self) -> bool:
+        return bool(self.redis.exists(PULLED_KEY))
+
+    def forget_pulled(self, members: list[str]) -> None:
+        if members:
+            self.redis.zrem(PULLED_KEY, *members)
+
+    def gc_lease(self) -> Lease:
+        return Lease(self.redis, GC_LOCK_KEY, GC_LOCK_TTL, self.owner)
+
+    def note_live(self, digests: Iterable[Digest]) -> None:
+        """Tell a running sweep that these digests were just referenced. Called after the
+        references are on disk, so a sweep that started later sees them there anyway."""
+        with contextlib.suppress(RedisError):
+            if self.redis.exists(GC_LOCK_KEY):
+                pipe = self.redis.pipeline()
+                pipe.sadd(GC_LIVE_KEY, *[str(d) for d in digests])
+                pipe.expire(GC_LIVE_KEY, 3600)
+                pipe.execute()
+
+    def is_live(self, digest: Digest) -> bool:
+        return bool(self.redis.sismember(GC_LIVE_KEY, str(digest)))
+
+    def clear_live(self) -> None:
+        with contextlib.suppress(RedisError):
+            self.redis.delete(GC_LIVE_KEY)
+
+    def record_gc(self, report: dict) -> None:
+        flat = {
+            k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in report.items()
+        }
+        pipe = self.redis.pipeline()
+        pipe.delete(GC_LAST_KEY)
+        pipe.hset(GC_LAST_KEY, mapping=flat)
+        pipe.lpush(GC_HISTORY_KEY, json.dumps(report))
+        pipe.ltrim(GC_HISTORY_KEY, 0, 49)
+        pipe.execute()
+
+    def last_gc(self) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.redis.hgetall(GC_LAST_KEY).items()}
+
+    def take_gc_slot(self, interval: float) -> bool:
+        """True for the one scheduler that enqueues this interval's sweep."""
+        return bool(
+            self.redis.set(GC_SLOT_KEY, self.owner, nx=True, px=max(1000, int(interval * 900)))
+        )
+
+    def unindex_repositories(self, names: list[str]) -> None:
+        if names:
+            with contextlib.suppress(RedisError):
+                self.redis.zrem(REPOS_KEY, *names)
 
     # -- negative cache --------------------------------------------------------------------------
     def remember_missing(self, key: str, message: str, ttl: float) -> None:

@@ -1,5 +1,5 @@
-"""`make run`, as the README describes it: a private Redis, every Procfile process in the
-foreground, and Ctrl-C stops everything."""
+"""`make run`, as the README describes it: a private Redis, every Procfile process (web, GC
+worker, GC scheduler) in the foreground, and Ctrl-C stops everything."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import redis as redis_lib
 import requests
 import yaml
 
@@ -38,7 +39,15 @@ def test_make_run_serves_and_ctrl_c_stops_everything(tmp_path):
         assert response.status_code == 200
         assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
         wait_for_port(redis_port, timeout=5)
-        time.sleep(2)  # a person presses Ctrl-C after the workers have booted
+        # The GC roles run too: the scheduler enqueues the first sweep, the rq worker runs it.
+        store = redis_lib.Redis(port=redis_port)
+        deadline = time.monotonic() + 30
+        while not store.exists("pt:gc:last") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert store.hget("pt:gc:last", "error") == b"", "no GC run was recorded"
+        assert store.scard("rq:workers") == 1
+        store.close()
+        time.sleep(1)  # a person presses Ctrl-C after the workers have booted
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         proc.wait(timeout=25)
     finally:

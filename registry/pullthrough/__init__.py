@@ -113,8 +113,12 @@ class PullThrough:
     # -- manifests ----------------------------------------------------------------------------
     def manifest(self, target: Target, reference: str, accept: list[str]) -> Manifest:
         if looks_like_digest(reference):
-            return self._manifest_by_digest(target, Digest.parse(reference), accept)
-        return self._manifest_by_tag(target, validate_tag(reference), accept)
+            found = self._manifest_by_digest(target, Digest.parse(reference), accept)
+            self.coord.touch_pulled(f"{target}@{found.digest}")
+            return found
+        found = self._manifest_by_tag(target, validate_tag(reference), accept)
+        self.coord.touch_pulled(f"{target}:{reference}")
+        return found
 
     def _manifest_by_digest(self, target: Target, digest: Digest, accept: list[str]) -> Manifest:
         body = self.store.read_blob(digest)
@@ -242,6 +246,8 @@ class PullThrough:
         for reference in references:
             self.store.link_blob(target, reference)
         self.store.put_manifest_revision(target, digest, media_type)
+        # After the disk writes: a sweep running now must spare what this manifest needs.
+        self.coord.note_live([digest, *references])
         self.coord.index_repository(self.catalog_name(str(target)))
         return media_type
 
@@ -262,7 +268,16 @@ class PullThrough:
                 if self.upstream(target).blob_size(target.repository, str(digest)) is None:
                     raise BlobUnknown(detail={"digest": str(digest)})
                 self.store.link_blob(target, digest)
-            return Blob(digest, size, "hit", open_file=lambda: self.store.open_blob(digest))
+                self.coord.note_live([digest])
+            if head:
+                return Blob(digest, size, "hit")
+            # Open now: once open, the bytes stay readable even if a GC sweep unlinks the file.
+            try:
+                handle = self.store.open_blob(digest)
+            except FileNotFoundError:
+                handle = None  # swept between the stat and the open: a miss after all
+            if handle is not None:
+                return Blob(digest, size, "hit", open_file=lambda: handle)
         upstream = self.upstream(target)
         if head:
             remote = upstream.blob_size(target.repository, str(digest))

@@ -34,6 +34,22 @@ class TagRecord:
             return None  # a torn or foreign file is treated as absent, never as a crash
 
 
+@dataclass
+class RepositoryScan:
+    """What one repository holds on disk, with each file's mtime (for the GC)."""
+
+    revisions: dict[Digest, float]
+    tags: dict[str, float]
+    links: dict[Digest, float]
+
+
+def _parse_digest(algorithm: str, hexpart: str) -> Digest | None:
+    try:
+        return Digest.parse(f"{algorithm}:{hexpart}")
+    except RegistryError:
+        return None
+
+
 def _digest_path(digest: Digest) -> str:
     return f"{digest.algorithm}/{digest.hex}"
 
@@ -152,6 +168,82 @@ class ContentStore:
 
     def list_tags(self, target: Target) -> list[str]:
         return self.driver.list(f"{self.repo_path(target)}/_manifests/tags")
+
+    # -- what the GC needs ------------------------------------------------------------------------
+    def iter_blobs(self) -> Iterator[tuple[Digest, int, float]]:
+        """(digest, size, mtime) of every committed blob."""
+        for path, size, mtime in self.driver.walk_stat("blobs"):
+            parts = path.split("/")
+            if len(parts) == 4:
+                digest = _parse_digest(parts[1], parts[3])
+                if digest is not None:
+                    yield digest, size, mtime
+
+    def iter_uploads(self) -> Iterator[tuple[str, Digest | None, float]]:
+        """(path, digest or None for a stray file, mtime) of every partial file."""
+        for path, _size, mtime in self.driver.walk_stat("uploads"):
+            parts = path.split("/")
+            digest = _parse_digest(parts[1], parts[2]) if len(parts) == 3 else None
+            yield path, digest, mtime
+
+    def scan_repositories(self) -> dict[str, RepositoryScan]:
+        """Every repository (`<registry>/<repository>`) with its revisions, tags and links."""
+        repos: dict[str, RepositoryScan] = {}
+        for path, _size, mtime in self.driver.walk_stat("repositories"):
+            for marker, kind in (
+                ("/_manifests/revisions/", "revisions"),
+                ("/_manifests/tags/", "tags"),
+                ("/_layers/", "links"),
+            ):
+                at = path.find(marker)
+                if at < 0:
+                    continue
+                repo = path[len("repositories/") : at]
+                scan = repos.setdefault(repo, RepositoryScan({}, {}, {}))
+                rest = path[at + len(marker) :]
+                if kind == "tags":
+                    scan.tags[rest] = mtime
+                else:
+                    algorithm, _, hexpart = rest.partition("/")
+                    digest = _parse_digest(algorithm, hexpart)
+                    if digest is not None:
+                        getattr(scan, kind)[digest] = mtime
+                break
+        return repos
+
+    def read_tag_of(self, repo: str, tag: str) -> TagRecord | None:
+        data = self.driver.read(f"repositories/{repo}/_manifests/tags/{tag}")
+        return TagRecord.from_json(data) if data is not None else None
+
+    def delete_blob(self, digest: Digest) -> bool:
+        path = self.blob_path(digest)
+        deleted = self.driver.delete(path)
+        self.driver.prune(path.rsplit("/", 1)[0], "blobs")
+        return deleted
+
+    def delete_upload(self, path: str) -> bool:
+        return self.driver.delete(path)
+
+    def delete_tag(self, repo: str, tag: str) -> bool:
+        return self.driver.delete(f"repositories/{repo}/_manifests/tags/{tag}")
+
+    def delete_revision(self, repo: str, digest: Digest) -> bool:
+        return self.driver.delete(
+            f"repositories/{repo}/_manifests/revisions/{_digest_path(digest)}"
+        )
+
+    def delete_link(self, repo: str, digest: Digest) -> bool:
+        return self.driver.delete(f"repositories/{repo}/_layers/{_digest_path(digest)}")
+
+    def has_manifests(self, repo: str) -> bool:
+        return (
+            next(self.driver.walk_files(f"repositories/{repo}/_manifests/revisions"), None)
+            is not None
+        )
+
+    def prune_repository(self, repo: str) -> None:
+        """Remove the repository's directories that are now empty."""
+        self.driver.prune_tree(f"repositories/{repo}", "repositories")
 
     def iter_repositories(self) -> Iterator[str]:
         """Yield `<registry>/<repository>` for every repository with a cached manifest."""

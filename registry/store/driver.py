@@ -46,6 +46,15 @@ class StorageDriver(Protocol):
     def walk_files(self, path: str) -> Iterator[str]:
         """Relative paths of every file under `path`."""
 
+    def walk_stat(self, path: str) -> Iterator[tuple[str, int, float]]:
+        """(relative path, size, mtime) of every file under `path`."""
+
+    def prune(self, path: str, stop: str) -> None:
+        """Remove `path` and its parents while they are empty directories, up to `stop`."""
+
+    def prune_tree(self, path: str, stop: str) -> None:
+        """Remove every empty directory under `path`, then prune `path` up to `stop`."""
+
 
 class PartialFile:
     """A file being filled at explicit offsets; committed by an atomic rename."""
@@ -176,3 +185,41 @@ class FilesystemDriver:
             rel = os.path.relpath(dirpath, self.root)
             for filename in filenames:
                 yield f"{rel}/{filename}"
+
+    def walk_stat(self, path: str) -> Iterator[tuple[str, int, float]]:
+        # scandir: the stat comes with the directory read, one syscall less per file.
+        stack = [path]
+        while stack:
+            current = stack.pop()
+            try:
+                entries = list(os.scandir(self.local_path(current)))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                rel = f"{current}/{entry.name}"
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(rel)
+                    elif entry.is_file(follow_symlinks=False):
+                        info = entry.stat(follow_symlinks=False)
+                        yield rel, info.st_size, info.st_mtime
+                except FileNotFoundError:
+                    continue  # deleted while we walked
+
+    def prune(self, path: str, stop: str) -> None:
+        current = self.local_path(path)
+        limit = self.local_path(stop)
+        while current != limit and str(current).startswith(str(limit) + os.sep):
+            try:
+                current.rmdir()
+            except OSError:  # not empty (or gone): stop here
+                return
+            current = current.parent
+
+    def prune_tree(self, path: str, stop: str) -> None:
+        base = self.local_path(path)
+        for dirpath, _dirnames, _filenames in os.walk(base, topdown=False):
+            if dirpath != str(base):
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
+        self.prune(path, stop)

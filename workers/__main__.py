@@ -1,0 +1,64 @@
+"""`python -m workers worker|scheduler|gc`: the GC worker, its scheduler, and a sweep now.
+
+worker [--burst]          run the rq worker for the `pullthrough` queue
+scheduler                 enqueue one sweep every gc.interval (safe to run several)
+gc [--dry-run] [--enqueue]
+                          sweep now in this process and print the report (JSON), or hand
+                          the sweep to the worker; --dry-run deletes nothing and reports
+                          what would go and how many bytes it would free
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from rq import Worker
+
+from registry.config import ConfigError, load_settings
+from registry.gc import GcBusy
+from workers.gc import QUEUE, GcScheduler, collector, enqueue, redis_client
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    worker = commands.add_parser("worker", help="run the rq worker")
+    worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    commands.add_parser("scheduler", help="enqueue a sweep every gc.interval")
+    gc = commands.add_parser("gc", help="sweep now")
+    gc.add_argument("--dry-run", action="store_true", help="delete nothing, report what would go")
+    gc.add_argument("--enqueue", action="store_true", help="hand the sweep to the worker")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    client = redis_client(settings)
+
+    if args.command == "worker":
+        Worker([QUEUE], connection=client).work(burst=args.burst)
+        return 0
+    if args.command == "scheduler":
+        GcScheduler(client, settings).start()
+        return 0
+    if args.enqueue:
+        job = enqueue(client, dry_run=args.dry_run)
+        print(json.dumps({"enqueued": job.id, "queue": QUEUE}))
+        return 0
+    try:
+        report = collector(settings, client).run(dry_run=args.dry_run)
+    except GcBusy as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The GC job and its scheduling, on rq.
+
+`sweep` is the rq job. `GcScheduler` is rq's CronScheduler with the one thing it lacks: a
+Redis slot (`pt:gc:scheduled`, SET NX for 0.9 x interval) so that several schedulers, or one
+restarted, enqueue each interval's sweep once. The sweep itself also holds `pt:gc:lock`, so a
+manual run and a scheduled one never overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from rq import Queue
+from rq.cron import CronJob, CronScheduler
+from rq.utils import now as rq_now
+
+from registry.config import Settings, load_settings
+from registry.coordination import Coordination
+from registry.gc import Collector, GcBusy
+from registry.store import ContentStore, FilesystemDriver
+
+log = logging.getLogger(__name__)
+
+QUEUE = "pullthrough"
+# A sweep of a large store takes minutes; rq's default job timeout (180 s) would kill it.
+JOB_TIMEOUT = 6 * 3600
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
+
+
+def collector(settings: Settings, client: redis.Redis | None = None) -> Collector:
+    client = client or redis_client(settings)
+    prefix = f"{settings.default_registry}/"
+    return Collector(
+        ContentStore(FilesystemDriver(settings.storage_root)),
+        Coordination(client, settings.lease_ttl),
+        settings.gc,
+        catalog_name=lambda name: name[len(prefix) :] if name.startswith(prefix) else name,
+    )
+
+
+def sweep(dry_run: bool = False) -> dict:
+    """The rq job: one collection with the settings of this process's environment."""
+    try:
+        return collector(load_settings()).run(dry_run=dry_run)
+    except GcBusy as exc:
+        log.info("gc skipped: %s", exc)
+        return {"skipped": str(exc)}
+
+
+def enqueue(client: redis.Redis, dry_run: bool = False):
+    return Queue(QUEUE, connection=client).enqueue(
+        sweep, kwargs={"dry_run": dry_run}, job_timeout=JOB_TIMEOUT, result_ttl=7 * 86400
+    )
+
+
+class GcScheduler(CronScheduler):
+    """Enqueues the sweep every `interval` seconds, once across all schedulers."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        super().__init__(connection=client, name="")
+        self.interval = settings.gc.interval
+        self.coord = Coordination(client, settings.lease_ttl)
+        self.register(sweep, QUEUE, interval=int(self.interval), job_timeout=JOB_TIMEOUT)
+
+    def enqueue_jobs(self) -> list[CronJob]:
+        enqueued = []
+        now = rq_now()
+        for job in self.get_jobs():
+            if not job.should_run():
+                continue
+            if self.coord.take_gc_slot(self.interval):
+                job.enqueue(self.connection)
+                enqueued.append(job)
+            else:
+                log.info("gc: another scheduler enqueued this interval's sweep")
+            # Either way this scheduler waits a whole interval before trying again.
+            job.set_enqueue_time(now)
+        return enqueued
