@@ -53,7 +53,7 @@ def generate(root: Path, rng: random.Random) -> dict:
 
     kept = 0
     for i in range(MANIFESTS):
-        repo, tag = f"library/repo{i % repos}", f"t{i // repos % 4}"
+        repo, tag = f"library/repo{i % repos}", f"t{i // repos}"
         image = single(repo, tag, rng.sample(pool, rng.randint(2, 6)), arch=f"a{i}")
         for digest, data in image.blobs.items():
             put_blob(digest, data)
