@@ -254,3 +254,19 @@ def test_streaming_a_large_cold_blob_keeps_worker_memory_flat(cache, fake):
     growth_mib = max(peak[pid] - before[pid] for pid in workers) / 1024
     print(f"worker RSS growth streaming 256 MiB cold: {growth_mib:.1f} MiB")
     assert growth_mib < 64, f"a worker grew by {growth_mib:.0f} MiB streaming 256 MiB"
+
+
+def test_a_client_that_disconnects_does_not_cancel_the_fill(cache, fake):
+    data = random.randbytes(2_000_000)
+    digest = fake.add_blob("library/leaver", data, trickle=0.02)  # about 0.6 s of sending
+    url = f"{cache.url}/v2/library/leaver/blobs/{digest}"
+    with requests.get(url, stream=True, timeout=30) as response:
+        assert response.status_code == 200
+        next(response.iter_content(65536))  # the first bytes, then hang up
+    deadline = time.monotonic() + 20
+    while not committed(cache, digest) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert committed(cache, digest), "the fill stopped when its only client left"
+    status, body, complete = fetch(url)
+    assert status == 200 and complete and body == data
+    assert fake.count("GET", digest) == 1

@@ -229,6 +229,20 @@ def test_5xx_serves_stale_then_the_breaker_stops_calling_upstream(cache, fake):
     assert fake.count("HEAD", "/org/flaky/manifests/1") - before == 4
 
 
+def test_connection_reset_serves_the_cached_tag_stale(cache, fake):
+    path, body = fake_image(fake, "org/resets", 304)
+    url = cache.url + path
+    assert requests.get(url, headers=ACCEPT, timeout=30).headers["X-Cache"] == "MISS"
+    fake.routes["/v2/org/resets/manifests/1"] = Route(abort=True)
+    stale = requests.get(url, headers=ACCEPT, timeout=30)
+    assert stale.status_code == 200 and stale.content == body
+    assert stale.headers["X-Cache"] == "STALE"
+    fake.routes["/v2/org/resets2/manifests/1"] = Route(abort=True)
+    uncached = requests.get(f"{cache.url}/v2/fake.test/org/resets2/manifests/1", timeout=30)
+    assert uncached.status_code == 503
+    assert "reset the connection" in uncached.json()["errors"][0]["message"]
+
+
 def test_hanging_upstream_opens_the_breaker_so_cached_tags_answer_at_once(cache, fake):
     path, body = fake_image(fake, "org/hangs", 302)
     url = cache.url + path

@@ -24,6 +24,7 @@ class Route:
     delay: float = 0.0  # before answering
     trickle: float = 0.0  # seconds between 64 KiB chunks
     honour_range: bool = True
+    abort: bool = False  # reset the connection instead of answering at all
     faulty_requests: int = 1 << 30  # the fault knobs apply to this many requests, then stop
 
 
@@ -82,6 +83,9 @@ class FakeRegistry(LoopbackHTTP):
                 faulty = route.faulty_requests > 0
                 if self.command == "GET":
                     route.faulty_requests -= 1
+                if route.abort and faulty:
+                    self._reset()
+                    return
                 if route.delay and faulty:
                     time.sleep(route.delay)
                 body = route.body
@@ -118,11 +122,18 @@ class FakeRegistry(LoopbackHTTP):
                 if cut is not None:
                     if route.reset:
                         time.sleep(0.3)  # let the client read what was sent before the RST
-                        self.connection.setsockopt(
-                            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-                        )
+                        self._reset()
+                        return
                     self.close_connection = True
                     self.connection.close()
+
+            def _reset(self) -> None:
+                # SO_LINGER with a zero timeout: close() sends RST, not FIN.
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
+                self.close_connection = True
+                self.connection.close()
 
             def _simple(self, status: int, body: bytes) -> None:
                 send_json(self, status, body)
