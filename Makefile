@@ -24,7 +24,8 @@ run: $(VENV)/.run-deps
 	scripts/run
 
 test: $(VENV)/.test-deps
-	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry skopeo=skopeo
+	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry skopeo=skopeo \
+		promtool=prometheus
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

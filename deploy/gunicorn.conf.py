@@ -2,6 +2,8 @@
 
 import multiprocessing
 import os
+import shutil
+import tempfile
 
 bind = os.environ.get("PULLTHROUGH_BIND", "0.0.0.0:5050")
 # gevent workers: each serves many slow blob streams; a few processes use the cores.
@@ -17,3 +19,24 @@ accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("PULLTHROUGH_LOG_LEVEL", "info")
 control_socket_disable = True  # one path in $HOME shared by every instance: not wanted
+
+# Metrics from every worker are summed through files in this directory (prometheus_client's
+# multiprocess mode). Set before the workers fork so they all see it.
+os.environ.setdefault(
+    "PROMETHEUS_MULTIPROC_DIR",
+    os.path.join(tempfile.gettempdir(), f"pullthrough-metrics-{bind.replace(':', '-')}"),
+)
+
+
+def on_starting(server):
+    # Counters of a previous run must not be added to this one's.
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+
+
+def child_exit(server, worker):
+    # A dead worker's live gauges stop counting; its counters stay in the sums.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

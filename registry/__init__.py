@@ -7,6 +7,8 @@ import logging
 import redis
 import requests
 from flask import Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_flask_exporter import PrometheusMetrics
 from requests.adapters import HTTPAdapter
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -19,6 +21,7 @@ from registry.coordination import (
     blob_lease_key,
 )
 from registry.errors import NotFound, RegistryError, Unsupported, error_response
+from registry.metrics import Metrics, scrape
 from registry.pullthrough import PullThrough
 from registry.store import ContentStore, FilesystemDriver
 from registry.upstream.client import UpstreamClient
@@ -40,7 +43,9 @@ def upstream_session(pool_size: int = 64) -> requests.Session:
     return session
 
 
-def build_pullthrough(settings: Settings, redis_client: redis.Redis | None = None) -> PullThrough:
+def build_pullthrough(
+    settings: Settings, redis_client: redis.Redis | None = None, metrics: Metrics | None = None
+) -> PullThrough:
     """The services behind the app, wired together (also used by the CLI and workers)."""
     store = ContentStore(FilesystemDriver(settings.storage_root))
     client = redis_client or redis.Redis.from_url(
@@ -64,11 +69,12 @@ def build_pullthrough(settings: Settings, redis_client: redis.Redis | None = Non
                 window=settings.breaker_window,
                 backoff=settings.breaker_backoff,
             ),
+            metrics=metrics,
             max_manifest_size=settings.max_manifest_size,
         )
         for registry in settings.registries
     }
-    return PullThrough(settings, store, coordination, upstreams)
+    return PullThrough(settings, store, coordination, upstreams, metrics=metrics)
 
 
 def clean_stale_uploads(pullthrough: PullThrough) -> None:
@@ -94,9 +100,29 @@ def create_app(
         settings = load_settings()
     app = Flask(__name__)
     app.config["SETTINGS"] = settings
-    pullthrough = build_pullthrough(settings, redis_client)
+    metrics_registry = CollectorRegistry()
+    metrics = Metrics(metrics_registry)
+    pullthrough = build_pullthrough(settings, redis_client, metrics)
     app.extensions["pullthrough"] = pullthrough
+    app.extensions["pullthrough_metrics"] = metrics
     app.register_blueprint(v2.bp)
+    # Request counts and latency per route (url_rule), never per path: one digest per label
+    # value would explode. Blob transfers are timed where their bytes flow (api/v2.py).
+    PrometheusMetrics(
+        app,
+        path=None,
+        registry=metrics_registry,
+        group_by="url_rule",
+        defaults_prefix="pullthrough",
+        excluded_paths=["^/metrics$"],
+    )
+    registries = [r.name for r in settings.registries]
+
+    @app.get("/metrics")
+    def _metrics() -> Response:
+        body = scrape(pullthrough.coord, registries, metrics_registry)
+        return Response(body, mimetype=CONTENT_TYPE_LATEST)
+
     clean_stale_uploads(pullthrough)
 
     @app.errorhandler(RegistryError)

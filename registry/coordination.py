@@ -55,6 +55,14 @@ no cached content, and every index is rebuilt from disk when missing.
                                         deleted_uploads, freed_bytes, skipped_in_use, evicted,
                                         error.
     pt:gc:history               list    no TTL, newest first, 50 kept. JSON of each report.
+    pt:gc:totals                hash    no TTL. Across all sweeps (dry runs excluded): runs,
+                                        freed_bytes. Read by /metrics.
+    pt:store                    hash    no TTL. bytes, blobs: the store's committed content.
+                                        Set exactly by each GC sweep, counted up by fills and
+                                        new manifests in between. Read by /metrics and the UI.
+    pt:pulls                    hash    no TTL. Pull count per `<registry>/<repository>:<tag>`
+                                        (and `@<digest>`), added up in each process and written
+                                        with pt:pulled (at most once a minute per member).
     pt:gc:scheduled             string  TTL 0.9 x gc.interval. Taken (SET NX) by the scheduler
                                         that enqueues this interval's sweep, so several
                                         schedulers enqueue it once.
@@ -91,6 +99,9 @@ GC_LIVE_KEY = f"{PREFIX}gc:live"
 GC_LAST_KEY = f"{PREFIX}gc:last"
 GC_HISTORY_KEY = f"{PREFIX}gc:history"
 GC_SLOT_KEY = f"{PREFIX}gc:scheduled"
+GC_TOTALS_KEY = f"{PREFIX}gc:totals"
+STORE_KEY = f"{PREFIX}store"
+PULLS_KEY = f"{PREFIX}pulls"
 GC_LOCK_TTL = 10.0
 # Recency is written at most this often per member and process (pulls are hot paths).
 PULLED_EVERY = 60.0
@@ -174,6 +185,7 @@ class Coordination:
         self.lease_ttl = lease_ttl
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._pulled_written: dict[str, float] = {}
+        self._pulls_pending: dict[str, int] = {}
 
     def blob_lease(self, digest: Digest) -> Lease:
         return Lease(self.redis, blob_lease_key(digest), self.lease_ttl, self.owner)
@@ -211,12 +223,26 @@ class Coordination:
 
     # -- recency and the GC ----------------------------------------------------------------------
     def touch_pulled(self, member: str) -> None:
+        """Count a pull; write its time and the pulls counted so far at most once a minute."""
+        self._pulls_pending[member] = self._pulls_pending.get(member, 0) + 1
         now = time.monotonic()
         if now - self._pulled_written.get(member, -PULLED_EVERY) < PULLED_EVERY:
             return
         self._pulled_written[member] = now
+        pending = self._pulls_pending.pop(member)
         with contextlib.suppress(RedisError):
-            self.redis.zadd(PULLED_KEY, {member: time.time()})
+            pipe = self.redis.pipeline()
+            pipe.zadd(PULLED_KEY, {member: time.time()})
+            pipe.hincrby(PULLS_KEY, member, pending)
+            pipe.execute()
+
+    def count_stored(self, size: int) -> None:
+        """A blob or manifest was committed: keep pt:store current between sweeps."""
+        with contextlib.suppress(RedisError):
+            pipe = self.redis.pipeline()
+            pipe.hincrby(STORE_KEY, "bytes", size)
+            pipe.hincrby(STORE_KEY, "blobs", 1)
+            pipe.execute()
 
     def pulled_times(
         self, members: list[str], default: float, record_default: bool = False

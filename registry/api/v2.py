@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import BinaryIO
 from urllib.parse import quote, urlencode
@@ -11,6 +12,7 @@ from flask import Blueprint, Response, current_app, g, request
 
 from registry.digests import Digest
 from registry.errors import PaginationInvalid, RangeInvalid, Unsupported
+from registry.metrics import Metrics
 from registry.names import Target, resolve
 from registry.pullthrough import Blob, PullThrough
 from registry.pullthrough.manifests import parse_accept
@@ -24,6 +26,10 @@ READ_ONLY = "pullthrough is a read-only pull-through cache"
 
 def _pullthrough() -> PullThrough:
     return current_app.extensions["pullthrough"]
+
+
+def _metrics() -> Metrics:
+    return current_app.extensions["pullthrough_metrics"]
 
 
 def _target(name: str) -> Target:
@@ -45,6 +51,11 @@ def manifest(name: str, reference: str) -> Response:
     accept = parse_accept(request.headers.getlist("Accept"))
     found = _pullthrough().manifest(target, reference, accept)
     g.cache = found.cache
+    metrics = _metrics()
+    metrics.cache_requests.labels("manifest", target.registry.name, found.cache).inc()
+    if request.method == "GET":
+        source = "upstream" if found.cache == "miss" else "cache"
+        metrics.served_bytes.labels("manifest", target.registry.name, source).inc(len(found.body))
     response = Response(found.body, mimetype=None)
     response.headers["Content-Type"] = found.media_type
     response.headers["Content-Length"] = str(len(found.body))
@@ -60,10 +71,12 @@ def manifest(name: str, reference: str) -> Response:
 def blob(name: str, digest: str) -> Response:
     if request.method == "DELETE":
         raise Unsupported(READ_ONLY)
+    started = time.monotonic()
     target = _target(name)
     head = request.method == "HEAD"
     found = _pullthrough().blob(target, Digest.parse(digest), head=head)
     g.cache = found.cache
+    _metrics().cache_requests.labels("blob", target.registry.name, found.cache).inc()
     byte_range = parse_range(request.headers.get("Range"), found.size)
     start, end = byte_range or (0, found.size - 1)
     headers = {
@@ -82,22 +95,72 @@ def blob(name: str, digest: str) -> Response:
         response = Response(b"", status=status)
         response.headers.update(headers)  # after the body, which would reset Content-Length
         return response
+    sent = _Sent(_metrics(), target.registry.name, started)
     return Response(
-        _body(found, start, end), status=status, headers=headers, direct_passthrough=True
+        _body(found, start, end, sent), status=status, headers=headers, direct_passthrough=True
     )
 
 
-def _body(found: Blob, start: int, end: int):
+class _Sent:
+    """Counts a blob response's bytes and time when its last byte has gone (or it broke off)."""
+
+    def __init__(self, metrics: Metrics, registry: str, started: float) -> None:
+        self.metrics = metrics
+        self.registry = registry
+        self.started = started
+
+    def done(self, source: str, size: int) -> None:
+        self.metrics.blob_sent(self.registry, source, size, time.monotonic() - self.started)
+
+
+def _body(found: Blob, start: int, end: int, sent: _Sent):
+    # A miss counts as upstream bytes even when a fast fill committed before we sent them.
+    source = "upstream" if found.cache == "miss" else "cache"
     if found.stream is not None:
-        return found.stream(start, end)
+        return _counted(found.stream(start, end), sent, source)
     assert found.open_file is not None
     handle = found.open_file()
     handle.seek(start)
     wrapper = request.environ.get("wsgi.file_wrapper")
     if wrapper is not None and "gunicorn.socket" in request.environ:
-        # gunicorn sends at most Content-Length bytes from the current offset (sendfile).
-        return wrapper(handle, FILE_CHUNK)
-    return _read_range(handle, start, end)
+        # gunicorn sends at most Content-Length bytes from the current offset (sendfile), and
+        # closes the wrapper after the last one: that is when the transfer is counted.
+        return _counting_wrapper(wrapper)(
+            handle, FILE_CHUNK, sent=sent, size=end - start + 1, source=source
+        )
+    return _counted(_read_range(handle, start, end), sent, source)
+
+
+def _counted(chunks: Iterator[bytes], sent: _Sent, source: str) -> Iterator[bytes]:
+    size = 0
+    try:
+        for chunk in chunks:
+            size += len(chunk)
+            yield chunk
+    finally:
+        sent.done(source, size)
+
+
+_WRAPPERS: dict[type, type] = {}
+
+
+def _counting_wrapper(base: type) -> type:
+    """gunicorn's file wrapper (so it still uses sendfile) that reports on close."""
+    if base not in _WRAPPERS:
+
+        class Counting(base):  # type: ignore[misc, valid-type]
+            def __init__(self, filelike, blksize, *, sent: _Sent, size: int, source: str):
+                super().__init__(filelike, blksize)
+                # The base sets `self.close = filelike.close` per instance: replace that.
+                self.close = lambda: self._count_and_close(filelike, sent, size, source)
+
+            @staticmethod
+            def _count_and_close(filelike, sent: _Sent, size: int, source: str) -> None:
+                sent.done(source, size)
+                filelike.close()
+
+        _WRAPPERS[base] = Counting
+    return _WRAPPERS[base]
 
 
 def _read_range(handle: BinaryIO, start: int, end: int) -> Iterator[bytes]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO, TypeVar
 
 from redis.exceptions import RedisError
@@ -26,6 +26,7 @@ from registry.errors import (
     RegistryError,
     UpstreamError,
 )
+from registry.metrics import Metrics
 from registry.names import Target, validate_tag
 from registry.pullthrough.fill import BlobFiller
 from registry.pullthrough.manifests import InvalidManifest, accepts, parse_manifest
@@ -71,6 +72,7 @@ class PullThrough:
         *,
         clock: Callable[[], float] = time.time,
         filler: BlobFiller | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -82,7 +84,9 @@ class PullThrough:
             coordination,
             start_timeout=settings.connect_timeout + settings.read_timeout + settings.lease_ttl,
             stall_timeout=settings.read_timeout + 3 * settings.lease_ttl,
+            metrics=metrics,
         )
+        self.metrics = metrics
 
     def upstream(self, target: Target) -> UpstreamClient:
         return self.upstreams[target.registry.name]
@@ -242,7 +246,8 @@ class PullThrough:
                 f"upstream {target.registry.name} served an invalid manifest for "
                 f"{target.repository}: {exc}"
             ) from None
-        self.store.put_verified_bytes(digest, body)
+        if self.store.put_verified_bytes(digest, body):
+            self.coord.count_stored(len(body))
         for reference in references:
             self.store.link_blob(target, reference)
         self.store.put_manifest_revision(target, digest, media_type)
@@ -290,8 +295,12 @@ class PullThrough:
             raise CacheUnavailable(
                 f"Redis is unreachable, cannot coordinate a fill ({exc})"
             ) from None
-        if started is None:  # committed while we looked
-            return self.blob(target, digest)
+        if self.metrics is not None:
+            role = "fetcher" if started.fetcher else "follower"
+            self.metrics.fills.labels(target.registry.name, role).inc()
+        if started.committed:  # a fill (maybe ours, and fast) finished while we looked
+            found = self.blob(target, digest)
+            return replace(found, cache="miss") if started.fetcher else found
         return Blob(
             digest,
             started.size,

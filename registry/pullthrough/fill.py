@@ -34,6 +34,7 @@ from registry.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from registry.metrics import Metrics
 from registry.names import Target
 from registry.store import ContentStore
 from registry.upstream.client import UpstreamClient
@@ -68,6 +69,8 @@ class FillStart:
     """What a client needs before it can send headers: the blob's size."""
 
     size: int
+    fetcher: bool = False  # this request started the fill (rather than joining one)
+    committed: bool = False  # the blob is in the store already: serve it from there
 
 
 class BlobFiller:
@@ -79,12 +82,14 @@ class BlobFiller:
         start_timeout: float,
         stall_timeout: float,
         spawn: Callable[[Callable[[], None]], object] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.coord = coordination
         self.start_timeout = start_timeout
         self.stall_timeout = stall_timeout
         self.spawn = spawn or _spawn_thread
+        self.metrics = metrics
 
     # -- the fetcher ---------------------------------------------------------------------------
     def _try_fetch(self, target: Target, upstream: UpstreamClient, digest: Digest) -> bool:
@@ -115,6 +120,7 @@ class BlobFiller:
         stream = None
         streaming = False
         started = time.monotonic()
+        offset = fetched_from = 0
         try:
             # Resume from what an earlier fill left; the file is only created once upstream
             # has answered, so refused fetches leave nothing behind.
@@ -131,6 +137,7 @@ class BlobFiller:
                 upload.truncate(0)
                 hasher = digest.hasher()
                 offset = 0
+            fetched_from = offset
             total = stream.total
             if total is None:
                 raise UpstreamError(
@@ -177,11 +184,13 @@ class BlobFiller:
                         f"upstream {upstream.registry.name} served bytes that do not match {digest}"
                     ),
                     streaming,
+                    upstream.registry.name,
                 )
                 return
             if lease.lost:
                 raise LeaseLost()
             self.store.commit_upload(upload, digest)
+            self.coord.count_stored(offset)
             self.store.link_blob(target, digest)
             self.coord.update_fill(digest, state="committed", size=offset, written=offset)
             log.info(
@@ -195,7 +204,7 @@ class BlobFiller:
         except LeaseLost:
             log.warning("fill of %s lost its lease; another process continues it", digest)
         except RegistryError as exc:
-            self._fail(digest, "upstream_error", exc, streaming)
+            self._fail(digest, "upstream_error", exc, streaming, upstream.registry.name)
         except Exception as exc:  # mid-stream resets, timeouts, disk full
             reason = "timeout" if "timeout" in type(exc).__name__.lower() else "upstream_error"
             if isinstance(exc, OSError) and stream is None:
@@ -208,17 +217,26 @@ class BlobFiller:
                     f"{type(exc).__name__}"
                 ),
                 streaming,
+                upstream.registry.name,
             )
         finally:
             done.set()
+            if self.metrics is not None and streaming:
+                self.metrics.upstream_bytes.labels(upstream.registry.name).inc(
+                    max(0, offset - fetched_from)
+                )
             if stream is not None:
                 stream.close()
             if upload is not None:
                 upload.close()
             lease.release()
 
-    def _fail(self, digest: Digest, reason: str, error: RegistryError, streaming: bool) -> None:
+    def _fail(
+        self, digest: Digest, reason: str, error: RegistryError, streaming: bool, registry: str
+    ) -> None:
         log.warning("fill of %s failed (%s): %s", digest, reason, error.message)
+        if self.metrics is not None:
+            self.metrics.fill_failures.labels(registry, reason).inc()
         try:
             self.coord.update_fill(
                 digest,
@@ -233,18 +251,20 @@ class BlobFiller:
             log.warning("could not record the failure of the fill of %s", digest)
 
     # -- every client ----------------------------------------------------------------------------
-    def start(self, target: Target, upstream: UpstreamClient, digest: Digest) -> FillStart | None:
+    def start(self, target: Target, upstream: UpstreamClient, digest: Digest) -> FillStart:
         """Join or start the fill of `digest`; return its size once known.
 
-        None means the blob got committed meanwhile: serve it from the store.
+        `committed` means the blob is in the store now (a fast fill may finish before this
+        returns): serve it from there.
         """
         deadline = time.monotonic() + self.start_timeout
         seen_owner = None
         takeovers = 0
+        fetcher = False
         sleep = 0.002
         while True:
             if self.store.blob_size(digest) is not None:
-                return None
+                return FillStart(0, fetcher=fetcher, committed=True)
             holder = self.coord.lease_holder(blob_lease_key(digest))
             state = self.coord.fill_state(digest)
             owner = state.get("owner")
@@ -253,9 +273,9 @@ class BlobFiller:
             if owner and owner in (holder, seen_owner):
                 status = state.get("state")
                 if status == "streaming" and state.get("size"):
-                    return FillStart(int(state["size"]))
+                    return FillStart(int(state["size"]), fetcher=fetcher)
                 if status == "committed":
-                    return None
+                    return FillStart(0, fetcher=fetcher, committed=True)
                 if status == "failed":
                     # Upstream said no, or sent wrong bytes: every waiting client hears it.
                     # A read that broke mid-stream is resumed instead, a bounded number of times.
@@ -268,6 +288,7 @@ class BlobFiller:
             # Nobody holds the lease: nothing started yet, or the fill we followed died or
             # failed mid-stream. Either way this request becomes the fetcher (or resumes it).
             if holder is None and self._try_fetch(target, upstream, digest):
+                fetcher = True
                 continue
             if time.monotonic() > deadline:
                 raise UpstreamUnavailable(

@@ -76,10 +76,13 @@ class ContentStore:
     def read_blob(self, digest: Digest) -> bytes | None:
         return self.driver.read(self.blob_path(digest))
 
-    def put_verified_bytes(self, digest: Digest, data: bytes) -> None:
-        """Store small content (manifests) whose digest the caller has checked."""
+    def put_verified_bytes(self, digest: Digest, data: bytes) -> bool:
+        """Store small content (manifests) whose digest the caller has checked; True when it
+        was not there yet."""
         if self.driver.stat(self.blob_path(digest)) != len(data):
             self.driver.write_atomic(self.blob_path(digest), data)
+            return True
+        return False
 
     def upload_size(self, digest: Digest) -> int | None:
         return self.driver.stat(self.upload_path(digest))

@@ -29,6 +29,7 @@ from registry.errors import (
     UpstreamUnavailable,
 )
 from registry.mediatypes import MANIFEST_TYPES
+from registry.metrics import Metrics
 from registry.upstream.auth import DEFAULT_EXPIRES_IN, TokenCache, parse_challenge
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class UpstreamClient:
         metadata_timeout: float | None = None,
         tokens: Tokens | None = None,
         health: Health | None = None,
+        metrics: Metrics | None = None,
         max_manifest_size: int = 4 * 1024 * 1024,
     ) -> None:
         self.registry = registry
@@ -107,6 +109,7 @@ class UpstreamClient:
         self.blob_timeout = (connect_timeout, read_timeout)
         self.tokens: Tokens = tokens or TokenCache()
         self.health = health
+        self.metrics = metrics
         self.max_manifest_size = max_manifest_size
 
     @property
@@ -215,16 +218,22 @@ class UpstreamClient:
                 **kwargs,
             )
         except requests.exceptions.ConnectTimeout:
+            self._count(method, "error")
             reason = "did not accept a connection in time"
         except requests.exceptions.ReadTimeout:
+            self._count(method, "error")
             reason = "did not answer in time"
         except requests.exceptions.SSLError:
+            self._count(method, "error")
             reason = "failed the TLS handshake or certificate check"
         except requests.exceptions.ConnectionError as exc:
+            self._count(method, "error")
             reason = _connection_reason(exc)
         except requests.exceptions.RequestException as exc:
+            self._count(method, "error")
             reason = f"request failed ({type(exc).__name__})"
         else:
+            self._count(method, str(response.status_code))
             self._observe(response)
             return response
         host = urlsplit(url).netloc
@@ -234,6 +243,10 @@ class UpstreamClient:
         if self.health is not None:
             self.health.failed(reason)
         raise UpstreamUnavailable(f"upstream {self.registry.name} ({where}) {reason}")
+
+    def _count(self, method: str, status: str) -> None:
+        if self.metrics is not None:
+            self.metrics.upstream_requests.labels(self.registry.name, method, status).inc()
 
     def _check_breaker(self) -> None:
         state = self.health.open_state() if self.health is not None else None

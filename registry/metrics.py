@@ -1,0 +1,194 @@
+"""Prometheus metrics: what pullthrough counts, and the `/metrics` endpoint.
+
+Under gunicorn every worker writes its counters to files in `PROMETHEUS_MULTIPROC_DIR`
+(emptied at start, dead workers marked: deploy/gunicorn.conf.py), and a scrape of any worker
+sums all of them. State that lives in Redis (upstream quota and breaker, storage totals, GC
+runs) is read from Redis at scrape time, so it is the same whichever worker answers.
+
+Counters (all with the `pullthrough_` prefix; README lists them with their labels):
+    cache_requests_total{kind, registry, result}   result: hit | miss | revalidated | stale
+    served_bytes_total{kind, registry, source}     source: cache | upstream
+    blob_transfer_seconds{source}                  histogram, measured where the bytes flow
+    upstream_requests_total{registry, method, status}   status: HTTP code or "error"
+    upstream_bytes_total{registry}                 blob bytes fetched from upstream
+    fills_total{registry, role}                    role: fetcher (started) | follower (joined)
+    fill_failures_total{registry, reason}          digest_mismatch | upstream_error | timeout |
+                                                   storage_error
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from redis.exceptions import RedisError
+
+from registry.coordination import (
+    GC_LAST_KEY,
+    GC_TOTALS_KEY,
+    STORE_KEY,
+    Coordination,
+    upstream_key,
+)
+
+TRANSFER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class Metrics:
+    """The counters of one process. Unregistered under gunicorn (the multiprocess files are
+    what a scrape reads); registered in `registry` otherwise."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        reg = None if multiprocess() else registry
+        self.cache_requests = Counter(
+            "pullthrough_cache_requests",
+            "Manifest and blob requests by how the cache answered them.",
+            ["kind", "registry", "result"],
+            registry=reg,
+        )
+        self.served_bytes = Counter(
+            "pullthrough_served_bytes",
+            "Bytes sent to clients, from the cache or streamed from an upstream fill.",
+            ["kind", "registry", "source"],
+            registry=reg,
+        )
+        self.blob_seconds = Histogram(
+            "pullthrough_blob_transfer_seconds",
+            "Time to send a blob response, first byte of the request to the last byte sent.",
+            ["source"],
+            buckets=TRANSFER_BUCKETS,
+            registry=reg,
+        )
+        self.upstream_requests = Counter(
+            "pullthrough_upstream_requests",
+            "Requests sent to upstream registries and their token services.",
+            ["registry", "method", "status"],
+            registry=reg,
+        )
+        self.upstream_bytes = Counter(
+            "pullthrough_upstream_bytes",
+            "Blob bytes fetched from upstream registries.",
+            ["registry"],
+            registry=reg,
+        )
+        self.fills = Counter(
+            "pullthrough_fills",
+            "Blob misses: fills started (fetcher) and requests that joined one (follower).",
+            ["registry", "role"],
+            registry=reg,
+        )
+        self.fill_failures = Counter(
+            "pullthrough_fill_failures",
+            "Blob fills that failed, by reason.",
+            ["registry", "reason"],
+            registry=reg,
+        )
+
+    def blob_sent(self, registry: str, source: str, size: int, seconds: float) -> None:
+        self.served_bytes.labels("blob", registry, source).inc(size)
+        self.blob_seconds.labels(source).observe(seconds)
+
+
+class RedisState:
+    """A collector of what lives in Redis: quota, breaker, storage totals, GC runs."""
+
+    def __init__(self, coord: Coordination, registries: list[str]) -> None:
+        self.coord = coord
+        self.registries = registries
+
+    def collect(self):
+        up = GaugeMetricFamily("pullthrough_redis_up", "Whether Redis answered this scrape.")
+        try:
+            families = list(self._families())
+        except RedisError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families
+
+    def _families(self):
+        client = self.coord.redis
+        limit = GaugeMetricFamily(
+            "pullthrough_upstream_ratelimit_limit",
+            "Pull quota upstream announced (ratelimit-limit).",
+            labels=["registry", "window_seconds"],
+        )
+        remaining = GaugeMetricFamily(
+            "pullthrough_upstream_ratelimit_remaining",
+            "Pulls left in the quota window (ratelimit-remaining).",
+            labels=["registry", "window_seconds"],
+        )
+        breaker = GaugeMetricFamily(
+            "pullthrough_upstream_breaker_open",
+            "1 while the circuit breaker keeps requests away from the upstream.",
+            labels=["registry"],
+        )
+        for name in self.registries:
+            record = {
+                k.decode(): v.decode()
+                for k, v in client.hgetall(upstream_key(name, "ratelimit")).items()
+            }
+            window = record.get("window", "")
+            if record.get("limit", "").isdigit():
+                limit.add_metric([name, window], float(record["limit"]))
+            if record.get("remaining", "").isdigit():
+                remaining.add_metric([name, window], float(record["remaining"]))
+            breaker.add_metric([name], 1.0 if client.exists(upstream_key(name, "breaker")) else 0)
+        yield from (limit, remaining, breaker)
+
+        store = {k.decode(): v.decode() for k, v in client.hgetall(STORE_KEY).items()}
+        if store:
+            size = GaugeMetricFamily(
+                "pullthrough_storage_bytes", "Bytes of committed content in the store."
+            )
+            size.add_metric([], float(store.get("bytes", 0)))
+            count = GaugeMetricFamily("pullthrough_storage_blobs", "Committed blobs in the store.")
+            count.add_metric([], float(store.get("blobs", 0)))
+            yield from (size, count)
+
+        totals = {k.decode(): v.decode() for k, v in client.hgetall(GC_TOTALS_KEY).items()}
+        runs = CounterMetricFamily("pullthrough_gc_runs", "GC sweeps run (dry runs excluded).")
+        runs.add_metric([], float(totals.get("runs", 0)))
+        freed = CounterMetricFamily("pullthrough_gc_freed_bytes", "Bytes the GC has freed.")
+        freed.add_metric([], float(totals.get("freed_bytes", 0)))
+        yield from (runs, freed)
+        last = {k.decode(): v.decode() for k, v in client.hgetall(GC_LAST_KEY).items()}
+        if last.get("finished"):
+            when = GaugeMetricFamily(
+                "pullthrough_gc_last_run_timestamp_seconds", "When the last GC run finished."
+            )
+            when.add_metric([], float(last["finished"]))
+            seconds = GaugeMetricFamily(
+                "pullthrough_gc_last_run_duration_seconds", "How long the last GC run took."
+            )
+            seconds.add_metric([], float(last.get("seconds") or 0))
+            yield from (when, seconds)
+
+
+def scrape(coord: Coordination, registries: list[str], local: CollectorRegistry) -> bytes:
+    """The text exposition: every worker's counters (or this process's), plus Redis state."""
+    registry = CollectorRegistry()
+    if multiprocess():
+        MultiProcessCollector(registry)
+    else:
+        registry.register(_Forward(local))
+    registry.register(RedisState(coord, registries))
+    return generate_latest(registry)
+
+
+class _Forward:
+    """Exposes another registry's metrics inside a fresh one (single-process mode)."""
+
+    def __init__(self, source: CollectorRegistry) -> None:
+        self.source = source
+
+    def collect(self):
+        yield from self.source.collect()

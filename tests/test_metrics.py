@@ -1,0 +1,168 @@
+"""/metrics under real gunicorn with several workers: every scrape shows the sum over all
+workers, request metrics are grouped by route, cache/upstream/fill counters match the traffic
+driven, Redis-held state (quota, breaker, storage, GC) is exported, and `promtool check
+metrics` accepts the exposition."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import random
+import subprocess
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from registry.mediatypes import MANIFEST_TYPES
+from tests.support.fakes import Route
+from tests.support.servers import Gunicorn, require
+
+ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
+
+pytestmark = pytest.mark.usefixtures("forget_upstream_health")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, redis_server, upstream, fake):
+    server = Gunicorn.with_config(
+        tmp_path_factory.mktemp("metrics"),
+        redis_server.url,
+        [{"name": "docker.io", "url": upstream.url}, {"name": "fake.test", "url": fake.url}],
+        workers=3,
+    )
+    yield server
+    server.stop()
+
+
+def scrape(cache) -> dict[tuple[str, tuple], float]:
+    text = requests.get(f"{cache.url}/metrics", timeout=10).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def many(urls: list[str]) -> list[requests.Response]:
+    # A new connection per request, many at once: the requests land on every worker.
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda u: requests.get(u, headers=ACCEPT, timeout=30), urls))
+
+
+def test_counters_are_summed_over_every_worker(cache, images):
+    image = images["busybox"]
+    manifest_url = f"{cache.url}/v2/{image.repository}/manifests/{image.tag}"
+    before = scrape(cache)
+    assert requests.get(manifest_url, headers=ACCEPT, timeout=30).status_code == 200
+    assert {r.status_code for r in many([manifest_url] * 40)} == {200}
+    layer = max(image.blobs, key=lambda d: len(image.blobs[d]))
+    blob_url = f"{cache.url}/v2/{image.repository}/blobs/{layer}"
+    assert requests.get(blob_url, timeout=30).content == image.blobs[layer]
+    hits = many([blob_url] * 30)
+    assert {hashlib.sha256(r.content).hexdigest() for r in hits} == {layer[7:]}
+
+    # Any worker answers with the same sums.
+    scrapes = [scrape(cache) for _ in range(6)]
+    after = scrapes[0]
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    for other in scrapes[1:]:
+        assert value(
+            other,
+            "pullthrough_cache_requests_total",
+            kind="manifest",
+            registry="docker.io",
+            result="hit",
+        ) == value(
+            after,
+            "pullthrough_cache_requests_total",
+            kind="manifest",
+            registry="docker.io",
+            result="hit",
+        )
+    hub = {"registry": "docker.io"}
+    assert delta("pullthrough_cache_requests_total", kind="manifest", result="miss", **hub) == 1
+    assert delta("pullthrough_cache_requests_total", kind="manifest", result="hit", **hub) == 40
+    assert delta("pullthrough_cache_requests_total", kind="blob", result="miss", **hub) == 1
+    assert delta("pullthrough_cache_requests_total", kind="blob", result="hit", **hub) == 30
+    size = len(image.blobs[layer])
+    assert delta("pullthrough_served_bytes_total", kind="blob", source="cache", **hub) == 30 * size
+    assert delta("pullthrough_served_bytes_total", kind="blob", source="upstream", **hub) == size
+    assert delta("pullthrough_blob_transfer_seconds_count", source="cache") == 30
+    assert delta("pullthrough_upstream_bytes_total", **hub) == size
+    assert delta("pullthrough_fills_total", role="fetcher", **hub) == 1
+    # Upstream was asked for the manifest and the blob once each (after a token challenge).
+    assert delta("pullthrough_upstream_requests_total", method="GET", status="200", **hub) >= 2
+
+    # Request metrics are per route, not per path: no digest appears in any label.
+    routes = {
+        dict(labels).get("url_rule")
+        for (name, labels) in after
+        if name == "pullthrough_http_request_duration_seconds_count"
+    }
+    assert "/v2/<path:name>/blobs/<digest>" in routes
+    assert not any("sha256" in str(labels) for (_name, labels) in after)
+
+
+def test_failures_quota_and_breaker_are_exported(cache, fake):
+    poisoned = random.randbytes(100_000)
+    digest = "sha256:" + hashlib.sha256(b"something else").hexdigest()
+    fake.routes[f"/v2/org/poison/blobs/{digest}"] = Route(body=poisoned)
+    before = scrape(cache)
+    requests.get(f"{cache.url}/v2/fake.test/org/poison/blobs/{digest}", timeout=30)
+    fake.routes["/v2/org/limited/manifests/1"] = Route(
+        status=429,
+        body=b"{}",
+        headers={"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "0;w=21600"},
+    )
+    assert requests.get(f"{cache.url}/v2/fake.test/org/limited/manifests/1").status_code == 429
+    after = scrape(cache)
+    fake_reg = {"registry": "fake.test"}
+    failures = value(after, "pullthrough_fill_failures_total", reason="digest_mismatch", **fake_reg)
+    assert (
+        failures
+        - value(before, "pullthrough_fill_failures_total", reason="digest_mismatch", **fake_reg)
+        == 1
+    )
+    assert (
+        value(after, "pullthrough_upstream_requests_total", method="GET", status="429", **fake_reg)
+        >= 1
+    )
+    assert (
+        value(after, "pullthrough_upstream_ratelimit_limit", window_seconds="21600", **fake_reg)
+        == 100
+    )
+    assert (
+        value(after, "pullthrough_upstream_ratelimit_remaining", window_seconds="21600", **fake_reg)
+        == 0
+    )
+    assert value(after, "pullthrough_upstream_breaker_open", **fake_reg) == 1
+    assert value(after, "pullthrough_redis_up") == 1
+
+
+def test_gc_and_storage_state_come_from_redis(cache, redis_client):
+    redis_client.hset("pt:store", mapping={"bytes": 1234, "blobs": 7})
+    redis_client.hset("pt:gc:totals", mapping={"runs": 3, "freed_bytes": 999})
+    redis_client.hset("pt:gc:last", mapping={"finished": "1700000000.5", "seconds": "2.5"})
+    samples = scrape(cache)
+    assert value(samples, "pullthrough_storage_bytes") == 1234
+    assert value(samples, "pullthrough_storage_blobs") == 7
+    assert value(samples, "pullthrough_gc_runs_total") == 3
+    assert value(samples, "pullthrough_gc_freed_bytes_total") == 999
+    assert value(samples, "pullthrough_gc_last_run_timestamp_seconds") == 1700000000.5
+
+
+def test_promtool_accepts_the_exposition(cache, images):
+    requests.get(f"{cache.url}/v2/library/alpine/manifests/3.19", headers=ACCEPT, timeout=30)
+    text = requests.get(f"{cache.url}/metrics", timeout=10).text
+    result = subprocess.run(
+        [require("promtool"), "check", "metrics"], input=text, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
