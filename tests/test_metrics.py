@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import random
+import re
 import subprocess
 
 import pytest
@@ -16,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from registry.mediatypes import MANIFEST_TYPES
 from tests.support.fakes import Route
-from tests.support.servers import Gunicorn, require
+from tests.support.servers import ROOT, Gunicorn, require
 
 ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
 
@@ -166,3 +168,24 @@ def test_promtool_accepts_the_exposition(cache, images):
         [require("promtool"), "check", "metrics"], input=text, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_deploy_scrape_job_and_dashboard_use_what_is_exported(cache, redis_client):
+    check = subprocess.run(
+        [require("promtool"), "check", "config", str(ROOT / "deploy" / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    redis_client.hset("pt:store", mapping={"bytes": 1, "blobs": 1})
+    redis_client.hset("pt:gc:last", mapping={"finished": "1", "seconds": "1"})
+    redis_client.hset("pt:upstream:docker.io:ratelimit", mapping={"limit": 100, "remaining": 5})
+    exported = {name for name, _labels in scrape(cache)}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "pullthrough.json").read_text())
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"pullthrough_[a-z_]+", target["expr"])
+    }
+    assert used and used <= exported, used - exported
