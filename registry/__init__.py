@@ -12,6 +12,7 @@ from prometheus_flask_exporter import PrometheusMetrics
 from requests.adapters import HTTPAdapter
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from registry import ui
 from registry.api import v2
 from registry.config import Settings, load_settings
 from registry.coordination import (
@@ -105,7 +106,9 @@ def create_app(
     pullthrough = build_pullthrough(settings, redis_client, metrics)
     app.extensions["pullthrough"] = pullthrough
     app.extensions["pullthrough_metrics"] = metrics
+    app.extensions["pullthrough_metrics_registry"] = metrics_registry
     app.register_blueprint(v2.bp)
+    app.register_blueprint(ui.bp)
     # Request counts and latency per route (url_rule), never per path: one digest per label
     # value would explode. Blob transfers are timed where their bytes flow (api/v2.py).
     PrometheusMetrics(

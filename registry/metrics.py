@@ -173,6 +173,20 @@ class RedisState:
             yield from (when, seconds)
 
 
+def totals(local: CollectorRegistry) -> list[tuple[str, dict[str, str], float]]:
+    """Every counter sample summed over all workers (or this process's): for the UI."""
+    registry = CollectorRegistry()
+    if multiprocess():
+        MultiProcessCollector(registry)
+    else:
+        registry.register(_Forward(local))
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in registry.collect()
+        for sample in family.samples
+    ]
+
+
 def scrape(coord: Coordination, registries: list[str], local: CollectorRegistry) -> bytes:
     """The text exposition: every worker's counters (or this process's), plus Redis state."""
     registry = CollectorRegistry()

@@ -1,0 +1,231 @@
+"""The web UI: server-rendered, read-only pages for people (overview, repositories, a
+repository's tags, host set-up). Everything shown goes through Jinja2's autoescaping; image
+names and search terms are user input."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+from flask import Blueprint, abort, current_app, render_template, request
+from redis.exceptions import RedisError
+
+from registry.coordination import GC_LAST_KEY, PULLED_KEY, PULLS_KEY, STORE_KEY, upstream_key
+from registry.digests import Digest
+from registry.errors import RegistryError
+from registry.metrics import totals
+from registry.names import resolve
+from registry.pullthrough import PullThrough
+
+bp = Blueprint("ui", __name__, template_folder="templates")
+
+PAGE = 50
+
+
+def _pt() -> PullThrough:
+    return current_app.extensions["pullthrough"]
+
+
+def _decode(raw: dict) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+@bp.app_template_filter("bytes")
+def _bytes(value: float | int | None) -> str:
+    if value is None:
+        return "—"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+@bp.app_template_filter("ago")
+def _ago(when: float | None) -> str:
+    if not when:
+        return "never"
+    seconds = max(0, time.time() - when)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
+@bp.errorhandler(404)
+def _not_found(_error):
+    return render_template("not_found.html"), 404
+
+
+@bp.get("/")
+def overview():
+    pt = _pt()
+    counters = totals(current_app.extensions["pullthrough_metrics_registry"])
+    answered = {"hit": 0.0, "miss": 0.0, "revalidated": 0.0, "stale": 0.0}
+    served = {"cache": 0.0, "upstream": 0.0}
+    for name, labels, value in counters:
+        if name == "pullthrough_cache_requests_total":
+            answered[labels.get("result", "")] = answered.get(labels.get("result", ""), 0) + value
+        elif name == "pullthrough_served_bytes_total":
+            served[labels.get("source", "")] = served.get(labels.get("source", ""), 0) + value
+    total = sum(answered.values())
+    from_cache = answered["hit"] + answered["revalidated"] + answered["stale"]
+    upstreams, store, last_gc, redis_ok = [], {}, {}, True
+    try:
+        client = pt.coord.redis
+        for registry in pt.settings.registries:
+            quota = _decode(client.hgetall(upstream_key(registry.name, "ratelimit")))
+            breaker = client.get(upstream_key(registry.name, "breaker"))
+            upstreams.append(
+                {
+                    "name": registry.name,
+                    "url": registry.url,
+                    "breaker": json.loads(breaker) if breaker else None,
+                    "remaining": quota.get("remaining"),
+                    "limit": quota.get("limit"),
+                    "window": quota.get("window"),
+                }
+            )
+        store = _decode(client.hgetall(STORE_KEY))
+        last_gc = _decode(client.hgetall(GC_LAST_KEY))
+    except RedisError:
+        redis_ok = False
+    return render_template(
+        "overview.html",
+        hit_ratio=from_cache / total if total else None,
+        answered=answered,
+        served=served,
+        upstreams=upstreams,
+        store=store,
+        budget=pt.settings.gc.max_size,
+        last_gc=last_gc,
+        redis_ok=redis_ok,
+    )
+
+
+@bp.get("/ui/repositories")
+def repositories():
+    pt = _pt()
+    query = request.args.get("q", "")[:200]
+    try:
+        page = max(1, int(request.args.get("page", "1")))
+    except ValueError:
+        page = 1
+    names, _more = pt.catalog(None, None)
+    if query:
+        names = [n for n in names if query.lower() in n.lower()]
+    pages = max(1, math.ceil(len(names) / PAGE))
+    page = min(page, pages)
+    shown = names[(page - 1) * PAGE : page * PAGE]
+    rows = []
+    for name in shown:
+        registry, repository = _split(pt, name)
+        rows.append({"name": name, "registry": registry, "repository": repository})
+    return render_template(
+        "repositories.html", rows=rows, query=query, page=page, pages=pages, count=len(names)
+    )
+
+
+def _split(pt: PullThrough, name: str) -> tuple[str, str]:
+    """(registry, repository) of a catalog name."""
+    first, _, rest = name.partition("/")
+    if rest and pt.settings.registry(first) is not None:
+        return first, rest
+    return pt.settings.default_registry, name
+
+
+@dataclass
+class TagRow:
+    tag: str
+    digest: str
+    media_type: str
+    platforms: list[str]
+    size: int | None
+    partial: str
+    last_pulled: float | None
+    pulls: int
+    state: str
+
+
+@bp.get("/ui/repositories/<path:name>")
+def repository(name: str):
+    pt = _pt()
+    try:
+        target = resolve(pt.settings, name, None)
+    except RegistryError:
+        abort(404)
+    tags = pt.store.list_tags(target)
+    if not tags and not pt.store.has_manifests(f"{target}"):
+        abort(404)
+    members = [f"{target}:{tag}" for tag in tags]
+    try:
+        pulled = pt.coord.redis.zmscore(PULLED_KEY, members) if members else []
+        counts = pt.coord.redis.hmget(PULLS_KEY, members) if members else []
+    except RedisError:
+        pulled, counts = [None] * len(tags), [None] * len(tags)
+    rows = []
+    now = time.time()
+    for tag, last, count in zip(tags, pulled, counts, strict=True):
+        record = pt.store.read_tag(target, tag)
+        if record is None:
+            continue
+        platforms, size, partial = _describe(pt, str(record.digest))
+        ttl = target.registry.ttl_of(target.repository, tag)
+        state = "fresh" if now - record.validated < ttl else "revalidates on next pull"
+        rows.append(
+            TagRow(
+                tag=tag,
+                digest=str(record.digest),
+                media_type=record.media_type,
+                platforms=platforms,
+                size=size,
+                partial=partial,
+                last_pulled=last,
+                pulls=int(count) if count else 0,
+                state=state,
+            )
+        )
+    return render_template("repository.html", name=name, target=str(target), rows=rows)
+
+
+def _describe(pt: PullThrough, digest: str) -> tuple[list[str], int | None, str]:
+    """Platforms, total size (config + layers) and a note on children not cached yet."""
+    try:
+        body = pt.store.read_blob(Digest.parse(digest))
+    except RegistryError:
+        return [], None, ""
+    if body is None:
+        return [], None, ""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return [], None, ""
+    if "manifests" in doc:
+        platforms, size, cached = [], 0, 0
+        entries = [m for m in doc.get("manifests") or [] if isinstance(m, dict)]
+        for entry in entries:
+            platform = entry.get("platform") or {}
+            label = "/".join(
+                str(platform[k]) for k in ("os", "architecture", "variant") if platform.get(k)
+            )
+            if label and label != "unknown/unknown":
+                platforms.append(label)
+            _, child_size, _ = _describe(pt, str(entry.get("digest", "")))
+            if child_size is not None:
+                size += child_size
+                cached += 1
+        partial = f"{cached} of {len(entries)} cached" if cached < len(entries) else ""
+        return platforms, size if cached else None, partial
+    descriptors = [doc.get("config") or {}, *(doc.get("layers") or [])]
+    size = sum(d.get("size", 0) for d in descriptors if isinstance(d, dict))
+    return [], size, ""
+
+
+@bp.get("/ui/setup")
+def setup():
+    host = request.host
+    registries = [r.name for r in _pt().settings.registries]
+    return render_template("setup.html", host=host, registries=registries)

@@ -1,0 +1,127 @@
+"""The web UI in a real headless browser (Debian's chromium driven by Playwright) against a
+cache under gunicorn that real pulls have populated. Screenshots go to tests/artifacts/."""
+
+from __future__ import annotations
+
+import pytest
+import redis as redis_lib
+import requests
+from playwright.sync_api import sync_playwright
+
+from registry.mediatypes import MANIFEST_TYPES
+from tests.support.servers import ROOT, Gunicorn, require
+
+ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, redis_server, upstream, images):
+    server = Gunicorn.with_config(
+        tmp_path_factory.mktemp("ui"),
+        redis_server.url,
+        [{"name": "docker.io", "url": upstream.url}],
+        workers=2,
+    )
+    # Real pulls: alpine (an index, both platforms), busybox twice.
+    for name in ("alpine", "busybox"):
+        image = images[name]
+        url = f"{server.url}/v2/{image.repository}/manifests/{image.tag}"
+        for _ in range(2):
+            assert requests.get(url, headers=ACCEPT, timeout=30).status_code == 200
+        for child in image.children:
+            child_url = f"{server.url}/v2/{image.repository}/manifests/{child.digest}"
+            assert requests.get(child_url, headers=ACCEPT, timeout=30).status_code == 200
+        for target in [image, *image.children]:
+            for digest in target.blobs:
+                blob = f"{server.url}/v2/{image.repository}/blobs/{digest}"
+                assert requests.get(blob, timeout=30).status_code == 200
+    # Thousands of repositories are paged: the catalog index holds 150 more names.
+    client = redis_lib.Redis.from_url(redis_server.url)
+    client.zadd("pt:repos", {f"bulk/repo{i:03d}": 0 for i in range(150)})
+    client.close()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(
+            executable_path=require("chromium"), args=["--no-sandbox", "--disable-gpu"]
+        )
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.dialogs = dialogs
+    yield page
+    context.close()
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"ui-{name}.png"), full_page=True)
+    assert (ARTIFACTS / f"ui-{name}.png").stat().st_size > 1000
+
+
+def test_overview_shows_hit_ratio_traffic_and_upstream_health(cache, page):
+    page.goto(cache.url + "/")
+    ratio = page.inner_text("#hit-ratio .big")
+    assert ratio.endswith("%") and 0 < float(ratio.rstrip(" %")) < 100, ratio
+    assert "misses" in page.inner_text("#hit-ratio")
+    assert "from cache" in page.inner_text("#bytes")
+    upstreams = page.inner_text("#upstreams")
+    assert "docker.io" in upstreams and "healthy" in upstreams
+    shot(page, "overview")
+
+
+def test_repositories_are_searchable_and_paged(cache, page):
+    page.goto(cache.url + "/ui/repositories")
+    assert "152 repositories" in page.inner_text("#count")
+    assert page.locator("#repositories tr").count() == 51  # header + 50
+    page.click("#next")
+    assert "page 2 of 4" in page.inner_text(".pager")
+    page.fill("input[name=q]", "alp")
+    page.press("input[name=q]", "Enter")
+    page.wait_for_url("**q=alp**")
+    rows = page.locator("#repositories tr")
+    assert rows.count() == 2 and "library/alpine" in rows.nth(1).inner_text()
+    shot(page, "repositories")
+
+
+def test_repository_page_lists_tags_with_platforms_size_and_pulls(cache, page, images):
+    page.goto(cache.url + "/ui/repositories")
+    page.fill("input[name=q]", "alpine")
+    page.press("input[name=q]", "Enter")
+    page.click("text=library/alpine")
+    page.wait_for_url("**/ui/repositories/library/alpine")
+    row = page.locator("#tags tr").nth(1).inner_text()
+    assert "3.19" in row
+    assert "linux/amd64" in row and "linux/arm64" in row
+    assert images["alpine"].digest[:19] in row
+    assert "KiB" in row and "fresh" in row
+    shot(page, "repository")
+
+
+def test_setup_page_has_this_servers_daemon_json_and_hosts_toml(cache, page):
+    page.goto(cache.url + "/ui/setup")
+    assert f'"registry-mirrors": ["{cache.url}"]' in page.inner_text("#daemon-json")
+    assert f'[host."{cache.url}"]' in page.inner_text("#hosts-toml")
+    shot(page, "setup")
+
+
+def test_user_input_is_escaped(cache, page):
+    attack = '<img src=x onerror="alert(1)">'
+    page.goto(cache.url + "/ui/repositories?q=" + requests.utils.quote(attack))
+    assert attack in page.inner_text("#count")  # shown as text, not markup
+    assert page.locator("#count img").count() == 0
+    page.goto(cache.url + "/ui/repositories/" + requests.utils.quote("<b>x</b>"))
+    assert "Not found" in page.inner_text("h1")
+    assert page.dialogs == []
