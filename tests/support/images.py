@@ -125,11 +125,22 @@ def index(repository, tag, children: list[Image], *, docker=False) -> Image:
 
 
 class Pusher:
-    def __init__(self, registry_url: str, token_realm: str, service: str) -> None:
+    """Pushes images over the registry HTTP API: with the token service's admin user, with
+    HTTP Basic credentials (`basic`), or anonymously (no realm, no credentials)."""
+
+    def __init__(
+        self,
+        registry_url: str,
+        token_realm: str | None = None,
+        service: str | None = None,
+        basic: tuple[str, str] | None = None,
+    ) -> None:
         self.url = registry_url
         self.realm = token_realm
         self.service = service
         self.session = requests.Session()
+        if basic:
+            self.session.auth = basic
 
     def _token(self, repository: str) -> str:
         response = self.session.get(
@@ -142,7 +153,9 @@ class Pusher:
         return response.json()["token"]
 
     def push(self, image: Image) -> None:
-        headers = {"Authorization": f"Bearer {self._token(image.repository)}"}
+        headers = {}
+        if self.realm:
+            headers = {"Authorization": f"Bearer {self._token(image.repository)}"}
         for child in image.children:
             self._push_one(child, headers, tag=None)
         self._push_one(image, headers, tag=image.tag)

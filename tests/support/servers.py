@@ -256,11 +256,16 @@ class Distribution:
     """Debian's docker-registry (CNCF distribution 2.8), optionally behind the token server."""
 
     def __init__(
-        self, workdir: Path, token: TokenServer | None = None, proxy_of: str | None = None
+        self,
+        workdir: Path,
+        token: TokenServer | None = None,
+        proxy_of: str | None = None,
+        basic: tuple[str, str] | None = None,
     ):
         self.workdir = workdir
         self.token = token
         self.proxy_of = proxy_of
+        self.basic = basic  # HTTP Basic auth (htpasswd) for this user instead of tokens
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.log_path = workdir / "registry.log"
@@ -292,6 +297,16 @@ class Distribution:
                 f"    issuer: {self.token.issuer}",
                 f"    rootcertbundle: {self.token.cert_path}",
             ]
+        if self.basic:
+            htpasswd = self.workdir / "htpasswd"
+            line = subprocess.run(
+                [require("htpasswd"), "-Bbn", *self.basic],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            htpasswd.write_text(line + "\n")
+            lines += ["auth:", "  htpasswd:", "    realm: pt-basic", f"    path: {htpasswd}"]
         if self.proxy_of:
             lines += ["proxy:", f"  remoteurl: {self.proxy_of}"]
         return "\n".join(lines) + "\n"
