@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 import requests
@@ -147,6 +148,14 @@ def create_app(
     def _unexpected(error: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(RegistryError("internal error"), head=request.method == "HEAD")
+
+    @app.before_request
+    def _take_turns() -> None:
+        # Under gevent a keep-alive connection whose next request is already buffered is
+        # served without ever yielding, starving the worker's other connections for
+        # seconds. One switch per request (time.sleep is gevent's under gunicorn) keeps the
+        # round robin fair.
+        time.sleep(0)
 
     @app.after_request
     def _headers(response: Response) -> Response:
