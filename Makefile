@@ -25,7 +25,7 @@ run: $(VENV)/.run-deps
 
 test: $(VENV)/.test-deps
 	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry skopeo=skopeo \
-		promtool=prometheus chromium=chromium htpasswd=apache2-utils
+		promtool=prometheus chromium=chromium htpasswd=apache2-utils ctr=containerd
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

@@ -384,7 +384,13 @@ class Gunicorn:
 
     @classmethod
     def with_config(
-        cls, workdir: Path, redis_url: str, registries: list[dict], workers: int = 3, **sections
+        cls,
+        workdir: Path,
+        redis_url: str,
+        registries: list[dict],
+        workers: int = 3,
+        env: dict | None = None,
+        **sections,
     ) -> Gunicorn:
         """Write a config (data under workdir/data, plus any other `sections`) and start."""
         import yaml
@@ -397,7 +403,7 @@ class Gunicorn:
         }
         path = workdir / "config.yaml"
         path.write_text(yaml.safe_dump(config))
-        server = cls(path, workdir, workers=workers).start()
+        server = cls(path, workdir, workers=workers, env=env).start()
         server.data = workdir / "data"
         return server
 
@@ -485,3 +491,46 @@ class ThrottledRelay:
         self._stopping = True
         if self._listener is not None:
             self._listener.close()
+
+
+class Containerd:
+    """Debian's containerd on a private socket and root (CRI off), for `ctr` pulls."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.address = str(workdir / "containerd.sock")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Containerd:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "config.toml"
+        config.write_text(
+            "version = 2\n"
+            f'root = "{self.workdir / "root"}"\n'
+            f'state = "{self.workdir / "state"}"\n'
+            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+            f'[grpc]\n  address = "{self.address}"\n'
+        )
+        log = open(self.workdir / "containerd.log", "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            [require("containerd"), "--config", str(config)], stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + 20
+        while not Path(self.address).exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"containerd did not start: see {self.workdir}/containerd.log")
+            time.sleep(0.1)
+        return self
+
+    def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [require("ctr"), "--address", self.address, "--namespace", "pt", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=check,
+        )
+
+    def stop(self) -> None:
+        if self.proc:
+            stop(self.proc)
