@@ -40,3 +40,24 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def post_worker_init(worker):
+    # pullthrough's own lines (one per request on registry.access, one per upstream call,
+    # fills, GC) go to gunicorn's error stream with the same level.
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s %(message)s")
+    )
+    logger = logging.getLogger("registry")
+    logger.addHandler(handler)
+    logger.setLevel(loglevel.upper())
+    logger.propagate = False
+
+    # SIGTERM closes idle keep-alive connections at once; in-flight responses finish.
+    from registry.serving import prompt_graceful_stop
+
+    prompt_graceful_stop(worker)

@@ -14,7 +14,7 @@ from requests.adapters import HTTPAdapter
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from registry import ui
-from registry.api import v2
+from registry.api import health, v2
 from registry.config import Settings, load_settings
 from registry.coordination import (
     Coordination,
@@ -29,6 +29,7 @@ from registry.store import ContentStore, FilesystemDriver
 from registry.upstream.client import UpstreamClient
 
 log = logging.getLogger("registry")
+access_log = logging.getLogger("registry.access")
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 
@@ -95,6 +96,21 @@ def clean_stale_uploads(pullthrough: PullThrough) -> None:
         log.info("removed %d partial files left by dead fills", len(removed))
 
 
+def log_request(status: int, size: int) -> None:
+    """One structured access line: method, route, status, bytes, duration, cache result."""
+    started = g.get("started")
+    access_log.info(
+        "request method=%s route=%s status=%d bytes=%d ms=%.1f cache=%s registry=%s",
+        request.method,
+        request.url_rule.rule if request.url_rule else "-",
+        status,
+        size,
+        (time.monotonic() - started) * 1000 if started else 0.0,
+        g.get("cache", "-"),
+        g.get("registry", "-"),
+    )
+
+
 def create_app(
     settings: Settings | None = None, *, redis_client: redis.Redis | None = None
 ) -> Flask:
@@ -109,6 +125,7 @@ def create_app(
     app.extensions["pullthrough_metrics"] = metrics
     app.extensions["pullthrough_metrics_registry"] = metrics_registry
     app.register_blueprint(v2.bp)
+    app.register_blueprint(health.bp)
     app.register_blueprint(ui.bp)
     # Request counts and latency per route (url_rule), never per path: one digest per label
     # value would explode. Blob transfers are timed where their bytes flow (api/v2.py).
@@ -118,7 +135,7 @@ def create_app(
         registry=metrics_registry,
         group_by="url_rule",
         defaults_prefix="pullthrough",
-        excluded_paths=["^/metrics$"],
+        excluded_paths=["^/metrics$", "^/healthz$", "^/readyz$"],
     )
     registries = [r.name for r in settings.registries]
 
@@ -151,11 +168,19 @@ def create_app(
 
     @app.before_request
     def _take_turns() -> None:
+        g.started = time.monotonic()
         # Under gevent a keep-alive connection whose next request is already buffered is
         # served without ever yielding, starving the worker's other connections for
         # seconds. One switch per request (time.sleep is gevent's under gunicorn) keeps the
         # round robin fair.
         time.sleep(0)
+
+    @app.after_request
+    def _access_log(response: Response) -> Response:
+        # Blob bodies are logged once their last byte has gone (api/v2.py); the rest here.
+        if not g.get("log_when_sent"):
+            log_request(response.status_code, response.content_length or 0)
+        return response
 
     @app.after_request
     def _headers(response: Response) -> Response:

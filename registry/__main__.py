@@ -11,11 +11,17 @@ python -m registry rewrite-compose --cache HOST:PORT [--registry NAME ...] [--un
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
+import time
 from pathlib import Path
 
-from registry import compose
+import redis
+
+from registry import admin, build_pullthrough, compose
 from registry.config import ConfigError, load_settings
+from registry.gc import GcBusy
 
 
 def check_config() -> int:
@@ -66,11 +72,73 @@ def main(argv: list[str] | None = None) -> int:
     )
     rewrite.add_argument("--undo", action="store_true", help="take the cache prefix off again")
     rewrite.add_argument("files", nargs="+", help="compose files, changed in place")
+    commands.add_parser("images", help="list cached images")
+    warm = commands.add_parser("warm", help="fetch images into the cache")
+    warm.add_argument("images", nargs="+", help="name[:tag|@digest], as a client writes it")
+    evict = commands.add_parser("evict", help="drop a cached tag")
+    evict.add_argument("image", help="name:tag")
+    verify = commands.add_parser("verify", help="re-hash stored content")
+    verify.add_argument("--delete", action="store_true", help="remove corrupt blobs")
+    commands.add_parser("rebuild-index", help="rebuild the Redis indexes from disk")
+    commands.add_parser("ratelimit", help="show upstream quota and breaker state")
+    gc = commands.add_parser("gc", help="collect garbage now")
+    gc.add_argument("--dry-run", action="store_true", help="report only")
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config()
     if args.command == "rewrite-compose":
         return rewrite_compose(args)
+    return admin_command(args)
+
+
+def admin_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    pt = build_pullthrough(settings)
+    try:
+        if args.command == "images":
+            for item in admin.images(pt):
+                row = item["row"]
+                platforms = ",".join(row.platforms) or "-"
+                size = f"{row.size / 2**20:.1f}MiB" if row.size is not None else "-"
+                last = (
+                    time.strftime("%Y-%m-%d %H:%M", time.localtime(row.last_pulled))
+                    if (row.last_pulled)
+                    else "never"
+                )
+                print(
+                    f"{item['image']}\t{row.digest}\t{platforms}\t{size}\t"
+                    f"last pulled {last}\t{row.pulls} pulls"
+                )
+            return 0
+        if args.command == "warm":
+            return admin.warm(pt, args.images)
+        if args.command == "evict":
+            digest = admin.evict(pt, args.image)
+            print(f"evicted {args.image} ({digest}); `python -m registry gc` frees its blobs")
+            return 0
+        if args.command == "verify":
+            return admin.verify(pt, args.delete)
+        if args.command == "rebuild-index":
+            print(json.dumps(admin.rebuild_index(pt)))
+            return 0
+        if args.command == "ratelimit":
+            for line in admin.ratelimit(pt):
+                print(json.dumps(line))
+            return 0
+        if args.command == "gc":
+            print(json.dumps(admin.gc(pt, args.dry_run), indent=2))
+            return 0
+    except (LookupError, ValueError, GcBusy) as exc:
+        print(str(exc).strip("'\""), file=sys.stderr)
+        return 1
+    except redis.RedisError as exc:
+        print(f"Redis is unreachable: {exc}", file=sys.stderr)
+        return 1
     return 1
 
 

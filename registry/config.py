@@ -110,6 +110,8 @@ class Settings:
     breaker_window: float = 30.0
     breaker_backoff: float = 30.0
     gc: GcSettings = field(default_factory=GcSettings)
+    # /readyz fails when the storage file system has less free space than this.
+    min_free_bytes: int = 1 << 30
 
     def registry(self, name: str) -> RegistrySettings | None:
         for registry in self.registries:
@@ -151,25 +153,6 @@ class RegistrySchema(Schema):
             raise ValidationError("username and password go together.", "username")
 
 
-class StorageSchema(Schema):
-    root = fields.String(load_default="./data")
-
-
-class RedisSchema(Schema):
-    url = fields.String(load_default="redis://127.0.0.1:6379/0")
-
-
-class UpstreamSchema(Schema):
-    connect_timeout = fields.Float(load_default=5.0, validate=validate.Range(min=0.1))
-    read_timeout = fields.Float(load_default=30.0, validate=validate.Range(min=0.1))
-    metadata_timeout = fields.Float(load_default=None, validate=validate.Range(min=0.1))
-    lease_ttl = fields.Float(load_default=5.0, validate=validate.Range(min=1))
-    negative_ttl = fields.Float(load_default=30.0, validate=validate.Range(min=0))
-    breaker_failures = fields.Integer(load_default=5, validate=validate.Range(min=1))
-    breaker_window = fields.Float(load_default=30.0, validate=validate.Range(min=1))
-    breaker_backoff = fields.Float(load_default=30.0, validate=validate.Range(min=0.1))
-
-
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)", re.IGNORECASE)
@@ -202,6 +185,26 @@ class ByteSize(fields.Field):
         if "i" in unit:
             scale = 1024 ** " kmgt".index(unit[0])
         return int(float(match.group(1)) * scale)
+
+
+class StorageSchema(Schema):
+    root = fields.String(load_default="./data")
+    min_free = ByteSize(load_default=1 << 30, validate=validate.Range(min=0))
+
+
+class RedisSchema(Schema):
+    url = fields.String(load_default="redis://127.0.0.1:6379/0")
+
+
+class UpstreamSchema(Schema):
+    connect_timeout = fields.Float(load_default=5.0, validate=validate.Range(min=0.1))
+    read_timeout = fields.Float(load_default=30.0, validate=validate.Range(min=0.1))
+    metadata_timeout = fields.Float(load_default=None, validate=validate.Range(min=0.1))
+    lease_ttl = fields.Float(load_default=5.0, validate=validate.Range(min=1))
+    negative_ttl = fields.Float(load_default=30.0, validate=validate.Range(min=0))
+    breaker_failures = fields.Integer(load_default=5, validate=validate.Range(min=1))
+    breaker_window = fields.Float(load_default=30.0, validate=validate.Range(min=1))
+    breaker_backoff = fields.Float(load_default=30.0, validate=validate.Range(min=0.1))
 
 
 class GcSchema(Schema):
@@ -319,6 +322,7 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
     upstream = data["upstream"]
     return Settings(
         storage_root=Path(data["storage"]["root"]).resolve(),
+        min_free_bytes=data["storage"]["min_free"],
         redis_url=env.get("REDIS_URL") or data["redis"]["url"],
         registries=tuple(registries),
         default_registry=data["default_registry"],

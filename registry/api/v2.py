@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -18,6 +19,7 @@ from registry.pullthrough import Blob, PullThrough
 from registry.pullthrough.manifests import parse_accept
 
 bp = Blueprint("v2", __name__)
+access_log = logging.getLogger("registry.access")
 
 FILE_CHUNK = 1024 * 1024
 MAX_PAGE = 10000
@@ -95,22 +97,36 @@ def blob(name: str, digest: str) -> Response:
         response = Response(b"", status=status)
         response.headers.update(headers)  # after the body, which would reset Content-Length
         return response
-    sent = _Sent(_metrics(), target.registry.name, started)
+    sent = _Sent(_metrics(), target.registry.name, started, status)
     return Response(
         _body(found, start, end, sent), status=status, headers=headers, direct_passthrough=True
     )
 
 
 class _Sent:
-    """Counts a blob response's bytes and time when its last byte has gone (or it broke off)."""
+    """Counts and logs a blob response's bytes and time when its last byte has gone (or it
+    broke off). Runs after the request context: it carries what the log line needs."""
 
-    def __init__(self, metrics: Metrics, registry: str, started: float) -> None:
+    def __init__(self, metrics: Metrics, registry: str, started: float, status: int) -> None:
         self.metrics = metrics
         self.registry = registry
         self.started = started
+        self.status = status
+        self.cache = g.get("cache", "-")
+        g.log_when_sent = True
 
     def done(self, source: str, size: int) -> None:
-        self.metrics.blob_sent(self.registry, source, size, time.monotonic() - self.started)
+        seconds = time.monotonic() - self.started
+        self.metrics.blob_sent(self.registry, source, size, seconds)
+        access_log.info(
+            "request method=GET route=/v2/<path:name>/blobs/<digest> status=%d bytes=%d "
+            "ms=%.1f cache=%s registry=%s",
+            self.status,
+            size,
+            seconds * 1000,
+            self.cache,
+            self.registry,
+        )
 
 
 def _body(found: Blob, start: int, end: int, sent: _Sent):

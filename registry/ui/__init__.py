@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 
 from flask import Blueprint, abort, current_app, render_template, request
 from redis.exceptions import RedisError
 
-from registry.coordination import GC_LAST_KEY, PULLED_KEY, PULLS_KEY, STORE_KEY, upstream_key
-from registry.digests import Digest
+from registry.coordination import GC_LAST_KEY, STORE_KEY, upstream_key
 from registry.errors import RegistryError
+from registry.inventory import tag_rows
 from registry.metrics import totals
 from registry.names import resolve
 from registry.pullthrough import PullThrough
@@ -137,19 +136,6 @@ def _split(pt: PullThrough, name: str) -> tuple[str, str]:
     return pt.settings.default_registry, name
 
 
-@dataclass
-class TagRow:
-    tag: str
-    digest: str
-    media_type: str
-    platforms: list[str]
-    size: int | None
-    partial: str
-    last_pulled: float | None
-    pulls: int
-    state: str
-
-
 @bp.get("/ui/repositories/<path:name>")
 def repository(name: str):
     pt = _pt()
@@ -157,71 +143,11 @@ def repository(name: str):
         target = resolve(pt.settings, name, None)
     except RegistryError:
         abort(404)
-    tags = pt.store.list_tags(target)
-    if not tags and not pt.store.has_manifests(f"{target}"):
+    if not pt.store.list_tags(target) and not pt.store.has_manifests(f"{target}"):
         abort(404)
-    members = [f"{target}:{tag}" for tag in tags]
-    try:
-        pulled = pt.coord.redis.zmscore(PULLED_KEY, members) if members else []
-        counts = pt.coord.redis.hmget(PULLS_KEY, members) if members else []
-    except RedisError:
-        pulled, counts = [None] * len(tags), [None] * len(tags)
-    rows = []
-    now = time.time()
-    for tag, last, count in zip(tags, pulled, counts, strict=True):
-        record = pt.store.read_tag(target, tag)
-        if record is None:
-            continue
-        platforms, size, partial = _describe(pt, str(record.digest))
-        ttl = target.registry.ttl_of(target.repository, tag)
-        state = "fresh" if now - record.validated < ttl else "revalidates on next pull"
-        rows.append(
-            TagRow(
-                tag=tag,
-                digest=str(record.digest),
-                media_type=record.media_type,
-                platforms=platforms,
-                size=size,
-                partial=partial,
-                last_pulled=last,
-                pulls=int(count) if count else 0,
-                state=state,
-            )
-        )
-    return render_template("repository.html", name=name, target=str(target), rows=rows)
-
-
-def _describe(pt: PullThrough, digest: str) -> tuple[list[str], int | None, str]:
-    """Platforms, total size (config + layers) and a note on children not cached yet."""
-    try:
-        body = pt.store.read_blob(Digest.parse(digest))
-    except RegistryError:
-        return [], None, ""
-    if body is None:
-        return [], None, ""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return [], None, ""
-    if "manifests" in doc:
-        platforms, size, cached = [], 0, 0
-        entries = [m for m in doc.get("manifests") or [] if isinstance(m, dict)]
-        for entry in entries:
-            platform = entry.get("platform") or {}
-            label = "/".join(
-                str(platform[k]) for k in ("os", "architecture", "variant") if platform.get(k)
-            )
-            if label and label != "unknown/unknown":
-                platforms.append(label)
-            _, child_size, _ = _describe(pt, str(entry.get("digest", "")))
-            if child_size is not None:
-                size += child_size
-                cached += 1
-        partial = f"{cached} of {len(entries)} cached" if cached < len(entries) else ""
-        return platforms, size if cached else None, partial
-    descriptors = [doc.get("config") or {}, *(doc.get("layers") or [])]
-    size = sum(d.get("size", 0) for d in descriptors if isinstance(d, dict))
-    return [], size, ""
+    return render_template(
+        "repository.html", name=name, target=str(target), rows=tag_rows(pt, target)
+    )
 
 
 @bp.get("/ui/setup")

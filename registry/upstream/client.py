@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -208,6 +209,7 @@ class UpstreamClient:
 
     def _send(self, method: str, url: str, *, blob: bool = False, **kwargs) -> requests.Response:
         self._check_breaker()
+        started = time.monotonic()
         try:
             response = self.session.request(
                 method,
@@ -235,6 +237,15 @@ class UpstreamClient:
         else:
             self._count(method, str(response.status_code))
             self._observe(response)
+            # The path only: never a header, never the query (it may name an account).
+            log.info(
+                "upstream registry=%s method=%s path=%s status=%d ms=%.1f",
+                self.registry.name,
+                method,
+                urlsplit(url).path,
+                response.status_code,
+                (time.monotonic() - started) * 1000,
+            )
             return response
         host = urlsplit(url).netloc
         where = (
@@ -242,6 +253,14 @@ class UpstreamClient:
         )
         if self.health is not None:
             self.health.failed(reason)
+        log.info(
+            "upstream registry=%s method=%s path=%s status=error reason=%r ms=%.1f",
+            self.registry.name,
+            method,
+            urlsplit(url).path,
+            reason,
+            (time.monotonic() - started) * 1000,
+        )
         raise UpstreamUnavailable(f"upstream {self.registry.name} ({where}) {reason}")
 
     def _count(self, method: str, status: str) -> None:

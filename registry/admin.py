@@ -1,0 +1,198 @@
+"""Admin commands behind `python -m registry`: list, warm, evict, verify, rebuild the Redis
+indexes, show upstream quota, collect garbage. They work on the same store and Redis as the
+running cache (single-flight included), so they are safe to run beside it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Iterator
+from typing import TextIO
+
+from redis.exceptions import RedisError
+
+from registry.coordination import REPOS_BUILT_KEY, STORE_KEY, upstream_key
+from registry.digests import Digest, looks_like_digest
+from registry.gc import Collector
+from registry.inventory import tag_rows
+from registry.mediatypes import MANIFEST_TYPES
+from registry.names import Target, resolve
+from registry.pullthrough import PullThrough
+from registry.pullthrough.manifests import parse_manifest
+
+ACCEPT = list(MANIFEST_TYPES)
+
+
+def split_reference(ref: str) -> tuple[str, str]:
+    """`name[:tag|@digest]` as (name, reference); the tag defaults to `latest`."""
+    if "@" in ref:
+        name, _, digest = ref.partition("@")
+        return name, digest
+    name, colon, tag = ref.rpartition(":")
+    if colon and "/" not in tag:
+        return name, tag
+    return ref, "latest"
+
+
+def images(pt: PullThrough) -> Iterator[dict]:
+    for name in pt._catalog_names():
+        target = resolve(pt.settings, name, None)
+        for row in tag_rows(pt, target):
+            yield {"image": f"{name}:{row.tag}", "row": row}
+
+
+def warm(pt: PullThrough, refs: list[str], out: TextIO = sys.stderr) -> int:
+    """Fetch images (every platform of an index) into the cache; 0 when all arrived."""
+    failed = 0
+    for ref in refs:
+        name, reference = split_reference(ref)
+        try:
+            target = resolve(pt.settings, name, None)
+            manifests = [pt.manifest(target, reference, ACCEPT)]
+            _, references = parse_manifest(manifests[0].body, manifests[0].media_type)
+            blobs = []
+            for digest in references:
+                # Index children are manifests; everything else is a blob to fetch.
+                child = _child_manifest(pt, target, digest, manifests[0].body)
+                if child is not None:
+                    blobs.extend(parse_manifest(child.body, child.media_type)[1])
+                else:
+                    blobs.append(digest)
+            fetched = sum(_fetch_blob(pt, target, d, out) for d in dict.fromkeys(blobs))
+            print(f"{ref}: {len(dict.fromkeys(blobs))} blobs, {fetched} bytes fetched", file=out)
+        except Exception as exc:  # one bad reference does not stop the others
+            failed += 1
+            print(f"{ref}: failed: {getattr(exc, 'message', exc)}", file=out)
+    return 1 if failed else 0
+
+
+def _child_manifest(pt: PullThrough, target: Target, digest: Digest, parent: bytes):
+    doc = json.loads(parent)
+    children = {entry.get("digest") for entry in doc.get("manifests") or []}
+    if str(digest) not in children:
+        return None
+    return pt.manifest(target, str(digest), ACCEPT)
+
+
+def _fetch_blob(pt: PullThrough, target: Target, digest: Digest, out: TextIO) -> int:
+    found = pt.blob(target, digest)
+    if found.stream is None:  # on disk: cached before, or a fill that finished at once
+        if found.open_file is not None:
+            found.open_file().close()
+        if found.cache == "hit":
+            return 0
+        chunks: Iterator[bytes] = iter([b"\0" * found.size])  # fetched already: report it
+    else:
+        chunks = found.stream(0, found.size - 1)
+    done, step = 0, max(found.size // 20, 1)
+    mark = step
+    for chunk in chunks:
+        done += len(chunk)
+        if done >= mark or done == found.size:
+            bar = "#" * (20 * done // found.size)
+            out.write(
+                f"\r  {str(digest)[:19]}… [{bar:<20}] {100 * done // found.size:3d}% "
+                f"{done / 2**20:.1f}/{found.size / 2**20:.1f} MiB"
+            )
+            out.flush()
+            mark = done + step
+    out.write("\n")
+    return done
+
+
+def evict(pt: PullThrough, ref: str) -> str:
+    """Drop a tag and, when no other tag of its repository uses it, its manifest; the blobs
+    only it used are freed by the next GC run (after gc.delay)."""
+    name, tag = split_reference(ref)
+    if looks_like_digest(tag):
+        raise ValueError("evict takes a tag, not a digest")
+    target = resolve(pt.settings, name, None)
+    record = pt.store.read_tag(target, tag)
+    if record is None:
+        raise LookupError(f"{name}:{tag} is not cached")
+    repo = str(target)
+    pt.store.delete_tag(repo, tag)
+    others = [
+        t
+        for t in pt.store.list_tags(target)
+        if (r := pt.store.read_tag(target, t)) and r.digest == record.digest
+    ]
+    if not others:
+        pt.store.delete_revision(repo, record.digest)
+    pt.store.prune_repository(repo)
+    try:
+        pt.coord.forget_pulled([f"{repo}:{tag}"])
+        if not pt.store.has_manifests(repo):
+            pt.coord.unindex_repositories([pt.catalog_name(repo)])
+    except RedisError:
+        pass
+    return str(record.digest)
+
+
+def verify(pt: PullThrough, delete: bool, out: TextIO = sys.stdout) -> int:
+    """Re-hash every stored blob; report (and with `delete`, remove) the corrupt ones."""
+    checked = corrupt = 0
+    for digest, _size, _mtime in pt.store.iter_blobs():
+        checked += 1
+        hasher = hashlib.new(digest.algorithm)
+        with pt.store.open_blob(digest) as handle:
+            while chunk := handle.read(1 << 20):
+                hasher.update(chunk)
+        if hasher.hexdigest() == digest.hex:
+            continue
+        corrupt += 1
+        action = "found"
+        if delete:
+            lease = pt.coord.blob_lease(digest)
+            if lease.acquire():
+                try:
+                    pt.store.delete_blob(digest)
+                    action = "removed (the next pull fetches it again)"
+                finally:
+                    lease.release()
+            else:
+                action = "in use by a fill; not removed"
+        print(f"corrupt {digest}: {action}", file=out)
+    print(f"verified {checked} blobs, {corrupt} corrupt", file=out)
+    return 1 if corrupt else 0
+
+
+def rebuild_index(pt: PullThrough) -> dict:
+    """Rebuild the catalog and the storage totals in Redis from disk."""
+    client = pt.coord.redis
+    client.delete(REPOS_BUILT_KEY)
+    names, _ = pt.catalog(None, None)
+    total = blobs = 0
+    for _digest, size, _mtime in pt.store.iter_blobs():
+        total += size
+        blobs += 1
+    client.hset(STORE_KEY, mapping={"bytes": total, "blobs": blobs})
+    return {"repositories": len(names), "blobs": blobs, "bytes": total}
+
+
+def ratelimit(pt: PullThrough) -> list[dict]:
+    out = []
+    for registry in pt.settings.registries:
+        record = {
+            k.decode(): v.decode()
+            for k, v in pt.coord.redis.hgetall(upstream_key(registry.name, "ratelimit")).items()
+        }
+        breaker = pt.coord.redis.get(upstream_key(registry.name, "breaker"))
+        out.append(
+            {
+                "registry": registry.name,
+                "limit": record.get("limit"),
+                "remaining": record.get("remaining"),
+                "window_seconds": record.get("window"),
+                "source": record.get("source"),
+                "breaker": breaker.decode() if breaker else None,
+            }
+        )
+    return out
+
+
+def gc(pt: PullThrough, dry_run: bool) -> dict:
+    return Collector(pt.store, pt.coord, pt.settings.gc, catalog_name=pt.catalog_name).run(
+        dry_run=dry_run
+    )

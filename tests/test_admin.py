@@ -1,0 +1,178 @@
+"""Operating the cache: the admin CLI against a real populated cache, health endpoints (readiness
+fails when Redis stops), and a graceful shutdown that lets an in-flight blob finish."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import redis as redis_lib
+import requests
+
+from registry.mediatypes import MANIFEST_TYPES
+from tests.support.servers import ROOT, Gunicorn, RedisServer
+
+ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, redis_server, upstream, images):
+    server = Gunicorn.with_config(
+        tmp_path_factory.mktemp("admin"),
+        redis_server.url,
+        [{"name": "docker.io", "url": upstream.url}],
+        workers=2,
+    )
+    image = images["busybox"]
+    for _ in range(2):
+        requests.get(
+            f"{server.url}/v2/{image.repository}/manifests/{image.tag}", headers=ACCEPT
+        ).raise_for_status()
+    for digest in image.blobs:
+        requests.get(f"{server.url}/v2/{image.repository}/blobs/{digest}").raise_for_status()
+    yield server
+    server.stop()
+
+
+def cli(cache, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PULLTHROUGH_CONFIG": str(cache.config_path)}
+    env.pop("REDIS_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "registry", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=check,
+    )
+
+
+def blob_file(cache, digest: str):
+    hexpart = digest.split(":")[1]
+    return cache.data / "blobs" / "sha256" / hexpart[:2] / hexpart
+
+
+def test_images_lists_what_is_cached_with_size_and_last_pull(cache, images):
+    out = cli(cache, "images").stdout
+    line = next(line for line in out.splitlines() if line.startswith("library/busybox:1.36"))
+    assert images["busybox"].digest in line
+    assert "MiB" in line and "last pulled 20" in line
+
+
+def test_warm_fetches_every_platform_with_progress(cache, images):
+    image = images["alpine"]
+    run = cli(cache, "warm", f"{image.repository}:{image.tag}")
+    assert "100%" in run.stderr and "bytes fetched" in run.stderr
+    for child in image.children:
+        for digest in child.blobs:
+            assert blob_file(cache, digest).exists(), digest
+    again = cli(cache, "warm", f"{image.repository}:{image.tag}")
+    assert "0 bytes fetched" in again.stderr
+    failed = cli(cache, "warm", "library/nonexistent:1", check=False)
+    assert failed.returncode == 1 and "failed" in failed.stderr
+
+
+def test_evict_drops_the_tag_and_the_next_pull_fetches_again(cache, images):
+    image = images["ocisingle"]
+    url = f"{cache.url}/v2/{image.repository}/manifests/{image.tag}"
+    requests.get(url, headers=ACCEPT).raise_for_status()
+    assert requests.get(url, headers=ACCEPT).headers["X-Cache"] == "HIT"
+    out = cli(cache, "evict", f"{image.repository}:{image.tag}").stdout
+    assert image.digest in out
+    assert requests.get(url, headers=ACCEPT).headers["X-Cache"] == "MISS"
+    missing = cli(cache, "evict", "library/never:1", check=False)
+    assert missing.returncode == 1 and "not cached" in missing.stderr
+
+
+def test_verify_finds_a_flipped_byte_and_removes_it_on_request(cache, images):
+    image = images["busybox"]
+    digest = max(image.blobs, key=lambda d: len(image.blobs[d]))
+    path = blob_file(cache, digest)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    found = cli(cache, "verify", check=False)
+    assert found.returncode == 1 and f"corrupt {digest}: found" in found.stdout
+    removed = cli(cache, "verify", "--delete", check=False)
+    assert "removed" in removed.stdout and not path.exists()
+    assert cli(cache, "verify").returncode == 0
+    # The next pull fetches it again, verified.
+    body = requests.get(f"{cache.url}/v2/{image.repository}/blobs/{digest}").content
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+
+
+def test_rebuild_index_restores_a_flushed_redis(cache, redis_server):
+    client = redis_lib.Redis.from_url(redis_server.url)
+    client.flushall()
+    rebuilt = json.loads(cli(cache, "rebuild-index").stdout)
+    assert rebuilt["repositories"] >= 1 and rebuilt["blobs"] > 0
+    assert client.zscore("pt:repos", "library/busybox") is not None
+    assert int(client.hget("pt:store", "bytes")) == rebuilt["bytes"]
+    catalog = requests.get(f"{cache.url}/v2/_catalog").json()["repositories"]
+    assert "library/busybox" in catalog
+    client.close()
+
+
+def test_ratelimit_and_gc_commands(cache, redis_server):
+    client = redis_lib.Redis.from_url(redis_server.url)
+    client.hset("pt:upstream:docker.io:ratelimit", mapping={"limit": 100, "remaining": 42})
+    line = json.loads(cli(cache, "ratelimit").stdout.splitlines()[0])
+    assert line["registry"] == "docker.io" and line["remaining"] == "42"
+    report = json.loads(cli(cache, "gc", "--dry-run").stdout)
+    assert report["dry_run"] is True and report["blobs"] > 0
+    client.close()
+
+
+def test_readiness_follows_redis_and_liveness_does_not(tmp_path, upstream):
+    own_redis = RedisServer(tmp_path / "redis").start()
+    server = Gunicorn.with_config(
+        tmp_path, own_redis.url, [{"name": "docker.io", "url": upstream.url}], workers=1
+    )
+    try:
+        ready = requests.get(f"{server.url}/readyz", timeout=10)
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        assert ready.json()["checks"]["disk"]["free_bytes"] > 0
+        own_redis.stop()
+        down = requests.get(f"{server.url}/readyz", timeout=30)
+        assert down.status_code == 503
+        assert down.json()["checks"]["redis"]["ok"] is False
+        assert "Redis" in down.json()["checks"]["redis"]["error"]
+        assert requests.get(f"{server.url}/healthz", timeout=10).json()["status"] == "ok"
+        assert requests.get(f"{server.url}/v2/", timeout=10).status_code == 200
+    finally:
+        server.stop()
+        own_redis.stop()
+
+
+def test_sigterm_lets_an_in_flight_blob_finish_and_commits_only_whole_files(
+    tmp_path, redis_server, fake
+):
+    data = random.randbytes(3_000_000)
+    digest = fake.add_blob("library/draining", data, trickle=0.03)  # about 1.4 s
+    server = Gunicorn.with_config(
+        tmp_path, redis_server.url, [{"name": "docker.io", "url": fake.url}], workers=1
+    )
+    try:
+        with requests.get(
+            f"{server.url}/v2/library/draining/blobs/{digest}", stream=True, timeout=30
+        ) as response:
+            chunks = response.iter_content(65536)
+            first = next(chunks)
+            os.kill(server.proc.pid, signal.SIGTERM)  # what `docker stop` / systemd send
+            body = first + b"".join(chunks)
+        assert hashlib.sha256(body).hexdigest() == digest.split(":")[1]
+        server.proc.wait(timeout=30)
+        committed = tmp_path / "data" / "blobs" / "sha256" / digest[7:9] / digest[7:]
+        assert committed.read_bytes() == data
+        assert not [p for p in (tmp_path / "data" / "uploads").rglob("*") if p.is_file()]
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(f"{server.url}/v2/", timeout=5)
+    finally:
+        server.stop()
