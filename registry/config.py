@@ -2,8 +2,10 @@
 
 The file's path comes from `PULLTHROUGH_CONFIG`; without it the defaults below describe the
 user's setup (Docker Hub, data under ./data). `REDIS_URL` in the environment overrides
-`redis.url` so `make run` can hand over its private Redis. Every problem is reported with its
-key path (`registries.0.url: Not a valid URL.`) and nothing starts half-configured.
+`redis.url` so `make run` can hand over its private Redis, and `PULLTHROUGH_STORAGE_ROOT`
+overrides `storage.root` (the container image points it at its volume). Every problem is
+reported with its key path (`registries.0.url: Not a valid URL.`) and nothing starts
+half-configured.
 """
 
 from __future__ import annotations
@@ -321,7 +323,7 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
 
     upstream = data["upstream"]
     return Settings(
-        storage_root=Path(data["storage"]["root"]).resolve(),
+        storage_root=Path(env.get("PULLTHROUGH_STORAGE_ROOT") or data["storage"]["root"]).resolve(),
         min_free_bytes=data["storage"]["min_free"],
         redis_url=env.get("REDIS_URL") or data["redis"]["url"],
         registries=tuple(registries),
