@@ -61,3 +61,11 @@ def test_skopeo_copy_through_the_cache_is_byte_identical(
     assert same_tree(direct, again)
     # Within the tag TTL the second pull asks upstream for nothing at all.
     assert upstream.requests_since(mark) == []
+
+
+def test_logs_carry_requests_but_no_credentials_or_tokens(cache):
+    log = cache.log()
+    assert "registry.access request method=GET route=/v2/<path:name>/manifests/<reference>" in log
+    assert "registry.upstream.client upstream registry=docker.io" in log
+    assert "readerpw" not in log  # the configured upstream password
+    assert "Bearer" not in log and "eyJ" not in log  # no Authorization, no JWT
