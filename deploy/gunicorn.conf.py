@@ -48,6 +48,11 @@ def post_worker_init(worker):
     import logging
     import sys
 
+    # A log line per request is on the hot path: skip the caller lookup (a stack walk per
+    # record) and the thread/process-name fields nobody prints.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s %(message)s")
