@@ -15,6 +15,14 @@ import signal
 import socket
 
 
+def end(sock) -> None:
+    """Shut the connection down so that its handler's pending read sees a clean end of
+    stream. gevent's own shutdown() would instead raise EBADF in the waiting greenlet (and
+    gunicorn would log a traceback per connection), so go to the real socket beneath."""
+    with contextlib.suppress(OSError):
+        getattr(sock, "_sock", sock).shutdown(socket.SHUT_RDWR)
+
+
 def prompt_graceful_stop(worker) -> None:
     import gevent
 
@@ -38,13 +46,11 @@ def prompt_graceful_stop(worker) -> None:
             else:
                 # Stopping: this response is complete, so end the connection now rather
                 # than wait for a next request that keep-alive would allow.
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+                end(sock)
 
     def close_idle() -> None:
         for sock in list(idle):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            end(sock)
 
     def on_term(sig, frame) -> None:
         handle_exit(sig, frame)
