@@ -11,6 +11,7 @@ import json
 import random
 import re
 import subprocess
+import time
 
 import pytest
 import requests
@@ -68,6 +69,15 @@ def test_counters_are_summed_over_every_worker(cache, images):
     hits = many([blob_url] * 30)
     assert {hashlib.sha256(r.content).hexdigest() for r in hits} == {layer[7:]}
 
+    # A blob is counted when its last byte has gone, a moment after the client has it.
+    size = len(image.blobs[layer])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        settled = scrape(cache)
+        sent = value(settled, "pullthrough_blob_transfer_seconds_count", source="cache")
+        if sent - value(before, "pullthrough_blob_transfer_seconds_count", source="cache") >= 30:
+            break
+        time.sleep(0.1)
     # Any worker answers with the same sums.
     scrapes = [scrape(cache) for _ in range(6)]
     after = scrapes[0]
@@ -94,7 +104,6 @@ def test_counters_are_summed_over_every_worker(cache, images):
     assert delta("pullthrough_cache_requests_total", kind="manifest", result="hit", **hub) == 40
     assert delta("pullthrough_cache_requests_total", kind="blob", result="miss", **hub) == 1
     assert delta("pullthrough_cache_requests_total", kind="blob", result="hit", **hub) == 30
-    size = len(image.blobs[layer])
     assert delta("pullthrough_served_bytes_total", kind="blob", source="cache", **hub) == 30 * size
     assert delta("pullthrough_served_bytes_total", kind="blob", source="upstream", **hub) == size
     assert delta("pullthrough_blob_transfer_seconds_count", source="cache") == 30
