@@ -5,7 +5,6 @@ running cache (single-flight included), so they are safe to run beside it."""
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from collections.abc import Iterator
 from typing import TextIO
@@ -14,7 +13,7 @@ from redis.exceptions import RedisError
 
 from registry.coordination import REPOS_BUILT_KEY, STORE_KEY, upstream_key
 from registry.digests import Digest, looks_like_digest
-from registry.gc import Collector
+from registry.gc import Collector, index_children
 from registry.inventory import tag_rows
 from registry.mediatypes import MANIFEST_TYPES
 from registry.names import Target, resolve
@@ -49,13 +48,14 @@ def warm(pt: PullThrough, refs: list[str], out: TextIO = sys.stderr) -> int:
         name, reference = split_reference(ref)
         try:
             target = resolve(pt.settings, name, None)
-            manifests = [pt.manifest(target, reference, ACCEPT)]
-            _, references = parse_manifest(manifests[0].body, manifests[0].media_type)
+            top = pt.manifest(target, reference, ACCEPT)
+            _, references = parse_manifest(top.body, top.media_type)
+            children = set(index_children(top.body))
             blobs = []
             for digest in references:
                 # Index children are manifests; everything else is a blob to fetch.
-                child = _child_manifest(pt, target, digest, manifests[0].body)
-                if child is not None:
+                if digest in children:
+                    child = pt.manifest(target, str(digest), ACCEPT)
                     blobs.extend(parse_manifest(child.body, child.media_type)[1])
                 else:
                     blobs.append(digest)
@@ -65,14 +65,6 @@ def warm(pt: PullThrough, refs: list[str], out: TextIO = sys.stderr) -> int:
             failed += 1
             print(f"{ref}: failed: {getattr(exc, 'message', exc)}", file=out)
     return 1 if failed else 0
-
-
-def _child_manifest(pt: PullThrough, target: Target, digest: Digest, parent: bytes):
-    doc = json.loads(parent)
-    children = {entry.get("digest") for entry in doc.get("manifests") or []}
-    if str(digest) not in children:
-        return None
-    return pt.manifest(target, str(digest), ACCEPT)
 
 
 def _fetch_blob(pt: PullThrough, target: Target, digest: Digest, out: TextIO) -> int:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from registry.config import GcSettings
 from registry.coordination import Coordination
 from registry.digests import Digest
+from registry.pullthrough import PullThrough
 from registry.pullthrough.manifests import InvalidManifest, parse_manifest
 from registry.store import ContentStore
 from registry.store.content import RepositoryScan
@@ -90,6 +91,11 @@ class Collector:
         self.policy = policy
         self.catalog_name = catalog_name
         self.clock = clock
+
+    @classmethod
+    def for_cache(cls, pt: PullThrough) -> Collector:
+        """The collector of a cache's store and Redis, naming repositories as its catalog."""
+        return cls(pt.store, pt.coord, pt.settings.gc, catalog_name=pt.catalog_name)
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, dry_run: bool = False) -> dict:
@@ -220,7 +226,7 @@ class Collector:
                 continue  # a child never fetched: nothing below it is cached
             try:
                 _media_type, references = parse_manifest(body, "")
-                children = set(_index_children(body))
+                children = set(index_children(body))
             except (InvalidManifest, ValueError):
                 continue
             for reference in references:
@@ -347,7 +353,7 @@ class Collector:
         }
 
 
-def _index_children(body: bytes) -> list[Digest]:
+def index_children(body: bytes) -> list[Digest]:
     """Digests of an index's `manifests[]` entries (parse_manifest validated them)."""
     doc = json.loads(body)
     return [Digest.parse(entry["digest"]) for entry in doc.get("manifests") or []]

@@ -15,10 +15,10 @@ from rq import Queue
 from rq.cron import CronJob, CronScheduler
 from rq.utils import now as rq_now
 
+from registry import build_pullthrough
 from registry.config import Settings, load_settings
 from registry.coordination import Coordination
 from registry.gc import Collector, GcBusy
-from registry.store import ContentStore, FilesystemDriver
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,7 @@ def redis_client(settings: Settings) -> redis.Redis:
 
 
 def collector(settings: Settings, client: redis.Redis | None = None) -> Collector:
-    client = client or redis_client(settings)
-    prefix = f"{settings.default_registry}/"
-    return Collector(
-        ContentStore(FilesystemDriver(settings.storage_root)),
-        Coordination(client, settings.lease_ttl),
-        settings.gc,
-        catalog_name=lambda name: name[len(prefix) :] if name.startswith(prefix) else name,
-    )
+    return Collector.for_cache(build_pullthrough(settings, client or redis_client(settings)))
 
 
 def sweep(dry_run: bool = False) -> dict:
