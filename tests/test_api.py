@@ -160,8 +160,10 @@ def test_identical_layers_are_stored_once(client, images, settings):
     shared = next(d for d in images["busybox"].blobs if d in images["alpine"].children[0].blobs)
     client.get("/v2/library/busybox/manifests/1.36")
     client.get(f"/v2/library/alpine/manifests/{images['alpine'].children[0].digest}")
-    assert client.get(f"/v2/library/busybox/blobs/{shared}").status_code == 200
-    assert client.get(f"/v2/library/alpine/blobs/{shared}").status_code == 200
+    # Reading each body to its end waits for the fill's commit (the last byte waits for it).
+    data = images["busybox"].blobs[shared]
+    assert client.get(f"/v2/library/busybox/blobs/{shared}").data == data
+    assert client.get(f"/v2/library/alpine/blobs/{shared}").data == data
     copies = list((settings.storage_root / "blobs").rglob(shared.split(":")[1]))
     assert len(copies) == 1
 
@@ -220,7 +222,8 @@ def test_upstream_down_names_the_upstream_for_uncached_and_serves_cached(
     busybox = images["busybox"]
     assert warm.get("/v2/library/busybox/manifests/1.36").status_code == 200
     layer = next(iter(busybox.blobs))
-    assert warm.get(f"/v2/library/busybox/blobs/{layer}").status_code == 200
+    # Read to the end: the last byte waits for the fill's commit.
+    assert warm.get(f"/v2/library/busybox/blobs/{layer}").data == busybox.blobs[layer]
 
     offline = make_settings(
         tmp_path / "data", redis_server.url, dead, connect_timeout=1, read_timeout=2
@@ -332,8 +335,8 @@ def test_manifest_and_blob_list_docker_manifest_list(client, images):
 def test_bearer_token_is_fetched_once_and_reused_until_expiry(client, images, token_server):
     before = len(token_server.requests)
     assert client.get("/v2/library/busybox/manifests/1.36").status_code == 200
-    for digest in images["busybox"].blobs:
-        assert client.get(f"/v2/library/busybox/blobs/{digest}").status_code == 200
+    for digest, data in images["busybox"].blobs.items():
+        assert client.get(f"/v2/library/busybox/blobs/{digest}").data == data
     asked = [
         r
         for r in token_server.requests[before:]
