@@ -63,6 +63,7 @@ def post_worker_init(worker):
     logger.propagate = False
 
     # SIGTERM closes idle keep-alive connections at once; in-flight responses finish.
-    from registry.serving import prompt_graceful_stop
+    from registry.serving import prompt_graceful_stop, zero_copy_sendfile
 
     prompt_graceful_stop(worker)
+    zero_copy_sendfile()

@@ -59,3 +59,45 @@ def prompt_graceful_stop(worker) -> None:
     worker.handle = tracked_handle
     worker.handle_request = tracked_request
     signal.signal(signal.SIGTERM, on_term)
+
+
+def zero_copy_sendfile() -> None:
+    """Make gevent sockets' sendfile() really use os.sendfile.
+
+    gevent's socket.sendfile() copies the file through userspace in 8 KiB reads and sends, so
+    gunicorn's sendfile path for cached blobs ran at about half the speed of a plain sendfile.
+    This sends straight from the page cache on the socket's non-blocking descriptor, waits for
+    writability through the gevent hub, and yields between chunks so one fast client cannot
+    starve the worker's other connections.
+    """
+    import os
+
+    import gevent
+    from gevent import _socket3
+    from gevent.socket import wait_write
+
+    chunk = 4 << 20
+
+    def sendfile(self, file, offset=0, count=None):
+        out_fd, in_fd = self.fileno(), file.fileno()
+        if count is None:
+            count = os.fstat(in_fd).st_size - offset
+        sent_total = 0
+        try:
+            while sent_total < count:
+                try:
+                    sent = os.sendfile(
+                        out_fd, in_fd, offset + sent_total, min(chunk, count - sent_total)
+                    )
+                except BlockingIOError:
+                    wait_write(out_fd, timeout=self.gettimeout())
+                    continue
+                if sent == 0:
+                    break  # the file ended early
+                sent_total += sent
+                gevent.sleep(0)
+        finally:
+            file.seek(offset + sent_total)
+        return sent_total
+
+    _socket3.socket.sendfile = sendfile

@@ -3,6 +3,7 @@ fails when Redis stops), and a graceful shutdown that lets an in-flight blob fin
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -176,3 +177,17 @@ def test_sigterm_lets_an_in_flight_blob_finish_and_commits_only_whole_files(
             requests.get(f"{server.url}/v2/", timeout=5)
     finally:
         server.stop()
+
+
+def test_cached_blobs_go_out_by_sendfile_whole_and_in_ranges(cache, images):
+    image = images["busybox"]
+    digest = max(image.blobs, key=lambda d: len(image.blobs[d]))
+    data = image.blobs[digest]
+    url = f"{cache.url}/v2/{image.repository}/blobs/{digest}"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        bodies = list(pool.map(lambda _: requests.get(url, timeout=30).content, range(8)))
+    assert all(body == data for body in bodies)
+    middle = requests.get(url, headers={"Range": "bytes=1000-1999"}, timeout=30)
+    assert middle.status_code == 206 and middle.content == data[1000:2000]
+    tail = requests.get(url, headers={"Range": "bytes=-77"}, timeout=30)
+    assert tail.status_code == 206 and tail.content == data[-77:]
