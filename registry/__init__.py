@@ -13,7 +13,7 @@ from prometheus_flask_exporter import PrometheusMetrics
 from requests.adapters import HTTPAdapter
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from registry import ui
+from registry import accesslog, ui
 from registry.api import health, v2
 from registry.config import Settings, load_settings
 from registry.coordination import (
@@ -29,7 +29,6 @@ from registry.store import ContentStore, FilesystemDriver
 from registry.upstream.client import UpstreamClient
 
 log = logging.getLogger("registry")
-access_log = logging.getLogger("registry.access")
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 
@@ -99,15 +98,11 @@ def clean_stale_uploads(pullthrough: PullThrough) -> None:
 def log_request(status: int, size: int) -> None:
     """One structured access line: method, route, status, bytes, duration, cache result."""
     started = g.get("started")
-    access_log.info(
-        "request method=%s route=%s status=%d bytes=%d ms=%.1f cache=%s registry=%s",
-        request.method,
-        request.url_rule.rule if request.url_rule else "-",
-        status,
-        size,
-        (time.monotonic() - started) * 1000 if started else 0.0,
-        g.get("cache", "-"),
-        g.get("registry", "-"),
+    ms = (time.monotonic() - started) * 1000 if started else 0.0
+    route = request.url_rule.rule if request.url_rule else "-"
+    accesslog.write(
+        f"request method={request.method} route={route} status={status} bytes={size} "
+        f"ms={ms:.1f} cache={g.get('cache', '-')} registry={g.get('registry', '-')}"
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -11,6 +10,7 @@ from urllib.parse import quote, urlencode
 
 from flask import Blueprint, Response, current_app, g, request
 
+from registry import accesslog
 from registry.digests import Digest
 from registry.errors import PaginationInvalid, RangeInvalid, Unsupported
 from registry.metrics import Metrics
@@ -19,7 +19,6 @@ from registry.pullthrough import Blob, PullThrough
 from registry.pullthrough.manifests import parse_accept
 
 bp = Blueprint("v2", __name__)
-access_log = logging.getLogger("registry.access")
 
 FILE_CHUNK = 1024 * 1024
 MAX_PAGE = 10000
@@ -118,14 +117,9 @@ class _Sent:
     def done(self, source: str, size: int) -> None:
         seconds = time.monotonic() - self.started
         self.metrics.blob_sent(self.registry, source, size, seconds)
-        access_log.info(
-            "request method=GET route=/v2/<path:name>/blobs/<digest> status=%d bytes=%d "
-            "ms=%.1f cache=%s registry=%s",
-            self.status,
-            size,
-            seconds * 1000,
-            self.cache,
-            self.registry,
+        accesslog.write(
+            f"request method=GET route=/v2/<path:name>/blobs/<digest> status={self.status} "
+            f"bytes={size} ms={seconds * 1000:.1f} cache={self.cache} registry={self.registry}"
         )
 
 
