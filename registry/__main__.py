@@ -20,15 +20,13 @@ from pathlib import Path
 import redis
 
 from registry import admin, build_pullthrough, compose
-from registry.config import ConfigError, load_settings
+from registry.config import load_settings_or_report
 from registry.gc import GcBusy
 
 
 def check_config() -> int:
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    settings = load_settings_or_report()
+    if settings is None:
         return 2
     names = ", ".join(f"{r.name} ({r.url})" for r in settings.registries)
     print(f"configuration ok: storage {settings.storage_root}, upstreams {names}")
@@ -38,10 +36,8 @@ def check_config() -> int:
 def rewrite_compose(args: argparse.Namespace) -> int:
     registries = set(args.registry or [])
     if not registries and not args.undo:
-        try:
-            settings = load_settings()
-        except ConfigError as exc:
-            print(exc, file=sys.stderr)
+        settings = load_settings_or_report()
+        if settings is None:
             return 2
         registries = {r.name for r in settings.registries if r.name != settings.default_registry}
         if not registries:
@@ -93,10 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def admin_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    settings = load_settings_or_report()
+    if settings is None:
         return 2
     pt = build_pullthrough(settings)
     try:

@@ -11,7 +11,7 @@ from typing import TextIO
 
 from redis.exceptions import RedisError
 
-from registry.coordination import REPOS_BUILT_KEY, STORE_KEY, upstream_key
+from registry.coordination import REPOS_BUILT_KEY, STORE_KEY, upstream_status
 from registry.digests import Digest, looks_like_digest
 from registry.gc import Collector, index_children
 from registry.inventory import tag_rows
@@ -68,29 +68,35 @@ def warm(pt: PullThrough, refs: list[str], out: TextIO = sys.stderr) -> int:
 
 
 def _fetch_blob(pt: PullThrough, target: Target, digest: Digest, out: TextIO) -> int:
+    """Fetch one blob, drawing progress; the bytes fetched (0 when it was cached already)."""
     found = pt.blob(target, digest)
     if found.stream is None:  # on disk: cached before, or a fill that finished at once
         if found.open_file is not None:
             found.open_file().close()
-        if found.cache == "hit":
-            return 0
-        chunks: Iterator[bytes] = iter([b"\0" * found.size])  # fetched already: report it
-    else:
-        chunks = found.stream(0, found.size - 1)
+        done = found.size if found.cache == "miss" else 0
+        if done:
+            _progress(out, digest, done, found.size)
+            out.write("\n")
+        return done
     done, step = 0, max(found.size // 20, 1)
     mark = step
-    for chunk in chunks:
+    for chunk in found.stream(0, found.size - 1):
         done += len(chunk)
         if done >= mark or done == found.size:
-            bar = "#" * (20 * done // found.size)
-            out.write(
-                f"\r  {str(digest)[:19]}… [{bar:<20}] {100 * done // found.size:3d}% "
-                f"{done / 2**20:.1f}/{found.size / 2**20:.1f} MiB"
-            )
-            out.flush()
+            _progress(out, digest, done, found.size)
             mark = done + step
     out.write("\n")
     return done
+
+
+def _progress(out: TextIO, digest: Digest, done: int, size: int) -> None:
+    bar = "#" * (20 * done // size) if size else "#" * 20
+    percent = 100 * done // size if size else 100
+    out.write(
+        f"\r  {str(digest)[:19]}… [{bar:<20}] {percent:3d}% "
+        f"{done / 2**20:.1f}/{size / 2**20:.1f} MiB"
+    )
+    out.flush()
 
 
 def evict(pt: PullThrough, ref: str) -> str:
@@ -166,19 +172,16 @@ def rebuild_index(pt: PullThrough) -> dict:
 def ratelimit(pt: PullThrough) -> list[dict]:
     out = []
     for registry in pt.settings.registries:
-        record = {
-            k.decode(): v.decode()
-            for k, v in pt.coord.redis.hgetall(upstream_key(registry.name, "ratelimit")).items()
-        }
-        breaker = pt.coord.redis.get(upstream_key(registry.name, "breaker"))
+        status = upstream_status(pt.coord.redis, registry.name)
         out.append(
             {
                 "registry": registry.name,
-                "limit": record.get("limit"),
-                "remaining": record.get("remaining"),
-                "window_seconds": record.get("window"),
-                "source": record.get("source"),
-                "breaker": breaker.decode() if breaker else None,
+                "limit": status.get("limit"),
+                "remaining": status.get("remaining"),
+                "window_seconds": status.get("window"),
+                "source": status.get("source"),
+                "breaker": status["breaker"],
+                "breaker_seconds_left": status["breaker_seconds"],
             }
         )
     return out

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -360,3 +361,12 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         except yaml.YAMLError as exc:
             raise ConfigError([f"PULLTHROUGH_CONFIG: {path} is not valid YAML: {exc}"]) from None
     return settings_from_mapping(raw, env)
+
+
+def load_settings_or_report(env: dict[str, str] | None = None) -> Settings | None:
+    """For command lines: the settings, or None after printing every problem to stderr."""
+    try:
+        return load_settings(env)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None

@@ -346,6 +346,29 @@ class Coordination:
         return [m.decode() for m in self.redis.zrangebylex(REPOS_KEY, start, "+", 0, n)]
 
 
+def _breaker_json(value: bytes) -> dict:
+    try:
+        state = json.loads(value)
+    except ValueError:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def upstream_status(client: redis.Redis, registry: str) -> dict:
+    """What Redis knows of an upstream, for people and /metrics: its last quota headers
+    (limit, remaining, window, source, updated; strings) and `breaker`, the JSON that opened
+    its breaker while it is open (else None), with `breaker_seconds` left. Raises RedisError."""
+    pipe = client.pipeline()
+    pipe.hgetall(upstream_key(registry, "ratelimit"))
+    pipe.get(upstream_key(registry, "breaker"))
+    pipe.pttl(upstream_key(registry, "breaker"))
+    quota, breaker, pttl = pipe.execute()
+    status: dict = {k.decode(): v.decode() for k, v in quota.items()}
+    status["breaker"] = _breaker_json(breaker) if breaker is not None else None
+    status["breaker_seconds"] = max(pttl, 0) / 1000 if breaker is not None else 0.0
+    return status
+
+
 class SharedTokenCache:
     """Upstream bearer tokens in Redis, so N workers fetch one token per scope, not N; a
     per-process copy in front saves the round trip, and serves alone when Redis is down."""
@@ -422,11 +445,7 @@ class UpstreamHealth:
             return None
         if value is None:
             return None
-        try:
-            state = json.loads(value)
-        except ValueError:
-            state = {}
-        return state, max(pttl, 0) / 1000
+        return _breaker_json(value), max(pttl, 0) / 1000
 
     def failed(self, reason: str) -> None:
         with contextlib.suppress(RedisError):

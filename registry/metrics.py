@@ -30,7 +30,7 @@ from registry.coordination import (
     GC_TOTALS_KEY,
     STORE_KEY,
     Coordination,
-    upstream_key,
+    upstream_status,
 )
 
 TRANSFER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -132,16 +132,13 @@ class RedisState:
             labels=["registry"],
         )
         for name in self.registries:
-            record = {
-                k.decode(): v.decode()
-                for k, v in client.hgetall(upstream_key(name, "ratelimit")).items()
-            }
-            window = record.get("window", "")
-            if record.get("limit", "").isdigit():
-                limit.add_metric([name, window], float(record["limit"]))
-            if record.get("remaining", "").isdigit():
-                remaining.add_metric([name, window], float(record["remaining"]))
-            breaker.add_metric([name], 1.0 if client.exists(upstream_key(name, "breaker")) else 0)
+            status = upstream_status(client, name)
+            window = status.get("window", "")
+            if status.get("limit", "").isdigit():
+                limit.add_metric([name, window], float(status["limit"]))
+            if status.get("remaining", "").isdigit():
+                remaining.add_metric([name, window], float(status["remaining"]))
+            breaker.add_metric([name], 0.0 if status["breaker"] is None else 1.0)
         yield from (limit, remaining, breaker)
 
         store = {k.decode(): v.decode() for k, v in client.hgetall(STORE_KEY).items()}
@@ -173,13 +170,19 @@ class RedisState:
             yield from (when, seconds)
 
 
-def totals(local: CollectorRegistry) -> list[tuple[str, dict[str, str], float]]:
-    """Every counter sample summed over all workers (or this process's): for the UI."""
+def _counters(local: CollectorRegistry) -> CollectorRegistry:
+    """A fresh registry of every worker's counters (or, outside gunicorn, this process's)."""
     registry = CollectorRegistry()
     if multiprocess():
         MultiProcessCollector(registry)
     else:
         registry.register(_Forward(local))
+    return registry
+
+
+def totals(local: CollectorRegistry) -> list[tuple[str, dict[str, str], float]]:
+    """Every counter sample summed over all workers (or this process's): for the UI."""
+    registry = _counters(local)
     return [
         (sample.name, sample.labels, sample.value)
         for family in registry.collect()
@@ -189,11 +192,7 @@ def totals(local: CollectorRegistry) -> list[tuple[str, dict[str, str], float]]:
 
 def scrape(coord: Coordination, registries: list[str], local: CollectorRegistry) -> bytes:
     """The text exposition: every worker's counters (or this process's), plus Redis state."""
-    registry = CollectorRegistry()
-    if multiprocess():
-        MultiProcessCollector(registry)
-    else:
-        registry.register(_Forward(local))
+    registry = _counters(local)
     registry.register(RedisState(coord, registries))
     return generate_latest(registry)
 

@@ -10,14 +10,13 @@ import os
 import random
 import signal
 import subprocess
-import sys
 
 import pytest
 import redis as redis_lib
 import requests
 
 from registry.mediatypes import MANIFEST_TYPES
-from tests.support.servers import ROOT, Gunicorn, RedisServer
+from tests.support.servers import Gunicorn, RedisServer, run_module
 
 ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
 
@@ -42,17 +41,7 @@ def cache(tmp_path_factory, redis_server, upstream, images):
 
 
 def cli(cache, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PULLTHROUGH_CONFIG": str(cache.config_path)}
-    env.pop("REDIS_URL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "registry", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=check,
-    )
+    return run_module("registry", cache.config_path, *args, check=check)
 
 
 def blob_file(cache, digest: str):

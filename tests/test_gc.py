@@ -25,7 +25,7 @@ from registry.digests import Digest
 from registry.gc import Collector, GcBusy
 from registry.store import ContentStore, FilesystemDriver
 from tests.support.images import index, single
-from tests.support.servers import ROOT
+from tests.support.servers import ROOT, run_module
 from tests.support.stores import (
     age,
     blob_exists,
@@ -420,17 +420,7 @@ def config(tmp_path, redis_server, redis_client):
 
 
 def workers(config, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PULLTHROUGH_CONFIG": str(config)}
-    env.pop("REDIS_URL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "workers", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=True,
-    )
+    return run_module("workers", config, *args, timeout=timeout)
 
 
 def test_rq_worker_in_burst_mode_runs_an_enqueued_sweep(config, store, coord, redis_client):

@@ -125,3 +125,23 @@ def test_user_input_is_escaped(cache, page):
     page.goto(cache.url + "/ui/repositories/" + requests.utils.quote("<b>x</b>"))
     assert "Not found" in page.inner_text("h1")
     assert page.dialogs == []
+
+
+def test_overview_shows_a_failed_gc_run_whose_report_has_no_counts(cache, page, redis_server):
+    # What record_gc writes when a run fails before counting anything.
+    client = redis_lib.Redis.from_url(redis_server.url)
+    client.delete("pt:gc:last")
+    client.hset(
+        "pt:gc:last",
+        mapping={
+            "started": "1.0",
+            "dry_run": "False",
+            "error": "OSError: disk gone",
+            "finished": "2.0",
+            "seconds": "1.0",
+        },
+    )
+    client.close()
+    page.goto(cache.url + "/")
+    gc = page.inner_text("#gc")
+    assert "OSError: disk gone" in gc and "freed 0 B" in gc

@@ -17,7 +17,7 @@ import sys
 
 from rq import Worker
 
-from registry.config import ConfigError, load_settings
+from registry.config import load_settings_or_report
 from registry.gc import GcBusy
 from workers.gc import QUEUE, GcScheduler, collector, enqueue, redis_client
 
@@ -34,10 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    settings = load_settings_or_report()
+    if settings is None:
         return 2
     client = redis_client(settings)
 

@@ -4,14 +4,13 @@ names and search terms are user input."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 
 from flask import Blueprint, abort, current_app, render_template, request
 from redis.exceptions import RedisError
 
-from registry.coordination import GC_LAST_KEY, STORE_KEY, upstream_key
+from registry.coordination import GC_LAST_KEY, STORE_KEY, upstream_status
 from registry.errors import RegistryError
 from registry.inventory import tag_rows
 from registry.metrics import totals
@@ -76,16 +75,15 @@ def overview():
     try:
         client = pt.coord.redis
         for registry in pt.settings.registries:
-            quota = _decode(client.hgetall(upstream_key(registry.name, "ratelimit")))
-            breaker = client.get(upstream_key(registry.name, "breaker"))
+            status = upstream_status(client, registry.name)
             upstreams.append(
                 {
                     "name": registry.name,
                     "url": registry.url,
-                    "breaker": json.loads(breaker) if breaker else None,
-                    "remaining": quota.get("remaining"),
-                    "limit": quota.get("limit"),
-                    "window": quota.get("window"),
+                    "breaker": status["breaker"],
+                    "remaining": status.get("remaining"),
+                    "limit": status.get("limit"),
+                    "window": status.get("window"),
                 }
             )
         store = _decode(client.hgetall(STORE_KEY))

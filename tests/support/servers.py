@@ -338,6 +338,24 @@ class Distribution:
         return self.requests_seen()[mark:]
 
 
+def run_module(
+    module: str, config: Path, *args: str, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """`python -m <module> args...` from the project root with PULLTHROUGH_CONFIG=config (and
+    no REDIS_URL from the caller's environment)."""
+    env = {**os.environ, "PULLTHROUGH_CONFIG": str(config)}
+    env.pop("REDIS_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+    )
+
+
 # -- pullthrough under gunicorn --
 class Gunicorn:
     def __init__(self, config_path: Path, workdir: Path, workers: int = 3, env: dict | None = None):
