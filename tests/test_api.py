@@ -156,6 +156,27 @@ def test_second_pull_is_served_from_disk(client, images, upstream):
     assert upstream.requests_since(mark) == []
 
 
+def test_a_damaged_cached_manifest_is_never_served_but_fetched_again(
+    client, images, upstream, settings, redis_client
+):
+    busybox = images["busybox"]
+    assert client.get("/v2/library/busybox/manifests/1.36").data == busybox.manifest
+    hexpart = busybox.digest.split(":")[1]
+    path = settings.storage_root / "blobs" / "sha256" / hexpart[:2] / hexpart
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x20  # same size, one bit off: a stat would not notice
+    path.write_bytes(bytes(damaged))
+    # Another process (a fresh app) reads the disk: by tag and by digest it must fetch again.
+    other = create_app(settings, redis_client=redis_client).test_client()
+    mark = upstream.mark()
+    for ref in ("1.36", busybox.digest):
+        response = other.get(f"/v2/library/busybox/manifests/{ref}")
+        assert response.status_code == 200
+        assert response.data == busybox.manifest
+    assert len(pulls_of(upstream, mark, "manifests")) >= 1
+    assert path.read_bytes() == busybox.manifest  # repaired on disk
+
+
 def test_identical_layers_are_stored_once(client, images, settings):
     shared = next(d for d in images["busybox"].blobs if d in images["alpine"].children[0].blobs)
     client.get("/v2/library/busybox/manifests/1.36")

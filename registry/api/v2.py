@@ -57,15 +57,18 @@ def manifest(name: str, reference: str) -> Response:
     if request.method == "GET":
         source = "upstream" if found.cache == "miss" else "cache"
         metrics.served_bytes.labels("manifest", target.registry.name, source).inc(len(found.body))
-    response = Response(found.body, mimetype=None)
-    response.headers["Content-Type"] = found.media_type
-    response.headers["Content-Length"] = str(len(found.body))
-    response.headers["Docker-Content-Digest"] = str(found.digest)
-    response.headers["ETag"] = f'"{found.digest}"'
-    response.headers["X-Cache"] = found.cache.upper()
+    digest = str(found.digest)
+    headers = {
+        "Content-Type": found.media_type,
+        "Content-Length": str(len(found.body)),
+        "Docker-Content-Digest": digest,
+        "ETag": f'"{digest}"',
+        "X-Cache": found.cache.upper(),
+    }
     if found.cache == "stale":
-        response.headers["Warning"] = '110 pullthrough "Response is stale: upstream failed"'
-    return response
+        headers["Warning"] = '110 pullthrough "Response is stale: upstream failed"'
+    # One Headers build instead of a set() per header: this is the hottest route.
+    return Response(found.body, headers=headers, mimetype=None)
 
 
 @bp.route("/v2/<path:name>/blobs/<digest>", methods=["GET", "DELETE"])

@@ -125,7 +125,7 @@ class PullThrough:
         return found
 
     def _manifest_by_digest(self, target: Target, digest: Digest, accept: list[str]) -> Manifest:
-        body = self.store.read_blob(digest)
+        body = self.store.read_manifest(digest)
         if body is not None:
             media_type = self.store.manifest_media_type(target, digest)
             if media_type is None and self.store.is_linked(target, digest):
@@ -191,7 +191,7 @@ class PullThrough:
         record = self.store.read_tag(target, tag)
         if record is None or not accepts(accept, record.media_type):
             return None
-        body = self.store.read_blob(record.digest)
+        body = self.store.read_manifest(record.digest)
         if body is None:
             return None
         return Manifest(body, record.digest, record.media_type, "hit"), record

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -54,9 +55,15 @@ def _digest_path(digest: Digest) -> str:
     return f"{digest.algorithm}/{digest.hex}"
 
 
+# Manifest bodies kept per process, verified once (a few KiB each; 8 MiB holds thousands).
+MANIFEST_MEMO_BYTES = 8 << 20
+
+
 class ContentStore:
     def __init__(self, driver: StorageDriver) -> None:
         self.driver = driver
+        self._manifests: OrderedDict[Digest, bytes] = OrderedDict()
+        self._manifest_bytes = 0
 
     # -- blobs -----------------------------------------------------------------------------
     @staticmethod
@@ -76,10 +83,28 @@ class ContentStore:
     def read_blob(self, digest: Digest) -> bytes | None:
         return self.driver.read(self.blob_path(digest))
 
+    def read_manifest(self, digest: Digest) -> bytes | None:
+        """A manifest's bytes, only if they match `digest` (a damaged file reads as absent, so
+        the caller fetches it again). Verified bodies are remembered: content-addressed bytes
+        never change, and whether this repository or tag may see them is still decided on
+        disk by the caller."""
+        body = self._manifests.get(digest)
+        if body is not None:
+            self._manifests.move_to_end(digest)
+            return body
+        body = self.read_blob(digest)
+        if body is None or not digest.matches(body):
+            return None
+        self._manifests[digest] = body
+        self._manifest_bytes += len(body)
+        while self._manifest_bytes > MANIFEST_MEMO_BYTES:
+            self._manifest_bytes -= len(self._manifests.popitem(last=False)[1])
+        return body
+
     def put_verified_bytes(self, digest: Digest, data: bytes) -> bool:
         """Store small content (manifests) whose digest the caller has checked; True when it
-        was not there yet."""
-        if self.driver.stat(self.blob_path(digest)) != len(data):
+        was not there yet (or was damaged: same size, other bytes)."""
+        if self.driver.read(self.blob_path(digest)) != data:
             self.driver.write_atomic(self.blob_path(digest), data)
             return True
         return False

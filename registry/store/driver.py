@@ -98,34 +98,39 @@ class FilesystemDriver:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
-        self._root_prefix = str(self.root) + os.sep
+        self._root = str(self.root)
+        self._root_prefix = self._root + os.sep
         self.root.mkdir(parents=True, exist_ok=True)
 
     def local_path(self, path: str) -> Path:
-        full = os.path.normpath(os.path.join(self.root, path))
+        return Path(self._local(path))
+
+    def _local(self, path: str) -> str:
+        # Strings, not Paths, on the request path: pathlib costs more than the read itself.
+        full = os.path.normpath(os.path.join(self._root, path))
         if not full.startswith(self._root_prefix) or "\x00" in path:
             raise ValueError(f"path escapes the storage root: {path!r}")
-        return Path(full)
+        return full
 
     def stat(self, path: str) -> int | None:
         try:
-            return os.stat(self.local_path(path)).st_size
+            return os.stat(self._local(path)).st_size
         except (FileNotFoundError, NotADirectoryError):
             return None
 
     def mtime(self, path: str) -> float | None:
         try:
-            return os.stat(self.local_path(path)).st_mtime
+            return os.stat(self._local(path)).st_mtime
         except (FileNotFoundError, NotADirectoryError):
             return None
 
     def open_read(self, path: str) -> BinaryIO:
-        return open(self.local_path(path), "rb")
+        return open(self._local(path), "rb")
 
     def read(self, path: str) -> bytes | None:
         try:
-            with open(self.local_path(path), "rb") as handle:
-                return handle.read()
+            with open(self._local(path), "rb", buffering=0) as handle:
+                return handle.readall()
         except (FileNotFoundError, NotADirectoryError):
             return None
 
