@@ -38,8 +38,13 @@ format: $(VENV)/.test-deps
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(VENV)/.test-deps
-	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry skopeo=skopeo wrk=wrk ab=apache2-utils
+$(VENV)/.bench-deps: requirements-bench.txt $(VENV)/.test-deps
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-bench.txt
+	touch $@
+
+bench: $(VENV)/.bench-deps
+	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry skopeo=skopeo \
+		wrk=wrk ab=apache2-utils nginx=nginx curl=curl
 	$(BIN)/python -m bench
 
 clean:

@@ -1,12 +1,16 @@
-"""`make bench`: pullthrough side by side with CNCF distribution's proxy mode, same machine, same
-run, same local upstream (distribution behind a token server). Writes docs/benchmarks.md.
+"""`make bench`: pullthrough side by side with CNCF distribution's proxy mode and, where it
+applies, nginx serving the same files with sendfile (the limit); same machine, same run, same
+local upstream (distribution behind a token server). Writes docs/benchmarks.md and
+docs/benchmarks.png.
 
 Scenarios:
 - WAN: the upstream behind a relay that caps its bandwidth (as Docker Hub over a home link):
   one cold download, a 50-client herd on another cold blob (wall time against the single
-  download), and a herd whose fetching worker is killed half-way.
+  download), a herd whose fetching worker is killed half-way, and cold then warm skopeo pulls
+  of an image set (upstream bytes against the unique bytes the set needs).
 - Loopback: the same herd against both caches with an unthrottled upstream, warm blob
-  throughput, and warm manifest request rates measured with wrk.
+  throughput (1 and 8 clients, CPU per GiB), warm manifest request rates (median of several
+  rounds), peak RSS while a cold 1 GiB blob streams to 8 clients, upstream stopped or frozen.
 Reported as ratios because these machines are noisy.
 """
 
@@ -15,7 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
-import platform
+import random
 import signal
 import subprocess
 import tempfile
@@ -27,26 +31,33 @@ import requests
 import yaml
 
 from bench import gc as gc_bench
-from bench.load import ACCEPT, SECONDS, ab_head, wrk
+from bench.load import (
+    ACCEPT,
+    BLOB_MIB,
+    HERD,
+    HUGE_MIB,
+    REPEATS,
+    ROUNDS,
+    WAN_MIBPS,
+    WORKERS,
+    ab_head,
+    curl_downloads,
+    median,
+    wrk,
+)
+from bench.nginx import Nginx
+from bench.proc import RssSampler, timed_cpu, tree
+from bench.report import OFFLINE_PATIENCE, write_report
 from tests.support.clients import skopeo_copy, skopeo_policy
 from tests.support.fakes import FrozenServer
-from tests.support.images import Pusher, make_layer, single
+from tests.support.images import Image, Layer, Pusher, index, make_layer, sha256, single
 from tests.support.servers import (
-    ROOT,
     Distribution,
     Gunicorn,
     RedisServer,
     ThrottledRelay,
     TokenServer,
 )
-
-BLOB_MIB = int(os.environ.get("BENCH_BLOB_MIB", "256"))
-HERD = int(os.environ.get("BENCH_HERD", "50"))
-WORKERS = int(os.environ.get("BENCH_WORKERS", "4"))
-# 25 MiB/s is about a 200 Mbit/s home link.
-WAN_MIBPS = float(os.environ.get("BENCH_WAN_MIBPS", "25"))
-# How long an offline pull may take before we call it hung (skopeo itself waits far longer).
-OFFLINE_PATIENCE = 60
 
 
 def download(url: str) -> tuple[int, str, float]:
@@ -100,16 +111,6 @@ def killed_herd(url: str, clients: int, expected: str, kill_when) -> dict:
         "retried": sum(1 for a in attempts if a > 1),
         "killed": killed,
     }
-
-
-def throughput(url: str, size: int) -> float:
-    started = time.monotonic()
-    got = 0
-    with requests.get(url, stream=True, timeout=300) as response:
-        for chunk in response.iter_content(1 << 20):
-            got += len(chunk)
-    assert got == size, (got, size)
-    return size / (time.monotonic() - started) / (1 << 20)
 
 
 def upstream_blob_gets(upstream: Distribution, mark: int, digest: str) -> int:
@@ -201,12 +202,125 @@ def offline_scenarios(servers: dict[str, str], upstream: Distribution, work: Pat
     return out
 
 
+def image_set() -> list[Image]:
+    """What a small deployment pulls: a multi-arch index, an app image with several layers,
+    and an image with one large layer; a base layer shared by all of them."""
+    base = make_layer(100, 2 << 20)
+    children = [
+        single("set/multi", "1", [base, make_layer(101, 8 << 20), make_layer(102, 4 << 20)]),
+        single(
+            "set/multi",
+            "1",
+            [base, make_layer(103, 8 << 20), make_layer(104, 4 << 20)],
+            arch="arm64",
+        ),
+    ]
+    app_layers = [base, *(make_layer(105 + i, n << 19) for i, n in enumerate((32, 2, 1, 48)))]
+    return [
+        index("set/multi", "1", children),
+        single("set/app", "1", app_layers, docker=True),
+        single("set/big", "1", [base, make_layer(109, BLOB_MIB << 20)], docker=True),
+    ]
+
+
+def unique_bytes(images: list[Image]) -> int:
+    """Bytes a cache must fetch at least once to serve the whole set (`skopeo copy --all`)."""
+    content: dict[str, int] = {}
+    for image in images:
+        for one in (image, *image.children):
+            content[one.digest] = len(one.manifest)
+            content.update({d: len(b) for d, b in one.blobs.items()})
+    return sum(content.values())
+
+
+def set_pulls(pulls: dict[str, tuple[str, ThrottledRelay]], images, upstream, work) -> dict:
+    """Cold then warm skopeo pulls of the image set from each cache; each cache reaches the
+    upstream through its own bandwidth-capped relay, which counts the bytes it sent."""
+    policy = skopeo_policy(work)
+    out: dict = {}
+    for name, (prefix, relay) in pulls.items():
+        for phase in ("cold", "warm"):
+            before, mark = relay.bytes_down, upstream.mark()
+            started = time.monotonic()
+            for image in images:
+                dest = work / f"set-{name}-{phase}-{image.repository.replace('/', '-')}"
+                skopeo_copy(policy, f"{prefix}/{image.repository}:{image.tag}", dest, timeout=600)
+            out[(name, phase)] = {
+                "wall": time.monotonic() - started,
+                "upstream_bytes": relay.bytes_down - before,
+                "upstream_requests": len(upstream.requests_since(mark)),
+            }
+    return out
+
+
+def blob_throughput(urls: dict[str, tuple[str, int]], size: int) -> dict:
+    """Warm blob MiB/s with 1 and 8 concurrent clients (each downloading REPEATS times), and
+    the server's CPU seconds per GiB sent, from every server that holds the blob. `urls` maps
+    a server to (url, pid of its main process)."""
+    out: dict = {}
+    for clients in (1, 8):
+        for name, (url, pid) in urls.items():
+            curl_downloads(url, 1, size)  # page cache and connection pools warm for everyone
+
+            def run(url=url, clients=clients):
+                return median([curl_downloads(url, clients, size) for _ in range(REPEATS)])
+
+            # The process tree now: gunicorn replaces a worker the WAN scenario killed.
+            _, cpu, mibps = timed_cpu(tree(pid), run)
+            served_gib = clients * size * REPEATS / (1 << 30)
+            out[(name, clients)] = {"mibps": mibps, "cpu_per_gib": cpu / served_gib}
+    return out
+
+
+def manifest_rates(
+    servers: dict[str, str], digest: str, nginx_url: str, upstream: Distribution, work: Path
+) -> dict:
+    """GET/HEAD by tag and by digest, ROUNDS rounds with the servers taking turns, so that a
+    slow spell of this shared machine hits both; nginx serves the manifest file as the limit.
+    Also counts the upstream manifest requests each server made during its runs."""
+    runs: dict = {}
+    asked = dict.fromkeys(servers, 0)
+    for _ in range(ROUNDS):
+        for name, base in servers.items():
+            mark = upstream.mark()
+            for ref in ("1", digest):
+                kind = "tag" if ref == "1" else "digest"
+                url = f"{base}/v2/library/bench/manifests/{ref}"
+                runs.setdefault((name, kind, "GET"), []).append(wrk(url, work))
+                runs.setdefault((name, kind, "HEAD"), []).append(ab_head(url))
+            asked[name] += sum(1 for r in upstream.requests_since(mark) if "/manifests/" in r[1])
+        runs.setdefault(("nginx", "digest", "GET"), []).append(wrk(nginx_url, work))
+    return {"runs": runs, "upstream_requests": asked}
+
+
+def huge_blob_memory(servers: dict[str, tuple[str, list[int]]], size: int) -> dict:
+    """Peak RSS of each server process while a cold HUGE_MIB blob streams to 8 clients."""
+    out: dict = {}
+    for name, (url, pids) in servers.items():
+        with RssSampler(pids) as sampler:
+            mibps = curl_downloads(url, 8, size)
+        out[name] = {"before": sampler.before, "peak": sampler.peak, "mibps": mibps}
+    return out
+
+
+def huge_layer(size: int) -> Image:
+    """A HUGE_MIB layer of random bytes (not a real tarball: nothing unpacks it here, and
+    gzip would take longer than the scenario)."""
+    rng = random.Random(77)
+    data = b"".join(rng.randbytes(1 << 20) for _ in range(size >> 20))
+    return single("library/huge", "1", [Layer(data, sha256(data))], docker=True)
+
+
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pt-bench-"))
     redis_server = RedisServer(work / "redis").start()
     token = TokenServer(work / "token").start()
     upstream = Distribution(work / "upstream", token=token).start()
     relay = ThrottledRelay(upstream.port, WAN_MIBPS).start()
+    set_relays = {
+        "pullthrough": ThrottledRelay(upstream.port, WAN_MIBPS).start(),
+        "distribution": ThrottledRelay(upstream.port, WAN_MIBPS).start(),
+    }
     pusher = Pusher(upstream.url, token.realm, token.service)
     images: dict[str, tuple[str, int]] = {}
     for seed, name in enumerate(("bench", "single", "herd", "kill")):
@@ -217,6 +331,13 @@ def main() -> None:
         if name == "bench":
             bench_manifest = image.digest
     pusher.push(single("library/offline", "1", [make_layer(7, 1 << 20)], docker=True))
+    the_set = image_set()
+    for image in the_set:
+        pusher.push(image)
+    huge = huge_layer(HUGE_MIB << 20)
+    pusher.push(huge)
+    huge_digest, huge_size = next((d, len(b)) for d, b in huge.blobs.items() if len(b) > 1 << 20)
+    del huge
     layer, size = images["bench"]
 
     config = work / "pullthrough.yaml"
@@ -229,212 +350,70 @@ def main() -> None:
                     {"name": "docker.io", "url": upstream.url},
                     {"name": "wan.test", "url": relay.url},
                     {"name": "stale.test", "url": upstream.url, "tag_ttl": 0},
+                    {"name": "set.test", "url": set_relays["pullthrough"].url},
                 ],
             }
         )
     )
     cache = Gunicorn(config, work / "pt", workers=WORKERS).start()
     proxy = Distribution(work / "proxy", proxy_of=upstream.url).start()
+    set_proxy = Distribution(work / "set-proxy", proxy_of=set_relays["distribution"].url).start()
+    nginx = Nginx(work / "nginx", work / "pt-data", workers=WORKERS).start()
     servers = {"pullthrough": cache.url, "distribution": proxy.url}
-    results: dict[str, dict] = {}
+    main_pids = {"pullthrough": cache.proc.pid, "distribution": proxy.proc.pid}
+    results: dict = {}
     try:
-        wan = wan_scenarios(cache, redis.Redis.from_url(redis_server.url), relay, images)
+        results["wan"] = wan_scenarios(cache, redis.Redis.from_url(redis_server.url), relay, images)
+        results["set"] = set_pulls(
+            {
+                "pullthrough": (
+                    f"{cache.url.removeprefix('http://')}/set.test",
+                    set_relays["pullthrough"],
+                ),
+                "distribution": (set_proxy.url.removeprefix("http://"), set_relays["distribution"]),
+            },
+            the_set,
+            upstream,
+            work,
+        )
+        results["set_unique"] = unique_bytes(the_set)
+        herds: dict = {}
         for name, base in servers.items():
-            r: dict = {}
             blob_url = f"{base}/v2/library/bench/blobs/{layer}"
             # Manifests first, as a client would (distribution's proxy needs it too).
             manifest_url = f"{base}/v2/library/bench/manifests/1"
             requests.get(manifest_url, headers={"Accept": ACCEPT}, timeout=60).raise_for_status()
             mark = upstream.mark()
-            r["herd"] = herd(blob_url, HERD)
-            r["herd"]["upstream_gets"] = upstream_blob_gets(upstream, mark, layer)
-            time.sleep(1)
-            r["mbps"] = throughput(blob_url, size)
-            mark = upstream.mark()
-            for ref in ("1", bench_manifest):
-                kind = "tag" if ref == "1" else "digest"
-                url = f"{base}/v2/library/bench/manifests/{ref}"
-                r[f"{kind}_GET"] = wrk(url, work)
-                r[f"{kind}_HEAD"] = ab_head(url)
-            r["manifest_upstream_requests"] = len(
-                [x for x in upstream.requests_since(mark) if "/manifests/" in x[1]]
-            )
-            results[name] = r
-        offline = offline_scenarios(servers, upstream, work)
+            herds[name] = herd(blob_url, HERD)
+            herds[name]["upstream_gets"] = upstream_blob_gets(upstream, mark, layer)
+        results["herd"] = herds
+        huge_urls = {}
+        for name, base in servers.items():
+            requests.get(
+                f"{base}/v2/library/huge/manifests/1", headers={"Accept": ACCEPT}, timeout=60
+            ).raise_for_status()
+            huge_urls[name] = (f"{base}/v2/library/huge/blobs/{huge_digest}", main_pids[name])
+        results["memory"] = huge_blob_memory(
+            {
+                # gunicorn's workers only: the master serves nothing.
+                "pullthrough": (huge_urls["pullthrough"][0], tree(cache.proc.pid)[1:]),
+                "distribution": (huge_urls["distribution"][0], [proxy.proc.pid]),
+            },
+            huge_size,
+        )
+        huge_urls["nginx"] = (nginx.blob_url(huge_digest), nginx.proc.pid)
+        results["blob"] = blob_throughput(huge_urls, huge_size)
+        results["rates"] = manifest_rates(
+            servers, bench_manifest, nginx.blob_url(bench_manifest), upstream, work
+        )
+        results["offline"] = offline_scenarios(servers, upstream, work)
     finally:
-        cache.stop()
-        proxy.stop()
-        relay.stop()
-        upstream.stop()
+        for server in (cache, proxy, set_proxy, nginx, relay, *set_relays.values(), upstream):
+            server.stop()
         token.stop()
         redis_server.stop()
-    write_report(wan, results, offline, size, gc_bench.main())
-
-
-def write_report(wan: dict, results: dict, offline: dict, size: int, gc: list[str]) -> None:
-    pt, dist = results["pullthrough"], results["distribution"]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    mib = size / (1 << 20)
-
-    def ratio(a: float, b: float) -> str:
-        return f"{a / b:.2f}x" if b else "n/a"
-
-    wan_rows = [
-        ("single cold download, 1 client (s)", f"{wan['single_wall']:.2f}"),
-        (f"herd of {HERD}: wall time (s)", f"{wan['herd']['wall']:.2f}"),
-        (
-            "herd wall / single cold download (goal ≤ 1.5)",
-            f"{wan['herd']['wall'] / wan['single_wall']:.2f}",
-        ),
-        ("herd: median TTFB (s)", f"{wan['herd']['ttfb_p50']:.3f}"),
-        (
-            "herd: clients with 200 / distinct digests",
-            f"{wan['herd']['ok']} / {len(wan['herd']['digests'])}",
-        ),
-        ("herd: MiB sent by upstream", f"{wan['herd']['upstream_mib']:.1f}"),
-        ("fetcher killed half-way: clients with verified bytes", f"{wan['kill']['ok']} / {HERD}"),
-        ("fetcher killed half-way: clients that had to retry", wan["kill"]["retried"]),
-        ("fetcher killed half-way: MiB sent by upstream", f"{wan['kill']['upstream_mib']:.1f}"),
-        ("fetcher killed half-way: wall time (s)", f"{wan['kill']['wall']:.2f}"),
-    ]
-
-    def rate_cell(r: dict) -> str:
-        cell = f"{r['rps']:.0f}; {r['p50_ms']:.2f}"
-        if "p99_ms" in r:
-            cell += f"; {r['p99_ms']:.1f}"
-        if r.get("errors"):
-            cell += f" ({r['errors']} socket errors)"
-        return cell
-
-    def rate_row(kind: str, method: str) -> tuple:
-        a, b = pt[f"{kind}_{method}"], dist[f"{kind}_{method}"]
-        p99 = "; p99 ms" if method == "GET" else ""
-        return (
-            f"manifest {method} by {kind} (req/s; p50 ms{p99})",
-            rate_cell(a),
-            rate_cell(b),
-            ratio(a["rps"], b["rps"]),
-        )
-
-    rows = [
-        (
-            "herd: upstream blob GETs",
-            pt["herd"]["upstream_gets"],
-            dist["herd"]["upstream_gets"],
-            "",
-        ),
-        ("herd: clients with 200", pt["herd"]["ok"], dist["herd"]["ok"], ""),
-        (
-            "herd: distinct digests served",
-            len(pt["herd"]["digests"]),
-            len(dist["herd"]["digests"]),
-            "",
-        ),
-        (
-            "herd: median TTFB (s)",
-            f"{pt['herd']['ttfb_p50']:.3f}",
-            f"{dist['herd']['ttfb_p50']:.3f}",
-            ratio(dist["herd"]["ttfb_p50"], pt["herd"]["ttfb_p50"]),
-        ),
-        (
-            "herd: wall time (s)",
-            f"{pt['herd']['wall']:.2f}",
-            f"{dist['herd']['wall']:.2f}",
-            ratio(dist["herd"]["wall"], pt["herd"]["wall"]),
-        ),
-        (
-            "warm blob, 1 client (MiB/s)",
-            f"{pt['mbps']:.0f}",
-            f"{dist['mbps']:.0f}",
-            ratio(pt["mbps"], dist["mbps"]),
-        ),
-        rate_row("tag", "GET"),
-        rate_row("tag", "HEAD"),
-        rate_row("digest", "GET"),
-        rate_row("digest", "HEAD"),
-        (
-            "upstream manifest requests during the wrk runs",
-            pt["manifest_upstream_requests"],
-            dist["manifest_upstream_requests"],
-            "",
-        ),
-    ]
-
-    def pull(key: tuple) -> str:
-        ok, seconds = offline[key]
-        if not ok and seconds >= OFFLINE_PATIENCE:
-            return f"hung (gave up after {OFFLINE_PATIENCE} s)"
-        return f"{'pulled' if ok else 'failed'} in {seconds:.2f} s"
-
-    offline_rows = [
-        (
-            f"upstream {state}: {kind} image",
-            pull((state, "pullthrough", kind)),
-            pull((state, "distribution", kind)),
-        )
-        for state in ("stopped", "frozen")
-        for kind in ("cached", "uncached")
-    ]
-    lines = [
-        "# Benchmarks",
-        "",
-        f"Produced by `make bench` (bench/__main__.py). pullthrough: gunicorn, {WORKERS} gevent "
-        "workers, real Redis. distribution: Debian's docker-registry 2.8 in proxy mode. Both "
-        "pull from the same local distribution upstream behind a token server, on 127.0.0.1. "
-        "Herd clients are Python threads hashing every byte; GET rates come from wrk "
-        "(2 threads, 32 connections), HEAD rates from ApacheBench (32 keep-alive connections; "
-        "it reports whole milliseconds). Everything shares the same 2 cores, so read the ratios.",
-        "",
-        f"Machine: {os.cpu_count()} cores, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
-        f"{platform.platform()}, Python {platform.python_version()}; commit {commit}; "
-        f"blobs {mib:.0f} MiB; herd {HERD} clients; wrk runs {SECONDS:g} s each.",
-        "",
-        f"## Cold blobs through a {WAN_MIBPS:g} MiB/s upstream link (pullthrough)",
-        "",
-        "The upstream sits behind a loopback relay that caps the bandwidth of everything it "
-        "sends (about a 200 Mbit/s home link) and counts the bytes. distribution is not run "
-        f"here: it sends one upstream GET per client, so its herd would take about {HERD}x the "
-        "single download through the same link.",
-        "",
-        "| figure | pullthrough |",
-        "|---|---|",
-        *[f"| {a} | {b} |" for a, b in wan_rows],
-        "",
-        "## Loopback, side by side",
-        "",
-        "| figure | pullthrough | distribution | ratio (pullthrough better when > 1) |",
-        "|---|---|---|---|",
-        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
-        "",
-        "On an unthrottled loopback upstream a single cold download takes about a second, so "
-        "the herd's wall time is bounded by the clients hashing "
-        f"{HERD} x {mib:.0f} MiB on the same 2 cores, not by the upstream.",
-        "",
-        "## Upstream down",
-        "",
-        "skopeo pulls a cached image (1 MiB layer) and one never pulled, after the upstream "
-        "was stopped, then while a server on its port accepts connections and never answers. "
-        "pullthrough is asked through a registry entry with `tag_ttl: 0`, so every tag request "
-        "tries upstream first (the worst case; default timeouts: connect 5 s, metadata 5 s; "
-        "breaker after 5 failures).",
-        "",
-        "| scenario | pullthrough | distribution |",
-        "|---|---|---|",
-        *[f"| {a} | {b} | {c} |" for a, b, c in offline_rows],
-        "",
-        *gc,
-        "Not yet measured (issue #9): cold/warm skopeo pulls of an image set, 8-client "
-        "throughput and CPU per GB, nginx sendfile as the limit, peak RSS with a 1 GiB blob, "
-        "the PNG chart.",
-        "",
-    ]
-    out = ROOT / "docs" / "benchmarks.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    results["gc"] = gc_bench.main()
+    write_report(results, size=size, huge_size=huge_size)
 
 
 if __name__ == "__main__":

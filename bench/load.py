@@ -1,16 +1,28 @@
-"""Load generators for the benchmarks: wrk for GET rates, ApacheBench for HEAD rates."""
+"""Load generators for the benchmarks: wrk for GET rates, ApacheBench for HEAD rates, curl for
+blob throughput."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 from registry.mediatypes import MANIFEST_TYPES
 from tests.support.servers import require
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
+BLOB_MIB = int(os.environ.get("BENCH_BLOB_MIB", "256"))
+HERD = int(os.environ.get("BENCH_HERD", "50"))
+WORKERS = int(os.environ.get("BENCH_WORKERS", "4"))
+# 25 MiB/s is about a 200 Mbit/s home link.
+WAN_MIBPS = float(os.environ.get("BENCH_WAN_MIBPS", "25"))
+# Manifest rates are the median of this many rounds, the servers taking turns.
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+HUGE_MIB = int(os.environ.get("BENCH_HUGE_MIB", "1024"))
+# Downloads per client in a throughput run, so that each run lasts a few seconds.
+REPEATS = int(os.environ.get("BENCH_REPEATS", "4"))
 # What Docker and containerd send; without it distribution rewrites manifests to schema 1.
 ACCEPT = ", ".join(MANIFEST_TYPES[:4])
 
@@ -58,3 +70,28 @@ def ab_head(url: str) -> dict:
         "rps": float(re.search(r"Requests per second:\s+([\d.]+)", out).group(1)),
         "p50_ms": float(re.search(r"\n\s+50%\s+(\d+)", out).group(1)),
     }
+
+
+def curl_downloads(url: str, clients: int, size: int) -> float:
+    """Aggregate MiB/s of `clients` concurrent curl downloads of `url` (each checked to get
+    `size` bytes); curl writes to /dev/null, so the client side costs little CPU."""
+    command = [require("curl"), "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}"]
+    started = time.monotonic()
+    procs = [
+        subprocess.Popen([*command, url], stdout=subprocess.PIPE, text=True) for _ in range(clients)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    wall = time.monotonic() - started
+    for out in outputs:
+        status, got = out.split()
+        if status != "200" or int(got) != size:
+            raise RuntimeError(f"curl got {out!r} from {url}, expected {size} bytes")
+    return clients * size / wall / (1 << 20)
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
