@@ -1,10 +1,10 @@
-# The README's commands: `make run` and `make test` (plus `make bench`, `make lint`).
+# The README's commands: `make run` and `make test` (plus `make bench`, `make soak`, `make lint`).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint format bench clean
+.PHONY: run test lint format bench soak clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -46,6 +46,10 @@ bench: $(VENV)/.bench-deps
 	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry skopeo=skopeo \
 		wrk=wrk ab=apache2-utils nginx=nginx curl=curl
 	$(BIN)/python -m bench
+
+soak: $(VENV)/.test-deps
+	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry
+	$(BIN)/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -22,7 +22,13 @@ from registry.coordination import (
     UpstreamHealth,
     blob_lease_key,
 )
-from registry.errors import NotFound, RegistryError, Unsupported, error_response
+from registry.errors import (
+    NotFound,
+    RegistryError,
+    Unsupported,
+    error_response,
+    storage_failure,
+)
 from registry.metrics import Metrics, scrape
 from registry.pullthrough import PullThrough
 from registry.store import ContentStore, FilesystemDriver
@@ -158,6 +164,10 @@ def create_app(
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
+        refusal = storage_failure(error)
+        if refusal is not None:  # disk full: a clear 503, and serving resumes with space
+            log.error("storage failed on %s %s: %s", request.method, request.path, error)
+            return error_response(refusal, head=request.method == "HEAD")
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(RegistryError("internal error"), head=request.method == "HEAD")
 

@@ -6,7 +6,9 @@ Each carries its OCI error code and HTTP status; `error_response` renders the OC
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from typing import Any
 
 from flask import Response
@@ -102,6 +104,17 @@ class CacheUnavailable(RegistryError):
     """Our own coordination (Redis) or storage failed while a fill was needed."""
 
     code, status, default_message = "UNAVAILABLE", 503, "cache temporarily unavailable"
+
+
+# Our disk failing, as opposed to the network (requests' errors are OSErrors without errno).
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
+
+
+def storage_failure(exc: BaseException) -> CacheUnavailable | None:
+    """The 503 for an error of the storage itself (disk full, read-only, I/O error)."""
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return CacheUnavailable(f"cannot write to the storage ({os.strerror(exc.errno)})")
+    return None
 
 
 class FillFailed(RegistryError):

@@ -78,6 +78,24 @@ def test_poisoned_blob_is_cut_short_and_never_committed(cache, fake):
     assert uploads(cache) == []
 
 
+@pytest.mark.parametrize("extra", [b"x", b"<html>trailing junk</html>" * 100])
+def test_body_longer_than_the_blob_is_refused(cache, fake, extra):
+    good = random.randbytes(200_000)
+    digest = "sha256:" + hashlib.sha256(good).hexdigest()
+    name = f"library/longer{len(extra)}"
+    # The upstream announces and sends the longer body: the digest is what catches it.
+    fake.routes[f"/v2/{name}/blobs/{digest}"] = Route(body=good + extra)
+    status, body, complete = fetch(f"{cache.url}/v2/{name}/blobs/{digest}")
+    assert status != 200 or not complete
+    if status == 200:
+        assert good.startswith(body[: len(good)])  # never the whole, never other bytes
+    elif status > 0:  # refused before the first byte: an OCI error naming the upstream
+        assert "docker.io" in json.loads(body)["errors"][0]["message"]
+    time.sleep(0.2)
+    assert not committed(cache, digest)
+    assert uploads(cache) == []
+
+
 def test_html_error_page_with_200_is_refused(cache, fake):
     digest = "sha256:" + hashlib.sha256(b"the real layer").hexdigest()
     fake.routes[f"/v2/library/html/blobs/{digest}"] = Route(

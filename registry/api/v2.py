@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -99,10 +100,24 @@ def blob(name: str, digest: str) -> Response:
         response = Response(b"", status=status)
         response.headers.update(headers)  # after the body, which would reset Content-Length
         return response
+    chunks = None
+    if found.stream is not None:
+        # Wait for the first byte here, where a failed fill is still an OCI error with its
+        # status: once the headers are out it can only cut the connection short.
+        chunks = _primed(found.stream(start, end))
     sent = _Sent(_metrics(), target.registry.name, started, status)
     return Response(
-        _body(found, start, end, sent), status=status, headers=headers, direct_passthrough=True
+        _body(found, start, end, sent, chunks),
+        status=status,
+        headers=headers,
+        direct_passthrough=True,
     )
+
+
+def _primed(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """`chunks` with its first item already produced (its errors raised now)."""
+    first = next(chunks, None)
+    return chunks if first is None else itertools.chain((first,), chunks)
 
 
 class _Sent:
@@ -126,11 +141,11 @@ class _Sent:
         )
 
 
-def _body(found: Blob, start: int, end: int, sent: _Sent):
+def _body(found: Blob, start: int, end: int, sent: _Sent, chunks: Iterator[bytes] | None):
     # A miss counts as upstream bytes even when a fast fill committed before we sent them.
     source = "upstream" if found.cache == "miss" else "cache"
-    if found.stream is not None:
-        return _counted(found.stream(start, end), sent, source)
+    if chunks is not None:
+        return _counted(chunks, sent, source)
     assert found.open_file is not None
     handle = found.open_file()
     handle.seek(start)

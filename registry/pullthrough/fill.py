@@ -33,6 +33,7 @@ from registry.errors import (
     TooManyRequests,
     UpstreamError,
     UpstreamUnavailable,
+    storage_failure,
 )
 from registry.metrics import Metrics
 from registry.names import Target
@@ -206,19 +207,22 @@ class BlobFiller:
         except RegistryError as exc:
             self._fail(digest, "upstream_error", exc, streaming, upstream.registry.name)
         except Exception as exc:  # mid-stream resets, timeouts, disk full
-            reason = "timeout" if "timeout" in type(exc).__name__.lower() else "upstream_error"
-            if isinstance(exc, OSError) and stream is None:
+            error: RegistryError | None = storage_failure(exc)
+            if error is not None:
+                # Our disk, not the upstream: drop the partial so that it does not go on
+                # holding the space.
+                if upload is not None:
+                    upload.discard()
                 reason = "storage_error"
-            self._fail(
-                digest,
-                reason,
-                UpstreamUnavailable(
+            else:
+                reason = "timeout" if "timeout" in type(exc).__name__.lower() else "upstream_error"
+                if isinstance(exc, OSError) and stream is None:
+                    reason = "storage_error"
+                error = UpstreamUnavailable(
                     f"fill of {digest} from upstream {upstream.registry.name} failed: "
                     f"{type(exc).__name__}"
-                ),
-                streaming,
-                upstream.registry.name,
-            )
+                )
+            self._fail(digest, reason, error, streaming, upstream.registry.name)
         finally:
             done.set()
             if self.metrics is not None and streaming:
