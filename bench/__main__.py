@@ -234,41 +234,65 @@ def unique_bytes(images: list[Image]) -> int:
 
 
 def set_pulls(pulls: dict[str, tuple[str, ThrottledRelay]], images, upstream, work) -> dict:
-    """Cold then warm skopeo pulls of the image set from each cache; each cache reaches the
-    upstream through its own bandwidth-capped relay, which counts the bytes it sent."""
+    """Cold skopeo pulls of the image set from each cache (each cache reaches the upstream
+    through its own bandwidth-capped relay, which counts the bytes it sent), then ROUNDS warm
+    pulls with the caches taking turns (median wall time: skopeo's own disk writes are noisy).
+    """
     policy = skopeo_policy(work)
     out: dict = {}
+
+    def pull_all(name: str, prefix: str, relay: ThrottledRelay, phase: str) -> dict:
+        before, mark = relay.bytes_down, upstream.mark()
+        started = time.monotonic()
+        for image in images:
+            dest = work / f"set-{name}-{phase}-{image.repository.replace('/', '-')}"
+            skopeo_copy(policy, f"{prefix}/{image.repository}:{image.tag}", dest, timeout=600)
+        return {
+            "wall": time.monotonic() - started,
+            "upstream_bytes": relay.bytes_down - before,
+            "upstream_requests": len(upstream.requests_since(mark)),
+        }
+
     for name, (prefix, relay) in pulls.items():
-        for phase in ("cold", "warm"):
-            before, mark = relay.bytes_down, upstream.mark()
-            started = time.monotonic()
-            for image in images:
-                dest = work / f"set-{name}-{phase}-{image.repository.replace('/', '-')}"
-                skopeo_copy(policy, f"{prefix}/{image.repository}:{image.tag}", dest, timeout=600)
-            out[(name, phase)] = {
-                "wall": time.monotonic() - started,
-                "upstream_bytes": relay.bytes_down - before,
-                "upstream_requests": len(upstream.requests_since(mark)),
-            }
+        out[(name, "cold")] = pull_all(name, prefix, relay, "cold")
+    warm: dict[str, list[dict]] = {name: [] for name in pulls}
+    for round_ in range(ROUNDS):
+        for name, (prefix, relay) in pulls.items():
+            warm[name].append(pull_all(name, prefix, relay, f"warm{round_}"))
+    for name, runs in warm.items():
+        out[(name, "warm")] = {
+            "wall": median([r["wall"] for r in runs]),
+            "upstream_bytes": sum(r["upstream_bytes"] for r in runs),
+            "upstream_requests": sum(r["upstream_requests"] for r in runs),
+        }
     return out
 
 
 def blob_throughput(urls: dict[str, tuple[str, int]], size: int) -> dict:
-    """Warm blob MiB/s with 1 and 8 concurrent clients (each downloading REPEATS times), and
-    the server's CPU seconds per GiB sent, from every server that holds the blob. `urls` maps
+    """Warm blob MiB/s with 1 and 8 concurrent clients, and the server's CPU seconds per GiB
+    sent, from every server that holds the blob; REPEATS runs with the servers taking turns
+    (one client's speed moves with where the scheduler puts it), median shown. `urls` maps
     a server to (url, pid of its main process)."""
     out: dict = {}
     for clients in (1, 8):
-        for name, (url, pid) in urls.items():
+        runs: dict[str, list[float]] = {name: [] for name in urls}
+        cpu: dict[str, float] = dict.fromkeys(urls, 0.0)
+        for url, _ in urls.values():
             curl_downloads(url, 1, size)  # page cache and connection pools warm for everyone
-
-            def run(url=url, clients=clients):
-                return median([curl_downloads(url, clients, size) for _ in range(REPEATS)])
-
-            # The process tree now: gunicorn replaces a worker the WAN scenario killed.
-            _, cpu, mibps = timed_cpu(tree(pid), run)
+        for _ in range(REPEATS):
+            for name, (url, pid) in urls.items():
+                # The process tree now: gunicorn replaces a worker the WAN scenario killed.
+                _, used, mibps = timed_cpu(
+                    tree(pid), lambda u=url, n=clients: curl_downloads(u, n, size)
+                )
+                runs[name].append(mibps)
+                cpu[name] += used
+        for name in urls:
             served_gib = clients * size * REPEATS / (1 << 30)
-            out[(name, clients)] = {"mibps": mibps, "cpu_per_gib": cpu / served_gib}
+            out[(name, clients)] = {
+                "mibps": median(runs[name]),
+                "cpu_per_gib": cpu[name] / served_gib,
+            }
     return out
 
 
