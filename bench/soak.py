@@ -65,7 +65,9 @@ class Tally:
             self.by_op[op] += 1
             self.by_status[status] += 1
             if status >= 500:
-                self.server_errors.append((time.time(), url, status, body[:200].decode("replace")))
+                self.server_errors.append(
+                    (time.time(), url, status, body[:200].decode(errors="replace"))
+                )
 
 
 class Catalogue:
@@ -75,6 +77,9 @@ class Catalogue:
         self.lock = threading.Lock()
         self.images = list(images)
         self.fresh: list[Image] = []
+        # soak/moving:latest is re-pointed at every push, so its older manifests become
+        # garbage that the sweeps delete while clients may still hold their digests.
+        self.moving: dict[str, Image] = {}
 
     def pick(self, rng: random.Random) -> Image:
         with self.lock:
@@ -82,10 +87,11 @@ class Catalogue:
                 return rng.choice(self.fresh[-3:])  # the newest: cold, clients herd on it
             return rng.choice(self.images)
 
-    def add(self, image: Image) -> None:
+    def add(self, image: Image, moving: Image) -> None:
         with self.lock:
             self.images.append(image)
             self.fresh.append(image)
+            self.moving[moving.digest] = moving
 
 
 def flat(image: Image) -> Image:
@@ -102,11 +108,29 @@ def client_loop(base: str, catalogue: Catalogue, tally: Tally, stop: threading.E
         one = flat(image)
         repo = image.repository
         op = rng.choices(
-            ["tag", "digest", "head", "blob", "range", "tags", "catalog"],
-            weights=[25, 15, 10, 20, 15, 10, 5],
+            ["tag", "digest", "head", "blob", "range", "tags", "catalog", "moving"],
+            weights=[25, 15, 10, 20, 15, 10, 5, 5],
         )[0]
         try:
-            if op == "tag":
+            if op == "moving":
+                # Whatever the tag points at now (or up to tag_ttl ago): a manifest we pushed,
+                # matching its digest header, and its layer.
+                url = f"{base}/v2/soak/moving/manifests/latest"
+                r = session.get(url, headers={"Accept": ACCEPT}, timeout=60)
+                if r.status_code == 200:
+                    digest = r.headers.get("Docker-Content-Digest", "")
+                    pushed = catalogue.moving.get(digest)
+                    if pushed is None or r.content != pushed.manifest:
+                        tally.wrong_bytes.append(f"{url} -> {digest}")
+                    else:
+                        layer = max(pushed.blobs, key=lambda d: len(pushed.blobs[d]))
+                        tally.note(op, r.status_code, url)
+                        url = f"{base}/v2/soak/moving/blobs/{layer}"
+                        r = session.get(url, timeout=120)
+                        got = hashlib.sha256(r.content).hexdigest()
+                        if r.status_code == 200 and got != layer[7:]:
+                            tally.wrong_bytes.append(url)
+            elif op == "tag":
                 url = f"{base}/v2/{repo}/manifests/{image.tag}"
                 r = session.get(url, headers={"Accept": ACCEPT}, timeout=60)
                 if r.status_code == 200 and r.content != image.manifest:
@@ -139,19 +163,26 @@ def client_loop(base: str, catalogue: Catalogue, tally: Tally, stop: threading.E
                 url = f"{base}/v2/_catalog?n=50"
                 r = session.get(url, timeout=60)
             tally.note(op, r.status_code, url, r.content if r.status_code >= 500 else b"")
-        except requests.RequestException as exc:
+        except Exception as exc:  # counted and reported, so that no client thread dies
             with tally.lock:
                 tally.errors[type(exc).__name__] += 1
+
+
+def push_round(pusher: Pusher, catalogue: Catalogue, n: int) -> None:
+    """A new image upstream (cold for the cache) and soak/moving:latest re-pointed at it."""
+    layers = [make_layer(10_000 + 2 * n, 256 << 10), make_layer(10_001 + 2 * n, 3 << 20)]
+    image = single(f"soak/fresh{n % 20}", f"v{n}", layers, docker=True)
+    pusher.push(image)
+    moving = single("soak/moving", "latest", layers[:1], docker=True)
+    pusher.push(moving)
+    catalogue.add(image, moving)
 
 
 def pusher_loop(pusher: Pusher, catalogue: Catalogue, stop: threading.Event) -> None:
     n = 0
     while not stop.wait(PUSH_EVERY):
         n += 1
-        layers = [make_layer(10_000 + 2 * n, 256 << 10), make_layer(10_001 + 2 * n, 3 << 20)]
-        image = single(f"soak/fresh{n % 20}", f"v{n}", layers, docker=True)
-        pusher.push(image)
-        catalogue.add(image)
+        push_round(pusher, catalogue, n)
 
 
 def watch(cache: Gunicorn, client: redis.Redis, samples: list, stop: threading.Event) -> None:
@@ -203,6 +234,7 @@ def main() -> None:
     cache = Gunicorn(config, work / "pt", workers=WORKERS).start()
     client = redis.Redis.from_url(redis_server.url)
     catalogue, tally, samples, events = Catalogue(images), Tally(), [], []
+    push_round(pusher, catalogue, 0)
     stop = threading.Event()
     threads = [
         threading.Thread(target=client_loop, args=(cache.url, catalogue, tally, stop, i))
@@ -210,7 +242,7 @@ def main() -> None:
     ]
     threads.append(threading.Thread(target=pusher_loop, args=(pusher, catalogue, stop)))
     threads.append(threading.Thread(target=watch, args=(cache, client, samples, stop)))
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     for thread in threads:
         thread.start()
     killed = restarted = False
@@ -248,10 +280,19 @@ def main() -> None:
     upstream.stop()
     token.stop()
     redis_server.stop()
-    write(tally, samples, events, gc_runs, verify, leases_after, time.monotonic() - started)
+    write(
+        tally,
+        samples,
+        events,
+        gc_runs,
+        verify,
+        leases_after,
+        started_at,
+        time.monotonic() - started,
+    )
 
 
-def write(tally, samples, events, gc_runs, verify, leases_after, wall) -> None:
+def write(tally, samples, events, gc_runs, verify, leases_after, first, wall) -> None:
     total = sum(tally.by_status.values())
     steady = samples[len(samples) // 5 :] or samples  # after the first fifth: warmed up
     rss_start, rss_end = max(steady[0]["rss"]), max(steady[-1]["rss"])
@@ -259,7 +300,6 @@ def write(tally, samples, events, gc_runs, verify, leases_after, wall) -> None:
     fds_peak = max(max(s["fds"] or [0]) for s in samples)
     fds_end = max(steady[-1]["fds"] or [0])
     keys = [s["keys"] for s in steady if s["keys"] >= 0]
-    first = events[0][0] if events else 0
     server_errors = collections.Counter(
         (status, body) for _, _, status, body in tally.server_errors
     )
@@ -281,7 +321,7 @@ def write(tally, samples, events, gc_runs, verify, leases_after, wall) -> None:
         f"| requests answered | {total} ({total / wall:.0f}/s) |",
         f"| by operation | {', '.join(f'{k} {v}' for k, v in tally.by_op.most_common())} |",
         f"| by status | {', '.join(f'{k}: {v}' for k, v in sorted(tally.by_status.items()))} |",
-        f"| 5xx answers (all while Redis was down: see below) | {len(tally.server_errors)} |",
+        f"| 5xx answers (when and why: below) | {len(tally.server_errors)} |",
         f"| wrong bytes (digest or range mismatch) | {len(tally.wrong_bytes)} |",
         f"| client-side errors (connection reset, timeout) | {dict(tally.errors) or 0} |",
         f"| worker RSS, steady state start → end (MiB, largest worker) | "
