@@ -305,7 +305,7 @@ def write(tally, samples, events, gc_runs, verify, leases_after, first, wall) ->
     )
     outage = [e for e in events if "Redis" in e[1]]
     lines = [
-        "# Reliability",
+        "## Soak: `make soak`",
         "",
         "Produced by `make soak` (bench/soak.py): real gunicorn with "
         f"{WORKERS} gevent workers, real Redis, a real distribution upstream behind a token "
@@ -314,7 +314,7 @@ def write(tally, samples, events, gc_runs, verify, leases_after, first, wall) ->
         "against the known bytes). New images are pushed upstream every "
         f"{PUSH_EVERY:g} s and clients herd onto them (cold fills throughout).",
         "",
-        "## Load held",
+        "### Load held",
         "",
         "| figure | value |",
         "|---|---|",
@@ -333,7 +333,7 @@ def write(tally, samples, events, gc_runs, verify, leases_after, first, wall) ->
         f"| leases held after the run | {leases_after} |",
         f"| `python -m registry verify` | rc {verify['rc']}: {verify['out'].strip()[-300:]} |",
         "",
-        "## Faults survived",
+        "### Faults survived",
         "",
         "| at (s) | event |",
         "|---|---|",
