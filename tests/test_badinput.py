@@ -308,8 +308,8 @@ def raw(port: int, request: bytes) -> tuple[int, bytes]:
             sock.shutdown(socket.SHUT_WR)
             while chunk := sock.recv(65536):
                 data += chunk
-        except ConnectionResetError:
-            pass  # refused before we finished sending: a reset may swallow the answer
+        except OSError:
+            pass  # refused before we finished sending (reset, not connected, broken pipe)
     if not data:
         return 0, b""
     head, _, body = data.partition(b"\r\n\r\n")
