@@ -111,9 +111,9 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBI
 
 
 def storage_failure(exc: BaseException) -> CacheUnavailable | None:
-    """The 503 for an error of the storage itself (disk full, read-only, I/O error)."""
+    """The 503 for a failure of the storage itself (disk full, read-only, I/O error)."""
     if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-        return CacheUnavailable(f"cannot write to the storage ({os.strerror(exc.errno)})")
+        return CacheUnavailable(f"the storage failed: {os.strerror(exc.errno)}")
     return None
 
 

@@ -96,6 +96,17 @@ def test_body_longer_than_the_blob_is_refused(cache, fake, extra):
     assert uploads(cache) == []
 
 
+def test_a_fill_that_fails_before_its_first_byte_is_an_oci_error(cache, fake):
+    data = random.randbytes(100_000)
+    # Upstream announces the blob, then resets before any byte, every time.
+    digest = fake.add_blob("library/nobyte", data, send_bytes=0, reset=True)
+    response = requests.get(f"{cache.url}/v2/library/nobyte/blobs/{digest}", timeout=30)
+    assert response.status_code in (502, 503), response.text[:200]
+    error = response.json()["errors"][0]
+    assert error["code"] in ("UNAVAILABLE", "BLOB_UNKNOWN") and "docker.io" in error["message"]
+    assert not committed(cache, digest)
+
+
 def test_html_error_page_with_200_is_refused(cache, fake):
     digest = "sha256:" + hashlib.sha256(b"the real layer").hexdigest()
     fake.routes[f"/v2/library/html/blobs/{digest}"] = Route(

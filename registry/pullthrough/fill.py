@@ -208,16 +208,18 @@ class BlobFiller:
             self._fail(digest, "upstream_error", exc, streaming, upstream.registry.name)
         except Exception as exc:  # mid-stream resets, timeouts, disk full
             error: RegistryError | None = storage_failure(exc)
+            if error is None and isinstance(exc, OSError) and stream is None:
+                # Upstream's failures arrive as RegistryErrors until the stream is open: this
+                # is our own file (permissions, a vanished directory).
+                error = CacheUnavailable(f"fill of {digest} failed: storage error ({exc})")
             if error is not None:
                 # Our disk, not the upstream: drop the partial so that it does not go on
-                # holding the space.
-                if upload is not None:
+                # holding the space (unless the lease, and so the file, is someone else's).
+                if upload is not None and not lease.lost:
                     upload.discard()
                 reason = "storage_error"
             else:
                 reason = "timeout" if "timeout" in type(exc).__name__.lower() else "upstream_error"
-                if isinstance(exc, OSError) and stream is None:
-                    reason = "storage_error"
                 error = UpstreamUnavailable(
                     f"fill of {digest} from upstream {upstream.registry.name} failed: "
                     f"{type(exc).__name__}"
@@ -232,6 +234,10 @@ class BlobFiller:
             if stream is not None:
                 stream.close()
             if upload is not None:
+                if offset == 0 and not lease.lost:
+                    # Nothing to resume from (a no-op after a commit). Not once the lease is
+                    # lost: the file may be another fetcher's by now.
+                    upload.discard()
                 upload.close()
             lease.release()
 
@@ -348,13 +354,19 @@ class BlobFiller:
                         raise FillFailed(state.get("error_message", "fill failed"))
                     if not committed and not self.coord.lease_held(blob_lease_key(digest)):
                         if takeovers >= MAX_TAKEOVERS:
-                            raise FillFailed(f"fill of {digest} failed {takeovers} times")
+                            raise FillFailed(
+                                f"fill of {digest} from upstream {upstream.registry.name} "
+                                f"failed {takeovers} times; last: "
+                                f"{state.get('error_message', 'no error recorded')}"
+                            )
                         if self._try_fetch(target, upstream, digest):
                             takeovers += 1
                             log.info("took over the fill of %s at byte %d", digest, available)
                             last_progress = now
                     if now - last_progress > self.stall_timeout:
-                        raise FillFailed(f"fill of {digest} stalled")
+                        raise FillFailed(
+                            f"fill of {digest} from upstream {upstream.registry.name} stalled"
+                        )
                 time.sleep(sleep)
                 sleep = min(sleep * 2, 0.02)
         finally:
