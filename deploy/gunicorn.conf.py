@@ -63,7 +63,8 @@ def post_worker_init(worker):
     logger.propagate = False
 
     # SIGTERM closes idle keep-alive connections at once; in-flight responses finish.
-    from registry.serving import prompt_graceful_stop, zero_copy_sendfile
+    from registry.serving import cheap_date_header, prompt_graceful_stop, zero_copy_sendfile
 
     prompt_graceful_stop(worker)
     zero_copy_sendfile()
+    cheap_date_header()

@@ -4,12 +4,14 @@ fails when Redis stops), and a graceful shutdown that lets an in-flight blob fin
 from __future__ import annotations
 
 import concurrent.futures
+import email.utils
 import hashlib
 import json
 import os
 import random
 import signal
 import subprocess
+import time
 
 import pytest
 import redis as redis_lib
@@ -166,6 +168,17 @@ def test_sigterm_lets_an_in_flight_blob_finish_and_commits_only_whole_files(
             requests.get(f"{server.url}/v2/", timeout=5)
     finally:
         server.stop()
+
+
+def test_date_header_is_current_and_well_formed(cache):
+    # gunicorn's Date header is formatted once a second (registry/serving.py), never stale.
+    seen = []
+    for _ in range(2):
+        response = requests.get(f"{cache.url}/v2/", timeout=10)
+        seen.append(email.utils.parsedate_to_datetime(response.headers["Date"]).timestamp())
+        assert abs(seen[-1] - time.time()) < 2
+        time.sleep(1.1)
+    assert seen[1] - seen[0] >= 1
 
 
 def test_cached_blobs_go_out_by_sendfile_whole_and_in_ranges(cache, images):

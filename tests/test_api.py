@@ -177,6 +177,27 @@ def test_a_damaged_cached_manifest_is_never_served_but_fetched_again(
     assert path.read_bytes() == busybox.manifest  # repaired on disk
 
 
+def test_a_revision_removed_from_disk_is_not_answered_from_memory(
+    client, images, upstream, settings
+):
+    busybox = images["busybox"]
+    url = f"/v2/library/busybox/manifests/{busybox.digest}"
+    assert client.get(url).status_code == 200
+    assert client.get(url).headers["X-Cache"] == "HIT"  # the media type is remembered now
+    revision = (
+        settings.storage_root
+        / "repositories/docker.io/library/busybox/_manifests/revisions"
+        / "sha256"
+        / busybox.digest.split(":")[1]
+    )
+    revision.unlink()  # as GC or `evict` do
+    mark = upstream.mark()
+    again = client.get(url)
+    assert again.status_code == 200 and again.data == busybox.manifest
+    assert again.headers["X-Cache"] == "MISS"  # asked upstream: the disk decides
+    assert len(pulls_of(upstream, mark, "manifests")) == 1
+
+
 def test_identical_layers_are_stored_once(client, images, settings):
     shared = next(d for d in images["busybox"].blobs if d in images["alpine"].children[0].blobs)
     client.get("/v2/library/busybox/manifests/1.36")

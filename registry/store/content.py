@@ -57,6 +57,8 @@ def _digest_path(digest: Digest) -> str:
 
 # Manifest bodies kept per process, verified once (a few KiB each; 8 MiB holds thousands).
 MANIFEST_MEMO_BYTES = 8 << 20
+# Revision media types kept per process (forgotten all at once past this many).
+MEDIA_TYPE_MEMO = 50_000
 
 
 class ContentStore:
@@ -64,6 +66,7 @@ class ContentStore:
         self.driver = driver
         self._manifests: OrderedDict[Digest, bytes] = OrderedDict()
         self._manifest_bytes = 0
+        self._media_types: dict[str, str] = {}
 
     # -- blobs -----------------------------------------------------------------------------
     @staticmethod
@@ -179,11 +182,26 @@ class ContentStore:
         path = f"{self.repo_path(target)}/_manifests/revisions/{_digest_path(digest)}"
         if self.driver.read(path) != media_type.encode():
             self.driver.write_atomic(path, media_type.encode())
+        self._media_types.pop(path, None)
 
     def manifest_media_type(self, target: Target, digest: Digest) -> str | None:
+        """The media type of this repository's revision, None when it has none. What the file
+        says is remembered; whether it still exists (GC, evict) is asked of the disk each time,
+        with a stat instead of a read: this is on every request by digest."""
         path = f"{self.repo_path(target)}/_manifests/revisions/{_digest_path(digest)}"
+        known = self._media_types.get(path)
+        if known is not None:
+            if self.driver.stat(path) is not None:
+                return known
+            del self._media_types[path]
+            return None
         data = self.driver.read(path)
-        return data.decode() if data is not None else None
+        if data is None:
+            return None
+        if len(self._media_types) >= MEDIA_TYPE_MEMO:
+            self._media_types.clear()
+        self._media_types[path] = media_type = data.decode()
+        return media_type
 
     def read_tag(self, target: Target, tag: str) -> TagRecord | None:
         data = self.driver.read(f"{self.repo_path(target)}/_manifests/tags/{tag}")
