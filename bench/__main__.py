@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import redis
 import requests
@@ -42,7 +43,6 @@ from bench.load import (
     WORKERS,
     ab_head,
     curl_downloads,
-    median,
     wrk,
 )
 from bench.nginx import Nginx
@@ -420,7 +420,7 @@ def main() -> None:
         results["memory"] = huge_blob_memory(
             {
                 # gunicorn's workers only: the master serves nothing.
-                "pullthrough": (huge_urls["pullthrough"][0], tree(cache.proc.pid)[1:]),
+                "pullthrough": (huge_urls["pullthrough"][0], cache.worker_pids()),
                 "distribution": (huge_urls["distribution"][0], [proxy.proc.pid]),
             },
             huge_size,

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from registry.digests import Digest
 from registry.names import Target
 from registry.store import ContentStore, FilesystemDriver, TagRecord
 from tests.support.images import single
-from tests.support.servers import ROOT, Gunicorn, RedisServer
+from tests.support.servers import Gunicorn, RedisServer, start_module
 from tests.support.stores import put_manifest, raw_layer
 
 MANIFESTS = int(os.environ.get("BENCH_GC_MANIFESTS", "2000"))
@@ -80,15 +79,9 @@ def timed_gc(config: Path, *args: str) -> tuple[dict, float, float]:
     """(report, seconds, peak RSS MiB) of `python -m workers gc` in its own process. The peak
     is VmHWM polled from /proc: wait4's ru_maxrss would count the forked bench process's
     memory from before the exec."""
-    env = {**os.environ, "PULLTHROUGH_CONFIG": str(config)}
-    env.pop("REDIS_URL", None)
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "workers", "gc", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+    proc = start_module(
+        "workers", config, "gc", *args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
     peak_kib = 0
     status = Path(f"/proc/{proc.pid}/status")
@@ -135,14 +128,8 @@ def main() -> list[str]:
         url = f"{cache.url}/v2/{some[0].removeprefix('docker.io/')}/manifests/{digest}"
         idle = wrk(url, work)
 
-        env = {**os.environ, "PULLTHROUGH_CONFIG": str(config)}
-        env.pop("REDIS_URL", None)
-        sweeping = subprocess.Popen(
-            [sys.executable, "-m", "workers", "gc"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+        sweeping = start_module(
+            "workers", config, "gc", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
         )
         during = wrk(url, work)
         sweeping.wait()

@@ -87,11 +87,3 @@ def curl_downloads(url: str, clients: int, size: int) -> float:
         if status != "200" or int(got) != size:
             raise RuntimeError(f"curl got {out!r} from {url}, expected {size} bytes")
     return clients * size / wall / (1 << 20)
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    if len(ordered) % 2:
-        return ordered[middle]
-    return (ordered[middle - 1] + ordered[middle]) / 2

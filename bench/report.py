@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import subprocess
+from statistics import median
 
 from bench.load import (
     HERD,
@@ -15,7 +16,6 @@ from bench.load import (
     SECONDS,
     WAN_MIBPS,
     WORKERS,
-    median,
 )
 from tests.support.servers import ROOT, require
 

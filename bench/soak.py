@@ -31,7 +31,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from bench.load import ACCEPT
-from bench.proc import rss_mib, tree
+from bench.proc import rss_mib
 from tests.support.images import Image, Pusher, make_layer, single, standard_images
 from tests.support.servers import (
     ROOT,
@@ -187,7 +187,7 @@ def pusher_loop(pusher: Pusher, catalogue: Catalogue, stop: threading.Event) -> 
 
 def watch(cache: Gunicorn, client: redis.Redis, samples: list, stop: threading.Event) -> None:
     while not stop.wait(5):
-        workers = tree(cache.proc.pid)[1:]
+        workers = cache.worker_pids()
         fds = []
         for pid in workers:
             with contextlib.suppress(OSError):
@@ -252,7 +252,7 @@ def main() -> None:
         while (elapsed := time.monotonic() - started) < SECONDS:
             time.sleep(1)
             if not killed and elapsed > SECONDS / 3:
-                victim = tree(cache.proc.pid)[1]
+                victim = cache.worker_pids()[0]
                 os.kill(victim, signal.SIGKILL)
                 events.append((time.time(), f"worker {victim} killed with SIGKILL"))
                 killed = True

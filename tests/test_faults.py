@@ -17,6 +17,7 @@ import pytest
 import redis as redis_lib
 import requests
 
+from tests.support.clients import fetch
 from tests.support.fakes import FrozenServer, Route
 from tests.support.servers import Gunicorn
 
@@ -50,17 +51,6 @@ def committed(cache, digest: str) -> bool:
 
 def uploads(cache) -> list[Path]:
     return [p for p in (cache.data / "uploads").rglob("*") if p.is_file()]
-
-
-def fetch(url: str, **kwargs) -> tuple[int, bytes, bool]:
-    """(status, body, complete): complete is False when the stream was cut short."""
-    try:
-        with requests.get(url, stream=True, timeout=30, **kwargs) as response:
-            body = b"".join(response.iter_content(65536))
-            expected = response.headers.get("Content-Length")
-            return response.status_code, body, expected is None or int(expected) == len(body)
-    except requests.exceptions.ChunkedEncodingError:
-        return -1, b"", False
 
 
 def test_poisoned_blob_is_cut_short_and_never_committed(cache, fake):

@@ -9,7 +9,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -25,7 +24,7 @@ from registry.digests import Digest
 from registry.gc import Collector, GcBusy
 from registry.store import ContentStore, FilesystemDriver
 from tests.support.images import index, single
-from tests.support.servers import ROOT, run_module
+from tests.support.servers import run_module, start_module
 from tests.support.stores import (
     age,
     blob_exists,
@@ -487,13 +486,8 @@ def test_a_sweep_killed_mid_way_leaves_a_consistent_store_and_the_next_run_finis
         age(path, 2 * DAY)
     blobs_before = sum(1 for _ in store.iter_blobs())
 
-    env = {**os.environ, "PULLTHROUGH_CONFIG": str(config)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "workers", "gc"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    proc = start_module(
+        "workers", config, "gc", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -18,23 +18,12 @@ import requests
 
 from registry import create_app
 from tests.conftest import make_settings
-from tests.support.clients import skopeo_copy, skopeo_policy
+from tests.support.clients import fetch, skopeo_copy, skopeo_policy
 from tests.support.servers import Gunicorn, RedisServer, run_module
 
 pytestmark = pytest.mark.usefixtures("forget_upstream_health")
 
 ACCEPT = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
-
-
-def read(url: str, **kwargs) -> tuple[int, bytes, bool]:
-    """(status, body, complete) of a GET; complete is False when the body was cut short."""
-    try:
-        with requests.get(url, stream=True, timeout=60, **kwargs) as response:
-            body = b"".join(response.iter_content(1 << 16))
-            expected = response.headers.get("Content-Length")
-            return response.status_code, body, expected is None or int(expected) == len(body)
-    except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
-        return -1, b"", False
 
 
 def take(chunks) -> bytes:
@@ -93,7 +82,7 @@ def test_redis_down_cached_images_pull_identical_uncached_fail_cleanly_then_reco
         assert time.monotonic() - started < 10
         own_redis.start()  # back, empty
         assert requests.get(f"{cache.url}/v2/library/alpine/manifests/3.19", timeout=30).ok
-        status, body, complete = read(url)
+        status, body, complete = fetch(url)
         assert status == 200 and complete
         assert body == alpine.children[0].blobs[layer]
         assert pull_files(policy, ref, tmp_path / "after") == before
@@ -125,7 +114,7 @@ def test_redis_restarted_empty_mid_fill_never_yields_wrong_bytes(tmp_path, fake)
         # Either all of it, verified, or a prefix of the truth: never other bytes.
         assert data.startswith(got)
         for _ in range(10):  # as Docker retries a broken layer
-            status, body, complete = read(url)
+            status, body, complete = fetch(url)
             if status == 200 and complete:
                 break
             time.sleep(0.5)
@@ -159,8 +148,8 @@ def test_disk_full_mid_fill_fails_cleanly_and_serving_resumes_with_space(
     )
     base = f"{cache.url}/v2/library/disk/blobs"
     try:
-        assert read(f"{base}/{small_digest}")[1] == small
-        status, body, complete = read(f"{base}/{big_digest}")
+        assert fetch(f"{base}/{small_digest}")[1] == small
+        status, body, complete = fetch(f"{base}/{big_digest}")
         assert not (status == 200 and complete), "12 MB cannot fit on an 8 MiB disk"
         if status == 200:
             assert big.startswith(body)  # a prefix of the truth at most
@@ -178,10 +167,10 @@ def test_disk_full_mid_fill_fails_cleanly_and_serving_resumes_with_space(
         assert not list((small_disk / "uploads").rglob("*.*")) and not [
             p for p in (small_disk / "uploads").rglob("*") if p.is_file()
         ]
-        status, again, complete = read(f"{base}/{small_digest}")
+        status, again, complete = fetch(f"{base}/{small_digest}")
         assert status == 200 and again == small  # cached content still served
         subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
-        status, body, complete = read(f"{base}/{big_digest}")
+        status, body, complete = fetch(f"{base}/{big_digest}")
         assert status == 200 and complete and body == big
         verify_clean(cache)
     finally:
@@ -198,7 +187,7 @@ def test_worker_killed_mid_serve_cuts_the_stream_and_the_next_pull_is_whole(
     )
     url = f"{cache.url}/v2/library/killserve/blobs/{digest}"
     try:
-        assert read(url)[1] == data  # cached
+        assert fetch(url)[1] == data  # cached
         with requests.get(url, stream=True, timeout=60) as response:
             chunks = response.iter_content(1 << 16)
             got = next(chunks)
@@ -208,7 +197,7 @@ def test_worker_killed_mid_serve_cuts_the_stream_and_the_next_pull_is_whole(
         assert len(got) < len(data) and data.startswith(got)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:  # gunicorn starts a new worker
-            status, body, complete = read(url)
+            status, body, complete = fetch(url)
             if status == 200:
                 break
             time.sleep(0.2)

@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import requests
+
 from tests.support.servers import require
 
 
@@ -38,3 +40,15 @@ def skopeo_copy(
         text=True,
         timeout=timeout,
     )
+
+
+def fetch(url: str, **kwargs) -> tuple[int, bytes, bool]:
+    """(status, body, complete) of a streamed GET: complete is False when the body was cut
+    short; (-1, b"", False) when the connection broke before the body could be read."""
+    try:
+        with requests.get(url, stream=True, timeout=60, **kwargs) as response:
+            body = b"".join(response.iter_content(1 << 16))
+            expected = response.headers.get("Content-Length")
+            return response.status_code, body, expected is None or int(expected) == len(body)
+    except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
+        return -1, b"", False

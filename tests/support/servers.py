@@ -338,17 +338,30 @@ class Distribution:
         return self.requests_seen()[mark:]
 
 
+def _module_env(config: Path) -> dict[str, str]:
+    # PULLTHROUGH_CONFIG names the config; a REDIS_URL from the caller's shell must not win.
+    env = {**os.environ, "PULLTHROUGH_CONFIG": str(config)}
+    env.pop("REDIS_URL", None)
+    return env
+
+
+def start_module(module: str, config: Path, *args: str, **popen) -> subprocess.Popen:
+    """`python -m <module> args...` from the project root with PULLTHROUGH_CONFIG=config, in
+    the background."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=_module_env(config), **popen
+    )
+
+
 def run_module(
     module: str, config: Path, *args: str, check: bool = True, timeout: float = 120
 ) -> subprocess.CompletedProcess:
     """`python -m <module> args...` from the project root with PULLTHROUGH_CONFIG=config (and
-    no REDIS_URL from the caller's environment)."""
-    env = {**os.environ, "PULLTHROUGH_CONFIG": str(config)}
-    env.pop("REDIS_URL", None)
+    no REDIS_URL from the caller's environment), to its end."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=ROOT,
-        env=env,
+        env=_module_env(config),
         capture_output=True,
         text=True,
         timeout=timeout,
