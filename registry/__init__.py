@@ -31,7 +31,7 @@ from registry.errors import (
 )
 from registry.metrics import Metrics, scrape
 from registry.pullthrough import PullThrough
-from registry.store import ContentStore, FilesystemDriver
+from registry.store import ContentStore, FilesystemDriver, StorageDriver
 from registry.upstream.client import UpstreamClient
 
 log = logging.getLogger("registry")
@@ -51,11 +51,33 @@ def upstream_session(pool_size: int = 64) -> requests.Session:
     return session
 
 
+def storage_driver(settings: Settings) -> StorageDriver:
+    """The configured storage: a directory, or an S3 bucket."""
+    s3 = settings.s3
+    if s3 is None:
+        return FilesystemDriver(settings.storage_root)
+    from registry.store.s3 import S3Driver, s3_client
+
+    client = s3_client(
+        s3.endpoint,
+        s3.access_key,
+        s3.secret_key,
+        s3.region,
+        path_style=s3.path_style,
+        verify=s3.tls_verify,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+    )
+    return S3Driver(
+        client, s3.bucket, prefix=s3.prefix, part_size=s3.part_size, endpoint=s3.endpoint or ""
+    )
+
+
 def build_pullthrough(
     settings: Settings, redis_client: redis.Redis | None = None, metrics: Metrics | None = None
 ) -> PullThrough:
     """The services behind the app, wired together (also used by the CLI and workers)."""
-    store = ContentStore(FilesystemDriver(settings.storage_root))
+    store = ContentStore(storage_driver(settings))
     client = redis_client or redis.Redis.from_url(
         settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
     )

@@ -90,8 +90,28 @@ class GcSettings:
 
 
 @dataclass(frozen=True)
+class S3Settings:
+    """Content in an S3-compatible bucket (`storage.driver: s3`) instead of `storage.root`."""
+
+    bucket: str
+    endpoint: str | None = None  # None: AWS's own, from the region
+    region: str = "us-east-1"
+    # None: boto3's usual sources (AWS_ACCESS_KEY_ID and friends, ~/.aws, instance roles).
+    access_key: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    prefix: str = ""
+    path_style: bool = True
+    tls_verify: bool | str = True
+    # Size of the pieces a fill is stored in while it runs (S3 wants parts of 5 MiB or more).
+    part_size: int = 8 << 20
+    # Answer blob GETs with a redirect to a presigned URL valid this long (0: serve them).
+    redirect_ttl: int = 0
+
+
+@dataclass(frozen=True)
 class Settings:
     storage_root: Path
+    s3: S3Settings | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
     registries: tuple[RegistrySettings, ...] = (RegistrySettings(DEFAULT_REGISTRY, DOCKER_HUB_URL),)
     default_registry: str = DEFAULT_REGISTRY
@@ -190,9 +210,36 @@ class ByteSize(fields.Field):
         return int(float(match.group(1)) * scale)
 
 
+class S3Schema(Schema):
+    bucket = fields.String(required=True, validate=validate.Length(min=3, max=63))
+    endpoint = fields.String(load_default=None, validate=_url)
+    region = fields.String(load_default="us-east-1")
+    access_key = fields.String(load_default=None)
+    secret_key = fields.String(load_default=None)
+    prefix = fields.String(load_default="")
+    path_style = fields.Boolean(load_default=True)
+    tls_verify = fields.Boolean(load_default=True)
+    ca_bundle = fields.String(load_default=None)
+    part_size = ByteSize(load_default=8 << 20, validate=validate.Range(min=5 << 20, max=5 << 30))
+    redirect = fields.Boolean(load_default=False)
+    redirect_ttl = Duration(load_default=300.0, validate=validate.Range(min=10, max=7 * 86400))
+
+    @validates_schema
+    def _credentials_pair(self, data: dict[str, Any], **_: Any) -> None:
+        if (data.get("access_key") is None) != (data.get("secret_key") is None):
+            raise ValidationError("access_key and secret_key go together.", "access_key")
+
+
 class StorageSchema(Schema):
+    driver = fields.String(load_default="filesystem", validate=validate.OneOf(["filesystem", "s3"]))
     root = fields.String(load_default="./data")
     min_free = ByteSize(load_default=1 << 30, validate=validate.Range(min=0))
+    s3 = fields.Nested(S3Schema, load_default=None)
+
+    @validates_schema
+    def _s3_needs_bucket(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("driver") == "s3" and not data.get("s3"):
+            raise ValidationError("driver s3 needs storage.s3 with at least a bucket.", "s3")
 
 
 class RedisSchema(Schema):
@@ -323,7 +370,23 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
         )
 
     upstream = data["upstream"]
+    s3 = None
+    if data["storage"]["driver"] == "s3":
+        raw_s3 = data["storage"]["s3"]
+        s3 = S3Settings(
+            bucket=raw_s3["bucket"],
+            endpoint=raw_s3["endpoint"],
+            region=raw_s3["region"],
+            access_key=raw_s3["access_key"],
+            secret_key=raw_s3["secret_key"],
+            prefix=raw_s3["prefix"],
+            path_style=raw_s3["path_style"],
+            tls_verify=raw_s3["ca_bundle"] or raw_s3["tls_verify"],
+            part_size=raw_s3["part_size"],
+            redirect_ttl=int(raw_s3["redirect_ttl"]) if raw_s3["redirect"] else 0,
+        )
     return Settings(
+        s3=s3,
         storage_root=Path(env.get("PULLTHROUGH_STORAGE_ROOT") or data["storage"]["root"]).resolve(),
         min_free_bytes=data["storage"]["min_free"],
         redis_url=env.get("REDIS_URL") or data["redis"]["url"],

@@ -113,7 +113,7 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBI
 def storage_failure(exc: BaseException) -> CacheUnavailable | None:
     """The 503 for a failure of the storage itself (disk full, read-only, I/O error)."""
     if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-        return CacheUnavailable(f"the storage failed: {os.strerror(exc.errno)}")
+        return CacheUnavailable(f"the storage failed: {exc.strerror or os.strerror(exc.errno)}")
     return None
 
 

@@ -102,3 +102,36 @@ def app(settings):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def swift(tmp_path_factory):
+    """OpenStack Swift with s3api on loopback: the S3-compatible store of the S3 tests."""
+    from tests.support.swift import Swift
+
+    server = Swift(tmp_path_factory.mktemp("swift")).start()
+    server.create_bucket(SWIFT_BUCKET)
+    yield server
+    server.stop()
+
+
+SWIFT_BUCKET = "pullthrough-tests"
+
+
+def s3_section(swift, prefix: str, **extra) -> dict:
+    """The `storage` config section for the Swift store, under its own key prefix."""
+    from tests.support.swift import ACCESS_KEY, REGION, SECRET_KEY
+
+    return {
+        "driver": "s3",
+        "s3": {
+            "endpoint": swift.endpoint,
+            "bucket": SWIFT_BUCKET,
+            "region": REGION,
+            "access_key": ACCESS_KEY,
+            "secret_key": SECRET_KEY,
+            "prefix": prefix,
+            "part_size": "5MiB",
+            **extra,
+        },
+    }

@@ -100,6 +100,13 @@ def blob(name: str, digest: str) -> Response:
         response = Response(b"", status=status)
         response.headers.update(headers)  # after the body, which would reset Content-Length
         return response
+    if found.redirect is not None:
+        # The store serves the bytes (a presigned URL); clients repeat Range themselves.
+        response = Response(b"", status=307)
+        response.headers.update(
+            {"Location": found.redirect, "Docker-Content-Digest": str(found.digest)}
+        )
+        return response
     chunks = None
     if found.stream is not None:
         # Wait for the first byte here, where a failed fill is still an OCI error with its
@@ -150,13 +157,21 @@ def _body(found: Blob, start: int, end: int, sent: _Sent, chunks: Iterator[bytes
     handle = found.open_file()
     handle.seek(start)
     wrapper = request.environ.get("wsgi.file_wrapper")
-    if wrapper is not None and "gunicorn.socket" in request.environ:
+    if wrapper is not None and "gunicorn.socket" in request.environ and _has_fd(handle):
         # gunicorn sends at most Content-Length bytes from the current offset (sendfile), and
         # closes the wrapper after the last one: that is when the transfer is counted.
         return _counting_wrapper(wrapper)(
             handle, FILE_CHUNK, sent=sent, size=end - start + 1, source=source
         )
     return _counted(_read_range(handle, start, end), sent, source)
+
+
+def _has_fd(handle: BinaryIO) -> bool:
+    try:
+        handle.fileno()
+        return True
+    except (OSError, AttributeError):  # io.UnsupportedOperation is an OSError
+        return False
 
 
 def _counted(chunks: Iterator[bytes], sent: _Sent, source: str) -> Iterator[bytes]:

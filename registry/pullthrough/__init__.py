@@ -60,6 +60,7 @@ class Blob:
     cache: str  # "hit" or "miss"
     open_file: Callable[[], BinaryIO] | None = None
     stream: Callable[[int, int], Iterator[bytes]] | None = None
+    redirect: str | None = None  # a presigned URL of the store that serves the bytes
 
 
 class PullThrough:
@@ -75,6 +76,7 @@ class PullThrough:
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.redirect_ttl = settings.s3.redirect_ttl if settings.s3 else 0
         self.store = store
         self.coord = coordination
         self.upstreams = upstreams
@@ -276,6 +278,10 @@ class PullThrough:
                 self.coord.note_live([digest])
             if head:
                 return Blob(digest, size, "hit")
+            if self.redirect_ttl:
+                url = self.store.presign_blob(digest, self.redirect_ttl)
+                if url is not None:
+                    return Blob(digest, size, "hit", redirect=url)
             # Open now: once open, the bytes stay readable even if a GC sweep unlinks the file.
             try:
                 handle = self.store.open_blob(digest)

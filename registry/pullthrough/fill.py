@@ -16,7 +16,6 @@ the size, progress and failure reason for followers in any process.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -127,7 +126,7 @@ class BlobFiller:
             # has answered, so refused fetches leave nothing behind.
             offset = self.store.upload_size(digest) or 0
             stream = upstream.open_blob(target.repository, str(digest), offset)
-            upload = self.store.open_upload(digest)
+            upload = self.store.open_upload(digest, stream.total)
             hasher = digest.hasher()
             if stream.offset == offset and offset:
                 offset = _hash_prefix(upload, hasher, offset)
@@ -318,6 +317,7 @@ class BlobFiller:
     ) -> Iterator[bytes]:
         """Yield bytes [start, end] of the blob as the fill writes them; cut short on failure."""
         handle = self.store.follow(digest, None)
+        poll = self.store.driver.poll_interval
         committed = self.store.blob_size(digest) is not None
         pos = start
         takeovers = 0
@@ -328,11 +328,9 @@ class BlobFiller:
             while pos <= end:
                 # Hold back the final byte until the content is verified and committed.
                 limit = end + 1 if committed else min(end + 1, size - 1)
-                available = os.fstat(handle.fileno()).st_size if handle else 0
+                available = handle.available() if handle else 0
                 if pos < min(available, limit):
-                    data = os.pread(
-                        handle.fileno(), min(READ_CHUNK, min(available, limit) - pos), pos
-                    )
+                    data = handle.read_at(pos, min(READ_CHUNK, min(available, limit) - pos))
                     if data:
                         pos += len(data)
                         last_progress = time.monotonic()
@@ -368,7 +366,7 @@ class BlobFiller:
                             f"fill of {digest} from upstream {upstream.registry.name} stalled"
                         )
                 time.sleep(sleep)
-                sleep = min(sleep * 2, 0.02)
+                sleep = min(sleep * 2, poll)
         finally:
             if handle:
                 handle.close()

@@ -12,7 +12,7 @@ from typing import BinaryIO
 from registry.digests import Digest
 from registry.errors import RegistryError
 from registry.names import Target
-from registry.store.driver import PartialFile, StorageDriver
+from registry.store.driver import Follower, PartialWriter, StorageDriver
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,15 +113,15 @@ class ContentStore:
         return False
 
     def upload_size(self, digest: Digest) -> int | None:
-        return self.driver.stat(self.upload_path(digest))
+        return self.driver.partial_size(self.upload_path(digest))
 
-    def open_upload(self, digest: Digest) -> PartialFile:
-        return self.driver.open_partial(self.upload_path(digest))
+    def open_upload(self, digest: Digest, size: int | None = None) -> PartialWriter:
+        return self.driver.open_partial(self.upload_path(digest), size)
 
-    def open_upload_read(self, digest: Digest) -> BinaryIO | None:
-        return self.driver.open_partial_read(self.upload_path(digest))
+    def presign_blob(self, digest: Digest, expires: int) -> str | None:
+        return self.driver.presign(self.blob_path(digest), expires)
 
-    def follow(self, digest: Digest, handle: BinaryIO | None) -> BinaryIO | None:
+    def follow(self, digest: Digest, handle: Follower | None) -> Follower | None:
         """The open file that holds the digest's bytes now: `handle` itself, or a newly
         opened one after a commit (the blob) or a restarted fill (a new upload file)."""
         for path in (self.blob_path(digest), self.upload_path(digest)):
@@ -139,27 +139,26 @@ class ContentStore:
             return opened
         return handle
 
-    def commit_upload(self, upload: PartialFile, digest: Digest) -> None:
+    def commit_upload(self, upload: PartialWriter, digest: Digest) -> None:
         upload.commit(self.blob_path(digest))
 
     def clean_uploads(self, in_use: Callable[[Digest], bool], min_age: float) -> list[str]:
         """Remove partial files that no live fill owns (start-up clean-up)."""
         removed = []
         now = time.time()
-        for path in list(self.driver.walk_files("uploads")):
+        for path, mtime in list(self.driver.list_partials("uploads")):
             parts = path.split("/")
             if len(parts) != 3:
                 continue
             try:
                 digest = Digest.parse(f"{parts[1]}:{parts[2]}")
             except Exception:
-                self.driver.delete(path)
+                self.driver.delete_partial(path)
                 removed.append(path)
                 continue
-            mtime = self.driver.mtime(path)
-            if mtime is not None and now - mtime < min_age:
+            if now - mtime < min_age:
                 continue
-            if not in_use(digest) and self.driver.delete(path):
+            if not in_use(digest) and self.driver.delete_partial(path):
                 removed.append(path)
         return removed
 
@@ -227,7 +226,7 @@ class ContentStore:
 
     def iter_uploads(self) -> Iterator[tuple[str, Digest | None, float]]:
         """(path, digest or None for a stray file, mtime) of every partial file."""
-        for path, _size, mtime in self.driver.walk_stat("uploads"):
+        for path, mtime in self.driver.list_partials("uploads"):
             parts = path.split("/")
             digest = _parse_digest(parts[1], parts[2]) if len(parts) == 3 else None
             yield path, digest, mtime
@@ -268,7 +267,7 @@ class ContentStore:
         return deleted
 
     def delete_upload(self, path: str) -> bool:
-        return self.driver.delete(path)
+        return self.driver.delete_partial(path)
 
     def delete_tag(self, repo: str, tag: str) -> bool:
         return self.driver.delete(f"repositories/{repo}/_manifests/tags/{tag}")

@@ -16,6 +16,8 @@ from typing import BinaryIO, Protocol
 
 
 class StorageDriver(Protocol):
+    poll_interval: float  # how often a follower with nothing to send looks again, at most
+
     def stat(self, path: str) -> int | None:
         """Size in bytes, or None when nothing is there."""
 
@@ -30,13 +32,26 @@ class StorageDriver(Protocol):
 
     def touch(self, path: str) -> None: ...
 
-    def open_partial(self, path: str) -> PartialFile:
-        """Open (creating) a partial file that readers may follow while it grows."""
+    def open_partial(self, path: str, size: int | None = None) -> PartialWriter:
+        """Open (creating) the partial content of a fill of `size` bytes, which readers may
+        follow while it grows; committed to its final path in one step."""
 
-    def open_partial_read(self, path: str) -> BinaryIO | None: ...
+    def open_partial_read(self, path: str) -> Follower | None:
+        """Follow what is at `path` (a partial or a committed blob); None when nothing is."""
 
-    def is_same_file(self, handle: BinaryIO, path: str) -> bool | None:
-        """Whether `handle` is the file now at `path`; None when nothing is there."""
+    def is_same_file(self, handle: Follower, path: str) -> bool | None:
+        """Whether `handle` follows what is now at `path`; None when nothing is there."""
+
+    def partial_size(self, path: str) -> int | None:
+        """How many bytes of the partial at `path` a fill can resume from."""
+
+    def list_partials(self, path: str) -> Iterator[tuple[str, float]]:
+        """(path, mtime) of every partial under `path`."""
+
+    def delete_partial(self, path: str) -> bool: ...
+
+    def presign(self, path: str, expires: int) -> str | None:
+        """A URL that serves `path` to anyone for `expires` seconds, or None (filesystem)."""
 
     def delete(self, path: str) -> bool: ...
 
@@ -54,6 +69,53 @@ class StorageDriver(Protocol):
 
     def prune_tree(self, path: str, stop: str) -> None:
         """Remove every empty directory under `path`, then prune `path` up to `stop`."""
+
+
+class PartialWriter(Protocol):
+    path: str
+
+    def pwrite(self, data: bytes, offset: int) -> None: ...
+
+    def truncate(self, size: int = 0) -> None: ...
+
+    def read_range(self, offset: int, length: int) -> bytes: ...
+
+    def commit(self, dest: str) -> None: ...
+
+    def discard(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Follower(Protocol):
+    """Content read while it may still grow: a fill in progress, or a committed blob."""
+
+    path: str
+
+    def available(self) -> int:
+        """Bytes readable now."""
+
+    def read_at(self, pos: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class LocalFollower:
+    """A file followed by descriptor: its size is whatever it has grown to."""
+
+    def __init__(self, path: str, handle: BinaryIO) -> None:
+        self.path = path
+        self.handle = handle
+        self.fd = handle.fileno()
+
+    def available(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def read_at(self, pos: int, length: int) -> bytes:
+        return os.pread(self.fd, length, pos)
+
+    def close(self) -> None:
+        self.handle.close()
 
 
 class PartialFile:
@@ -95,6 +157,9 @@ class PartialFile:
 
 class FilesystemDriver:
     """Files under one root directory."""
+
+    # How long a follower with nothing to send waits, at most, before it looks again.
+    poll_interval = 0.02
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
@@ -155,21 +220,35 @@ class FilesystemDriver:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.touch()
 
-    def open_partial(self, path: str) -> PartialFile:
+    def open_partial(self, path: str, size: int | None = None) -> PartialFile:
         self.local_path(path).parent.mkdir(parents=True, exist_ok=True)
         return PartialFile(self, path)
 
-    def open_partial_read(self, path: str) -> BinaryIO | None:
+    def open_partial_read(self, path: str) -> LocalFollower | None:
         try:
-            return open(self.local_path(path), "rb")
-        except FileNotFoundError:
+            return LocalFollower(path, open(self._local(path), "rb"))
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def is_same_file(self, handle: BinaryIO, path: str) -> bool | None:
+    def is_same_file(self, handle: LocalFollower, path: str) -> bool | None:
+        # By inode: a restarted fill is a new file at the same path.
         try:
-            return os.stat(self.local_path(path)).st_ino == os.fstat(handle.fileno()).st_ino
-        except FileNotFoundError:
+            return os.stat(self._local(path)).st_ino == os.fstat(handle.fd).st_ino
+        except (FileNotFoundError, NotADirectoryError):
             return None
+
+    def partial_size(self, path: str) -> int | None:
+        return self.stat(path)
+
+    def list_partials(self, path: str) -> Iterator[tuple[str, float]]:
+        for rel, _size, mtime in self.walk_stat(path):
+            yield rel, mtime
+
+    def delete_partial(self, path: str) -> bool:
+        return self.delete(path)
+
+    def presign(self, path: str, expires: int) -> str | None:
+        return None
 
     def delete(self, path: str) -> bool:
         try:

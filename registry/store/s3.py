@@ -1,0 +1,593 @@
+"""The S3 storage driver: the same layout as the filesystem, as object keys in one bucket.
+
+Every path of `store.layout` is a key (under an optional prefix). What the filesystem does
+with a file that grows and a rename, S3 does with pieces:
+
+- A fill in progress is a row of **pieces**, `uploads/<algo>/<hex>/<offset>`: each one a plain
+  object of `part_size` bytes (the last one shorter), PUT with its Content-MD5 as soon as the
+  fill has that many bytes. Any process on any node follows a fill by reading the pieces that
+  exist, so a client of another node gets bytes long before the fill completes, and a fill
+  whose node died resumes from its last piece. Memory per fill is one piece.
+- The commit, once the digest matched, is one multipart upload of the blob's key whose parts
+  are server-side copies of the pieces (UploadPartCopy): no byte crosses the network twice,
+  and readers see the old key (nothing) or the whole blob. Then the pieces are deleted.
+  S3 multipart parts cannot be read before the upload completes, which is why the pieces are
+  objects of their own.
+
+Failures of the store reach the rest of the registry as `OSError(EIO, "<what> on S3 ...")`,
+which it answers with a 503 naming the storage, as for a failing disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import hashlib
+import io
+import math
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+PIECE_DIGITS = 16  # piece keys sort by offset as strings
+MAX_PARTS = 1000  # Swift's SLO limit (AWS allows 10000): large blobs get larger pieces
+READ_CHUNK = 1024 * 1024
+DELETE_BATCH = 1000
+
+
+def s3_client(
+    endpoint: str | None,
+    access_key: str | None,
+    secret_key: str | None,
+    region: str,
+    *,
+    path_style: bool = True,
+    verify: bool | str = True,
+    connect_timeout: float = 5.0,
+    read_timeout: float = 30.0,
+    pool: int = 64,
+) -> Any:
+    """A boto3 S3 client for S3-compatible stores, old ones included."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        region_name=region,
+        signature_version="s3v4",
+        s3={"addressing_style": "path" if path_style else "auto"},
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        max_pool_connections=pool,
+        # Newer botocore adds CRC checksums (and aws-chunked bodies) to every upload, which
+        # many S3-compatible stores refuse: only where the API requires one.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        config=config,
+        verify=verify,
+    )
+    client.meta.events.register("before-sign.s3.DeleteObjects", _add_content_md5)
+    return client
+
+
+def _add_content_md5(request: Any, **_: Any) -> None:
+    # DeleteObjects must carry a checksum. botocore now sends a CRC32 only, and stores that
+    # predate it (Swift 2.30's s3api, older Ceph and MinIO) insist on Content-MD5.
+    body = request.body
+    if isinstance(body, str):
+        body = body.encode()
+    if isinstance(body, bytes) and "Content-MD5" not in request.headers:
+        request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+
+
+def _md5_b64(data: bytes | memoryview) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def _status(exc: Exception) -> int | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return None
+
+
+def _code(exc: Exception) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def _missing(exc: Exception) -> bool:
+    return _status(exc) == 404 or _code(exc) in ("NoSuchKey", "404", "NotFound")
+
+
+class S3Driver:
+    """Objects in one bucket, keyed `<prefix><path>`."""
+
+    # How often a follower looks for the next piece or the commit when it has nothing to send.
+    poll_interval = 0.1
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        *,
+        prefix: str = "",
+        part_size: int = 8 << 20,
+        endpoint: str = "",
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.part_size = part_size
+        self.name = f"S3 bucket {bucket}" + (f" at {endpoint}" if endpoint else "")
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def key(self, path: str) -> str:
+        if "\x00" in path or path.startswith("/") or ".." in path.split("/"):
+            raise ValueError(f"path escapes the storage root: {path!r}")
+        return self.prefix + path
+
+    def failure(self, what: str, path: str, exc: Exception) -> OSError:
+        detail = _code(exc) or type(exc).__name__
+        return OSError(errno.EIO, f"{what} {path} on {self.name} failed: {detail}")
+
+    def _call(self, what: str, path: str, method: str, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.client, method)(Bucket=self.bucket, **kwargs)
+        except Exception as exc:
+            if _missing(exc):
+                raise FileNotFoundError(errno.ENOENT, f"{path} is not on {self.name}") from None
+            raise self.failure(what, path, exc) from None
+
+    def check(self) -> None:
+        """Raise OSError unless the bucket answers (start-up and readiness)."""
+        self._call("list", "the bucket", "list_objects_v2", MaxKeys=1)
+
+    # -- whole objects ---------------------------------------------------------------------------
+    def head(self, path: str) -> dict | None:
+        try:
+            return self._call("stat", path, "head_object", Key=self.key(path))
+        except FileNotFoundError:
+            return None
+
+    def stat(self, path: str) -> int | None:
+        info = self.head(path)
+        return None if info is None else int(info["ContentLength"])
+
+    def mtime(self, path: str) -> float | None:
+        info = self.head(path)
+        return None if info is None else info["LastModified"].timestamp()
+
+    def open_read(self, path: str) -> ObjectReader:
+        return ObjectReader(self, path)
+
+    def read(self, path: str) -> bytes | None:
+        try:
+            response = self._call("read", path, "get_object", Key=self.key(path))
+        except FileNotFoundError:
+            return None
+        try:
+            return response["Body"].read()
+        except Exception as exc:
+            raise self.failure("read", path, exc) from None
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        # A PUT is atomic on S3: readers see the old object or the new one.
+        self._call(
+            "write", path, "put_object", Key=self.key(path), Body=data, ContentMD5=_md5_b64(data)
+        )
+
+    def touch(self, path: str) -> None:
+        if self.head(path) is None:
+            self.write_atomic(path, b"")
+
+    def delete(self, path: str) -> bool:
+        # S3 answers a DELETE of nothing with success too: look first, for honest counts.
+        if self.head(path) is None:
+            return False
+        self._call("delete", path, "delete_object", Key=self.key(path))
+        return True
+
+    def delete_many(self, paths: list[str]) -> None:
+        for start in range(0, len(paths), DELETE_BATCH):
+            batch = paths[start : start + DELETE_BATCH]
+            result = self._call(
+                "delete",
+                f"{len(batch)} objects",
+                "delete_objects",
+                Delete={"Objects": [{"Key": self.key(p)} for p in batch], "Quiet": True},
+            )
+            errors = [e for e in result.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+            if errors:
+                raise OSError(errno.EIO, f"delete on {self.name} failed: {errors[0].get('Code')}")
+
+    # -- listings --------------------------------------------------------------------------------
+    def _objects(self, path: str) -> Iterator[dict]:
+        prefix = self.key(path.rstrip("/") + "/")
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                yield from page.get("Contents", [])
+        except Exception as exc:
+            raise self.failure("list", path, exc) from None
+
+    def list(self, path: str) -> list[str]:
+        prefix = self.key(path.rstrip("/") + "/")
+        names: set[str] = set()
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+                names.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
+                names.update(
+                    p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])
+                )
+        except Exception as exc:
+            raise self.failure("list", path, exc) from None
+        return sorted(n for n in names if n)
+
+    def walk_files(self, path: str) -> Iterator[str]:
+        for item in self._objects(path):
+            yield item["Key"][len(self.prefix) :]
+
+    def walk_stat(self, path: str) -> Iterator[tuple[str, int, float]]:
+        for item in self._objects(path):
+            rel = item["Key"][len(self.prefix) :]
+            yield rel, int(item["Size"]), item["LastModified"].timestamp()
+
+    def prune(self, path: str, stop: str) -> None:
+        """Nothing to do: S3 has no directories."""
+
+    def prune_tree(self, path: str, stop: str) -> None:
+        """Nothing to do: S3 has no directories."""
+
+    # -- fills -----------------------------------------------------------------------------------
+    def pieces(self, path: str) -> list[tuple[int, int, float]]:
+        """(offset, size, mtime) of the pieces of the partial at `path`, by offset."""
+        out = []
+        for rel, size, mtime in self.walk_stat(path):
+            name = rel.rsplit("/", 1)[-1]
+            if name.isdigit():
+                out.append((int(name), size, mtime))
+        return sorted(out)
+
+    def piece_path(self, path: str, offset: int) -> str:
+        return f"{path}/{offset:0{PIECE_DIGITS}d}"
+
+    def partial_size(self, path: str) -> int | None:
+        """Bytes a fill can resume from: the run of whole pieces from offset 0."""
+        pieces = self.pieces(path)
+        if not pieces:
+            return None
+        size = 0
+        whole = pieces[0][1]
+        for offset, length, _mtime in pieces:
+            if offset != size or length != whole:
+                break  # a gap, or the short last piece (rewritten by whoever resumes)
+            size += length
+        return size
+
+    def list_partials(self, path: str) -> Iterator[tuple[str, float]]:
+        """(partial path, newest piece's mtime) of every fill's pieces under `path`."""
+        partials: dict[str, float] = {}
+        for rel, _size, mtime in self.walk_stat(path):
+            parent, _, name = rel.rpartition("/")
+            key = parent if name.isdigit() and parent else rel
+            partials[key] = max(partials.get(key, 0.0), mtime)
+        yield from partials.items()
+
+    def delete_partial(self, path: str) -> bool:
+        paths = [rel for rel in self.walk_files(path)]
+        if self.head(path) is not None:
+            paths.append(path)  # a stray object where a partial's pieces would go
+        if paths:
+            self.delete_many(paths)
+        return bool(paths)
+
+    def open_partial(self, path: str, size: int | None = None) -> PieceWriter:
+        return PieceWriter(self, path, self._piece_size(size))
+
+    def _piece_size(self, size: int | None) -> int:
+        if not size or size <= self.part_size * MAX_PARTS:
+            return self.part_size
+        mib = 1 << 20
+        return math.ceil(size / MAX_PARTS / mib) * mib
+
+    def open_partial_read(self, path: str) -> PieceReader | ObjectReader | None:
+        if path.startswith("uploads/"):
+            reader = PieceReader(self, path)
+            return reader if reader.available() or self.pieces(path) else None
+        if self.head(path) is None:
+            return None
+        return ObjectReader(self, path)
+
+    def is_same_file(self, handle: Any, path: str) -> bool | None:
+        if getattr(handle, "path", None) == path:
+            return True
+        if path.startswith("uploads/"):
+            return False if self.pieces(path) else None
+        return False if self.head(path) is not None else None
+
+    def presign(self, path: str, expires: int) -> str:
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self.key(path)}, ExpiresIn=expires
+        )
+
+    def abort_stale_multipart(self, older_than: float) -> int:
+        """Abort multipart uploads (commits of dead nodes) started more than `older_than`
+        seconds ago; the bucket's lifecycle rule does the same where the store has one."""
+        aborted = 0
+        now = time.time()
+        try:
+            paginator = self.client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for upload in page.get("Uploads", []):
+                    if now - upload["Initiated"].timestamp() >= older_than:
+                        with contextlib.suppress(Exception):
+                            self.client.abort_multipart_upload(
+                                Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                            )
+                            aborted += 1
+        except Exception as exc:
+            raise self.failure("list uploads", "the bucket", exc) from None
+        return aborted
+
+
+class ObjectReader(io.RawIOBase):
+    """A committed object, read by streaming GETs: `seek` then `read` sequentially.
+
+    The first GET is made at open, so a missing object raises FileNotFoundError there (as
+    opening a file would), and later reads continue that response while they are sequential.
+    """
+
+    def __init__(self, driver: S3Driver, path: str) -> None:
+        super().__init__()
+        self.driver = driver
+        self.path = path
+        self._pos = 0
+        self._body: Any = None
+        self._body_pos = -1
+        self._size: int | None = None
+        self._open_at(0)
+
+    def _open_at(self, pos: int) -> None:
+        self._drop()
+        kwargs: dict[str, Any] = {"Key": self.driver.key(self.path)}
+        if pos:
+            kwargs["Range"] = f"bytes={pos}-"
+        try:
+            response = self.driver._call("read", self.path, "get_object", **kwargs)
+        except OSError as exc:
+            if _status_of_range(exc) and self._size is not None and pos >= self._size:
+                self._body, self._body_pos = io.BytesIO(b""), pos
+                return
+            raise
+        if self._size is None:
+            total = response.get("ContentRange", "").rpartition("/")[2]
+            self._size = int(total) if total.isdigit() else int(response["ContentLength"])
+        self._body = response["Body"]
+        self._body_pos = pos
+
+    def _drop(self) -> None:
+        if self._body is not None:
+            with contextlib.suppress(Exception):
+                self._body.close()
+        self._body = None
+
+    def size(self) -> int:
+        assert self._size is not None
+        return self._size
+
+    def available(self) -> int:
+        return self.size()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            pos += self._pos
+        elif whence == io.SEEK_END:
+            pos += self.size()
+        self._pos = pos
+        return pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("an S3 object has no file descriptor")
+
+    def read(self, n: int = -1) -> bytes:
+        if self._pos >= self.size():
+            return b""
+        if self._body is None or self._body_pos != self._pos:
+            self._open_at(self._pos)
+        try:
+            data = self._body.read(None if n is None or n < 0 else n)
+        except Exception as exc:
+            self._drop()
+            raise self.driver.failure("read", self.path, exc) from None
+        self._pos += len(data)
+        self._body_pos = self._pos
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def read_at(self, pos: int, length: int) -> bytes:
+        self._pos = pos
+        return self.read(length)
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+def _status_of_range(exc: OSError) -> bool:
+    return "InvalidRange" in str(exc)
+
+
+class PieceReader:
+    """A follower's view of a fill in progress on S3: the pieces that exist so far."""
+
+    def __init__(self, driver: S3Driver, path: str) -> None:
+        self.driver = driver
+        self.path = path
+        self._known: list[tuple[int, int]] = []  # (offset, size) of pieces found, contiguous
+        self._end = 0
+        self._looked = 0.0
+        self._reader: ObjectReader | None = None
+        self._reader_offset = -1
+
+    def available(self) -> int:
+        """Bytes readable now: the contiguous pieces found. Looks for the next piece (one
+        HEAD) at most every `poll_interval`."""
+        now = time.monotonic()
+        if now - self._looked >= self.driver.poll_interval:
+            self._looked = now
+            while True:
+                size = self.driver.stat(self.driver.piece_path(self.path, self._end))
+                if not size:
+                    break
+                self._known.append((self._end, size))
+                self._end += size
+        return self._end
+
+    def read_at(self, pos: int, length: int) -> bytes:
+        for offset, size in reversed(self._known):
+            if offset <= pos < offset + size:
+                break
+        else:
+            return b""
+        if self._reader is None or self._reader_offset != offset:
+            if self._reader is not None:
+                self._reader.close()
+            try:
+                self._reader = ObjectReader(self.driver, self.driver.piece_path(self.path, offset))
+            except FileNotFoundError:
+                # Deleted under us (committed or discarded): the caller follows the blob.
+                self._reader = None
+                return b""
+            self._reader_offset = offset
+        return self._reader.read_at(pos - offset, min(length, offset + size - pos))
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+class PieceWriter:
+    """The fetcher's side of a fill on S3: bytes in order, a piece PUT whenever one is whole."""
+
+    def __init__(self, driver: S3Driver, path: str, piece_size: int) -> None:
+        self.driver = driver
+        self.path = path
+        self.piece_size = piece_size
+        self._buffer = bytearray()
+        self._start = 0  # offset of the first byte in the buffer (all before it are pieces)
+        self._lock = threading.Lock()
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        if offset != self._start + len(self._buffer):
+            if offset != self.driver.partial_size(self.path) or self._buffer:
+                raise ValueError(f"pieces are written in order: {offset} is not the next byte")
+            self._start = offset  # resuming after the pieces an earlier fill left
+        self._buffer += data
+        while len(self._buffer) >= self.piece_size:
+            self._put_piece(self.piece_size)
+
+    def _put_piece(self, size: int) -> None:
+        piece = bytes(self._buffer[:size])
+        self.driver.write_atomic(self.driver.piece_path(self.path, self._start), piece)
+        del self._buffer[:size]
+        self._start += size
+
+    def truncate(self, size: int = 0) -> None:
+        if size:
+            raise ValueError("pieces are only ever dropped whole")
+        self._buffer.clear()
+        self._start = 0
+        self.driver.delete_partial(self.path)
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        """Bytes of the pieces already stored (to hash the prefix when resuming)."""
+        for piece_offset, size, _mtime in self.driver.pieces(self.path):
+            if piece_offset <= offset < piece_offset + size:
+                reader = ObjectReader(self.driver, self.driver.piece_path(self.path, piece_offset))
+                with reader:
+                    return reader.read_at(offset - piece_offset, min(length, size))
+        return b""
+
+    def commit(self, dest: str) -> None:
+        """Store the whole blob at `dest` in one step, then drop the pieces."""
+        driver = self.driver
+        if self._start == 0:  # smaller than a piece: it is all in memory, one PUT
+            driver.write_atomic(dest, bytes(self._buffer))
+            self._buffer.clear()
+            self.discard()
+            return
+        if self._buffer:
+            self._put_piece(len(self._buffer))
+        pieces = [(o, s) for o, s, _m in driver.pieces(self.path)]
+        total = sum(s for _o, s in pieces)
+        if total != self._start or any(
+            o != sum(s for _o, s in pieces[:i]) for i, (o, _s) in enumerate(pieces)
+        ):
+            raise OSError(errno.EIO, f"the pieces of {self.path} on {driver.name} are not whole")
+        key = driver.key(dest)
+        source = f"{driver.bucket}/{driver.key(self.path)}"
+        upload = driver._call("commit", dest, "create_multipart_upload", Key=key)["UploadId"]
+        try:
+            parts = []
+            for number, (offset, _size) in enumerate(pieces, start=1):
+                result = driver._call(
+                    "commit",
+                    dest,
+                    "upload_part_copy",
+                    Key=key,
+                    UploadId=upload,
+                    PartNumber=number,
+                    CopySource=f"{source}/{offset:0{PIECE_DIGITS}d}",
+                )
+                parts.append({"PartNumber": number, "ETag": result["CopyPartResult"]["ETag"]})
+            driver._call(
+                "commit",
+                dest,
+                "complete_multipart_upload",
+                Key=key,
+                UploadId=upload,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                driver.client.abort_multipart_upload(Bucket=driver.bucket, Key=key, UploadId=upload)
+            raise
+        if driver.stat(dest) != total:
+            raise OSError(errno.EIO, f"{dest} on {driver.name} is not {total} bytes after commit")
+        self.discard()
+
+    def discard(self) -> None:
+        self._buffer.clear()
+        self.driver.delete_partial(self.path)
+
+    def close(self) -> None:
+        self._buffer = bytearray()

@@ -1,0 +1,210 @@
+"""A real S3 server on loopback: OpenStack Swift (Debian's packages) with s3api and tempauth.
+
+One proxy, one account, one container and one object server, each a process of Debian's
+python3 with its own config directory (Swift reads `/etc/swift/swift.conf` unless told
+otherwise: `_LAUNCH` points it at ours before anything loads it), rings built with
+swift-ring-builder over one plain directory (`mount_check = false`), and memcached for
+tempauth's tokens and the proxy's caches. S3 credentials: `test:tester` / `testing`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+from tests.support.servers import free_port, require, stop, wait_for_port
+
+ACCESS_KEY = "test:tester"
+SECRET_KEY = "testing"
+REGION = "us-east-1"
+
+# Runs under Debian's python3 (where the swift package lives): argv = swift.conf, server conf.
+_LAUNCH = """
+import sys
+from swift.common import utils
+utils.SWIFT_CONF_FILE = sys.argv[1]
+from swift.common import constraints, storage_policy
+storage_policy.reload_storage_policies()
+constraints.reload_constraints()
+from swift.common.wsgi import run_wsgi
+sys.exit(run_wsgi(sys.argv[2], sys.argv[3], verbose=True))
+"""
+
+_SERVERS = ("account", "container", "object")
+# s3api before tempauth (it checks S3 signatures through it); slo and copy carry multipart
+# uploads and UploadPartCopy.
+PROXY_PIPELINE = (
+    "catch_errors gatekeeper proxy-logging cache listing_formats s3api tempauth copy slo dlo "
+    "proxy-logging proxy-server"
+)
+
+
+class Swift:
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir / "swift"
+        self.ports = {name: free_port() for name in (*_SERVERS, "proxy", "memcached")}
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports['proxy']}"
+
+    def _configure(self) -> None:
+        devices = self.dir / "devices"
+        (devices / "d1").mkdir(parents=True, exist_ok=True)
+        (self.dir / "swift.conf").write_text(
+            textwrap.dedent("""\
+                [swift-hash]
+                swift_hash_path_suffix = pullthrough-tests
+                swift_hash_path_prefix = pullthrough-tests
+                [storage-policy:0]
+                name = gold
+                default = yes
+                """)
+        )
+        common = textwrap.dedent(f"""\
+            [DEFAULT]
+            bind_ip = 127.0.0.1
+            workers = 1
+            user = {os.environ.get("USER") or "root"}
+            swift_dir = {self.dir}
+            devices = {devices}
+            mount_check = false
+            log_level = WARNING
+            log_udp_host = 127.0.0.1
+            log_udp_port = 9
+            """)
+        builder = require("swift-ring-builder")
+        for name in _SERVERS:
+            (self.dir / f"{name}-server.conf").write_text(
+                common
+                + f"bind_port = {self.ports[name]}\n"
+                + textwrap.dedent(f"""\
+                    [pipeline:main]
+                    pipeline = {name}-server
+                    [app:{name}-server]
+                    use = egg:swift#{name}
+                    [{name}-replicator]
+                    [{name}-updater]
+                    [{name}-auditor]
+                    """)
+            )
+            ring = str(self.dir / f"{name}.builder")
+            for args in (
+                ("create", "6", "1", "1"),
+                ("add", f"r1z1-127.0.0.1:{self.ports[name]}/d1", "100"),
+                ("rebalance",),
+            ):
+                result = subprocess.run(
+                    [builder, ring, *args], capture_output=True, text=True, timeout=60
+                )
+                # rebalance exits 1 for "balanced, with warnings" (one device, one replica).
+                if result.returncode not in (0, 1):
+                    raise RuntimeError(f"swift-ring-builder {args}: {result.stdout}{result.stderr}")
+        (self.dir / "proxy-server.conf").write_text(
+            common
+            + f"bind_port = {self.ports['proxy']}\n"
+            + textwrap.dedent(f"""\
+                [pipeline:main]
+                pipeline = {PROXY_PIPELINE}
+                [app:proxy-server]
+                use = egg:swift#proxy
+                account_autocreate = true
+                [filter:catch_errors]
+                use = egg:swift#catch_errors
+                [filter:gatekeeper]
+                use = egg:swift#gatekeeper
+                [filter:proxy-logging]
+                use = egg:swift#proxy_logging
+                [filter:cache]
+                use = egg:swift#memcache
+                memcache_servers = 127.0.0.1:{self.ports["memcached"]}
+                [filter:listing_formats]
+                use = egg:swift#listing_formats
+                [filter:s3api]
+                use = egg:swift#s3api
+                location = {REGION}
+                [filter:tempauth]
+                use = egg:swift#tempauth
+                user_test_tester = {SECRET_KEY} .admin
+                [filter:copy]
+                use = egg:swift#copy
+                [filter:slo]
+                use = egg:swift#slo
+                [filter:dlo]
+                use = egg:swift#dlo
+                """)
+        )
+
+    def start(self) -> Swift:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._configure()
+        log = open(self.dir / "swift.log", "ab")  # noqa: SIM115 (the processes keep it)
+        self.procs["memcached"] = subprocess.Popen(
+            [
+                require("memcached"),
+                "-l",
+                "127.0.0.1",
+                "-p",
+                str(self.ports["memcached"]),
+                "-U",
+                "0",
+                "-m",
+                "32",
+                "-u",
+                os.environ.get("USER") or "root",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        python = "/usr/bin/python3"
+        for name in (*_SERVERS, "proxy"):
+            self.procs[name] = subprocess.Popen(
+                [
+                    python,
+                    "-c",
+                    _LAUNCH,
+                    str(self.dir / "swift.conf"),
+                    str(self.dir / f"{name}-server.conf"),
+                    f"{name}-server",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        for name, proc in self.procs.items():
+            wait_for_port(self.ports[name], 30, proc)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        # The proxy answers before its rings and backends are usable: ask until a listing works.
+        client = self.client()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.list_buckets()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def client(self):
+        from registry.store.s3 import s3_client
+
+        return s3_client(self.endpoint, ACCESS_KEY, SECRET_KEY, REGION)
+
+    def create_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            stop(proc)
+
+    def log(self) -> str:
+        return (self.dir / "swift.log").read_text(errors="replace")
