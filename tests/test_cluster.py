@@ -1,0 +1,263 @@
+"""Several pullthrough nodes on one S3 bucket (a real Swift) and one Redis.
+
+Two gunicorn nodes on different ports share the Redis and the bucket, and reach the real
+upstream through a bandwidth-capped link (as Docker Hub over a WAN link): a herd spread over
+both nodes is one upstream GET, the other node's clients get bytes before the fill completes,
+a node killed mid-fill is survived by the other (which resumes from the stored pieces), and
+whatever one node pulled is a cache hit on the other.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+import requests
+import yaml
+
+from registry import build_pullthrough
+from registry.config import settings_from_mapping
+from registry.digests import Digest
+from registry.gc import Collector, GcBusy
+from registry.mediatypes import MANIFEST_TYPES
+from tests.conftest import s3_section
+from tests.support.clients import skopeo_copy, skopeo_policy
+from tests.support.images import Pusher, make_layer, single
+from tests.support.servers import Gunicorn, ThrottledRelay, run_module
+from tests.support.stores import cache_image, needed
+
+ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
+LINK_MIBPS = 24
+LAYER = 40 << 20  # about 1.7 s through the link: room to act mid-fill
+
+
+@pytest.fixture(scope="module")
+def link(upstream):
+    relay = ThrottledRelay(upstream.port, LINK_MIBPS).start()
+    yield relay
+    relay.stop()
+
+
+@pytest.fixture(scope="module")
+def prefix():
+    return f"cluster/{uuid.uuid4().hex}"
+
+
+def start_node(workdir, redis_server, swift, link, prefix, **s3) -> Gunicorn:
+    workdir.mkdir(parents=True, exist_ok=True)
+    return Gunicorn.with_config(
+        workdir,
+        redis_server.url,
+        [{"name": "docker.io", "url": link.url}],
+        workers=2,
+        storage=s3_section(swift, prefix, **s3),
+        upstream={"lease_ttl": 2},
+    )
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory, redis_server, swift, link, prefix):
+    a = start_node(tmp_path_factory.mktemp("node-a"), redis_server, swift, link, prefix)
+    b = start_node(tmp_path_factory.mktemp("node-b"), redis_server, swift, link, prefix)
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def pusher(upstream, token_server):
+    return Pusher(upstream.url, token_server.realm, token_server.service)
+
+
+def fresh_image(pusher, name: str, size: int = LAYER):
+    """An image no other test has: its one big layer is cold in every cache."""
+    seed = int.from_bytes(os.urandom(4), "big")
+    image = single(f"cluster/{name}", "1", [make_layer(seed, size)], docker=True)
+    pusher.push(image)
+    return image, max(image.blobs, key=lambda d: len(image.blobs[d]))
+
+
+def get_manifest(node: Gunicorn, image) -> None:
+    url = f"{node.url}/v2/{image.repository}/manifests/{image.tag}"
+    requests.get(url, headers=ACCEPT, timeout=30).raise_for_status()
+
+
+def download(url: str, t0: float) -> dict:
+    """GET a blob; when its first and last byte came (seconds after t0) and its digest."""
+    with requests.get(url, stream=True, timeout=60) as response:
+        hasher = hashlib.sha256()
+        first = None
+        for chunk in response.iter_content(1 << 16):
+            if first is None:
+                first = time.monotonic() - t0
+            hasher.update(chunk)
+        return {
+            "status": response.status_code,
+            "digest": "sha256:" + hasher.hexdigest(),
+            "first": first,
+            "last": time.monotonic() - t0,
+        }
+
+
+def blob_gets(upstream, mark: int, digest: str) -> int:
+    return sum(1 for m, p, s in upstream.requests_since(mark) if m == "GET" and digest in p)
+
+
+def test_herd_over_two_nodes_is_one_upstream_get_and_both_stream_early(
+    nodes, upstream, pusher, redis_client
+):
+    a, b = nodes
+    image, layer = fresh_image(pusher, "herd")
+    get_manifest(a, image)
+    mark = upstream.mark()
+    path = f"/v2/{image.repository}/blobs/{layer}"
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(download, (a if i % 2 else b).url + path, t0) for i in range(12)]
+        results = [f.result() for f in futures]
+
+    assert {r["status"] for r in results} == {200}
+    assert {r["digest"] for r in results} == {layer}
+    assert blob_gets(upstream, mark, layer) == 1
+    # Followers on both nodes had bytes long before the fill ended (pieces, not the commit).
+    fill_done = min(r["last"] for r in results)
+    assert fill_done > 1.0, "the link did not make the fill last: nothing measured"
+    for node_results in (results[0::2], results[1::2]):
+        assert max(r["first"] for r in node_results) < fill_done - 0.5
+
+
+def test_node_killed_mid_fill_is_survived_by_the_other(
+    tmp_path, nodes, upstream, swift, link, prefix, redis_server, pusher, redis_client
+):
+    _a, b = nodes
+    doomed = start_node(tmp_path / "doomed", redis_server, swift, link, prefix)
+    image, layer = fresh_image(pusher, "killed")
+    get_manifest(doomed, image)
+    path = f"/v2/{image.repository}/blobs/{layer}"
+    mark = upstream.mark()
+    sent_before = link.bytes_down
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        on_doomed = pool.submit(download, doomed.url + path, t0)
+        time.sleep(0.3)
+        followers = [pool.submit(download, b.url + path, t0) for _ in range(3)]
+        # Kill the fetching node (master and workers) once some pieces are stored.
+        deadline = time.monotonic() + 10
+        while not redis_client.hget(f"pt:fill:{layer}", "written") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.6)
+        os.killpg(doomed.proc.pid, signal.SIGKILL)
+        doomed.proc.wait()
+        results = [f.result() for f in followers]
+        with pytest.raises(requests.exceptions.RequestException):
+            cut = on_doomed.result()
+            assert cut["digest"] == layer  # (a download that finished anyway proves nothing)
+
+    assert {r["digest"] for r in results} == {layer}
+    gets = [(m, p, s) for m, p, s in upstream.requests_since(mark) if m == "GET" and layer in p]
+    assert len(gets) == 2, gets  # the first fill, and its resumption on node b
+    # Resumed with a Range request from the pieces on S3 rather than from byte 0.
+    assert gets[1][2] == 206, gets
+    assert link.bytes_down - sent_before < 1.6 * LAYER
+
+
+def test_whatever_one_node_pulled_is_a_hit_on_the_other(
+    tmp_path, nodes, upstream, images, redis_client
+):
+    _a, b = nodes
+    policy = skopeo_policy(tmp_path)
+    image = images["alpine"]  # an index: two platforms, a shared layer
+    host_a, host_b = (n.url.removeprefix("http://") for n in nodes)
+    skopeo_copy(policy, f"{host_a}/{image.repository}:{image.tag}", tmp_path / "via-a")
+    mark = upstream.mark()
+    skopeo_copy(policy, f"{host_b}/{image.repository}:{image.tag}", tmp_path / "via-b")
+
+    assert upstream.requests_since(mark) == []
+    for name in os.listdir(tmp_path / "via-a"):
+        assert (tmp_path / "via-a" / name).read_bytes() == (tmp_path / "via-b" / name).read_bytes()
+    blob = next(iter(image.children[0].blobs))
+    response = requests.head(f"{b.url}/v2/{image.repository}/blobs/{blob}", timeout=10)
+    assert response.headers["X-Cache"] == "HIT"
+
+
+def test_redirect_mode_sends_clients_to_a_presigned_url(
+    tmp_path, nodes, upstream, swift, link, prefix, redis_server, images, redis_client
+):
+    a, _b = nodes
+    image = images["busybox"]
+    layer = next(iter(image.blobs))
+    get_manifest(a, image)
+    requests.get(f"{a.url}/v2/{image.repository}/blobs/{layer}", timeout=30).raise_for_status()
+    node = start_node(tmp_path / "redirect", redis_server, swift, link, prefix, redirect=True)
+    try:
+        url = f"{node.url}/v2/{image.repository}/blobs/{layer}"
+        direct = requests.get(url, allow_redirects=False, timeout=10)
+        assert direct.status_code == 307
+        assert direct.headers["Location"].startswith(swift.endpoint + "/")
+        assert "X-Amz-Signature=" in direct.headers["Location"]
+        followed = requests.get(url, timeout=10)
+        assert Digest.parse(layer).matches(followed.content)
+        ranged = requests.get(url, headers={"Range": "bytes=0-99"}, timeout=10)
+        assert ranged.status_code == 206 and ranged.content == image.blobs[layer][:100]
+        policy = skopeo_policy(tmp_path)
+        host = node.url.removeprefix("http://")
+        skopeo_copy(policy, f"{host}/{image.repository}:{image.tag}", tmp_path / "pulled")
+        assert (tmp_path / "pulled" / layer.split(":")[1]).read_bytes() == image.blobs[layer]
+    finally:
+        node.stop()
+
+
+def test_gc_on_s3_keeps_what_manifests_need_and_runs_once_cluster_wide(
+    tmp_path, swift, redis_server, redis_client, images, upstream
+):
+    config = {
+        "storage": s3_section(swift, f"gc/{uuid.uuid4().hex}"),
+        "redis": {"url": redis_server.url},
+        "registries": [{"name": "docker.io", "url": upstream.url}],
+        "gc": {"delay": 0},
+    }
+    pt = build_pullthrough(settings_from_mapping(config, env={}))
+    store = pt.store
+    kept = images["busybox"]
+    cache_image(store, kept)
+    orphan = os.urandom(1000)
+    orphan_digest = Digest.parse("sha256:" + hashlib.sha256(orphan).hexdigest())
+    store.put_verified_bytes(orphan_digest, orphan)
+    stale = store.open_upload(Digest.parse("sha256:" + "e" * 64), 6 << 20)
+    stale.pwrite(os.urandom(6 << 20), 0)  # a piece of a fill whose node died
+
+    # Two nodes' schedulers fire at once: one sweeps, the other is told it is busy.
+    results: list = []
+
+    def sweep() -> None:
+        try:
+            results.append(Collector.for_cache(pt).run())
+        except GcBusy as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=sweep) for _ in range(2)]
+    hold = pt.coord.gc_lease()
+    assert hold.acquire()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(isinstance(r, GcBusy) for r in results)
+    hold.release()
+    # S3 stores round Last-Modified up to the second: look from a moment later.
+    report = Collector(store, pt.coord, pt.settings.gc, clock=lambda: time.time() + 5).run()
+
+    assert report["deleted_blobs"] == 1 and report["deleted_uploads"] == 1
+    assert store.blob_size(orphan_digest) is None
+    assert {str(d) for d, _size, _mtime in store.iter_blobs()} == needed(kept)
+    assert list(store.iter_uploads()) == []
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    verified = run_module("registry", path, "verify", check=False)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
