@@ -115,10 +115,14 @@ def clean_stale_uploads(pullthrough: PullThrough) -> None:
     except redis.RedisError:
         log.warning("Redis unreachable at start-up: partial files are left for the next start")
         return
-    removed = pullthrough.store.clean_uploads(
-        lambda digest: coordination.lease_held(blob_lease_key(digest)),
-        min_age=4 * pullthrough.settings.lease_ttl,
-    )
+    try:
+        removed = pullthrough.store.clean_uploads(
+            lambda digest: coordination.lease_held(blob_lease_key(digest)),
+            min_age=4 * pullthrough.settings.lease_ttl,
+        )
+    except OSError as exc:  # the store is down: start anyway, and answer 503s naming it
+        log.warning("could not look for partial fills at start-up: %s", exc.strerror or exc)
+        return
     if removed:
         log.info("removed %d partial files left by dead fills", len(removed))
 

@@ -224,7 +224,7 @@ class S3Schema(Schema):
     redirect = fields.Boolean(load_default=False)
     redirect_ttl = Duration(load_default=300.0, validate=validate.Range(min=10, max=7 * 86400))
 
-    @validates_schema
+    @validates_schema(skip_on_field_errors=False)
     def _credentials_pair(self, data: dict[str, Any], **_: Any) -> None:
         if (data.get("access_key") is None) != (data.get("secret_key") is None):
             raise ValidationError("access_key and secret_key go together.", "access_key")

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 EVICT_GRACE = 3600.0
 # A report lists at most this many evicted or dropped tags by name.
 REPORT_NAMES = 100
+# A multipart upload this old belongs to a commit that will never finish (they take seconds).
+STALE_MULTIPART = 3600.0
 
 
 class GcBusy(Exception):
@@ -337,6 +339,11 @@ class Collector:
                 emptied.append(self.catalog_name(repo))
         coord.unindex_repositories(emptied)
         report = self._counts(plan, skipped=skipped)
+        # Commits of nodes that died mid-way leave multipart uploads behind on S3 (the
+        # bucket's lifecycle rule does this too, where the store has one).
+        abort = getattr(store.driver, "abort_stale_multipart", None)
+        if abort is not None:
+            uploads += abort(max(self.policy.delay, STALE_MULTIPART))
         report.update(deleted_blobs=deleted, freed_bytes=freed, deleted_uploads=uploads)
         return report
 

@@ -261,3 +261,31 @@ def test_gc_on_s3_keeps_what_manifests_need_and_runs_once_cluster_wide(
     path.write_text(yaml.safe_dump(config))
     verified = run_module("registry", path, "verify", check=False)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_unreachable_store_is_a_503_naming_it_and_the_node_still_starts(
+    tmp_path, redis_server, redis_client, upstream, images
+):
+    from registry import create_app
+    from tests.support.servers import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    config = {
+        "storage": {"driver": "s3", "s3": {"bucket": "gone", "endpoint": endpoint}},
+        "redis": {"url": redis_server.url},
+        "registries": [{"name": "docker.io", "url": upstream.url}],
+        "upstream": {"connect_timeout": 0.5},
+    }
+    client = create_app(settings_from_mapping(config, env={})).test_client()
+    image = images["busybox"]
+    for path in (
+        f"/v2/{image.repository}/blobs/{next(iter(image.blobs))}",
+        f"/v2/{image.repository}/manifests/{image.tag}",
+    ):
+        response = client.get(path, headers=ACCEPT)
+        assert response.status_code == 503, (path, response.data)
+        message = response.get_json()["errors"][0]["message"]
+        assert f"S3 bucket gone at {endpoint}" in message, message
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.get_json()["checks"]["storage"]["ok"] is False

@@ -112,3 +112,49 @@ def test_a_tag_rule_needs_a_match_and_exactly_one_of_ttl_or_immutable(rule):
             {"registries": [{"name": "docker.io", "tag_ttl_overrides": [rule]}]}, env={}
         )
     assert "registries.0.tag_ttl_overrides.0." in "\n".join(caught.value.problems)
+
+
+def test_s3_storage_is_configured_with_its_key_paths_checked():
+    settings = settings_from_mapping(
+        {
+            "storage": {
+                "driver": "s3",
+                "s3": {
+                    "bucket": "cache",
+                    "endpoint": "http://127.0.0.1:9000",
+                    "access_key": "AK",
+                    "secret_key": "very-secret",
+                    "part_size": "16MiB",
+                    "redirect": True,
+                    "redirect_ttl": "10m",
+                },
+            }
+        },
+        env={},
+    )
+    assert settings.s3.bucket == "cache" and settings.s3.part_size == 16 << 20
+    assert settings.s3.redirect_ttl == 600
+    assert "very-secret" not in repr(settings)
+    assert settings_from_mapping({}, env={}).s3 is None
+
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping(
+            {
+                "storage": {
+                    "driver": "s3",
+                    "s3": {
+                        "bucket": "cache",
+                        "endpoint": "ftp://x",
+                        "access_key": "AK",
+                        "part_size": "1MiB",
+                    },
+                }
+            },
+            env={},
+        )
+    problems = "\n".join(caught.value.problems)
+    assert "storage.s3.endpoint" in problems
+    assert "storage.s3.part_size" in problems
+    assert "storage.s3.access_key: access_key and secret_key go together." in problems
+    with pytest.raises(ConfigError, match=r"storage\.s3: driver s3 needs"):
+        settings_from_mapping({"storage": {"driver": "s3"}}, env={})

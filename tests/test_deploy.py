@@ -9,6 +9,7 @@ import re
 
 import yaml
 
+from registry.config import settings_from_mapping
 from tests.support.servers import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -83,3 +84,21 @@ def test_the_gunicorn_config_scales_with_cpus_and_drains_gracefully():
     assert 'worker_class = "gevent"' in text
     assert "multiprocessing.cpu_count()" in text
     assert "graceful_timeout" in text and "prompt_graceful_stop" in text
+
+
+def test_cluster_example_runs_two_nodes_on_one_bucket_behind_a_balancer():
+    cluster = DEPLOY / "cluster"
+    compose = yaml.safe_load((cluster / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"redis", "minio", "bucket-setup", "node-a", "node-b", "balancer"} <= set(services)
+    assert services["balancer"]["ports"] == ["5050:5050"]
+    nginx = (cluster / "nginx.conf").read_text()
+    assert "server node-a:5050" in nginx and "server node-b:5050" in nginx
+    assert "proxy_buffering off" in nginx
+    # The nodes' config is valid and names the bucket the setup job creates.
+    raw = yaml.safe_load((cluster / "config.yaml").read_text())
+    assert raw.pop("credentials_file") == "/etc/pullthrough/credentials.json"  # mounted there
+    settings = settings_from_mapping(raw, env={})
+    assert settings.s3 is not None and settings.s3.bucket == "pullthrough"
+    assert "store/pullthrough" in services["bucket-setup"]["command"][0]
+    assert "uploads/" in services["bucket-setup"]["command"][0]

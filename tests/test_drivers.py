@@ -225,3 +225,14 @@ def test_unreachable_store_is_an_io_error_naming_it():
     assert caught.value.errno == errno.EIO
     assert f"S3 bucket {SWIFT_BUCKET} at {endpoint}" in caught.value.strerror
     assert time.monotonic() - started < 15
+
+
+def test_multipart_uploads_of_dead_commits_are_aborted(swift):
+    prefix = f"multipart/{uuid.uuid4().hex}"
+    driver = S3Driver(swift.client(), SWIFT_BUCKET, prefix=prefix)
+    client = driver.client
+    started = client.create_multipart_upload(Bucket=SWIFT_BUCKET, Key=f"{prefix}/blobs/x")
+    assert driver.abort_stale_multipart(3600) == 0  # too young: its commit may be running
+    assert driver.abort_stale_multipart(0) == 1
+    left = client.list_multipart_uploads(Bucket=SWIFT_BUCKET, Prefix=prefix).get("Uploads", [])
+    assert started["UploadId"] not in {u["UploadId"] for u in left}

@@ -26,7 +26,6 @@ import errno
 import hashlib
 import io
 import math
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -504,7 +503,7 @@ class PieceWriter:
         self.piece_size = piece_size
         self._buffer = bytearray()
         self._start = 0  # offset of the first byte in the buffer (all before it are pieces)
-        self._lock = threading.Lock()
+        self._follower: PieceReader | None = None  # reads back stored pieces (resume)
 
     def pwrite(self, data: bytes, offset: int) -> None:
         if offset != self._start + len(self._buffer):
@@ -530,12 +529,11 @@ class PieceWriter:
 
     def read_range(self, offset: int, length: int) -> bytes:
         """Bytes of the pieces already stored (to hash the prefix when resuming)."""
-        for piece_offset, size, _mtime in self.driver.pieces(self.path):
-            if piece_offset <= offset < piece_offset + size:
-                reader = ObjectReader(self.driver, self.driver.piece_path(self.path, piece_offset))
-                with reader:
-                    return reader.read_at(offset - piece_offset, min(length, size))
-        return b""
+        if self._follower is None:
+            self._follower = PieceReader(self.driver, self.path)
+        if offset >= self._follower.available():
+            return b""
+        return self._follower.read_at(offset, length)
 
     def commit(self, dest: str) -> None:
         """Store the whole blob at `dest` in one step, then drop the pieces."""
@@ -591,3 +589,5 @@ class PieceWriter:
 
     def close(self) -> None:
         self._buffer = bytearray()
+        if self._follower is not None:
+            self._follower.close()
