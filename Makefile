@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint format bench soak clean
+.PHONY: run test lint format bench bench-s3 soak clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -49,6 +49,15 @@ bench: $(VENV)/.bench-deps
 	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry skopeo=skopeo \
 		wrk=wrk ab=apache2-utils nginx=nginx curl=curl
 	$(BIN)/python -m bench
+	$(MAKE) --no-print-directory bench-s3
+
+# pullthrough on S3 (a local Swift), two nodes: its own section of docs/benchmarks.md.
+bench-s3: $(VENV)/.bench-deps
+	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry curl=curl \
+		swift-proxy-server=swift-proxy swift-object-server=swift-object \
+		swift-container-server=swift-container swift-account-server=swift-account \
+		swift-ring-builder=swift memcached=memcached
+	$(BIN)/python -m bench.s3
 
 soak: $(VENV)/.test-deps
 	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry

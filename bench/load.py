@@ -72,10 +72,13 @@ def ab_head(url: str) -> dict:
     }
 
 
-def curl_downloads(url: str, clients: int, size: int) -> float:
+def curl_downloads(url: str, clients: int, size: int, *, follow: bool = False) -> float:
     """Aggregate MiB/s of `clients` concurrent curl downloads of `url` (each checked to get
-    `size` bytes); curl writes to /dev/null, so the client side costs little CPU."""
+    `size` bytes); curl writes to /dev/null, so the client side costs little CPU. `follow`:
+    follow redirects (the status checked is the last one's)."""
     command = [require("curl"), "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}"]
+    if follow:
+        command.append("-L")
     started = time.monotonic()
     procs = [
         subprocess.Popen([*command, url], stdout=subprocess.PIPE, text=True) for _ in range(clients)

@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import subprocess
+from pathlib import Path
 from statistics import median
 
 from bench.load import (
@@ -64,6 +65,19 @@ def _rate_cell(r: dict) -> str:
     if r.get("errors"):
         cell += f" ({r['errors']} socket errors)"
     return cell
+
+
+def table(header: list[str], rows: list) -> list[str]:
+    """A markdown table; short rows are padded."""
+
+    def cells(row) -> list[str]:
+        return [str(c) for c in row] + [""] * (len(header) - len(row))
+
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(cells(row)) + " |" for row in rows),
+    ]
 
 
 def write_report(results: dict, *, size: int, huge_size: int) -> None:
@@ -263,16 +277,6 @@ def write_report(results: dict, *, size: int, huge_size: int) -> None:
     chart_path = ROOT / "docs" / "benchmarks.png"
     draw_chart(chart, chart_path)
 
-    def table(header: list[str], rows: list[tuple]) -> list[str]:
-        def cells(row: tuple) -> list[str]:
-            return [str(c) for c in row] + [""] * (len(header) - len(row))
-
-        return [
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-            *("| " + " | ".join(cells(row)) + " |" for row in rows),
-        ]
-
     side = [
         "figure",
         "pullthrough",
@@ -357,8 +361,22 @@ def write_report(results: dict, *, size: int, huge_size: int) -> None:
     ]
     out = ROOT / "docs" / "benchmarks.md"
     out.parent.mkdir(exist_ok=True)
-    out.write_text("\n".join(lines))
+    existing = out.read_text() if out.exists() else ""
+    # bench/s3.py writes its own section after this marker: keep it.
+    tail = existing[existing.index(S3_MARKER) :] if S3_MARKER in existing else ""
+    out.write_text("\n".join(lines) + ("\n\n" + tail if tail else ""))
     print("\n".join(lines))
+
+
+S3_MARKER = "<!-- s3 -->"
+
+
+def write_section(out: Path, marker: str, lines: list[str]) -> None:
+    """Replace what follows `marker` in `out` with `lines` (the rest of the file is another
+    run's)."""
+    existing = out.read_text() if out.exists() else ""
+    head = existing.split(marker)[0] if marker in existing else existing
+    out.write_text(head.rstrip() + "\n\n" + marker + "\n" + "\n".join(lines))
 
 
 # Why a target can be missed on this machine: printed under the table for each one missed.

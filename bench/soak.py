@@ -32,6 +32,7 @@ from requests.adapters import HTTPAdapter
 
 from bench.load import ACCEPT
 from bench.proc import rss_mib
+from bench.report import write_section
 from tests.support.images import Image, Pusher, make_layer, single, standard_images
 from tests.support.servers import (
     ROOT,
@@ -360,11 +361,7 @@ def write(tally, samples, events, gc_runs, verify, leases_after, first, wall) ->
             lines.append("")
     if tally.wrong_bytes:
         lines += ["Wrong bytes:", "", *[f"- {u}" for u in tally.wrong_bytes[:20]], ""]
-    out = ROOT / "docs" / "reliability.md"
-    existing = out.read_text() if out.exists() else ""
-    marker = "<!-- soak -->"
-    head = existing.split(marker)[0] if marker in existing else existing
-    out.write_text(head.rstrip() + "\n\n" + marker + "\n" + "\n".join(lines))
+    write_section(ROOT / "docs" / "reliability.md", "<!-- soak -->", lines)
     print("\n".join(lines))
     # While Redis is down a cold fill cannot take its lease and is refused with a 503 (cached
     # content keeps serving); any other 5xx, or one outside that window, is a failure.

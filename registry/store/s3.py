@@ -325,12 +325,13 @@ class S3Driver:
         """Abort multipart uploads (commits of dead nodes) started more than `older_than`
         seconds ago; the bucket's lifecycle rule does the same where the store has one."""
         aborted = 0
-        now = time.time()
+        # Stores round timestamps up to the second (Swift does): allow for it.
+        cutoff = time.time() - older_than + 1.0
         try:
             paginator = self.client.get_paginator("list_multipart_uploads")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
                 for upload in page.get("Uploads", []):
-                    if now - upload["Initiated"].timestamp() >= older_than:
+                    if upload["Initiated"].timestamp() <= cutoff:
                         with contextlib.suppress(Exception):
                             self.client.abort_multipart_upload(
                                 Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]

@@ -1,0 +1,238 @@
+"""`make bench` (its S3 part; alone: `make bench-s3`): pullthrough on S3, two nodes.
+
+The store is OpenStack Swift with s3api on loopback (as in the tests); the upstream is
+distribution behind its token server and a bandwidth-capped relay (as Docker Hub over a home
+link). Two pullthrough nodes share the bucket and one Redis.
+
+- Warm blob throughput from the S3 driver, 1 and 8 curl clients, against the limit: the same
+  object read straight from the store with boto3 (the issue's yardstick) and with curl on a
+  presigned URL (Swift's own speed, same client as ours), and against redirect mode (curl
+  follows pullthrough's 307 to the presigned URL). Median of REPEATS rounds, taking turns.
+- A cold herd spread over both nodes: upstream GETs and bytes, time to first byte on each
+  node, and wall time against one download through the link.
+
+Writes its section of docs/benchmarks.md (after `<!-- s3 -->`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+from bench.__main__ import download
+from bench.load import BLOB_MIB, HERD, REPEATS, WAN_MIBPS, curl_downloads
+from bench.proc import timed_cpu, tree
+from bench.report import S3_MARKER, table, write_section
+from tests.conftest import SWIFT_BUCKET, s3_section
+from tests.support.images import Pusher, make_layer, single
+from tests.support.servers import (
+    ROOT,
+    Distribution,
+    Gunicorn,
+    RedisServer,
+    ThrottledRelay,
+    TokenServer,
+)
+from tests.support.swift import Swift
+
+NODE_WORKERS = 2
+
+
+def boto3_downloads(client, key: str, clients: int, size: int) -> float:
+    """Aggregate MiB/s of `clients` threads each reading the object with get_object."""
+
+    def one(_):
+        body = client.get_object(Bucket=SWIFT_BUCKET, Key=key)["Body"]
+        got = 0
+        for chunk in body.iter_chunks(1 << 20):
+            got += len(chunk)
+        if got != size:
+            raise RuntimeError(f"boto3 read {got} of {size} bytes")
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(clients)))
+    return clients * size / (time.monotonic() - started) / (1 << 20)
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="pullthrough-bench-s3-"))
+    started: list = []
+    try:
+        redis_server = RedisServer(work / "redis").start()
+        started.append(redis_server)
+        token = TokenServer(work / "token").start()
+        started.append(token)
+        upstream = Distribution(work / "upstream", token=token).start()
+        started.append(upstream)
+        swift = Swift(work).start()
+        started.append(swift)
+        swift.create_bucket(SWIFT_BUCKET)
+        relay = ThrottledRelay(upstream.port, WAN_MIBPS).start()
+        started.append(relay)
+
+        pusher = Pusher(upstream.url, token.realm, token.service)
+        size = BLOB_MIB << 20
+        layers = {}
+        for name, seed in (("warm", 101), ("herd", 102), ("single", 103)):
+            image = single(f"s3bench/{name}", "1", [make_layer(seed, size)], docker=True)
+            pusher.push(image)
+            layers[name] = max(image.blobs, key=lambda d: len(image.blobs[d]))
+            layers[name + "_size"] = len(image.blobs[layers[name]])
+
+        prefix = f"bench/{os.getpid()}"
+        registries = [{"name": "docker.io", "url": relay.url}]
+
+        def node(name: str, **s3) -> Gunicorn:
+            server = Gunicorn.with_config(
+                work / name,
+                redis_server.url,
+                registries,
+                workers=NODE_WORKERS,
+                storage=s3_section(swift, prefix, **s3),
+            )
+            started.append(server)
+            return server
+
+        a, b = node("node-a"), node("node-b")
+        redirecting = node("node-r", redirect=True)
+        results = {
+            "warm": warm(a, redirecting, swift, prefix, layers),
+            "herd": cross_node_herd(a, b, upstream, relay, layers),
+        }
+        write(results, layers)
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+def warm(node: Gunicorn, redirecting: Gunicorn, swift: Swift, prefix: str, layers) -> dict:
+    layer, size = layers["warm"], layers["warm_size"]
+    path = f"/v2/s3bench/warm/blobs/{layer}"
+    status, digest, _ = download(node.url + path)  # the fill, through the link
+    assert status == 200 and f"sha256:{digest}" == layer
+    client = swift.client()
+    key = f"{prefix}/blobs/sha256/{layer[7:9]}/{layer[7:]}"
+    presigned = client.generate_presigned_url(
+        "get_object", Params={"Bucket": SWIFT_BUCKET, "Key": key}, ExpiresIn=3600
+    )
+    ways = {
+        "pullthrough (S3 driver, streamed)": lambda n: curl_downloads(node.url + path, n, size),
+        "pullthrough redirect mode (curl -L)": lambda n: curl_downloads(
+            redirecting.url + path, n, size, follow=True
+        ),
+        "curl on a presigned URL (Swift itself)": lambda n: curl_downloads(presigned, n, size),
+        "boto3 get_object (the limit)": lambda n: boto3_downloads(client, key, n, size),
+    }
+    out: dict = {}
+    for clients in (1, 8):
+        runs: dict[str, list[float]] = {name: [] for name in ways}
+        cpu: list[float] = []
+        for _ in range(REPEATS):
+            for name, way in ways.items():
+                if name.startswith("pullthrough (S3"):
+                    _wall, seconds, rate = timed_cpu(
+                        tree(node.proc.pid), lambda w=way, n=clients: w(n)
+                    )
+                    cpu.append(seconds / (clients * size / (1 << 30)))
+                else:
+                    rate = way(clients)
+                runs[name].append(rate)
+        out[clients] = {name: median(rates) for name, rates in runs.items()}
+        out[clients]["cpu_per_gib"] = median(cpu)
+    return out
+
+
+def cross_node_herd(a: Gunicorn, b: Gunicorn, upstream, relay, layers) -> dict:
+    single_layer, size = layers["single"], layers["single_size"]
+    started = time.monotonic()
+    status, _digest, _ = download(f"{a.url}/v2/s3bench/single/blobs/{single_layer}")
+    single_wall = time.monotonic() - started
+    assert status == 200
+
+    layer = layers["herd"]
+    mark = upstream.mark()
+    before = relay.bytes_down
+    urls = [f"{(a, b)[i % 2].url}/v2/s3bench/herd/blobs/{layer}" for i in range(HERD)]
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(HERD) as pool:
+        results = list(pool.map(download, urls))
+    wall = time.monotonic() - started
+    gets = sum(
+        1 for m, p, s in upstream.requests_since(mark) if m == "GET" and layer in p and s < 400
+    )
+    return {
+        "clients": HERD,
+        "ok": sum(1 for s, d, _t in results if s == 200 and f"sha256:{d}" == layer),
+        "upstream_gets": gets,
+        "upstream_mib": (relay.bytes_down - before) / (1 << 20),
+        "size_mib": size / (1 << 20),
+        "ttfb_a": median(t for _s, _d, t in results[0::2]),
+        "ttfb_b": median(t for _s, _d, t in results[1::2]),
+        "wall": wall,
+        "single_wall": single_wall,
+    }
+
+
+def write(results: dict, layers: dict) -> None:
+    warm_rows = []
+    for clients, rates in results["warm"].items():
+        limit = rates["boto3 get_object (the limit)"]
+        for name, rate in rates.items():
+            if name == "cpu_per_gib":
+                continue
+            warm_rows.append([str(clients), name, f"{rate:.0f}", f"{rate / limit:.2f}x"])
+    herd = results["herd"]
+    lines = [
+        "## S3 storage, two nodes",
+        "",
+        f"`make bench` (or `make bench-s3` alone): two pullthrough nodes ({NODE_WORKERS} gunicorn "
+        "workers each) on one bucket of OpenStack Swift 2.30 (s3api, one object server, "
+        f"loopback) and one Redis; upstream through a {WAN_MIBPS:.0f} MiB/s link. "
+        f"Blob {layers['warm_size'] / (1 << 20):.0f} MiB; median of {REPEATS} rounds, the ways "
+        "taking turns.",
+        "",
+        "Warm blob, MiB/s (ratio against boto3 reading the same object from the same store):",
+        "",
+        *table(["clients", "way", "MiB/s", "vs boto3"], warm_rows),
+        "",
+        "pullthrough's CPU per GiB served from S3: "
+        + ", ".join(
+            f"{c} client{'s' if c > 1 else ''} {r['cpu_per_gib']:.2f} s"
+            for c, r in results["warm"].items()
+        )
+        + ".",
+        "",
+        f"Cold herd spread over both nodes ({herd['clients']} clients, half on each):",
+        "",
+        *table(
+            ["measure", "value"],
+            [
+                ["verified downloads", f"{herd['ok']} of {herd['clients']}"],
+                ["upstream GETs of the blob", str(herd["upstream_gets"])],
+                [
+                    "upstream MiB sent (blob size)",
+                    f"{herd['upstream_mib']:.0f} ({herd['size_mib']:.0f})",
+                ],
+                [
+                    "median time to first byte, node a / node b (s)",
+                    f"{herd['ttfb_a']:.2f} / {herd['ttfb_b']:.2f}",
+                ],
+                [
+                    "herd wall / one cold download (s)",
+                    f"{herd['wall']:.1f} / {herd['single_wall']:.1f}",
+                ],
+            ],
+        ),
+        "",
+    ]
+    write_section(ROOT / "docs" / "benchmarks.md", S3_MARKER, lines)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
