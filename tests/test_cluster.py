@@ -50,7 +50,6 @@ def prefix():
 
 
 def start_node(workdir, redis_server, swift, link, prefix, **s3) -> Gunicorn:
-    workdir.mkdir(parents=True, exist_ok=True)
     return Gunicorn.with_config(
         workdir,
         redis_server.url,

@@ -306,6 +306,12 @@ class BlobFiller:
             time.sleep(sleep)
             sleep = min(sleep * 2, 0.05)
 
+    def _moved_on(self, digest: Digest) -> bool:
+        state = self.coord.fill_state(digest)
+        return state.get("state") != "streaming" or not self.coord.lease_held(
+            blob_lease_key(digest)
+        )
+
     def stream(
         self,
         target: Target,
@@ -318,6 +324,7 @@ class BlobFiller:
         """Yield bytes [start, end] of the blob as the fill writes them; cut short on failure."""
         handle = self.store.follow(digest, None)
         poll = self.store.driver.poll_interval
+        remote = self.store.driver.lookups_are_requests
         committed = self.store.blob_size(digest) is not None
         pos = start
         takeovers = 0
@@ -338,12 +345,15 @@ class BlobFiller:
                         yield data
                         continue
                 # Nothing to send: only now look at the store and Redis, never per chunk.
-                if not committed and self.store.blob_size(digest) is not None:
-                    committed = True
-                followed = self.store.follow(digest, handle)
-                if followed is not handle:
-                    handle = followed
-                    continue
+                # Where a look at the store is a request (S3), look only once Redis says the
+                # fill may have moved on (committed, failed, nobody's, or forgotten).
+                if not remote or handle is None or self._moved_on(digest):
+                    if not committed and self.store.blob_size(digest) is not None:
+                        committed = True
+                    followed = self.store.follow(digest, handle)
+                    if followed is not handle:
+                        handle = followed
+                        continue
                 now = time.monotonic()
                 if now - last_check >= STATE_CHECK_INTERVAL:
                     last_check = now

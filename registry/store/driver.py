@@ -17,6 +17,7 @@ from typing import BinaryIO, Protocol
 
 class StorageDriver(Protocol):
     poll_interval: float  # how often a follower with nothing to send looks again, at most
+    lookups_are_requests: bool  # a stat costs a network request: followers ask Redis first
 
     def stat(self, path: str) -> int | None:
         """Size in bytes, or None when nothing is there."""
@@ -160,6 +161,7 @@ class FilesystemDriver:
 
     # How long a follower with nothing to send waits, at most, before it looks again.
     poll_interval = 0.02
+    lookups_are_requests = False
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()

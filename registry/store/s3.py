@@ -26,6 +26,7 @@ import errno
 import hashlib
 import io
 import math
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -114,6 +115,7 @@ class S3Driver:
 
     # How often a follower looks for the next piece or the commit when it has nothing to send.
     poll_interval = 0.1
+    lookups_are_requests = True
 
     def __init__(
         self,
@@ -303,8 +305,9 @@ class S3Driver:
 
     def open_partial_read(self, path: str) -> PieceReader | ObjectReader | None:
         if path.startswith("uploads/"):
-            reader = PieceReader(self, path)
-            return reader if reader.available() or self.pieces(path) else None
+            # No request: a follower of a fill whose first piece is not stored yet finds it
+            # by polling (PieceReader.available).
+            return PieceReader(self, path)
         if self.head(path) is None:
             return None
         return ObjectReader(self, path)
@@ -445,6 +448,11 @@ def _status_of_range(exc: OSError) -> bool:
     return "InvalidRange" in str(exc)
 
 
+# The fills this process is writing, by (bucket, key): followers in the fetcher's own process
+# (its first client, usually) read the bytes not yet stored as a piece from its memory.
+_WRITING: dict[tuple[str, str], PieceWriter] = {}
+
+
 class PieceReader:
     """A follower's view of a fill in progress on S3: the pieces that exist so far."""
 
@@ -456,22 +464,34 @@ class PieceReader:
         self._looked = 0.0
         self._reader: ObjectReader | None = None
         self._reader_offset = -1
+        self._local = (driver.bucket, driver.key(path))
 
     def available(self) -> int:
-        """Bytes readable now: the contiguous pieces found. Looks for the next piece (one
-        HEAD) at most every `poll_interval`."""
+        """Bytes readable now: the contiguous pieces found, and in the fetcher's own process
+        the bytes it holds for the next piece. Looks for the next piece (one HEAD) at most
+        every `poll_interval`."""
         now = time.monotonic()
         if now - self._looked >= self.driver.poll_interval:
-            self._looked = now
-            while True:
-                size = self.driver.stat(self.driver.piece_path(self.path, self._end))
-                if not size:
-                    break
-                self._known.append((self._end, size))
-                self._end += size
-        return self._end
+            self._find_pieces(now)
+        writer = _WRITING.get(self._local)
+        return max(self._end, writer.end()) if writer is not None else self._end
+
+    def _find_pieces(self, now: float) -> None:
+        self._looked = now
+        while True:
+            size = self.driver.stat(self.driver.piece_path(self.path, self._end))
+            if not size:
+                break
+            self._known.append((self._end, size))
+            self._end += size
 
     def read_at(self, pos: int, length: int) -> bytes:
+        if pos >= self._end:
+            writer = _WRITING.get(self._local)
+            data = writer.read_buffered(pos, length) if writer is not None else b""
+            if data:
+                return data
+            self._find_pieces(time.monotonic())  # stored since we last looked
         for offset, size in reversed(self._known):
             if offset <= pos < offset + size:
                 break
@@ -505,27 +525,47 @@ class PieceWriter:
         self._buffer = bytearray()
         self._start = 0  # offset of the first byte in the buffer (all before it are pieces)
         self._follower: PieceReader | None = None  # reads back stored pieces (resume)
+        # Followers of this process read the buffer while a piece upload yields.
+        self._lock = threading.Lock()
+        self._local = (driver.bucket, driver.key(path))
+        _WRITING[self._local] = self
+
+    def end(self) -> int:
+        with self._lock:
+            return self._start + len(self._buffer)
+
+    def read_buffered(self, pos: int, length: int) -> bytes:
+        """Bytes at `pos` not yet stored as a piece; empty when `pos` is not in the buffer."""
+        with self._lock:
+            at = pos - self._start
+            if at < 0 or at >= len(self._buffer):
+                return b""
+            return bytes(self._buffer[at : at + length])
 
     def pwrite(self, data: bytes, offset: int) -> None:
         if offset != self._start + len(self._buffer):
             if offset != self.driver.partial_size(self.path) or self._buffer:
                 raise ValueError(f"pieces are written in order: {offset} is not the next byte")
-            self._start = offset  # resuming after the pieces an earlier fill left
-        self._buffer += data
+            with self._lock:
+                self._start = offset  # resuming after the pieces an earlier fill left
+        with self._lock:
+            self._buffer += data
         while len(self._buffer) >= self.piece_size:
             self._put_piece(self.piece_size)
 
     def _put_piece(self, size: int) -> None:
         piece = bytes(self._buffer[:size])
         self.driver.write_atomic(self.driver.piece_path(self.path, self._start), piece)
-        del self._buffer[:size]
-        self._start += size
+        with self._lock:
+            del self._buffer[:size]
+            self._start += size
 
     def truncate(self, size: int = 0) -> None:
         if size:
             raise ValueError("pieces are only ever dropped whole")
-        self._buffer.clear()
-        self._start = 0
+        with self._lock:
+            self._buffer.clear()
+            self._start = 0
         self.driver.delete_partial(self.path)
 
     def read_range(self, offset: int, length: int) -> bytes:
@@ -541,7 +581,6 @@ class PieceWriter:
         driver = self.driver
         if self._start == 0:  # smaller than a piece: it is all in memory, one PUT
             driver.write_atomic(dest, bytes(self._buffer))
-            self._buffer.clear()
             self.discard()
             return
         if self._buffer:
@@ -585,10 +624,16 @@ class PieceWriter:
         self.discard()
 
     def discard(self) -> None:
-        self._buffer.clear()
+        self._forget()
         self.driver.delete_partial(self.path)
 
+    def _forget(self) -> None:
+        if _WRITING.get(self._local) is self:
+            del _WRITING[self._local]
+        with self._lock:
+            self._buffer = bytearray()
+
     def close(self) -> None:
-        self._buffer = bytearray()
+        self._forget()
         if self._follower is not None:
             self._follower.close()

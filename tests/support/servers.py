@@ -432,6 +432,7 @@ class Gunicorn:
             "registries": registries,
             **sections,
         }
+        workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         server = cls(path, workdir, workers=workers, env=env).start()
