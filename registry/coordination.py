@@ -8,9 +8,11 @@ no cached content, and every index is rebuilt from disk when missing.
                                         holder: `<host>:<pid>:<token>`.
     pt:fill:<digest>            hash    TTL 1 h, refreshed as the fill runs. Progress of the
                                         fill for followers in any process: owner, upstream,
-                                        repository, size, written, state (starting |
-                                        streaming | committed | failed), reason, phase,
-                                        error_class, error_message, retry_after, updated.
+                                        repository, size, written, stored (bytes other
+                                        processes can read: on S3, the stored pieces),
+                                        state (starting | streaming | committed | failed),
+                                        reason, phase, error_class, error_message,
+                                        retry_after, updated.
     pt:lease:tag:<registry>/<repository>:<tag>
                                 string  TTL lease_ttl, renewed. One upstream fetch or
                                         revalidation of a tag at a time.

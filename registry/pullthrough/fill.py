@@ -37,6 +37,7 @@ from registry.errors import (
 from registry.metrics import Metrics
 from registry.names import Target
 from registry.store import ContentStore
+from registry.store.driver import Follower
 from registry.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,8 @@ class BlobFiller:
             )
             streaming = True
             last_report = time.monotonic()
+            remote = self.store.driver.lookups_are_requests
+            reported = -1
             for chunk in stream.chunks():
                 if lease.lost:
                     raise LeaseLost()
@@ -167,9 +170,12 @@ class BlobFiller:
                         f"for {digest}"
                     )
                 now = time.monotonic()
-                if now - last_report >= PROGRESS_INTERVAL:
-                    self.coord.update_fill(digest, written=offset)
-                    last_report = now
+                stored = upload.stored()
+                # Followers elsewhere learn of a new piece (S3) from here at once, rather
+                # than by asking the store.
+                if now - last_report >= PROGRESS_INTERVAL or (remote and stored != reported):
+                    self.coord.update_fill(digest, written=offset, stored=stored)
+                    last_report, reported = now, stored
             if offset != total:
                 raise UpstreamError(
                     f"upstream {upstream.registry.name} ended {digest} after {offset} of "
@@ -306,8 +312,10 @@ class BlobFiller:
             time.sleep(sleep)
             sleep = min(sleep * 2, 0.05)
 
-    def _moved_on(self, digest: Digest) -> bool:
+    def _moved_on(self, digest: Digest, handle: Follower) -> bool:
         state = self.coord.fill_state(digest)
+        stored = state.get("stored", "")
+        handle.expect(int(stored) if stored.isdigit() else None)
         return state.get("state") != "streaming" or not self.coord.lease_held(
             blob_lease_key(digest)
         )
@@ -345,9 +353,10 @@ class BlobFiller:
                         yield data
                         continue
                 # Nothing to send: only now look at the store and Redis, never per chunk.
-                # Where a look at the store is a request (S3), look only once Redis says the
-                # fill may have moved on (committed, failed, nobody's, or forgotten).
-                if not remote or handle is None or self._moved_on(digest):
+                # Where a look at the store is a request (S3), ask Redis first: how much the
+                # fill has stored (the follower looks for new pieces only when there are
+                # some), and whether it moved on (committed, failed, nobody's, forgotten).
+                if not remote or handle is None or self._moved_on(digest, handle):
                     if not committed and self.store.blob_size(digest) is not None:
                         committed = True
                     followed = self.store.follow(digest, handle)

@@ -9,6 +9,8 @@ Disk layout (the one place it is written down; `<root>` is `storage.root`):
     <root>/uploads/<algo>/<hex>
         The fill in progress for that digest. Followers read it as it grows; it is never
         served as complete. Left-overs with no live lease are removed at start-up.
+        On S3 this is a prefix: the fill's pieces, `uploads/<algo>/<hex>/<offset>` (16 digits),
+        each `storage.s3.part_size` bytes but the last (store/s3.py).
     <root>/repositories/<registry>/<repository>/_manifests/revisions/<algo>/<hex>
         This repository has this manifest; the file holds the media type upstream served.
     <root>/repositories/<registry>/<repository>/_manifests/tags/<tag>
@@ -20,6 +22,9 @@ Disk layout (the one place it is written down; `<root>` is `storage.root`):
         only through such a link, so one repository's private content never leaks to another.
     <root>/tmp/
         Temporaries of atomic writes.
+
+With `storage.driver: s3` every path above is an object key in the bucket, under
+`storage.s3.prefix`; there are no directories.
 
 `<registry>` is a configured registry name (`docker.io`), `<repository>` a validated name
 (`library/alpine`): the grammar admits no `..`, so these are always paths under the root.

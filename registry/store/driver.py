@@ -77,6 +77,9 @@ class PartialWriter(Protocol):
 
     def pwrite(self, data: bytes, offset: int) -> None: ...
 
+    def stored(self) -> int:
+        """How many bytes followers in other processes can read now."""
+
     def truncate(self, size: int = 0) -> None: ...
 
     def read_range(self, offset: int, length: int) -> bytes: ...
@@ -98,6 +101,10 @@ class Follower(Protocol):
 
     def read_at(self, pos: int, length: int) -> bytes: ...
 
+    def expect(self, stored: int | None) -> None:
+        """What the writer says it has stored (None: unknown), so that a follower whose look
+        is a request makes it only when there is something new."""
+
     def close(self) -> None: ...
 
 
@@ -115,6 +122,9 @@ class LocalFollower:
     def read_at(self, pos: int, length: int) -> bytes:
         return os.pread(self.fd, length, pos)
 
+    def expect(self, stored: int | None) -> None:
+        """Nothing to do: a stat is cheap."""
+
     def close(self) -> None:
         self.handle.close()
 
@@ -126,6 +136,7 @@ class PartialFile:
         self._driver = driver
         self.path = path
         self.fd = os.open(driver.local_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+        self._end = 0
 
     def pwrite(self, data: bytes, offset: int) -> None:
         view = memoryview(data)
@@ -133,9 +144,14 @@ class PartialFile:
             written = os.pwrite(self.fd, view, offset)
             view = view[written:]
             offset += written
+        self._end = max(self._end, offset)
+
+    def stored(self) -> int:
+        return self._end
 
     def truncate(self, size: int = 0) -> None:
         os.ftruncate(self.fd, size)
+        self._end = min(self._end, size)
 
     def read_range(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)

@@ -393,6 +393,9 @@ class ObjectReader(io.RawIOBase):
     def available(self) -> int:
         return self.size()
 
+    def expect(self, stored: int | None) -> None:
+        """Nothing to do: a committed object does not grow."""
+
     def readable(self) -> bool:
         return True
 
@@ -465,16 +468,21 @@ class PieceReader:
         self._reader: ObjectReader | None = None
         self._reader_offset = -1
         self._local = (driver.bucket, driver.key(path))
+        self._expected: int | None = None  # what the writer says it stored (via Redis)
 
     def available(self) -> int:
         """Bytes readable now: the contiguous pieces found, and in the fetcher's own process
         the bytes it holds for the next piece. Looks for the next piece (one HEAD) at most
         every `poll_interval`."""
         now = time.monotonic()
-        if now - self._looked >= self.driver.poll_interval:
+        hopeful = self._expected is None or self._expected > self._end
+        if hopeful and now - self._looked >= self.driver.poll_interval:
             self._find_pieces(now)
         writer = _WRITING.get(self._local)
         return max(self._end, writer.end()) if writer is not None else self._end
+
+    def expect(self, stored: int | None) -> None:
+        self._expected = stored
 
     def _find_pieces(self, now: float) -> None:
         self._looked = now
@@ -533,6 +541,9 @@ class PieceWriter:
     def end(self) -> int:
         with self._lock:
             return self._start + len(self._buffer)
+
+    def stored(self) -> int:
+        return self._start
 
     def read_buffered(self, pos: int, length: int) -> bytes:
         """Bytes at `pos` not yet stored as a piece; empty when `pos` is not in the buffer."""
