@@ -21,6 +21,7 @@ from registry.coordination import (
     SharedTokenCache,
     UpstreamHealth,
     blob_lease_key,
+    connect,
 )
 from registry.errors import (
     NotFound,
@@ -78,8 +79,8 @@ def build_pullthrough(
 ) -> PullThrough:
     """The services behind the app, wired together (also used by the CLI and workers)."""
     store = ContentStore(storage_driver(settings))
-    client = redis_client or redis.Redis.from_url(
-        settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
+    client = redis_client or connect(
+        settings, socket_timeout=5, connect_timeout=2, health_check_interval=30
     )
     coordination = Coordination(client, settings.lease_ttl)
     session = upstream_session()

@@ -113,6 +113,10 @@ class Settings:
     storage_root: Path
     s3: S3Settings | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis Sentinel: (host, port) of each sentinel, which find the master named redis_master;
+    # redis_url then only gives the database number and the password.
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_master: str = "mymaster"
     registries: tuple[RegistrySettings, ...] = (RegistrySettings(DEFAULT_REGISTRY, DOCKER_HUB_URL),)
     default_registry: str = DEFAULT_REGISTRY
     connect_timeout: float = 5.0
@@ -244,6 +248,11 @@ class StorageSchema(Schema):
 
 class RedisSchema(Schema):
     url = fields.String(load_default="redis://127.0.0.1:6379/0")
+    sentinels = fields.List(
+        fields.String(validate=validate.Regexp(r"[^\s:]+:[0-9]{1,5}", error="Not host:port.")),
+        load_default=list,
+    )
+    master = fields.String(load_default="mymaster", validate=validate.Length(min=1))
 
 
 class UpstreamSchema(Schema):
@@ -301,6 +310,11 @@ def _flatten(messages: Any, prefix: str = "") -> list[str]:
     if isinstance(messages, list):
         return [line for m in messages for line in _flatten(m, prefix)]
     return [f"{prefix}: {messages}"]
+
+
+def _host_port(entry: str) -> tuple[str, int]:
+    host, _, port = entry.rpartition(":")
+    return host, int(port)
 
 
 def load_credentials_file(path: str) -> dict[str, Credentials]:
@@ -390,6 +404,8 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
         storage_root=Path(env.get("PULLTHROUGH_STORAGE_ROOT") or data["storage"]["root"]).resolve(),
         min_free_bytes=data["storage"]["min_free"],
         redis_url=env.get("REDIS_URL") or data["redis"]["url"],
+        redis_sentinels=tuple(_host_port(entry) for entry in data["redis"]["sentinels"]),
+        redis_master=data["redis"]["master"],
         registries=tuple(registries),
         default_registry=data["default_registry"],
         connect_timeout=upstream["connect_timeout"],

@@ -82,10 +82,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import redis
 from redis.exceptions import LockError, RedisError
 
+from registry.config import Settings
 from registry.digests import Digest
 from registry.errors import CacheUnavailable
 from registry.upstream.auth import TokenCache, token_lifetime
@@ -129,6 +131,40 @@ def missing_key(identity: str, repository: str, reference: str | None = None) ->
 
 def upstream_key(registry: str, what: str) -> str:
     return f"{PREFIX}upstream:{registry}:{what}"
+
+
+def connect(
+    settings: Settings, *, socket_timeout: float, connect_timeout: float, **options: Any
+) -> redis.Redis:
+    """The Redis client of the cache: `redis.url`, or with `redis.sentinels` the master that
+    the sentinels name now (the client asks them again after a failover)."""
+    if not settings.redis_sentinels:
+        return redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            **options,
+        )
+    from redis.connection import parse_url
+    from redis.sentinel import Sentinel
+
+    auth = {k: v for k, v in parse_url(settings.redis_url).items() if k in AUTH_OPTIONS}
+    sentinel = Sentinel(
+        list(settings.redis_sentinels),
+        socket_timeout=connect_timeout,
+        socket_connect_timeout=connect_timeout,
+    )
+    return sentinel.master_for(
+        settings.redis_master,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        **auth,
+        **options,
+    )
+
+
+# What redis.url still says when sentinels find the server.
+AUTH_OPTIONS = ("db", "username", "password")
 
 
 class Lease:

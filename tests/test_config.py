@@ -158,3 +158,14 @@ def test_s3_storage_is_configured_with_its_key_paths_checked():
     assert "storage.s3.access_key: access_key and secret_key go together." in problems
     with pytest.raises(ConfigError, match=r"storage\.s3: driver s3 needs"):
         settings_from_mapping({"storage": {"driver": "s3"}}, env={})
+
+
+def test_redis_sentinels_are_host_port_pairs():
+    settings = settings_from_mapping(
+        {"redis": {"sentinels": ["10.0.0.1:26379", "sentinel-b:26380"], "master": "cache"}},
+        env={},
+    )
+    assert settings.redis_sentinels == (("10.0.0.1", 26379), ("sentinel-b", 26380))
+    assert settings.redis_master == "cache"
+    with pytest.raises(ConfigError, match=r"redis\.sentinels\.1: Not host:port"):
+        settings_from_mapping({"redis": {"sentinels": ["a:1", "no-port"]}}, env={})

@@ -17,7 +17,7 @@ from rq.utils import now as rq_now
 
 from registry import build_pullthrough
 from registry.config import Settings, load_settings
-from registry.coordination import Coordination
+from registry.coordination import Coordination, connect
 from registry.gc import Collector, GcBusy
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ JOB_TIMEOUT = 6 * 3600
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
+    return connect(settings, socket_timeout=30, connect_timeout=5)
 
 
 def collector(settings: Settings, client: redis.Redis | None = None) -> Collector:

@@ -62,10 +62,11 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10)
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, replica_of: int | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.replica_of = replica_of  # the port of the master this one replicates
 
     @property
     def url(self) -> str:
@@ -86,12 +87,56 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.workdir),
+                *(["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port, proc=self.proc)
         return self
+
+    def stop(self) -> None:
+        if self.proc:
+            stop(self.proc)
+
+
+class RedisSentinel:
+    """One Redis Sentinel (redis-server in sentinel mode) watching the master on
+    `master_port`, quick to fail over: the master is down after 500 ms of silence."""
+
+    def __init__(self, workdir: Path, master_port: int, name: str = "pt") -> None:
+        self.workdir = workdir
+        self.master_port = master_port
+        self.name = name
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisSentinel:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "sentinel.conf"  # sentinel rewrites it as it learns
+        config.write_text(
+            f"bind 127.0.0.1\nport {self.port}\ndir {self.workdir}\n"
+            f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} 1\n"
+            f"sentinel down-after-milliseconds {self.name} 500\n"
+            f"sentinel failover-timeout {self.name} 5000\n"
+        )
+        self.proc = subprocess.Popen(
+            [require("redis-server"), str(config), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def master_port_now(self) -> int:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        try:
+            _host, port = client.sentinel_get_master_addr_by_name(self.name)
+            return int(port)
+        finally:
+            client.close()
 
     def stop(self) -> None:
         if self.proc:

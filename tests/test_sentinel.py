@@ -1,0 +1,87 @@
+"""Redis Sentinel: nodes find the master through the sentinels and follow a failover.
+
+A real master, a real replica and a real sentinel (redis-server in sentinel mode), a gunicorn
+node configured with `redis.sentinels`: it fills through the master, and after the master is
+killed and the sentinel promotes the replica, it serves what it cached and fills new content
+with its leases on the new master.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import redis as redis_lib
+import requests
+
+from registry.mediatypes import MANIFEST_TYPES
+from tests.support.servers import Gunicorn, RedisSentinel, RedisServer
+
+ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
+
+
+@pytest.fixture
+def sentinel_set(tmp_path):
+    master = RedisServer(tmp_path / "master").start()
+    replica = RedisServer(tmp_path / "replica", replica_of=master.port).start()
+    sentinel = RedisSentinel(tmp_path / "sentinel", master.port).start()
+    yield master, replica, sentinel
+    for server in (sentinel, replica, master):
+        server.stop()
+
+
+def fill_keys(port: int) -> set[str]:
+    client = redis_lib.Redis(host="127.0.0.1", port=port)
+    try:
+        return {k.decode() for k in client.scan_iter("pt:fill:*")}
+    finally:
+        client.close()
+
+
+def test_node_follows_a_sentinel_failover(tmp_path, sentinel_set, upstream, images):
+    master, replica, sentinel = sentinel_set
+    node = Gunicorn.with_config(
+        tmp_path / "node",
+        "redis://ignored-when-sentinels-are-set:1/0",
+        [{"name": "docker.io", "url": upstream.url}],
+        workers=2,
+        redis={
+            "url": "redis://127.0.0.1/0",
+            "sentinels": [f"127.0.0.1:{sentinel.port}"],
+            "master": sentinel.name,
+        },
+    )
+    try:
+        before, after = images["busybox"], images["ocisingle"]
+
+        def pull(image) -> None:
+            base = f"{node.url}/v2/{image.repository}"
+            response = requests.get(f"{base}/manifests/{image.tag}", headers=ACCEPT, timeout=30)
+            assert response.status_code == 200 and response.content == image.manifest
+            for digest, data in image.blobs.items():
+                got = requests.get(f"{base}/blobs/{digest}", timeout=30)
+                assert got.status_code == 200 and got.content == data
+
+        pull(before)
+        assert {f"pt:fill:{d}" for d in before.blobs} <= fill_keys(master.port)
+
+        master.proc.send_signal(signal.SIGKILL)
+        master.proc.wait()
+        deadline = time.monotonic() + 30
+        while sentinel.master_port_now() != replica.port:
+            assert time.monotonic() < deadline, "the sentinel did not promote the replica"
+            time.sleep(0.2)
+
+        pull(before)  # cached: served as before
+        deadline = time.monotonic() + 30
+        while True:  # the node's pooled connections to the dead master fail once, then move
+            try:
+                pull(after)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+        assert {f"pt:fill:{d}" for d in after.blobs} <= fill_keys(replica.port)
+    finally:
+        node.stop()
