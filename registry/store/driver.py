@@ -161,7 +161,13 @@ class PartialFile:
         os.fdatasync(self.fd)
         target = self._driver.local_path(dest)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self._driver.local_path(self.path), target)
+        try:
+            os.replace(self._driver.local_path(self.path), target)
+        except FileNotFoundError:
+            # Another fetcher of this digest (its lease lost in a Redis failover) committed
+            # the file first: the same verified bytes are there.
+            if self._driver.stat(dest) != self._end:
+                raise
 
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
