@@ -1,16 +1,19 @@
 """Single-flight blob fills: one upstream download per digest, however many clients ask.
 
 The first request to miss takes the digest's Redis lease and starts a fill in the
-background: one upstream read, written at explicit offsets into `uploads/<algo>/<hex>`,
-hashed as it streams, committed by rename only when size and digest match. Every client,
-the one that started the fill included, streams from that partial file as it grows, so a
-client that disconnects cancels nothing. The final byte of every response is held back until
+background: one upstream read, written in order into the store's partial content for the
+digest (`uploads/<algo>/<hex>`: a file on disk, pieces on S3), hashed as it streams,
+committed in one step (a rename; on S3 a multipart copy) only when size and digest match.
+Every client, the one that started the fill included, streams from that partial content as
+it grows (on any node, when the store is shared), so a client that disconnects cancels
+nothing. The final byte of every response is held back until
 the commit, so a client never mistakes a torn or poisoned download for a good one.
 
 If the fetcher dies (its lease lapses within `lease_ttl`) or its upstream read breaks, a
-follower takes the lease and resumes from the bytes on disk with an upstream Range request,
+follower takes the lease and resumes from the bytes stored with an upstream Range request,
 or restarts cleanly when upstream ignores Range. The fill record `pt:fill:<digest>` carries
-the size, progress and failure reason for followers in any process.
+the size, progress (`stored`: what other processes can read) and failure reason for
+followers in any process.
 """
 
 from __future__ import annotations

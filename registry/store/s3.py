@@ -150,10 +150,6 @@ class S3Driver:
                 raise FileNotFoundError(errno.ENOENT, f"{path} is not on {self.name}") from None
             raise self.failure(what, path, exc) from None
 
-    def check(self) -> None:
-        """Raise OSError unless the bucket answers (start-up and readiness)."""
-        self._call("list", "the bucket", "list_objects_v2", MaxKeys=1)
-
     # -- whole objects ---------------------------------------------------------------------------
     def head(self, path: str) -> dict | None:
         try:
