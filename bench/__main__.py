@@ -20,6 +20,7 @@ import concurrent.futures
 import hashlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -436,6 +437,8 @@ def main() -> None:
             server.stop()
         token.stop()
         redis_server.stop()
+        # Gigabytes of blobs: several runs left behind once filled this machine's disk.
+        shutil.rmtree(work, ignore_errors=True)
     results["gc"] = gc_bench.main()
     write_report(results, size=size, huge_size=huge_size)
 

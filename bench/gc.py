@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import tempfile
 import time
@@ -138,6 +139,7 @@ def main() -> list[str]:
         if cache is not None:
             cache.stop()
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)
     return [
         "## GC",
         "",

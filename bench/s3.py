@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -108,6 +109,7 @@ def main() -> None:
     finally:
         for server in reversed(started):
             server.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def warm(node: Gunicorn, redirecting: Gunicorn, swift: Swift, prefix: str, layers) -> dict:

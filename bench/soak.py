@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -281,6 +282,7 @@ def main() -> None:
     upstream.stop()
     token.stop()
     redis_server.stop()
+    shutil.rmtree(work, ignore_errors=True)
     write(
         tally,
         samples,

@@ -199,8 +199,18 @@ class Swift:
         return s3_client(self.endpoint, ACCESS_KEY, SECRET_KEY, REGION)
 
     def create_bucket(self, name: str) -> str:
-        self.client().create_bucket(Bucket=name)
-        return name
+        # Right after start the container server may still answer 503 ("reduce your request
+        # rate") while the account is created: ask again for a while.
+        client = self.client()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.create_bucket(Bucket=name)
+                return name
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def stop(self) -> None:
         for proc in self.procs.values():
