@@ -109,7 +109,7 @@ def main() -> None:
     finally:
         for server in reversed(started):
             server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)  # gigabytes; kept after a failure, for its logs
 
 
 def warm(node: Gunicorn, redirecting: Gunicorn, swift: Swift, prefix: str, layers) -> dict:

@@ -52,6 +52,10 @@ def upstream_session(pool_size: int = 64) -> requests.Session:
     return session
 
 
+# S3 answers a CompleteMultipartUpload of a large object only when it is done (minutes).
+COMMIT_READ_TIMEOUT = 600.0
+
+
 def storage_driver(settings: Settings) -> StorageDriver:
     """The configured storage: a directory, or an S3 bucket."""
     s3 = settings.s3
@@ -59,18 +63,25 @@ def storage_driver(settings: Settings) -> StorageDriver:
         return FilesystemDriver(settings.storage_root)
     from registry.store.s3 import S3Driver, s3_client
 
-    client = s3_client(
-        s3.endpoint,
-        s3.access_key,
-        s3.secret_key,
-        s3.region,
-        path_style=s3.path_style,
-        verify=s3.tls_verify,
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
-    )
+    def client(read_timeout: float):
+        return s3_client(
+            s3.endpoint,
+            s3.access_key,
+            s3.secret_key,
+            s3.region,
+            path_style=s3.path_style,
+            verify=s3.tls_verify,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=read_timeout,
+        )
+
     return S3Driver(
-        client, s3.bucket, prefix=s3.prefix, part_size=s3.part_size, endpoint=s3.endpoint or ""
+        client(settings.read_timeout),
+        s3.bucket,
+        prefix=s3.prefix,
+        part_size=s3.part_size,
+        endpoint=s3.endpoint or "",
+        commit_client=client(max(COMMIT_READ_TIMEOUT, settings.read_timeout)),
     )
 
 

@@ -198,6 +198,9 @@ class BlobFiller:
                 return
             if lease.lost:
                 raise LeaseLost()
+            # A rename on disk, but on S3 a multipart copy that takes seconds: followers
+            # waiting for the last byte must not take that for a stall.
+            self.coord.update_fill(digest, state="committing", written=offset, stored=offset)
             self.store.commit_upload(upload, digest)
             self.coord.count_stored(offset)
             self.store.link_blob(target, digest)
@@ -290,7 +293,7 @@ class BlobFiller:
                 seen_owner = holder
             if owner and owner in (holder, seen_owner):
                 status = state.get("state")
-                if status == "streaming" and state.get("size"):
+                if status in ("streaming", "committing") and state.get("size"):
                     return FillStart(int(state["size"]), fetcher=fetcher)
                 if status == "committed":
                     return FillStart(0, fetcher=fetcher, committed=True)
@@ -319,7 +322,7 @@ class BlobFiller:
         state = self.coord.fill_state(digest)
         stored = state.get("stored", "")
         handle.expect(int(stored) if stored.isdigit() else None)
-        return state.get("state") != "streaming" or not self.coord.lease_held(
+        return state.get("state") not in ("streaming", "committing") or not self.coord.lease_held(
             blob_lease_key(digest)
         )
 
@@ -383,6 +386,10 @@ class BlobFiller:
                             takeovers += 1
                             log.info("took over the fill of %s at byte %d", digest, available)
                             last_progress = now
+                    if state.get("state") == "committing" and self.coord.lease_held(
+                        blob_lease_key(digest)
+                    ):
+                        last_progress = now  # the fetcher is alive, storing the blob
                     if now - last_progress > self.stall_timeout:
                         raise FillFailed(
                             f"fill of {digest} from upstream {upstream.registry.name} stalled"

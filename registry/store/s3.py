@@ -125,8 +125,12 @@ class S3Driver:
         prefix: str = "",
         part_size: int = 8 << 20,
         endpoint: str = "",
+        commit_client: Any = None,
     ) -> None:
         self.client = client
+        # A commit (a multipart copy of a whole blob) can take minutes on a busy store: its
+        # calls go through a client with a longer read timeout.
+        self.commit_client = commit_client or client
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.part_size = part_size
@@ -142,9 +146,10 @@ class S3Driver:
         detail = _code(exc) or type(exc).__name__
         return OSError(errno.EIO, f"{what} {path} on {self.name} failed: {detail}")
 
-    def _call(self, what: str, path: str, method: str, **kwargs: Any) -> Any:
+    def _call(self, what: str, path: str, method: str, *, slow: bool = False, **kwargs: Any) -> Any:
+        client = self.commit_client if slow else self.client
         try:
-            return getattr(self.client, method)(Bucket=self.bucket, **kwargs)
+            return getattr(client, method)(Bucket=self.bucket, **kwargs)
         except Exception as exc:
             if _missing(exc):
                 raise FileNotFoundError(errno.ENOENT, f"{path} is not on {self.name}") from None
@@ -605,7 +610,9 @@ class PieceWriter:
             raise OSError(errno.EIO, f"the pieces of {self.path} on {driver.name} are not whole")
         key = driver.key(dest)
         source = f"{driver.bucket}/{driver.key(self.path)}"
-        upload = driver._call("commit", dest, "create_multipart_upload", Key=key)["UploadId"]
+        upload = driver._call("commit", dest, "create_multipart_upload", slow=True, Key=key)[
+            "UploadId"
+        ]
         try:
             parts = []
             for number, (offset, _size) in enumerate(pieces, start=1):
@@ -613,6 +620,7 @@ class PieceWriter:
                     "commit",
                     dest,
                     "upload_part_copy",
+                    slow=True,
                     Key=key,
                     UploadId=upload,
                     PartNumber=number,
@@ -623,6 +631,7 @@ class PieceWriter:
                 "commit",
                 dest,
                 "complete_multipart_upload",
+                slow=True,
                 Key=key,
                 UploadId=upload,
                 MultipartUpload={"Parts": parts},
