@@ -9,7 +9,7 @@ from registry import create_app
 from registry.config import Credentials, RegistrySettings, Settings
 from tests.support.fakes import FakeRegistry
 from tests.support.images import Pusher, standard_images
-from tests.support.servers import Distribution, RedisServer, TokenServer
+from tests.support.servers import Distribution, RedisServer, ThrottledRelay, TokenServer
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +39,18 @@ def upstream(tmp_path_factory, token_server, images):
         pusher.push(image)
     yield registry
     registry.stop()
+
+
+# The bandwidth of `link`: Docker Hub over a home connection, in MiB/s.
+LINK_MIBPS = 24
+
+
+@pytest.fixture(scope="module")
+def link(upstream):
+    """The upstream behind a bandwidth-capped relay that counts what it sent."""
+    relay = ThrottledRelay(upstream.port, LINK_MIBPS).start()
+    yield relay
+    relay.stop()
 
 
 @pytest.fixture

@@ -29,19 +29,11 @@ from registry.mediatypes import MANIFEST_TYPES
 from tests.conftest import s3_section
 from tests.support.clients import skopeo_copy, skopeo_policy
 from tests.support.images import Pusher, make_layer, single
-from tests.support.servers import Gunicorn, ThrottledRelay, run_module
+from tests.support.servers import Gunicorn, run_module
 from tests.support.stores import cache_image, needed
 
 ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
-LINK_MIBPS = 24
 LAYER = 40 << 20  # about 1.7 s through the link: room to act mid-fill
-
-
-@pytest.fixture(scope="module")
-def link(upstream):
-    relay = ThrottledRelay(upstream.port, LINK_MIBPS).start()
-    yield relay
-    relay.stop()
 
 
 @pytest.fixture(scope="module")

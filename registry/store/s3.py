@@ -309,9 +309,10 @@ class S3Driver:
             # No request: a follower of a fill whose first piece is not stored yet finds it
             # by polling (PieceReader.available).
             return PieceReader(self, path)
-        if self.head(path) is None:
+        try:
+            return ObjectReader(self, path)
+        except FileNotFoundError:
             return None
-        return ObjectReader(self, path)
 
     def is_same_file(self, handle: Any, path: str) -> bool | None:
         if getattr(handle, "path", None) == path:
@@ -371,7 +372,7 @@ class ObjectReader(io.RawIOBase):
         try:
             response = self.driver._call("read", self.path, "get_object", **kwargs)
         except OSError as exc:
-            if _status_of_range(exc) and self._size is not None and pos >= self._size:
+            if _invalid_range(exc) and self._size is not None and pos >= self._size:
                 self._body, self._body_pos = io.BytesIO(b""), pos
                 return
             raise
@@ -448,7 +449,7 @@ class ObjectReader(io.RawIOBase):
         super().close()
 
 
-def _status_of_range(exc: OSError) -> bool:
+def _invalid_range(exc: OSError) -> bool:
     return "InvalidRange" in str(exc)
 
 
