@@ -10,7 +10,8 @@ no cached content, and every index is rebuilt from disk when missing.
                                         fill for followers in any process: owner, upstream,
                                         repository, size, written, stored (bytes other
                                         processes can read: on S3, the stored pieces),
-                                        state (starting | streaming | committed | failed),
+                                        state (starting | streaming | committing |
+                                        committed | failed),
                                         reason, phase, error_class, error_message,
                                         retry_after, updated.
     pt:lease:tag:<registry>/<repository>:<tag>

@@ -33,7 +33,6 @@ from typing import Any
 
 PIECE_DIGITS = 16  # piece keys sort by offset as strings
 MAX_PARTS = 1000  # Swift's SLO limit (AWS allows 10000): large blobs get larger pieces
-READ_CHUNK = 1024 * 1024
 DELETE_BATCH = 1000
 
 
@@ -85,7 +84,7 @@ def _add_content_md5(request: Any, **_: Any) -> None:
     if isinstance(body, str):
         body = body.encode()
     if isinstance(body, bytes) and "Content-MD5" not in request.headers:
-        request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+        request.headers["Content-MD5"] = _md5_b64(body)
 
 
 def _md5_b64(data: bytes | memoryview) -> str:
@@ -214,27 +213,27 @@ class S3Driver:
                 raise OSError(errno.EIO, f"delete on {self.name} failed: {errors[0].get('Code')}")
 
     # -- listings --------------------------------------------------------------------------------
-    def _objects(self, path: str) -> Iterator[dict]:
+    def _pages(self, path: str, **options: Any) -> Iterator[tuple[str, dict]]:
+        """(key prefix, page) of the listing of everything under `path`."""
         prefix = self.key(path.rstrip("/") + "/")
         paginator = self.client.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                yield from page.get("Contents", [])
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, **options):
+                yield prefix, page
         except Exception as exc:
             raise self.failure("list", path, exc) from None
 
+    def _objects(self, path: str) -> Iterator[dict]:
+        for _prefix, page in self._pages(path):
+            yield from page.get("Contents", [])
+
     def list(self, path: str) -> list[str]:
-        prefix = self.key(path.rstrip("/") + "/")
         names: set[str] = set()
-        paginator = self.client.get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
-                names.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
-                names.update(
-                    p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])
-                )
-        except Exception as exc:
-            raise self.failure("list", path, exc) from None
+        for prefix, page in self._pages(path, Delimiter="/"):
+            names.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
+            names.update(
+                p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])
+            )
         return sorted(n for n in names if n)
 
     def walk_files(self, path: str) -> Iterator[str]:
@@ -288,8 +287,8 @@ class S3Driver:
         yield from partials.items()
 
     def delete_partial(self, path: str) -> bool:
-        paths = [rel for rel in self.walk_files(path)]
-        if self.head(path) is not None:
+        paths = list(self.walk_files(path))
+        if not paths and self.head(path) is not None:
             paths.append(path)  # a stray object where a partial's pieces would go
         if paths:
             self.delete_many(paths)
@@ -592,17 +591,21 @@ class PieceWriter:
     def commit(self, dest: str) -> None:
         """Store the whole blob at `dest` in one step, then drop the pieces."""
         driver = self.driver
-        if self._start == 0:  # smaller than a piece: it is all in memory, one PUT
+        if self._start == 0:
+            # Smaller than a piece: all in memory, one PUT. No piece was stored (each one
+            # moves _start), so there is nothing to delete.
             driver.write_atomic(dest, bytes(self._buffer))
-            self.discard()
+            self._forget()
             return
         if self._buffer:
             self._put_piece(len(self._buffer))
-        pieces = [(o, s) for o, s, _m in driver.pieces(self.path)]
-        total = sum(s for _o, s in pieces)
-        if total != self._start or any(
-            o != sum(s for _o, s in pieces[:i]) for i, (o, _s) in enumerate(pieces)
-        ):
+        offsets, total = [], 0
+        for offset, size, _mtime in driver.pieces(self.path):
+            if offset != total:
+                break  # a gap: not whole
+            offsets.append(offset)
+            total += size
+        if total != self._start:
             if driver.stat(dest) == self._start:
                 # Another fetcher (a lease lost in a Redis failover) committed this digest and
                 # dropped the pieces: the same verified bytes are there.
@@ -610,13 +613,13 @@ class PieceWriter:
                 return
             raise OSError(errno.EIO, f"the pieces of {self.path} on {driver.name} are not whole")
         key = driver.key(dest)
-        source = f"{driver.bucket}/{driver.key(self.path)}"
         upload = driver._call("commit", dest, "create_multipart_upload", slow=True, Key=key)[
             "UploadId"
         ]
         try:
             parts = []
-            for number, (offset, _size) in enumerate(pieces, start=1):
+            for number, offset in enumerate(offsets, start=1):
+                piece = driver.key(driver.piece_path(self.path, offset))
                 result = driver._call(
                     "commit",
                     dest,
@@ -625,7 +628,7 @@ class PieceWriter:
                     Key=key,
                     UploadId=upload,
                     PartNumber=number,
-                    CopySource=f"{source}/{offset:0{PIECE_DIGITS}d}",
+                    CopySource=f"{driver.bucket}/{piece}",
                 )
                 parts.append({"PartNumber": number, "ETag": result["CopyPartResult"]["ETag"]})
             driver._call(
