@@ -5,11 +5,13 @@ what the client saw, what is on disk, and what upstream was asked."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +19,9 @@ import pytest
 import redis as redis_lib
 import requests
 
+from registry import create_app
+from registry.coordination import blob_lease_key
+from tests.conftest import make_settings
 from tests.support.clients import fetch
 from tests.support.fakes import FrozenServer, Route
 from tests.support.servers import Gunicorn
@@ -66,6 +71,54 @@ def test_poisoned_blob_is_cut_short_and_never_committed(cache, fake):
     time.sleep(0.2)
     assert not committed(cache, digest)
     assert uploads(cache) == []
+
+
+class StaleStateForFollowers:
+    """The coordination of one app, except that a streaming client reading the fill's state
+    gets it late: after the fetcher has recorded its failure and let the lease go."""
+
+    def __init__(self, real):
+        self.real = real
+        self.late = 0  # how many reads were given late
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def fill_state(self, digest):
+        state = self.real.fill_state(digest)
+        if state.get("state") == "streaming" and sys._getframe(1).f_code.co_name == "stream":
+            self.late += 1
+            deadline = time.monotonic() + 10
+            while self.real.lease_held(blob_lease_key(digest)) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return state
+
+
+def test_a_follower_reading_a_stale_state_does_not_refetch_poisoned_bytes(
+    tmp_path, redis_server, redis_client, fake
+):
+    # A follower that read 'streaming' just before the fetcher failed on a digest mismatch
+    # and released the lease must not take the free lease for a crashed fetcher: that
+    # would fetch the bad bytes again (seen as a flaky count of two failures in CI).
+    good = random.randbytes(200_000)
+    digest = "sha256:" + hashlib.sha256(good).hexdigest()
+    poisoned = bytearray(good)
+    poisoned[-1] ^= 0xFF
+    # Slow enough for the client to see the fill streaming before it fails.
+    fake.routes[f"/v2/library/stale/blobs/{digest}"] = Route(body=bytes(poisoned), trickle=0.05)
+    app = create_app(make_settings(tmp_path / "data", redis_server.url, fake.url))
+    filler = app.extensions["pullthrough"].filler
+    filler.coord = StaleStateForFollowers(filler.coord)
+    response = app.test_client().get(f"/v2/library/stale/blobs/{digest}", buffered=False)
+    body = b""
+    with contextlib.suppress(Exception):  # the stream is cut short
+        for chunk in response.response:
+            body += chunk
+    response.close()
+    assert body != good
+    assert filler.coord.late >= 1  # the race was staged
+    time.sleep(0.5)  # a wrongful takeover would have fetched again by now
+    assert fake.count("GET", digest) == 1
 
 
 @pytest.mark.parametrize("extra", [b"x", b"<html>trailing junk</html>" * 100])

@@ -372,10 +372,14 @@ class BlobFiller:
                 now = time.monotonic()
                 if now - last_check >= STATE_CHECK_INTERVAL:
                     last_check = now
+                    # The lease before the state: a fetcher records its failure before it
+                    # lets the lease go, so a free lease is never read with a stale
+                    # 'streaming' state (which would take over, and refetch, bad bytes).
+                    held = committed or self.coord.lease_held(blob_lease_key(digest))
                     state = self.coord.fill_state(digest)
                     if state.get("state") == "failed" and state.get("reason") == "digest_mismatch":
                         raise FillFailed(state.get("error_message", "fill failed"))
-                    if not committed and not self.coord.lease_held(blob_lease_key(digest)):
+                    if not committed and not held:
                         if takeovers >= MAX_TAKEOVERS:
                             raise FillFailed(
                                 f"fill of {digest} from upstream {upstream.registry.name} "
@@ -386,9 +390,7 @@ class BlobFiller:
                             takeovers += 1
                             log.info("took over the fill of %s at byte %d", digest, available)
                             last_progress = now
-                    if state.get("state") == "committing" and self.coord.lease_held(
-                        blob_lease_key(digest)
-                    ):
+                    if state.get("state") == "committing" and held:
                         last_progress = now  # the fetcher is alive, storing the blob
                     if now - last_progress > self.stall_timeout:
                         raise FillFailed(
