@@ -2,7 +2,8 @@
 
 The file's path comes from `PULLTHROUGH_CONFIG`; without it the defaults below describe the
 user's setup (Docker Hub, data under ./data). `REDIS_URL` in the environment overrides
-`redis.url` so `make run` can hand over its private Redis, and `PULLTHROUGH_STORAGE_ROOT`
+`redis.url` so `make run` can hand over its private Redis (`REDIS_SENTINEL_PASSWORD` likewise
+overrides `redis.sentinel_password`), and `PULLTHROUGH_STORAGE_ROOT`
 overrides `storage.root` (the container image points it at its volume). Every problem is
 reported with its key path (`registries.0.url: Not a valid URL.`) and nothing starts
 half-configured.
@@ -117,6 +118,8 @@ class Settings:
     # redis_url then only gives the database number and the password.
     redis_sentinels: tuple[tuple[str, int], ...] = ()
     redis_master: str = "mymaster"
+    # The sentinels' own password (their `requirepass`), when they have one.
+    redis_sentinel_password: str | None = field(default=None, repr=False)
     registries: tuple[RegistrySettings, ...] = (RegistrySettings(DEFAULT_REGISTRY, DOCKER_HUB_URL),)
     default_registry: str = DEFAULT_REGISTRY
     connect_timeout: float = 5.0
@@ -253,6 +256,7 @@ class RedisSchema(Schema):
         load_default=list,
     )
     master = fields.String(load_default="mymaster", validate=validate.Length(min=1))
+    sentinel_password = fields.String(load_default=None)
 
 
 class UpstreamSchema(Schema):
@@ -406,6 +410,8 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
         redis_url=env.get("REDIS_URL") or data["redis"]["url"],
         redis_sentinels=tuple(_host_port(entry) for entry in data["redis"]["sentinels"]),
         redis_master=data["redis"]["master"],
+        redis_sentinel_password=env.get("REDIS_SENTINEL_PASSWORD")
+        or data["redis"]["sentinel_password"],
         registries=tuple(registries),
         default_registry=data["default_registry"],
         connect_timeout=upstream["connect_timeout"],

@@ -150,10 +150,12 @@ def connect(
     from redis.sentinel import Sentinel
 
     auth = {k: v for k, v in parse_url(settings.redis_url).items() if k in AUTH_OPTIONS}
+    timeouts = {"socket_timeout": connect_timeout, "socket_connect_timeout": connect_timeout}
     sentinel = Sentinel(
         list(settings.redis_sentinels),
-        socket_timeout=connect_timeout,
-        socket_connect_timeout=connect_timeout,
+        # The sentinels' own connections: their password is not the data server's.
+        sentinel_kwargs={**timeouts, "password": settings.redis_sentinel_password},
+        **timeouts,
     )
     return sentinel.master_for(
         settings.redis_master,

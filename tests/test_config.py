@@ -169,3 +169,11 @@ def test_redis_sentinels_are_host_port_pairs():
     assert settings.redis_master == "cache"
     with pytest.raises(ConfigError, match=r"redis\.sentinels\.1: Not host:port"):
         settings_from_mapping({"redis": {"sentinels": ["a:1", "no-port"]}}, env={})
+
+
+def test_the_sentinel_password_comes_from_the_file_or_the_environment():
+    raw = {"redis": {"sentinels": ["a:1"], "sentinel_password": "from-file"}}
+    assert settings_from_mapping(raw, env={}).redis_sentinel_password == "from-file"
+    settings = settings_from_mapping(raw, env={"REDIS_SENTINEL_PASSWORD": "from-env"})
+    assert settings.redis_sentinel_password == "from-env"
+    assert "from-env" not in repr(settings)  # settings may be logged, secrets never

@@ -1,9 +1,10 @@
 """Redis Sentinel: nodes find the master through the sentinels and follow a failover.
 
-A real master, a real replica and a real sentinel (redis-server in sentinel mode), a gunicorn
-node configured with `redis.sentinels`: it fills through the master, and after the master is
-killed and the sentinel promotes the replica, it serves what it cached and fills new content
-with its leases on the new master.
+A real master, a real replica and a real sentinel (redis-server in sentinel mode), the data
+servers and the sentinel each with their own password, and a gunicorn node configured with
+`redis.sentinels`: it fills through the master, and after the master is killed and the
+sentinel promotes the replica, it serves what it cached and fills new content with its leases
+on the new master.
 """
 
 from __future__ import annotations
@@ -21,18 +22,30 @@ from tests.support.servers import Gunicorn, RedisSentinel, RedisServer
 ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
 
 
+# As deployed: the data servers and the sentinels each have their own password.
+DATA_PASSWORD = "data-secret"
+SENTINEL_PASSWORD = "sentinel-secret"
+
+
 @pytest.fixture
 def sentinel_set(tmp_path):
-    master = RedisServer(tmp_path / "master").start()
-    replica = RedisServer(tmp_path / "replica", replica_of=master.port).start()
-    sentinel = RedisSentinel(tmp_path / "sentinel", master.port).start()
+    master = RedisServer(tmp_path / "master", password=DATA_PASSWORD).start()
+    replica = RedisServer(
+        tmp_path / "replica", replica_of=master.port, password=DATA_PASSWORD
+    ).start()
+    sentinel = RedisSentinel(
+        tmp_path / "sentinel",
+        master.port,
+        password=SENTINEL_PASSWORD,
+        master_password=DATA_PASSWORD,
+    ).start()
     yield master, replica, sentinel
     for server in (sentinel, replica, master):
         server.stop()
 
 
 def fill_keys(port: int) -> set[str]:
-    client = redis_lib.Redis(host="127.0.0.1", port=port)
+    client = redis_lib.Redis(host="127.0.0.1", port=port, password=DATA_PASSWORD)
     try:
         return {k.decode() for k in client.scan_iter("pt:fill:*")}
     finally:
@@ -47,9 +60,10 @@ def test_node_follows_a_sentinel_failover(tmp_path, sentinel_set, upstream, imag
         [{"name": "docker.io", "url": upstream.url}],
         workers=2,
         redis={
-            "url": "redis://127.0.0.1/0",
+            "url": f"redis://:{DATA_PASSWORD}@127.0.0.1/0",
             "sentinels": [f"127.0.0.1:{sentinel.port}"],
             "master": sentinel.name,
+            "sentinel_password": SENTINEL_PASSWORD,
         },
     )
     try:

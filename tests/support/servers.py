@@ -62,11 +62,14 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10)
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, replica_of: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, replica_of: int | None = None, password: str | None = None
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.replica_of = replica_of  # the port of the master this one replicates
+        self.password = password  # requirepass, and masterauth for a replica
 
     @property
     def url(self) -> str:
@@ -88,6 +91,11 @@ class RedisServer:
                 "--dir",
                 str(self.workdir),
                 *(["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []),
+                *(
+                    ["--requirepass", self.password, "--masterauth", self.password]
+                    if self.password
+                    else []
+                ),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -104,12 +112,22 @@ class RedisSentinel:
     """One Redis Sentinel (redis-server in sentinel mode) watching the master on
     `master_port`, quick to fail over: the master is down after 500 ms of silence."""
 
-    def __init__(self, workdir: Path, master_port: int, name: str = "pt") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        master_port: int,
+        name: str = "pt",
+        *,
+        password: str | None = None,
+        master_password: str | None = None,
+    ) -> None:
         self.workdir = workdir
         self.master_port = master_port
         self.name = name
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.password = password  # the sentinel's own requirepass
+        self.master_password = master_password
 
     def start(self) -> RedisSentinel:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +137,12 @@ class RedisSentinel:
             f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} 1\n"
             f"sentinel down-after-milliseconds {self.name} 500\n"
             f"sentinel failover-timeout {self.name} 5000\n"
+            + (f"requirepass {self.password}\n" if self.password else "")
+            + (
+                f"sentinel auth-pass {self.name} {self.master_password}\n"
+                if self.master_password
+                else ""
+            )
         )
         self.proc = subprocess.Popen(
             [require("redis-server"), str(config), "--sentinel"],
@@ -131,7 +155,9 @@ class RedisSentinel:
     def master_port_now(self) -> int:
         import redis
 
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        client = redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=2
+        )
         try:
             _host, port = client.sentinel_get_master_addr_by_name(self.name)
             return int(port)
