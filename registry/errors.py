@@ -117,12 +117,6 @@ def storage_failure(exc: BaseException) -> CacheUnavailable | None:
     return None
 
 
-class FillFailed(RegistryError):
-    """A fill stopped after response headers were sent; the stream must be cut short."""
-
-    code, status, default_message = "BLOB_UNKNOWN", 502, "fill failed"
-
-
 def error_response(error: RegistryError, *, head: bool = False) -> Response:
     body = json.dumps({"errors": [error.to_dict()]}).encode()
     response = Response(b"" if head else body, status=error.status, mimetype="application/json")

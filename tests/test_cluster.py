@@ -151,8 +151,9 @@ def test_node_killed_mid_fill_is_survived_by_the_other(
             assert cut["digest"] == layer  # (a download that finished anyway proves nothing)
 
     assert {r["digest"] for r in results} == {layer}
-    # distribution logs a request when it ends: the cut one may come a moment later.
-    deadline = time.monotonic() + 10
+    # distribution logs a request when it ends: the cut one may come later (on a loaded
+    # machine, seconds later: waiting costs nothing when it is there).
+    deadline = time.monotonic() + 30
     while True:
         gets = [s for m, p, s in upstream.requests_since(mark) if m == "GET" and layer in p]
         if len(gets) >= 2 or time.monotonic() > deadline:

@@ -5,7 +5,9 @@ images still pull byte-identical."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import random
 import signal
@@ -173,6 +175,32 @@ def test_disk_full_mid_fill_fails_cleanly_and_serving_resumes_with_space(
         status, body, complete = fetch(f"{base}/{big_digest}")
         assert status == 200 and complete and body == big
         verify_clean(cache)
+    finally:
+        cache.stop()
+
+
+def test_storage_failing_before_a_joined_clients_first_byte_is_a_503(
+    tmp_path, redis_server, redis_client, fake, small_disk
+):
+    # The disk is full to the last byte. Upstream is slow to start its body, so the client
+    # joins the fill while it streams (its size known) and waits for a first byte that never
+    # comes: every attempt fails at its first write. What it gets is the storage's 503, as a
+    # client that saw the failure at once would, not an upstream error.
+    with open(small_disk / "ballast", "wb") as ballast, contextlib.suppress(OSError):
+        while True:
+            ballast.write(b"\0" * 65536)
+            ballast.flush()
+    data = random.randbytes(300_000)
+    digest = fake.add_blob("library/fullfirst", data, body_delay=0.3)
+    cache = Gunicorn.with_config(
+        tmp_path, redis_server.url, [{"name": "docker.io", "url": fake.url}]
+    )
+    try:
+        status, body, _ = fetch(f"{cache.url}/v2/library/fullfirst/blobs/{digest}")
+        assert status == 503, body
+        error = json.loads(body)["errors"][0]
+        assert error["code"] == "UNAVAILABLE" and "storage" in error["message"], error
+        assert fake.count("GET", digest) > 1  # the client did join a streaming fill
     finally:
         cache.stop()
 

@@ -29,7 +29,6 @@ from registry.digests import Digest
 from registry.errors import (
     BlobUnknown,
     CacheUnavailable,
-    FillFailed,
     NameUnknown,
     RegistryError,
     TooManyRequests,
@@ -377,14 +376,17 @@ class BlobFiller:
                     # 'streaming' state (which would take over, and refetch, bad bytes).
                     held = committed or self.coord.lease_held(blob_lease_key(digest))
                     state = self.coord.fill_state(digest)
+                    # Before the first byte these errors are the response (their class
+                    # gives its status: 503 for our storage); after it they cut it short.
                     if state.get("state") == "failed" and state.get("reason") == "digest_mismatch":
-                        raise FillFailed(state.get("error_message", "fill failed"))
+                        raise _error_from(state)
                     if not committed and not held:
                         if takeovers >= MAX_TAKEOVERS:
-                            raise FillFailed(
+                            raise _error_from(
+                                state,
                                 f"fill of {digest} from upstream {upstream.registry.name} "
                                 f"failed {takeovers} times; last: "
-                                f"{state.get('error_message', 'no error recorded')}"
+                                f"{state.get('error_message', 'no error recorded')}",
                             )
                         if self._try_fetch(target, upstream, digest):
                             takeovers += 1
@@ -393,7 +395,7 @@ class BlobFiller:
                     if state.get("state") == "committing" and held:
                         last_progress = now  # the fetcher is alive, storing the blob
                     if now - last_progress > self.stall_timeout:
-                        raise FillFailed(
+                        raise UpstreamUnavailable(
                             f"fill of {digest} from upstream {upstream.registry.name} stalled"
                         )
                 time.sleep(sleep)
@@ -414,10 +416,11 @@ def _hash_prefix(upload, hasher, size: int) -> int:
     return offset
 
 
-def _error_from(state: dict[str, str]) -> RegistryError:
+def _error_from(state: dict[str, str], message: str | None = None) -> RegistryError:
+    """The failure a fill recorded, as its own class (and so status), maybe reworded."""
     cls = _ERRORS.get(state.get("error_class", ""), UpstreamError)
     headers = {"Retry-After": state["retry_after"]} if state.get("retry_after") else None
-    return cls(state.get("error_message") or "fill failed", headers=headers)
+    return cls(message or state.get("error_message") or "fill failed", headers=headers)
 
 
 def _spawn_thread(target: Callable[[], None]) -> threading.Thread:

@@ -22,6 +22,7 @@ class Route:
     send_bytes: int | None = None  # stop after this many body bytes
     reset: bool = False  # then reset the connection instead of closing cleanly
     delay: float = 0.0  # before answering
+    body_delay: float = 0.0  # after the headers, before the first body byte
     trickle: float = 0.0  # seconds between 64 KiB chunks
     honour_range: bool = True
     abort: bool = False  # reset the connection instead of answering at all
@@ -110,6 +111,9 @@ class FakeRegistry(LoopbackHTTP):
                 limit = len(body) if cut is None else max(cut - start, 0)
                 sent = 0
                 try:
+                    if route.body_delay and faulty:
+                        self.wfile.flush()
+                        time.sleep(route.body_delay)
                     while sent < limit:
                         chunk = body[sent : min(sent + 65536, limit)]
                         self.wfile.write(chunk)
