@@ -285,6 +285,8 @@ class BlobFiller:
         while True:
             if self.store.blob_size(digest) is not None:
                 return FillStart(0, fetcher=fetcher, committed=True)
+            # The lease before the state, as in stream(): a free lease is then never read
+            # with a record that predates its fetcher's failure.
             holder = self.coord.lease_holder(blob_lease_key(digest))
             state = self.coord.fill_state(digest)
             owner = state.get("owner")
