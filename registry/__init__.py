@@ -24,6 +24,8 @@ from registry.coordination import (
     connect,
 )
 from registry.errors import (
+    REDIS_DOWN,
+    CacheUnavailable,
     NotFound,
     RegistryError,
     Unsupported,
@@ -110,6 +112,7 @@ def build_pullthrough(
                 failure_threshold=settings.breaker_failures,
                 window=settings.breaker_window,
                 backoff=settings.breaker_backoff,
+                probe_interval=settings.breaker_probe_interval,
             ),
             metrics=metrics,
             max_manifest_size=settings.max_manifest_size,
@@ -206,6 +209,12 @@ def create_app(
         if refusal is not None:  # disk full: a clear 503, and serving resumes with space
             log.error("storage failed on %s %s: %s", request.method, request.path, error)
             return error_response(refusal, head=request.method == "HEAD")
+        if isinstance(error, redis.RedisError):  # Redis went away mid-request
+            log.error("Redis failed on %s %s: %s", request.method, request.path, error)
+            unavailable = CacheUnavailable(
+                "the cache's coordination store is unavailable", reason=REDIS_DOWN
+            )
+            return error_response(unavailable, head=request.method == "HEAD")
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(RegistryError("internal error"), head=request.method == "HEAD")
 

@@ -133,6 +133,9 @@ def admin_command(args: argparse.Namespace) -> int:
     except redis.RedisError as exc:
         print(f"Redis is unreachable: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the store: a full or read-only disk, an S3 endpoint down
+        print(f"the storage failed: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 1
 
 

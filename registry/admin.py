@@ -11,7 +11,7 @@ from typing import TextIO
 
 from redis.exceptions import RedisError
 
-from registry.coordination import REPOS_BUILT_KEY, STORE_KEY, upstream_status
+from registry.coordination import REPOS_BUILT_KEY, upstream_status
 from registry.digests import Digest, looks_like_digest
 from registry.gc import Collector, index_children
 from registry.inventory import tag_rows
@@ -165,7 +165,7 @@ def rebuild_index(pt: PullThrough) -> dict:
     for _digest, size, _mtime in pt.store.iter_blobs():
         total += size
         blobs += 1
-    client.hset(STORE_KEY, mapping={"bytes": total, "blobs": blobs})
+    pt.coord.set_store_totals(total, blobs)
     return {"repositories": len(names), "blobs": blobs, "bytes": total}
 
 

@@ -139,6 +139,10 @@ class Settings:
     breaker_failures: int = 5
     breaker_window: float = 30.0
     breaker_backoff: float = 30.0
+    # While the breaker is open, one request in this many seconds (from all workers and nodes
+    # together) still goes upstream as a probe: the first to get through closes the breaker,
+    # so service comes back within this long of the upstream's return.
+    breaker_probe_interval: float = 2.0
     gc: GcSettings = field(default_factory=GcSettings)
     # /readyz fails when the storage file system has less free space than this.
     min_free_bytes: int = 1 << 30
@@ -268,6 +272,7 @@ class UpstreamSchema(Schema):
     breaker_failures = fields.Integer(load_default=5, validate=validate.Range(min=1))
     breaker_window = fields.Float(load_default=30.0, validate=validate.Range(min=1))
     breaker_backoff = fields.Float(load_default=30.0, validate=validate.Range(min=0.1))
+    breaker_probe_interval = fields.Float(load_default=2.0, validate=validate.Range(min=0.1))
 
 
 class GcSchema(Schema):
@@ -422,6 +427,7 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
         breaker_failures=upstream["breaker_failures"],
         breaker_window=upstream["breaker_window"],
         breaker_backoff=upstream["breaker_backoff"],
+        breaker_probe_interval=upstream["breaker_probe_interval"],
         gc=GcSettings(
             interval=data["gc"]["interval"],
             delay=data["gc"]["delay"],

@@ -13,6 +13,7 @@ no cached content, and every index is rebuilt from disk when missing.
                                         state (starting | streaming | committing |
                                         committed | failed),
                                         reason, phase, error_class, error_message,
+                                        error_reason (the status line's cause),
                                         retry_after, updated.
     pt:lease:tag:<registry>/<repository>:<tag>
                                 string  TTL lease_ttl, renewed. One upstream fetch or
@@ -31,8 +32,12 @@ no cached content, and every index is rebuilt from disk when missing.
                                         deleted by any good answer.
     pt:upstream:<registry>:breaker
                                 string  TTL breaker_backoff, or a 429's Retry-After. While it
-                                        exists nobody calls that upstream; JSON {status,
-                                        reason, since}.
+                                        exists only probes call that upstream (none while a
+                                        429 opened it); JSON {status, reason, since}.
+    pt:upstream:<registry>:probe
+                                string  TTL breaker_probe_interval. Taken (SET NX) by the one
+                                        request that may probe an upstream whose breaker is
+                                        open; a probe that gets an answer closes the breaker.
     pt:upstream:<registry>:ratelimit
                                 hash    TTL 24 h. The last rate-limit headers upstream sent:
                                         limit, remaining, window (s), source, updated.
@@ -40,7 +45,8 @@ no cached content, and every index is rebuilt from disk when missing.
                                 string  TTL negative_ttl. Upstream said this repository (or
                                         tag/digest) does not exist or is denied to <user> (the
                                         configured upstream account, empty when anonymous);
-                                        the value is its message. Retry storms stop here.
+                                        the value is `<unknown|denied>:<unix s>:<message>`.
+                                        Retry storms stop here.
     pt:pulled                   zset    no TTL. Last pull time (score, unix s) of every tag,
                                         `<registry>/<repository>:<tag>`, and manifest pulled by
                                         digest, `<registry>/<repository>@<digest>`. Written at
@@ -59,10 +65,14 @@ no cached content, and every index is rebuilt from disk when missing.
                                         error.
     pt:gc:history               list    no TTL, newest first, 50 kept. JSON of each report.
     pt:gc:totals                hash    no TTL. Across all sweeps (dry runs excluded): runs,
-                                        freed_bytes. Read by /metrics.
+                                        freed_bytes. Added to by every sweep's record_gc.
+                                        Read by /metrics.
     pt:store                    hash    no TTL. bytes, blobs: the store's committed content.
-                                        Set exactly by each GC sweep, counted up by fills and
-                                        new manifests in between. Read by /metrics and the UI.
+                                        Set exactly by each GC sweep from its walk of the
+                                        store (and by `rebuild-index`), lowered by what the
+                                        sweep deletes, counted up by fills and new manifests
+                                        in between (only once a walk has set it). Read by
+                                        /metrics and the UI.
     pt:pulls                    hash    no TTL. Pull count per `<registry>/<repository>:<tag>`
                                         (and `@<digest>`), added up in each process and written
                                         with pt:pulled (at most once a minute per member).
@@ -90,7 +100,7 @@ from redis.exceptions import LockError, RedisError
 
 from registry.config import Settings
 from registry.digests import Digest
-from registry.errors import CacheUnavailable
+from registry.errors import REDIS_DOWN, CacheUnavailable
 from registry.upstream.auth import TokenCache, token_lifetime
 
 PREFIX = "pt:"
@@ -190,7 +200,7 @@ class Lease:
             return bool(self._lock.acquire(token=self.token))
         except RedisError as exc:
             raise CacheUnavailable(
-                f"Redis is unreachable, cannot coordinate a fill ({exc})"
+                f"Redis is unreachable, cannot coordinate a fill ({exc})", reason=REDIS_DOWN
             ) from None
 
     def renew(self) -> bool:
@@ -227,6 +237,13 @@ class Coordination:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._pulled_written: dict[str, float] = {}
         self._pulls_pending: dict[str, int] = {}
+        # Only a total that a walk of the store set is counted on: after FLUSHALL, counting
+        # from zero would show a part of the store as the whole.
+        self._count_stored = client.register_script(
+            "if redis.call('EXISTS', KEYS[1]) == 1 then "
+            "redis.call('HINCRBY', KEYS[1], 'bytes', ARGV[1]); "
+            "redis.call('HINCRBY', KEYS[1], 'blobs', ARGV[2]) end"
+        )
 
     def blob_lease(self, digest: Digest) -> Lease:
         return Lease(self.redis, blob_lease_key(digest), self.lease_ttl, self.owner)
@@ -277,13 +294,23 @@ class Coordination:
             pipe.hincrby(PULLS_KEY, member, pending)
             pipe.execute()
 
-    def count_stored(self, size: int) -> None:
-        """A blob or manifest was committed: keep pt:store current between sweeps."""
+    def count_stored(self, size: int, blobs: int = 1) -> None:
+        """Blobs were committed (or, negative, deleted): keep pt:store current between the
+        walks of the store that set it exactly."""
         with contextlib.suppress(RedisError):
-            pipe = self.redis.pipeline()
-            pipe.hincrby(STORE_KEY, "bytes", size)
-            pipe.hincrby(STORE_KEY, "blobs", 1)
-            pipe.execute()
+            self._count_stored(keys=[STORE_KEY], args=[size, blobs])
+
+    def set_store_totals(self, size: int, blobs: int) -> None:
+        """What a walk of the store measured (a sweep's start, `rebuild-index`)."""
+        self.redis.hset(STORE_KEY, mapping={"bytes": size, "blobs": blobs})
+
+    def store_totals(self) -> dict[str, int]:
+        """bytes and blobs of the store's committed content; empty until first counted."""
+        return _ints(self.redis.hgetall(STORE_KEY))
+
+    def gc_totals(self) -> dict[str, int]:
+        """runs and freed_bytes over every sweep (dry runs excluded)."""
+        return _ints(self.redis.hgetall(GC_TOTALS_KEY))
 
     def pulled_times(
         self, members: list[str], default: float, record_default: bool = False
@@ -335,6 +362,10 @@ class Coordination:
         pipe.hset(GC_LAST_KEY, mapping=flat)
         pipe.lpush(GC_HISTORY_KEY, json.dumps(report))
         pipe.ltrim(GC_HISTORY_KEY, 0, 49)
+        if not report.get("dry_run"):
+            # A failed sweep counts too: it may have freed bytes before it failed.
+            pipe.hincrby(GC_TOTALS_KEY, "runs", 1)
+            pipe.hincrby(GC_TOTALS_KEY, "freed_bytes", int(report.get("freed_bytes") or 0))
         pipe.execute()
 
     def last_gc(self) -> dict[str, str]:
@@ -385,6 +416,14 @@ class Coordination:
         if n is None:
             return [m.decode() for m in self.redis.zrangebylex(REPOS_KEY, start, "+")]
         return [m.decode() for m in self.redis.zrangebylex(REPOS_KEY, start, "+", 0, n)]
+
+
+def _ints(raw: dict[bytes, bytes]) -> dict[str, int]:
+    out = {}
+    for key, value in raw.items():
+        with contextlib.suppress(ValueError):
+            out[key.decode()] = int(value)
+    return out
 
 
 def _breaker_json(value: bytes) -> dict:
@@ -452,6 +491,9 @@ class UpstreamHealth:
     seconds; a 429 opens it for its Retry-After. While open, callers fail at once (and serve
     from cache) instead of waiting for timeouts. When it closes, the next call probes: the
     failure count is kept one short of the threshold, so a failed probe reopens it.
+    While it is open for failures (not for a 429), one call per `probe_interval` from all
+    processes together still goes out as a probe; an answer closes the breaker, so service
+    resumes within `probe_interval` of the upstream's return, not `backoff`.
     Redis trouble never blocks a call: the breaker then stays closed.
     """
 
@@ -463,6 +505,7 @@ class UpstreamHealth:
         failure_threshold: int,
         window: float,
         backoff: float,
+        probe_interval: float = 2.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = client
@@ -470,9 +513,11 @@ class UpstreamHealth:
         self.threshold = failure_threshold
         self.window = window
         self.backoff = backoff
+        self.probe_interval = probe_interval
         self.clock = clock
         self.failures_key = upstream_key(registry, "failures")
         self.breaker_key = upstream_key(registry, "breaker")
+        self.probe_key = upstream_key(registry, "probe")
         self.ratelimit_key = upstream_key(registry, "ratelimit")
 
     def open_state(self) -> tuple[dict, float] | None:
@@ -487,6 +532,26 @@ class UpstreamHealth:
         if value is None:
             return None
         return _breaker_json(value), max(pttl, 0) / 1000
+
+    def take_probe(self) -> bool:
+        """True for the one call in each probe_interval that may ask an upstream whose
+        breaker is open (from every process and node together)."""
+        try:
+            return bool(
+                self.redis.set(
+                    self.probe_key, "1", nx=True, px=max(1, int(self.probe_interval * 1000))
+                )
+            )
+        except RedisError:
+            return False
+
+    def probe_wait(self) -> float:
+        """Seconds until the next probe may go out."""
+        try:
+            pttl = self.redis.pttl(self.probe_key)
+        except RedisError:
+            return self.probe_interval
+        return max(pttl, 0) / 1000 if pttl and pttl > 0 else self.probe_interval
 
     def failed(self, reason: str) -> None:
         with contextlib.suppress(RedisError):
@@ -509,11 +574,22 @@ class UpstreamHealth:
         pipe.set(self.breaker_key, json.dumps(state), px=max(1, int(seconds * 1000)))
         # Keep the count one short of the threshold past the back-off: a failed probe reopens.
         pipe.set(self.failures_key, self.threshold - 1, ex=int(seconds + self.window) + 1)
+        # The first probe goes one interval after the breaker opened (or after the failed
+        # probe that reopened it), not at once.
+        pipe.set(self.probe_key, "1", px=max(1, int(self.probe_interval * 1000)))
         pipe.execute()
 
     def succeeded(self) -> None:
+        # An answer closes the breaker: this may have been the probe of an open one, and
+        # nothing after the upstream's return should wait out the back-off. Not after a 429:
+        # rate_limited() opened that one, and no probe is sent while it is open.
         with contextlib.suppress(RedisError):
-            self.redis.delete(self.failures_key)
+            pipe = self.redis.pipeline()
+            pipe.delete(self.failures_key)
+            pipe.get(self.breaker_key)
+            _, breaker = pipe.execute()
+            if breaker is not None and _breaker_json(breaker).get("status") != 429:
+                self.redis.delete(self.breaker_key)
 
     def record_rate_limit(self, fields: dict[str, str]) -> None:
         fields = dict(fields, updated=f"{self.clock():.3f}")

@@ -114,11 +114,15 @@ class Collector:
             repos = self.store.scan_repositories()
             blobs = {d: (size, mtime) for d, size, mtime in self.store.iter_blobs()}
             plan = self.plan(repos, blobs)
+            store_bytes = sum(size for size, _ in blobs.values())
+            if not dry_run:
+                # The walk is the truth: correct whatever the counting in between missed.
+                self.coord.set_store_totals(store_bytes, len(blobs))
             report.update(
                 repositories=len(repos),
                 manifests=sum(len(scan.revisions) for scan in repos.values()),
                 blobs=len(blobs),
-                store_bytes=sum(size for size, _ in blobs.values()),
+                store_bytes=store_bytes,
                 marked_blobs=plan.marked_blobs,
                 evicted=plan.evicted[:REPORT_NAMES],
             )
@@ -313,6 +317,7 @@ class Collector:
                 if store.delete_blob(digest):
                     deleted += 1
                     freed += size
+                    coord.count_stored(-size, -1)
             finally:
                 lease.release()
 

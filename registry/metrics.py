@@ -25,13 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.exceptions import RedisError
 
-from registry.coordination import (
-    GC_LAST_KEY,
-    GC_TOTALS_KEY,
-    STORE_KEY,
-    Coordination,
-    upstream_status,
-)
+from registry.coordination import Coordination, upstream_status
 
 TRANSFER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -141,7 +135,7 @@ class RedisState:
             breaker.add_metric([name], 0.0 if status["breaker"] is None else 1.0)
         yield from (limit, remaining, breaker)
 
-        store = {k.decode(): v.decode() for k, v in client.hgetall(STORE_KEY).items()}
+        store = self.coord.store_totals()
         if store:
             size = GaugeMetricFamily(
                 "pullthrough_storage_bytes", "Bytes of committed content in the store."
@@ -151,13 +145,13 @@ class RedisState:
             count.add_metric([], float(store.get("blobs", 0)))
             yield from (size, count)
 
-        totals = {k.decode(): v.decode() for k, v in client.hgetall(GC_TOTALS_KEY).items()}
+        totals = self.coord.gc_totals()
         runs = CounterMetricFamily("pullthrough_gc_runs", "GC sweeps run (dry runs excluded).")
         runs.add_metric([], float(totals.get("runs", 0)))
         freed = CounterMetricFamily("pullthrough_gc_freed_bytes", "Bytes the GC has freed.")
         freed.add_metric([], float(totals.get("freed_bytes", 0)))
         yield from (runs, freed)
-        last = {k.decode(): v.decode() for k, v in client.hgetall(GC_LAST_KEY).items()}
+        last = self.coord.last_gc()
         if last.get("finished"):
             when = GaugeMetricFamily(
                 "pullthrough_gc_last_run_timestamp_seconds", "When the last GC run finished."

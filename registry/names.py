@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from registry.config import RegistrySettings, Settings
-from registry.errors import NameInvalid, NameUnknown, TagInvalid
+from registry.errors import ManifestUnknown, NameInvalid, NameUnknown
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 _NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
@@ -36,8 +36,12 @@ def validate_name(name: str) -> str:
 
 
 def validate_tag(tag: str) -> str:
+    """A pulled reference that is no valid tag names no manifest: 404, asked of nobody
+    (TAG_INVALID is for pushes; the spec wants a manifest that is not found to be a 404)."""
     if not _TAG.fullmatch(tag):
-        raise TagInvalid("invalid tag", detail={"tag": tag[:300]})
+        raise ManifestUnknown(
+            "the reference is neither a valid tag nor a digest", detail={"reference": tag[:300]}
+        )
     return tag
 
 

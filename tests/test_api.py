@@ -228,14 +228,14 @@ def test_push_and_delete_endpoints_answer_405_unsupported(client, images):
 @pytest.mark.parametrize(
     ("path", "status", "code"),
     [
-        ("/v2/library/busybox/manifests/sha256:totallywrong", 400, "DIGEST_INVALID"),
+        ("/v2/library/busybox/manifests/sha256:totallywrong", 404, "MANIFEST_UNKNOWN"),
         ("/v2/library/busybox/blobs/sha256:totallywrong", 400, "DIGEST_INVALID"),
         ("/v2/library/busybox/blobs/md5:" + "a" * 32, 400, "DIGEST_INVALID"),
         ("/v2/library/busybox/blobs/sha256:" + "A" * 64, 400, "DIGEST_INVALID"),
         ("/v2/Library/busybox/manifests/latest", 400, "NAME_INVALID"),
         ("/v2/library/../../etc/manifests/latest", 400, "NAME_INVALID"),
         ("/v2/library/%2e%2e/x/manifests/latest", 400, "NAME_INVALID"),
-        ("/v2/library/busybox/manifests/bad%20tag", 400, "TAG_INVALID"),
+        ("/v2/library/busybox/manifests/bad%20tag", 404, "MANIFEST_UNKNOWN"),
         ("/v2/" + "a/" * 200 + "manifests/latest", 400, "NAME_INVALID"),
         ("/v2/library/nothere/manifests/latest", 404, "MANIFEST_UNKNOWN"),
         ("/v2/library/busybox/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),

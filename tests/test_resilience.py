@@ -21,7 +21,8 @@ import requests
 from registry import create_app
 from tests.conftest import make_settings
 from tests.support.clients import fetch, skopeo_copy, skopeo_policy
-from tests.support.servers import Gunicorn, RedisServer, run_module
+from tests.support.images import Pusher
+from tests.support.servers import Distribution, Gunicorn, RedisServer, ThrottledRelay, run_module
 
 pytestmark = pytest.mark.usefixtures("forget_upstream_health")
 
@@ -252,3 +253,56 @@ def test_an_upstream_whose_name_does_not_resolve_fails_fast_and_is_named(
         assert response.status_code in (502, 503), response.data
         message = response.json["errors"][0]["message"]
         assert "docker.io" in message or "pullthrough-test.invalid" in message, message
+
+
+def test_service_returns_within_seconds_of_the_upstream_and_a_dead_one_gets_few_probes(
+    tmp_path, token_server, images
+):
+    """An uncached pull succeeds within 5 s of a stopped distribution coming back, while
+    during the outage all workers together send it at most one probe per probe interval."""
+    own = Distribution(tmp_path / "upstream", token=token_server).start()
+    image = images["busybox"]
+    Pusher(own.url, token_server.realm, token_server.service).push(image)
+    # A link in front of it counts every connection the cache opens towards it.
+    link = ThrottledRelay(own.port, 1000).start()
+    own_redis = RedisServer(tmp_path / "redis").start()
+    cache = Gunicorn.with_config(
+        tmp_path / "cache",
+        own_redis.url,
+        [{"name": "docker.io", "url": link.url}],
+        workers=3,
+        upstream={"breaker_backoff": 60, "breaker_probe_interval": 2, "connect_timeout": 2},
+    )
+    url = f"{cache.url}/v2/{image.repository}/manifests/{image.tag}"
+    try:
+        own.stop()
+        outage_started = time.monotonic()
+        connections_before = link.connections
+        statuses = []
+        while time.monotonic() - outage_started < 8:
+            statuses.append(requests.get(url, headers=ACCEPT, timeout=30))
+            time.sleep(0.1)
+        outage = time.monotonic() - outage_started
+        probes = link.connections - connections_before
+        assert {r.status_code for r in statuses} == {503}
+        # Opening the breaker takes breaker_failures (5) attempts; then one probe per 2 s.
+        assert probes <= 5 + outage / 2 + 1, probes
+        refused = statuses[-1]
+        assert refused.reason.startswith("docker.io unreachable (")
+        assert "not cached" in refused.reason
+        assert 1 <= int(refused.headers["Retry-After"]) <= 2
+
+        own.start()
+        back = time.monotonic()
+        while True:
+            answer = requests.get(url, headers=ACCEPT, timeout=30)
+            if answer.status_code == 200 or time.monotonic() - back > 10:
+                break
+            time.sleep(0.1)
+        assert answer.status_code == 200 and answer.content == image.manifest
+        assert time.monotonic() - back <= 5
+    finally:
+        cache.stop()
+        link.stop()
+        own.stop()
+        own_redis.stop()

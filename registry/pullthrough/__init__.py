@@ -19,8 +19,10 @@ from registry.config import Settings
 from registry.coordination import Coordination, missing_key
 from registry.digests import Digest, looks_like_digest, sha256_of
 from registry.errors import (
+    REDIS_DOWN,
     BlobUnknown,
     CacheUnavailable,
+    DigestInvalid,
     ManifestUnknown,
     NameUnknown,
     RegistryError,
@@ -101,25 +103,38 @@ class PullThrough:
         repo_key, ref_key = missing_key(who, str(target)), missing_key(who, str(target), reference)
         remembered = self.coord.missing(repo_key, ref_key)
         if remembered is not None:
-            error = UpstreamDenied if remembered.startswith("denied:") else ManifestUnknown
-            raise error(remembered.partition(":")[2] + " (remembered)")
+            kind, _, rest = remembered.partition(":")
+            when, _, message = rest.partition(":")
+            if not when.isdigit():  # written before the time was kept
+                when, message = "", rest
+            error = UpstreamDenied if kind == "denied" else ManifestUnknown
+            ago = f" {max(0, round(self.clock() - int(when)))} s ago" if when else ""
+            message = f"{message} (upstream said so{ago})"
+            raise error(message, reason=message)
         try:
             return call()
         except UpstreamDenied as exc:
             self.coord.remember_missing(
-                repo_key, f"denied:{exc.message}", self.settings.negative_ttl
+                repo_key, f"denied:{self.clock():.0f}:{exc.message}", self.settings.negative_ttl
             )
             raise
         except ManifestUnknown as exc:
             self.coord.remember_missing(
-                ref_key, f"unknown:{exc.message}", self.settings.negative_ttl
+                ref_key, f"unknown:{self.clock():.0f}:{exc.message}", self.settings.negative_ttl
             )
             raise
 
     # -- manifests ----------------------------------------------------------------------------
     def manifest(self, target: Target, reference: str, accept: list[str]) -> Manifest:
         if looks_like_digest(reference):
-            found = self._manifest_by_digest(target, Digest.parse(reference), accept)
+            try:
+                digest = Digest.parse(reference)
+            except DigestInvalid:
+                raise ManifestUnknown(
+                    "the reference is neither a valid tag nor a digest",
+                    detail={"reference": reference[:300]},
+                ) from None
+            found = self._manifest_by_digest(target, digest, accept)
             self.coord.touch_pulled(f"{target}@{found.digest}")
             return found
         found = self._manifest_by_tag(target, validate_tag(reference), accept)
@@ -147,7 +162,8 @@ class PullThrough:
         )
         if not digest.matches(fetched.body):
             raise UpstreamError(
-                f"upstream {target.registry.name} served a manifest that does not match {digest}"
+                f"upstream {target.registry.name} served a manifest that does not match {digest}",
+                reason=f"{target.registry.name} sent a manifest that does not match its digest",
             )
         media_type = self._store_manifest(target, digest, fetched.body, fetched.media_type)
         return Manifest(fetched.body, digest, media_type, "miss")
@@ -229,7 +245,8 @@ class PullThrough:
             if claimed is None or not claimed.matches(fetched.body):
                 raise UpstreamError(
                     f"upstream {target.registry.name} served a manifest for {tag} whose bytes "
-                    f"do not match its Docker-Content-Digest"
+                    f"do not match its Docker-Content-Digest",
+                    reason=f"{target.registry.name} sent a manifest that does not match its digest",
                 )
             digest = claimed
         media_type = self._store_manifest(target, digest, fetched.body, fetched.media_type)
@@ -246,7 +263,8 @@ class PullThrough:
         except InvalidManifest as exc:
             raise UpstreamError(
                 f"upstream {target.registry.name} served an invalid manifest for "
-                f"{target.repository}: {exc}"
+                f"{target.repository}: {exc}",
+                reason=f"{target.registry.name} sent an invalid manifest, not cached",
             ) from None
         if self.store.put_verified_bytes(digest, body):
             self.coord.count_stored(len(body))
@@ -299,7 +317,7 @@ class PullThrough:
             started = self.filler.start(target, upstream, digest)
         except RedisError as exc:
             raise CacheUnavailable(
-                f"Redis is unreachable, cannot coordinate a fill ({exc})"
+                f"Redis is unreachable, cannot coordinate a fill ({exc})", reason=REDIS_DOWN
             ) from None
         if self.metrics is not None:
             role = "fetcher" if started.fetcher else "follower"

@@ -144,7 +144,8 @@ class BlobFiller:
             total = stream.total
             if total is None:
                 raise UpstreamError(
-                    f"upstream {upstream.registry.name} did not announce the size of {digest}"
+                    f"upstream {upstream.registry.name} did not announce the size of {digest}",
+                    reason=f"{upstream.registry.name} sent a blob without its size, not cached",
                 )
             self.coord.update_fill(
                 digest,
@@ -169,7 +170,8 @@ class BlobFiller:
                 if offset > total:
                     raise UpstreamError(
                         f"upstream {upstream.registry.name} sent more bytes than announced "
-                        f"for {digest}"
+                        f"for {digest}",
+                        reason=f"{upstream.registry.name} sent a blob longer than announced",
                     )
                 now = time.monotonic()
                 stored = upload.stored()
@@ -181,7 +183,8 @@ class BlobFiller:
             if offset != total:
                 raise UpstreamError(
                     f"upstream {upstream.registry.name} ended {digest} after {offset} of "
-                    f"{total} bytes"
+                    f"{total} bytes",
+                    reason=f"{upstream.registry.name} cut the blob short, not cached",
                 )
             if hasher.hexdigest() != digest.hex:
                 upload.discard()
@@ -189,7 +192,10 @@ class BlobFiller:
                     digest,
                     "digest_mismatch",
                     UpstreamError(
-                        f"upstream {upstream.registry.name} served bytes that do not match {digest}"
+                        f"upstream {upstream.registry.name} served bytes that do not match "
+                        f"{digest}",
+                        reason=f"{upstream.registry.name} sent a blob that does not match its "
+                        "digest",
                     ),
                     streaming,
                     upstream.registry.name,
@@ -221,7 +227,10 @@ class BlobFiller:
             if error is None and isinstance(exc, OSError) and stream is None:
                 # Upstream's failures arrive as RegistryErrors until the stream is open: this
                 # is our own file (permissions, a vanished directory).
-                error = CacheUnavailable(f"fill of {digest} failed: storage error ({exc})")
+                error = CacheUnavailable(
+                    f"fill of {digest} failed: storage error ({exc})",
+                    reason="cache storage failed",
+                )
             if error is not None:
                 # Our disk, not the upstream: drop the partial so that it does not go on
                 # holding the space (unless the lease, and so the file, is someone else's).
@@ -232,7 +241,8 @@ class BlobFiller:
                 reason = "timeout" if "timeout" in type(exc).__name__.lower() else "upstream_error"
                 error = UpstreamUnavailable(
                     f"fill of {digest} from upstream {upstream.registry.name} failed: "
-                    f"{type(exc).__name__}"
+                    f"{type(exc).__name__}",
+                    reason=f"{upstream.registry.name} broke off the blob, not cached",
                 )
             self._fail(digest, reason, error, streaming, upstream.registry.name)
         finally:
@@ -265,6 +275,7 @@ class BlobFiller:
                 phase="streaming" if streaming else "starting",
                 error_class=next(c.__name__ for c in type(error).__mro__ if c.__name__ in _ERRORS),
                 error_message=error.message,
+                error_reason=error.reason or "",
                 retry_after=error.headers.get("Retry-After", ""),
             )
         except Exception:
@@ -314,7 +325,8 @@ class BlobFiller:
                 continue
             if time.monotonic() > deadline:
                 raise UpstreamUnavailable(
-                    f"upstream {upstream.registry.name} did not start sending {digest} in time"
+                    f"upstream {upstream.registry.name} did not start sending {digest} in time",
+                    reason=f"{upstream.registry.name} did not start sending the blob in time",
                 )
             time.sleep(sleep)
             sleep = min(sleep * 2, 0.05)
@@ -398,7 +410,8 @@ class BlobFiller:
                         last_progress = now  # the fetcher is alive, storing the blob
                     if now - last_progress > self.stall_timeout:
                         raise UpstreamUnavailable(
-                            f"fill of {digest} from upstream {upstream.registry.name} stalled"
+                            f"fill of {digest} from upstream {upstream.registry.name} stalled",
+                            reason=f"{upstream.registry.name} stalled sending the blob",
                         )
                 time.sleep(sleep)
                 sleep = min(sleep * 2, poll)
@@ -422,7 +435,11 @@ def _error_from(state: dict[str, str], message: str | None = None) -> RegistryEr
     """The failure a fill recorded, as its own class (and so status), maybe reworded."""
     cls = _ERRORS.get(state.get("error_class", ""), UpstreamError)
     headers = {"Retry-After": state["retry_after"]} if state.get("retry_after") else None
-    return cls(message or state.get("error_message") or "fill failed", headers=headers)
+    return cls(
+        message or state.get("error_message") or "fill failed",
+        headers=headers,
+        reason=state.get("error_reason") or None,
+    )
 
 
 def _spawn_thread(target: Callable[[], None]) -> threading.Thread:

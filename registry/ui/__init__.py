@@ -10,7 +10,7 @@ import time
 from flask import Blueprint, abort, current_app, render_template, request
 from redis.exceptions import RedisError
 
-from registry.coordination import GC_LAST_KEY, STORE_KEY, upstream_status
+from registry.coordination import upstream_status
 from registry.errors import RegistryError
 from registry.inventory import tag_rows
 from registry.metrics import totals
@@ -26,12 +26,8 @@ def _pt() -> PullThrough:
     return current_app.extensions["pullthrough"]
 
 
-def _decode(raw: dict) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in raw.items()}
-
-
 @bp.app_template_filter("bytes")
-def _bytes(value: float | int | None) -> str:
+def human_bytes(value: float | int | None) -> str:
     if value is None:
         return "—"
     size = float(value)
@@ -106,8 +102,8 @@ def overview():
                     "window": status.get("window"),
                 }
             )
-        store = _decode(client.hgetall(STORE_KEY))
-        last_gc = _decode(client.hgetall(GC_LAST_KEY))
+        store = pt.coord.store_totals()
+        last_gc = pt.coord.last_gc()
     except RedisError:
         redis_ok = False
     return render_template(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import re
 import time
 from collections.abc import Iterator
@@ -47,6 +48,8 @@ class Health(Protocol):
     """Where the client reports how its upstream behaves (coordination.UpstreamHealth)."""
 
     def open_state(self) -> tuple[dict, float] | None: ...
+    def take_probe(self) -> bool: ...
+    def probe_wait(self) -> float: ...
     def failed(self, reason: str) -> None: ...
     def rate_limited(self, retry_after: float | None) -> None: ...
     def succeeded(self) -> None: ...
@@ -124,7 +127,7 @@ class UpstreamClient:
             "GET", repository, f"manifests/{reference}", headers=_accept(accept), stream=True
         )
         with response:
-            self._raise_for_status(response, repository, ManifestUnknown)
+            self._raise_for_status(response, repository, ManifestUnknown, _what(reference))
             body = self._read_bounded(response, repository)
         return ManifestResponse(
             body=body,
@@ -136,7 +139,7 @@ class UpstreamClient:
         response = self._request(
             "HEAD", repository, f"manifests/{reference}", headers=_accept(accept)
         )
-        self._raise_for_status(response, repository, ManifestUnknown)
+        self._raise_for_status(response, repository, ManifestUnknown, _what(reference))
         length = response.headers.get("Content-Length")
         return ManifestHead(
             digest=response.headers.get("Docker-Content-Digest"),
@@ -152,7 +155,7 @@ class UpstreamClient:
             return None
         if response.status_code in (401, 403, 404):
             return None
-        self._raise_for_status(response, repository, BlobUnknown)
+        self._raise_for_status(response, repository, BlobUnknown, f"blob {digest}")
         length = response.headers.get("Content-Length", "")
         return int(length) if length.isdigit() else None
 
@@ -178,7 +181,7 @@ class UpstreamClient:
             )
         if response.status_code != 200:
             response.close()
-            self._raise_for_status(response, repository, BlobUnknown)
+            self._raise_for_status(response, repository, BlobUnknown, f"blob {digest}")
             raise self._failure(f"answered {response.status_code} for blob {digest}")
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
@@ -191,7 +194,7 @@ class UpstreamClient:
         if last:
             params["last"] = last
         response = self._request("GET", repository, "tags/list", params=params)
-        self._raise_for_status(response, repository, NameUnknown)
+        self._raise_for_status(response, repository, NameUnknown, "")
         try:
             data = response.json()
         except ValueError:
@@ -205,7 +208,10 @@ class UpstreamClient:
         return f"{self.registry.url}/v2/{repository}/{path}"
 
     def _failure(self, what: str) -> UpstreamError:
-        return UpstreamError(f"upstream {self.registry.name} ({self.registry.url}) {what}")
+        return UpstreamError(
+            f"upstream {self.registry.name} ({self.registry.url}) {what}",
+            reason=f"{self.registry.name} {what}, not cached",
+        )
 
     def _send(self, method: str, url: str, *, blob: bool = False, **kwargs) -> requests.Response:
         self._check_breaker()
@@ -261,7 +267,10 @@ class UpstreamClient:
             reason,
             (time.monotonic() - started) * 1000,
         )
-        raise UpstreamUnavailable(f"upstream {self.registry.name} ({where}) {reason}")
+        raise UpstreamUnavailable(
+            f"upstream {self.registry.name} ({where}) {reason}",
+            reason=f"{self.registry.name} unreachable ({reason}), not cached",
+        )
 
     def _count(self, method: str, status: str) -> None:
         if self.metrics is not None:
@@ -272,16 +281,23 @@ class UpstreamClient:
         if state is None:
             return
         what, remaining = state
-        wait = max(1, round(remaining))
+        name = self.registry.name
         if what.get("status") == 429:
+            wait = max(1, math.ceil(remaining))
             raise TooManyRequests(
-                f"upstream {self.registry.name} is rate-limiting this cache; not asking it "
-                f"again for {wait} s",
+                f"upstream {name} is rate-limiting this cache; not asking it again for {wait} s",
                 headers={"Retry-After": str(wait)},
+                reason=f"{name} rate limit reached, not cached; retry in {wait} s",
             )
+        if self.health.take_probe():
+            return  # this call is the probe: an answer closes the breaker for everyone
+        wait = max(1, math.ceil(self.health.probe_wait()))
+        cause = what.get("reason", "failing")
         raise UpstreamUnavailable(
-            f"upstream {self.registry.name} ({self.registry.url}) keeps failing "
-            f"({what.get('reason', 'unknown')}); not asking it again for {wait} s"
+            f"upstream {name} ({self.registry.url}) keeps failing ({cause}); the next "
+            f"attempt to reach it is in {wait} s",
+            headers={"Retry-After": str(wait)},
+            reason=f"{name} unreachable ({cause}), not cached; retry in {wait} s",
         )
 
     def _observe(self, response: requests.Response) -> None:
@@ -322,9 +338,8 @@ class UpstreamClient:
             response.close()
             auth = self._authorize(challenge, scope)
             if auth is None:
-                raise UpstreamDenied(
-                    f"upstream {self.registry.name} requires credentials for {repository}"
-                )
+                message = f"upstream {self.registry.name} requires credentials for {repository}"
+                raise UpstreamDenied(message, reason=message)
             headers["Authorization"] = auth
             response = self._send(
                 method, url, headers=headers, params=params, stream=stream, blob=blob
@@ -364,9 +379,8 @@ class UpstreamClient:
         response = self._send("GET", realm, params=params, auth=auth)
         with response:
             if response.status_code in (401, 403):
-                raise UpstreamDenied(
-                    f"token service of upstream {self.registry.name} refused the credentials"
-                )
+                message = f"token service of upstream {self.registry.name} refused the credentials"
+                raise UpstreamDenied(message, reason=message)
             if response.status_code != 200:
                 raise self._failure(f"token service answered {response.status_code}")
             try:
@@ -381,21 +395,38 @@ class UpstreamClient:
         return f"Bearer {token}"
 
     def _raise_for_status(
-        self, response: requests.Response, repository: str, not_found: type[RegistryError]
+        self,
+        response: requests.Response,
+        repository: str,
+        not_found: type[RegistryError],
+        what: str,
     ) -> None:
+        """Raise the RegistryError of a failed answer about `what` ("tag x", "blob d"; empty
+        for the repository itself)."""
         status = response.status_code
         if status < 300:
             return
+        name = self.registry.name
         if status == 404:
-            raise not_found(f"upstream {self.registry.name} has no such content in {repository}")
+            message = (
+                f"upstream {name} has no {what} in {repository}"
+                if what
+                else f"upstream {name} has no repository {repository}"
+            )
+            raise not_found(message, reason=message)
         if status in (401, 403):
-            raise UpstreamDenied(f"upstream {self.registry.name} denied access to {repository}")
+            message = f"upstream {name} denied access to {repository}"
+            raise UpstreamDenied(message, reason=message)
         if status == 429:
             headers = {}
-            if response.headers.get("Retry-After"):
-                headers["Retry-After"] = response.headers["Retry-After"]
+            retry = response.headers.get("Retry-After", "").strip()
+            if retry:
+                headers["Retry-After"] = retry
+            later = f"; retry in {retry} s" if retry.isdigit() else ""
             raise TooManyRequests(
-                f"upstream {self.registry.name} is rate-limiting this cache", headers=headers
+                f"upstream {name} is rate-limiting this cache",
+                headers=headers,
+                reason=f"{name} rate limit reached, not cached{later}",
             )
         raise self._failure(f"answered {status}")
 
@@ -410,14 +441,16 @@ class UpstreamClient:
                 chunks.append(chunk)
         except requests.exceptions.RequestException as exc:
             raise UpstreamUnavailable(
-                f"upstream {self.registry.name} failed while sending a manifest ({exc})"
+                f"upstream {self.registry.name} failed while sending a manifest ({exc})",
+                reason=f"{self.registry.name} failed while sending a manifest, not cached",
             ) from None
         except Exception as exc:  # urllib3 protocol/timeout errors during the read
             if isinstance(exc, RegistryError):
                 raise
             raise UpstreamUnavailable(
                 f"upstream {self.registry.name} failed while sending a manifest "
-                f"({type(exc).__name__})"
+                f"({type(exc).__name__})",
+                reason=f"{self.registry.name} failed while sending a manifest, not cached",
             ) from None
         return b"".join(chunks)
 
@@ -428,6 +461,10 @@ def _accept(accept: list[str]) -> dict[str, str]:
         # list types from a client that does not name them, so name them all.
         accept = [*MANIFEST_TYPES, *(a for a in accept if a not in MANIFEST_TYPES)]
     return {"Accept": ", ".join(accept)}
+
+
+def _what(reference: str) -> str:
+    return f"manifest {reference}" if ":" in reference else f"tag {reference}"
 
 
 def _media_type(response: requests.Response) -> str:

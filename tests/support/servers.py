@@ -61,6 +61,20 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10)
             proc.wait()
 
 
+# Every key name found in a test Redis before it was flushed or stopped, over the whole run:
+# test_redis_keys checks each against the documented key schema.
+KEYS_SEEN: set[str] = set()
+
+
+def record_keys(url: str, password: str | None = None) -> None:
+    import redis as redis_lib
+
+    with contextlib.suppress(redis_lib.RedisError):
+        client = redis_lib.Redis.from_url(url, password=password, socket_timeout=2)
+        KEYS_SEEN.update(key.decode() for key in client.scan_iter(count=1000))
+        client.close()
+
+
 class RedisServer:
     def __init__(
         self, workdir: Path, replica_of: int | None = None, password: str | None = None
@@ -105,6 +119,8 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.proc:
+            if self.proc.poll() is None:
+                record_keys(self.url, self.password)
             stop(self.proc)
 
 
@@ -534,6 +550,7 @@ class ThrottledRelay:
         self.rate = mib_per_s * (1 << 20)
         self.port = free_port()
         self.bytes_down = 0
+        self.connections = 0  # accepted: each is one attempt to reach the server behind
         self._lock = threading.Lock()
         self._next_free = time.monotonic()
         self._stopping = False
@@ -576,6 +593,8 @@ class ThrottledRelay:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            with self._lock:
+                self.connections += 1
             try:
                 server = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
             except OSError:
