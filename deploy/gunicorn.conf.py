@@ -63,8 +63,14 @@ def post_worker_init(worker):
     logger.propagate = False
 
     # SIGTERM closes idle keep-alive connections at once; in-flight responses finish.
-    from registry.serving import cheap_date_header, prompt_graceful_stop, zero_copy_sendfile
+    from registry.serving import (
+        cheap_date_header,
+        prompt_graceful_stop,
+        tls_on_plain_port,
+        zero_copy_sendfile,
+    )
 
+    tls_on_plain_port(worker)
     prompt_graceful_stop(worker)
     zero_copy_sendfile()
     cheap_date_header()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import redis
@@ -142,22 +143,12 @@ def clean_stale_uploads(pullthrough: PullThrough) -> None:
         log.info("removed %d partial files left by dead fills", len(removed))
 
 
-def log_request(status: int, size: int) -> None:
-    """One structured access line: method, route, status, bytes, duration, cache result."""
-    started = g.get("started")
-    ms = (time.monotonic() - started) * 1000 if started else 0.0
-    route = request.url_rule.rule if request.url_rule else "-"
-    accesslog.write(
-        f"request method={request.method} route={route} status={status} bytes={size} "
-        f"ms={ms:.1f} cache={g.get('cache', '-')} registry={g.get('registry', '-')}"
-    )
-
-
 def create_app(
     settings: Settings | None = None, *, redis_client: redis.Redis | None = None
 ) -> Flask:
     if settings is None:
         settings = load_settings()
+    accesslog.configure(os.environ.get("PULLTHROUGH_LOG_FORMAT", "text"))
     app = Flask(__name__)
     app.config["SETTINGS"] = settings
     metrics_registry = CollectorRegistry()
@@ -230,8 +221,9 @@ def create_app(
     @app.after_request
     def _access_log(response: Response) -> Response:
         # Blob bodies are logged once their last byte has gone (api/v2.py); the rest here.
-        if not g.get("log_when_sent"):
-            log_request(response.status_code, response.content_length or 0)
+        if not g.get("log_when_sent") and accesslog.enabled():
+            size = 0 if request.method == "HEAD" else response.content_length or 0
+            accesslog.Pending().write(response.status_code, size)
         return response
 
     @app.after_request

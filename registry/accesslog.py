@@ -1,4 +1,11 @@
-"""The access log: one line per request, written straight to stderr.
+"""The access log: one line per request, answering "who pulled what", written to stderr.
+
+Fields, in this order: client (address), method, registry, repository, reference (the tag or
+digest asked for), digest (the one served), ns (containerd's `?ns=`), status, bytes (really
+sent: a blob's line is written once its last byte has gone, by sendfile too), ms (from the
+request's first byte to the response's last), cache (hit | miss | joined | stale |
+revalidated), and path for requests that name no repository. A field that does not apply is
+`-`. `PULLTHROUGH_LOG_FORMAT=json` writes the same fields as one JSON object a line.
 
 A line per request is on the hot path (thousands a second per worker), and the logging
 module's record, formatter and lock cost about a tenth of a cached manifest request. The
@@ -9,6 +16,7 @@ with the timestamp string reused within a second.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -16,6 +24,107 @@ import time
 
 _logger = logging.getLogger("registry.access")
 _stamp = (-1, "")
+_json = False
+
+FIELDS = (
+    "client",
+    "method",
+    "registry",
+    "repository",
+    "reference",
+    "digest",
+    "ns",
+    "status",
+    "bytes",
+    "ms",
+    "cache",
+    "path",
+)
+
+
+def configure(log_format: str) -> None:
+    """`text` (key=value) or `json`; from PULLTHROUGH_LOG_FORMAT in create_app."""
+    global _json
+    if log_format not in ("text", "json"):
+        raise ValueError(f"PULLTHROUGH_LOG_FORMAT must be text or json, not {log_format!r}")
+    _json = log_format == "json"
+
+
+def enabled() -> bool:
+    return _logger.isEnabledFor(logging.INFO)
+
+
+def _value(text: str | None) -> str:
+    # Paths, names and `ns` come from clients: quote whatever could split or forge a line.
+    if text is None:
+        return "-"
+    if text and text.isprintable() and " " not in text and '"' not in text:
+        return text
+    return json.dumps(text)
+
+
+def request(
+    client: str | None,
+    method: str,
+    registry: str | None,
+    repository: str | None,
+    reference: str | None,
+    digest: str | None,
+    ns: str | None,
+    status: int,
+    size: int,
+    ms: float,
+    cache: str | None,
+    path: str | None,
+) -> None:
+    """One request's line (FIELDS); None is written as `-`, or left out in JSON."""
+    if not _logger.isEnabledFor(logging.INFO):
+        return
+    if _json:
+        values = (client, method, registry, repository, reference, digest, ns, status, size,
+                  round(ms, 1), cache, path)  # fmt: skip
+        data = {k: v for k, v in zip(FIELDS, values, strict=True) if v is not None}
+        write(json.dumps({"event": "request", **data}, separators=(",", ":")))
+        return
+    # One f-string: this runs for every cached manifest request.
+    write(
+        f"request client={client or '-'} method={method} registry={registry or '-'} "
+        f"repository={_value(repository)} reference={_value(reference)} "
+        f"digest={digest or '-'} ns={_value(ns)} status={status} bytes={size} "
+        f"ms={ms:.1f} cache={cache or '-'} path={_value(path)}"
+    )
+
+
+class Pending:
+    """A request's fields read in its context, for a line written later: a blob's line goes
+    out once its last byte has (after the request context is gone)."""
+
+    __slots__ = ("fields", "started")
+
+    def __init__(self) -> None:
+        from flask import g, request
+
+        self.started = g.get("started") or time.monotonic()
+        repository = g.get("repository")
+        self.fields = (
+            request.remote_addr,
+            request.method,
+            g.get("registry"),
+            repository,
+            g.get("reference"),
+            g.get("digest"),
+            request.args.get("ns"),
+            g.get("cache"),
+            None if repository else request.path,
+        )
+
+    def write(self, status: int, size: int) -> None:
+        client, method, registry, repository, reference, digest, ns, cache, path = self.fields
+        ms = (time.monotonic() - self.started) * 1000
+        request(
+            client, method, registry, repository, reference, digest, ns, status, size, ms,
+            cache, path,
+        )  # fmt: skip
 
 
 def write(message: str) -> None:
@@ -27,4 +136,9 @@ def write(message: str) -> None:
     if _stamp[0] != second:
         _stamp = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
     millis = int((now - second) * 1000)
-    sys.stderr.write(f"{_stamp[1]},{millis:03d} [{os.getpid()}] INFO registry.access {message}\n")
+    if _json and message.startswith("{"):
+        # One JSON object per line: the time and process go inside it.
+        line = f'{{"time":"{_stamp[1]},{millis:03d}","pid":{os.getpid()},{message[1:]}\n'
+    else:
+        line = f"{_stamp[1]},{millis:03d} [{os.getpid()}] INFO registry.access {message}\n"
+    sys.stderr.write(line)

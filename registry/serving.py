@@ -1,6 +1,6 @@
 """Serving tweaks for gunicorn's gevent workers, installed per worker by
 deploy/gunicorn.conf.py: a prompt graceful stop, zero-copy sendfile, a Date header formatted
-once a second.
+once a second, and TLS handshakes on the plain HTTP port logged as what they are.
 
 On SIGTERM gunicorn stops accepting and waits for its connections; a keep-alive connection
 idle between requests (Docker daemons keep them for minutes) would hold the worker until
@@ -61,6 +61,44 @@ def prompt_graceful_stop(worker) -> None:
     worker.handle = tracked_handle
     worker.handle_request = tracked_request
     signal.signal(signal.SIGTERM, on_term)
+
+
+# The first byte of a TLS record carrying a handshake (a ClientHello).
+TLS_HANDSHAKE = b"\x16"
+TLS_ADVICE = (
+    "TLS handshake from %s on the plain HTTP port: the client expects https. Configure the "
+    'cache as an http (insecure) registry: Docker "insecure-registries" or an http:// '
+    "registry-mirrors entry, podman/skopeo insecure = true in registries.conf (or "
+    "--tls-verify=false), containerd an http:// host in hosts.toml"
+)
+
+
+def tls_on_plain_port(worker) -> None:
+    """Answer a TLS ClientHello on the plain port with a log line that names the client and
+    the fix, instead of gunicorn's "Invalid HTTP request line" warning. skopeo and podman try
+    https first; a client that was never told the cache is http fails on it.
+
+    One peek at the first byte of each connection (not each request)."""
+    import logging
+
+    if worker.cfg.is_ssl:
+        return
+    log = logging.getLogger("registry.access")
+    handle = worker.handle
+
+    def peeking_handle(listener, client, addr):
+        try:
+            first = client.recv(1, socket.MSG_PEEK)
+        except OSError:
+            first = b""
+        if first == TLS_HANDSHAKE:
+            log.warning(TLS_ADVICE, addr[0] if isinstance(addr, tuple) else addr)
+            end(client)
+            client.close()
+            return None
+        return handle(listener, client, addr)
+
+    worker.handle = peeking_handle
 
 
 def zero_copy_sendfile() -> None:

@@ -37,6 +37,7 @@ def _metrics() -> Metrics:
 def _target(name: str) -> Target:
     target = resolve(_pullthrough().settings, name, request.args.get("ns"))
     g.registry = target.registry.name
+    g.repository = target.repository
     return target
 
 
@@ -49,16 +50,17 @@ def ping() -> Response:
 def manifest(name: str, reference: str) -> Response:
     if request.method != "GET" and request.method != "HEAD":
         raise Unsupported(READ_ONLY)
+    g.reference = reference
     target = _target(name)
     accept = parse_accept(request.headers.getlist("Accept"))
     found = _pullthrough().manifest(target, reference, accept)
     g.cache = found.cache
+    digest = g.digest = str(found.digest)
     metrics = _metrics()
     metrics.cache_requests.labels("manifest", target.registry.name, found.cache).inc()
     if request.method == "GET":
         source = "upstream" if found.cache == "miss" else "cache"
         metrics.served_bytes.labels("manifest", target.registry.name, source).inc(len(found.body))
-    digest = str(found.digest)
     headers = {
         "Content-Type": found.media_type,
         "Content-Length": str(len(found.body)),
@@ -76,11 +78,12 @@ def manifest(name: str, reference: str) -> Response:
 def blob(name: str, digest: str) -> Response:
     if request.method == "DELETE":
         raise Unsupported(READ_ONLY)
-    started = time.monotonic()
+    g.reference = digest
     target = _target(name)
     head = request.method == "HEAD"
     found = _pullthrough().blob(target, Digest.parse(digest), head=head)
-    g.cache = found.cache
+    g.cache = "joined" if found.joined else found.cache
+    g.digest = str(found.digest)
     _metrics().cache_requests.labels("blob", target.registry.name, found.cache).inc()
     byte_range = parse_range(request.headers.get("Range"), found.size)
     start, end = byte_range or (0, found.size - 1)
@@ -112,7 +115,7 @@ def blob(name: str, digest: str) -> Response:
         # Wait for the first byte here, where a failed fill is still an OCI error with its
         # status: once the headers are out it can only cut the connection short.
         chunks = _primed(found.stream(start, end))
-    sent = _Sent(_metrics(), target.registry.name, started, status)
+    sent = _Sent(_metrics(), target.registry.name, status)
     return Response(
         _body(found, start, end, sent, chunks),
         status=status,
@@ -131,21 +134,17 @@ class _Sent:
     """Counts and logs a blob response's bytes and time when its last byte has gone (or it
     broke off). Runs after the request context: it carries what the log line needs."""
 
-    def __init__(self, metrics: Metrics, registry: str, started: float, status: int) -> None:
+    def __init__(self, metrics: Metrics, registry: str, status: int) -> None:
         self.metrics = metrics
         self.registry = registry
-        self.started = started
         self.status = status
-        self.cache = g.get("cache", "-")
+        self.pending = accesslog.Pending()
         g.log_when_sent = True
 
     def done(self, source: str, size: int) -> None:
-        seconds = time.monotonic() - self.started
+        seconds = time.monotonic() - self.pending.started
         self.metrics.blob_sent(self.registry, source, size, seconds)
-        accesslog.write(
-            f"request method=GET route=/v2/<path:name>/blobs/<digest> status={self.status} "
-            f"bytes={size} ms={seconds * 1000:.1f} cache={self.cache} registry={self.registry}"
-        )
+        self.pending.write(self.status, size)
 
 
 def _body(found: Blob, start: int, end: int, sent: _Sent, chunks: Iterator[bytes] | None):

@@ -63,6 +63,7 @@ class Blob:
     open_file: Callable[[], BinaryIO] | None = None
     stream: Callable[[int, int], Iterator[bytes]] | None = None
     redirect: str | None = None  # a presigned URL of the store that serves the bytes
+    joined: bool = False  # a miss that streams another request's fill
 
 
 class PullThrough:
@@ -332,6 +333,7 @@ class PullThrough:
             stream=lambda start, end: self.filler.stream(
                 target, upstream, digest, started.size, start, end
             ),
+            joined=not started.fetcher,
         )
 
     # -- listings --------------------------------------------------------------------------------

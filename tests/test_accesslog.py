@@ -1,0 +1,179 @@
+"""The access log answers "who pulled what": one line per request with the client, registry,
+repository, reference, the digest served, ns, status, the bytes really sent (sendfile
+included), the time and the cache result; the same fields as JSON with
+PULLTHROUGH_LOG_FORMAT=json; a TLS handshake on the plain port is logged as such, with the fix.
+Checked in the log of a real gunicorn against what the client received."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+import requests
+
+from registry.mediatypes import MANIFEST_TYPES
+from tests.support.servers import Gunicorn, ThrottledRelay
+
+ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
+
+
+@pytest.fixture(scope="module")
+def slow_link(upstream):
+    relay = ThrottledRelay(upstream.port, 32).start()
+    yield relay
+    relay.stop()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, redis_server, upstream, slow_link):
+    server = Gunicorn.with_config(
+        tmp_path_factory.mktemp("accesslog"),
+        redis_server.url,
+        [{"name": "docker.io", "url": upstream.url}, {"name": "slow.test", "url": slow_link.url}],
+        workers=2,
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def json_cache(tmp_path_factory, redis_server, upstream):
+    server = Gunicorn.with_config(
+        tmp_path_factory.mktemp("accesslog-json"),
+        redis_server.url,
+        [{"name": "docker.io", "url": upstream.url}],
+        workers=1,
+        env={"PULLTHROUGH_LOG_FORMAT": "json"},
+    )
+    yield server
+    server.stop()
+
+
+def lines(cache, since: int) -> list[dict[str, str]]:
+    """The text access lines written after byte `since` of the log, as field dicts."""
+    out = []
+    for line in cache.log()[since:].splitlines():
+        if " registry.access request " not in line:
+            continue
+        body = line.split(" registry.access request ", 1)[1]
+        fields = {}
+        for key, value in re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', body):
+            fields[key] = json.loads(value) if value.startswith('"') else value
+        out.append(fields)
+    return out
+
+
+def settle(cache, count: int, since: int) -> list[dict[str, str]]:
+    """Wait for `count` lines: a blob's line is written after its last byte has gone."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = lines(cache, since)
+        if len(found) >= count:
+            return found
+        time.sleep(0.05)
+    return lines(cache, since)
+
+
+def test_a_pull_is_logged_with_who_what_and_how_much(cache, images):
+    image = images["busybox"]
+    base = f"{cache.url}/v2/{image.repository}"
+    layer = max(image.blobs, key=lambda d: len(image.blobs[d]))
+    mark = len(cache.log())
+    manifest = requests.get(f"{base}/manifests/{image.tag}", headers=ACCEPT, timeout=30)
+    requests.head(f"{base}/manifests/{image.tag}?ns=docker.io", headers=ACCEPT, timeout=30)
+    miss = requests.get(f"{base}/blobs/{layer}", timeout=30)
+    hit = requests.get(f"{base}/blobs/{layer}", timeout=30)  # sendfile from disk
+    requests.get(f"{base}/manifests/nosuchtag", headers=ACCEPT, timeout=30)
+    get, head, blob_miss, blob_hit, missing = settle(cache, 5, mark)
+
+    assert get["client"] == "127.0.0.1" and get["method"] == "GET"
+    assert (get["registry"], get["repository"], get["reference"]) == (
+        "docker.io",
+        image.repository,
+        image.tag,
+    )
+    assert get["digest"] == image.digest and get["status"] == "200"
+    assert int(get["bytes"]) == len(manifest.content) and get["cache"] in ("miss", "hit")
+    assert float(get["ms"]) >= 0 and get["ns"] == "-" and get["path"] == "-"
+    assert head["method"] == "HEAD" and head["ns"] == "docker.io" and head["bytes"] == "0"
+    assert head["cache"] == "hit"
+    assert (blob_miss["reference"], blob_miss["digest"]) == (layer, layer)
+    assert blob_miss["cache"] == "miss" and int(blob_miss["bytes"]) == len(miss.content)
+    assert blob_hit["cache"] == "hit" and int(blob_hit["bytes"]) == len(hit.content) > 0
+    assert missing["status"] == "404" and missing["reference"] == "nosuchtag"
+    assert missing["digest"] == "-"
+
+
+def test_a_client_streaming_another_requests_fill_is_logged_as_joined(cache, images):
+    image = images["big"]
+    base = f"{cache.url}/v2/slow.test/{image.repository}"
+    requests.get(f"{base}/manifests/{image.tag}", headers=ACCEPT, timeout=30).raise_for_status()
+    layer = max(image.blobs, key=lambda d: len(image.blobs[d]))
+    mark = len(cache.log())
+    sizes: list[int] = []
+
+    def fetch() -> None:
+        sizes.append(len(requests.get(f"{base}/blobs/{layer}", timeout=60).content))
+
+    first = threading.Thread(target=fetch)
+    first.start()
+    time.sleep(0.5)  # the fill is running: 48 MiB over a 32 MiB/s link
+    fetch()
+    first.join()
+    logged = [f for f in settle(cache, 2, mark) if f["reference"] == layer]
+    assert sorted(f["cache"] for f in logged) == ["joined", "miss"]
+    assert sorted(int(f["bytes"]) for f in logged) == sorted(sizes)
+    assert sizes == [len(image.blobs[layer])] * 2
+
+
+def test_client_controlled_text_cannot_forge_a_line(cache):
+    mark = len(cache.log())
+    requests.get(f"{cache.url}/ui/x%0Arequest%20client=6.6.6.6", timeout=10)
+    (line,) = settle(cache, 1, mark)
+    assert line["path"] == "/ui/x\nrequest client=6.6.6.6"
+    assert "6.6.6.6" not in line["client"]
+
+
+def test_json_lines_carry_the_same_fields(json_cache, images):
+    image = images["busybox"]
+    url = f"{json_cache.url}/v2/{image.repository}/manifests/{image.tag}?ns=docker.io"
+    mark = len(json_cache.log())
+    body = requests.get(url, headers=ACCEPT, timeout=30).content
+    deadline = time.monotonic() + 10
+    records: list[dict] = []
+    while not records and time.monotonic() < deadline:
+        records = [
+            json.loads(line)
+            for line in json_cache.log()[mark:].splitlines()
+            if line.startswith("{") and '"event":"request"' in line
+        ]
+        time.sleep(0.05)
+    (record,) = records
+    assert record["client"] == "127.0.0.1" and record["method"] == "GET"
+    assert record["registry"] == "docker.io" and record["repository"] == image.repository
+    assert record["reference"] == image.tag and record["digest"] == image.digest
+    assert record["ns"] == "docker.io" and record["status"] == 200
+    assert record["bytes"] == len(body) and record["cache"] in ("hit", "miss")
+    assert "time" in record and "pid" in record
+
+
+def test_a_tls_handshake_on_the_plain_port_is_logged_with_the_fix(cache):
+    mark = len(cache.log())
+    context = ssl.create_default_context()
+    with socket.create_connection(("127.0.0.1", cache.port), timeout=10) as raw:
+        with pytest.raises((ssl.SSLError, OSError)):
+            context.wrap_socket(raw, server_hostname="127.0.0.1")
+    deadline = time.monotonic() + 10
+    while "TLS handshake" not in cache.log()[mark:] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = cache.log()[mark:]
+    assert "TLS handshake from 127.0.0.1 on the plain HTTP port" in log
+    assert "insecure" in log
+    assert "Invalid HTTP request line" not in log
+    # and the port still serves plain HTTP
+    assert requests.get(f"{cache.url}/v2/", timeout=10).status_code == 200
