@@ -165,9 +165,11 @@ def test_json_lines_carry_the_same_fields(json_cache, images):
 def test_a_tls_handshake_on_the_plain_port_is_logged_with_the_fix(cache):
     mark = len(cache.log())
     context = ssl.create_default_context()
-    with socket.create_connection(("127.0.0.1", cache.port), timeout=10) as raw:
-        with pytest.raises((ssl.SSLError, OSError)):
-            context.wrap_socket(raw, server_hostname="127.0.0.1")
+    with (
+        socket.create_connection(("127.0.0.1", cache.port), timeout=10) as raw,
+        pytest.raises((ssl.SSLError, OSError)),
+    ):
+        context.wrap_socket(raw, server_hostname="127.0.0.1")
     deadline = time.monotonic() + 10
     while "TLS handshake" not in cache.log()[mark:] and time.monotonic() < deadline:
         time.sleep(0.05)
