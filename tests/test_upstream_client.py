@@ -73,3 +73,30 @@ def test_small_answers_get_the_short_timeout_and_blob_bodies_the_long_one(fake):
         assert b"".join(stream.chunks()) == data
     finally:
         stream.close()
+
+
+def test_a_404_names_what_upstream_said_is_missing(tmp_path, redis_server, redis_client):
+    """The message (which podman prints) and the status line name the missing tag, or the
+    repository when upstream says NAME_UNKNOWN (quay, Harbor, zot)."""
+    upstream = FakeRegistry().start()
+    try:
+        upstream.routes["/v2/org/app/manifests/v9"] = Route(
+            status=404, body=b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"no"}]}'
+        )
+        upstream.routes["/v2/org/gone/manifests/v1"] = Route(
+            status=404, body=b'{"errors":[{"code":"NAME_UNKNOWN","message":"no"}]}'
+        )
+        settings = make_settings(tmp_path / "data", redis_server.url, upstream.url)
+        client = create_app(settings).test_client()
+        tag = client.get("/v2/org/app/manifests/v9")
+        assert tag.status == "404 upstream docker.io has no tag v9 in org/app"
+        assert tag.json["errors"][0]["message"] == "upstream docker.io has no tag v9 in org/app"
+        repo = client.get("/v2/org/gone/manifests/v1")
+        assert repo.json["errors"][0]["message"] == "upstream docker.io has no repository org/gone"
+        again = client.get("/v2/org/app/manifests/v9")  # remembered: no second upstream call
+        assert again.json["errors"][0]["message"].startswith(
+            "upstream docker.io has no tag v9 in org/app (upstream said so "
+        )
+        assert upstream.count("GET", "/org/app/manifests/v9") == 1
+    finally:
+        upstream.stop()

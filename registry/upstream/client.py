@@ -9,6 +9,7 @@ Knows nothing about the store.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import math
 import re
@@ -285,7 +286,8 @@ class UpstreamClient:
         if what.get("status") == 429:
             wait = max(1, math.ceil(remaining))
             raise TooManyRequests(
-                f"upstream {name} is rate-limiting this cache; not asking it again for {wait} s",
+                f"upstream {name} is rate-limiting this cache, and this is not cached; retry "
+                f"in {wait} s",
                 headers={"Retry-After": str(wait)},
                 reason=f"{name} rate limit reached, not cached; retry in {wait} s",
             )
@@ -410,12 +412,16 @@ class UpstreamClient:
         if status == 404:
             message = (
                 f"upstream {name} has no {what} in {repository}"
-                if what
+                if what and "NAME_UNKNOWN" not in _error_codes(response)
                 else f"upstream {name} has no repository {repository}"
             )
             raise not_found(message, reason=message)
         if status in (401, 403):
-            message = f"upstream {name} denied access to {repository}"
+            # Docker Hub answers so for a repository that does not exist, too.
+            message = (
+                f"upstream {name} denied access to {repository} (it does not exist there, "
+                "or needs other credentials)"
+            )
             raise UpstreamDenied(message, reason=message)
         if status == 429:
             headers = {}
@@ -424,7 +430,7 @@ class UpstreamClient:
                 headers["Retry-After"] = retry
             later = f"; retry in {retry} s" if retry.isdigit() else ""
             raise TooManyRequests(
-                f"upstream {name} is rate-limiting this cache",
+                f"upstream {name} is rate-limiting this cache, and this is not cached{later}",
                 headers=headers,
                 reason=f"{name} rate limit reached, not cached{later}",
             )
@@ -461,6 +467,17 @@ def _accept(accept: list[str]) -> dict[str, str]:
         # list types from a client that does not name them, so name them all.
         accept = [*MANIFEST_TYPES, *(a for a in accept if a not in MANIFEST_TYPES)]
     return {"Accept": ", ".join(accept)}
+
+
+def _error_codes(response: requests.Response) -> list[str]:
+    """The OCI error codes of a (small) error body; [] when it has none."""
+    try:
+        # The first 64 KiB only, read or not yet read (streamed responses).
+        body = next(response.iter_content(64 * 1024), b"")
+        errors = json.loads(body or b"{}")["errors"]
+        return [str(error.get("code")) for error in errors if isinstance(error, dict)]
+    except Exception:  # not JSON, not the OCI shape, or the read itself failed
+        return []
 
 
 def _what(reference: str) -> str:
