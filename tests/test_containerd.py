@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from tests.support.servers import Containerd, Gunicorn
+from tests.support.fakes import Route
+from tests.support.servers import Containerd, Gunicorn, free_port
 
 HOSTS = """\
 {server}
@@ -18,13 +19,19 @@ HOSTS = """\
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, redis_server, upstream):
+def cache(tmp_path_factory, redis_server, upstream, fake):
+    body = b'{"errors":[{"code":"TOOMANYREQUESTS","message":"pull rate limit"}]}'
+    fake.routes["/v2/org/quota/manifests/1"] = Route(
+        status=429, body=body, headers={"Retry-After": "3600"}
+    )
     server = Gunicorn.with_config(
         tmp_path_factory.mktemp("containerd-cache"),
         redis_server.url,
         [
             {"name": "docker.io", "url": upstream.url},
             {"name": "registry.example.test", "url": upstream.url},
+            {"name": "down.test", "url": f"http://127.0.0.1:{free_port()}"},
+            {"name": "limited.test", "url": fake.url},
         ],
         env={"GUNICORN_CMD_ARGS": "--access-logfile -"},
     )
@@ -85,3 +92,42 @@ def test_default_mirror_routes_any_configured_registry(cache, containerd, hosts_
     assert image.digest in containerd.ctr("images", "ls").stdout
     seen = requests_seen(cache)[before:]
     assert seen and all("ns=registry.example.test" in line for line in seen), seen
+
+
+@pytest.fixture(scope="module")
+def dead_end_hosts(tmp_path_factory, cache):
+    """hosts.toml whose own server is a dead loopback port: what the mirror cannot serve
+    fails here, and ctr prints the mirror's answer (its first error), not the internet's."""
+    root = tmp_path_factory.mktemp("certs.d-dead-end")
+    server = f'server = "http://127.0.0.1:{free_port()}"\n'
+    (root / "_default").mkdir()
+    (root / "_default" / "hosts.toml").write_text(HOSTS.format(server=server, cache=cache.url))
+    return root
+
+
+def ctr_pull(containerd, hosts: str, ref: str) -> str:
+    pulled = containerd.ctr(
+        "images", "pull", "--hosts-dir", hosts, "--snapshotter", "native", ref, check=False
+    )
+    assert pulled.returncode != 0
+    return pulled.stdout + pulled.stderr
+
+
+def test_ctr_prints_the_cause_of_an_uncached_image_with_the_upstream_down(
+    containerd, dead_end_hosts
+):
+    out = ctr_pull(containerd, str(dead_end_hosts), "down.test/library/app:1")
+    assert "503 down.test unreachable (refused the connection), not cached" in out, out
+
+
+def test_ctr_prints_the_cause_of_a_rate_limit(containerd, dead_end_hosts):
+    out = ctr_pull(containerd, str(dead_end_hosts), "limited.test/org/quota:1")
+    assert "429 limited.test rate limit reached, not cached; retry in 3600 s" in out, out
+
+
+def test_ctr_says_the_mirror_has_no_missing_tag(containerd, dead_end_hosts, cache):
+    """containerd asks with HEAD and prints no body or reason for a 404: what it shows is
+    that the mirror answered 404 (and then its next host's error)."""
+    out = ctr_pull(containerd, str(dead_end_hosts), "registry.example.test/library/busybox:nope")
+    host = cache.url.removeprefix("http://")
+    assert f'response was http.StatusNotFound" host="{host}"' in out, out
