@@ -49,8 +49,9 @@ no cached content, and every index is rebuilt from disk when missing.
                                         Retry storms stop here.
     pt:pulled                   zset    no TTL. Last pull time (score, unix s) of every tag,
                                         `<registry>/<repository>:<tag>`, and manifest pulled by
-                                        digest, `<registry>/<repository>@<digest>`. Written at
-                                        most once a minute per member and process. Lost after
+                                        digest, `<registry>/<repository>@<digest>`. A member's
+                                        first pull in a minute is written at once, later ones
+                                        within 2 s (each process gathers them). Lost after
                                         FLUSHALL: the GC then counts unknown members as pulled
                                         now, so nothing is evicted for lack of history.
     pt:gc:lock                  string  TTL 10 s, renewed. Held by the one sweep running; the
@@ -75,7 +76,7 @@ no cached content, and every index is rebuilt from disk when missing.
                                         /metrics and the UI.
     pt:pulls                    hash    no TTL. Pull count per `<registry>/<repository>:<tag>`
                                         (and `@<digest>`), added up in each process and written
-                                        with pt:pulled (at most once a minute per member).
+                                        with pt:pulled.
     pt:gc:scheduled             string  TTL 0.9 x gc.interval. Taken (SET NX) by the scheduler
                                         that enqueues this interval's sweep, so several
                                         schedulers enqueue it once.
@@ -118,8 +119,10 @@ GC_TOTALS_KEY = f"{PREFIX}gc:totals"
 STORE_KEY = f"{PREFIX}store"
 PULLS_KEY = f"{PREFIX}pulls"
 GC_LOCK_TTL = 10.0
-# Recency is written at most this often per member and process (pulls are hot paths).
+# A member's first pull in this long is written at once; later ones are gathered and
+# written by a background flush every PULLS_FLUSH_EVERY (pulls are hot paths).
 PULLED_EVERY = 60.0
+PULLS_FLUSH_EVERY = 2.0
 # A 429's Retry-After larger than this is not believed (Docker Hub's window is 6 h).
 MAX_RETRY_AFTER = 6 * 3600
 
@@ -237,6 +240,9 @@ class Coordination:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._pulled_written: dict[str, float] = {}
         self._pulls_pending: dict[str, int] = {}
+        self._pulled_last: dict[str, float] = {}
+        self._pulls_lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
         # Only a total that a walk of the store set is counted on: after FLUSHALL, counting
         # from zero would show a part of the store as the whole.
         self._count_stored = client.register_script(
@@ -281,18 +287,54 @@ class Coordination:
 
     # -- recency and the GC ----------------------------------------------------------------------
     def touch_pulled(self, member: str) -> None:
-        """Count a pull; write its time and the pulls counted so far at most once a minute."""
-        self._pulls_pending[member] = self._pulls_pending.get(member, 0) + 1
+        """Count a pull and its time: a member's first pull in a minute is written at once
+        (the GC may be deciding about it), later ones within PULLS_FLUSH_EVERY."""
         now = time.monotonic()
-        if now - self._pulled_written.get(member, -PULLED_EVERY) < PULLED_EVERY:
+        with self._pulls_lock:
+            self._pulls_pending[member] = self._pulls_pending.get(member, 0) + 1
+            self._pulled_last[member] = time.time()
+            if now - self._pulled_written.get(member, -PULLED_EVERY) < PULLED_EVERY:
+                if self._flusher is None:
+                    self._flusher = threading.Thread(
+                        target=self._flush_pulls_loop, name="pulls flush", daemon=True
+                    )
+                    self._flusher.start()
+                return
+            self._pulled_written[member] = now
+        self._flush_pulls([member])
+
+    def _flush_pulls(self, members: Iterable[str] | None = None) -> None:
+        with self._pulls_lock:
+            chosen = list(self._pulls_pending) if members is None else list(members)
+            counts = {m: self._pulls_pending.pop(m) for m in chosen if m in self._pulls_pending}
+            times = {m: self._pulled_last.pop(m) for m in counts}
+        if not counts:
             return
-        self._pulled_written[member] = now
-        pending = self._pulls_pending.pop(member)
-        with contextlib.suppress(RedisError):
+        with contextlib.suppress(RedisError):  # lost counts are lost figures, not content
             pipe = self.redis.pipeline()
-            pipe.zadd(PULLED_KEY, {member: time.time()})
-            pipe.hincrby(PULLS_KEY, member, pending)
+            pipe.zadd(PULLED_KEY, times)
+            for member, count in counts.items():
+                pipe.hincrby(PULLS_KEY, member, count)
             pipe.execute()
+
+    def _flush_pulls_loop(self) -> None:
+        while True:
+            time.sleep(PULLS_FLUSH_EVERY)
+            self._flush_pulls()
+            with self._pulls_lock:
+                if not self._pulls_pending:
+                    self._flusher = None  # the next gathered pull starts another
+                    return
+
+    def pull_history(self, members: list[str]) -> tuple[list[float | None], list[int]]:
+        """Last pull time (None: never) and pull count of each member."""
+        if not members:
+            return [], []
+        pipe = self.redis.pipeline()
+        pipe.zmscore(PULLED_KEY, members)
+        pipe.hmget(PULLS_KEY, members)
+        times, counts = pipe.execute()
+        return list(times), [int(c) if c else 0 for c in counts]
 
     def count_stored(self, size: int, blobs: int = 1) -> None:
         """Blobs were committed (or, negative, deleted): keep pt:store current between the

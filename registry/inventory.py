@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from registry.coordination import PULLED_KEY, PULLS_KEY
 from registry.digests import Digest
 from registry.errors import RegistryError
 from registry.names import Target
@@ -33,10 +32,9 @@ def tag_rows(pt: PullThrough, target: Target) -> list[TagRow]:
     tags = pt.store.list_tags(target)
     members = [f"{target}:{tag}" for tag in tags]
     try:
-        pulled = pt.coord.redis.zmscore(PULLED_KEY, members) if members else []
-        counts = pt.coord.redis.hmget(PULLS_KEY, members) if members else []
+        pulled, counts = pt.coord.pull_history(members)
     except RedisError:
-        pulled, counts = [None] * len(tags), [None] * len(tags)
+        pulled, counts = [None] * len(tags), [0] * len(tags)
     rows = []
     now = time.time()
     for tag, last, count in zip(tags, pulled, counts, strict=True):
@@ -55,7 +53,7 @@ def tag_rows(pt: PullThrough, target: Target) -> list[TagRow]:
                 size=size,
                 partial=partial,
                 last_pulled=last,
-                pulls=int(count) if count else 0,
+                pulls=count,
                 state=state,
             )
         )

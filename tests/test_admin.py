@@ -51,11 +51,21 @@ def blob_file(cache, digest: str):
     return cache.data / "blobs" / "sha256" / hexpart[:2] / hexpart
 
 
-def test_images_lists_what_is_cached_with_size_and_last_pull(cache, images):
-    out = cli(cache, "images").stdout
-    line = next(line for line in out.splitlines() if line.startswith("library/busybox:1.36"))
-    assert images["busybox"].digest in line
-    assert "MiB" in line and "last pulled 20" in line
+def test_images_lists_what_is_cached_with_size_last_pull_and_pulls(cache, images):
+    image = images["busybox"]
+    size = sum(blob_file(cache, digest).stat().st_size for digest in image.blobs)
+    deadline = time.monotonic() + 5  # counts gathered in each worker reach Redis within 2 s
+    while True:
+        out = cli(cache, "images").stdout
+        line = next(line for line in out.splitlines() if line.startswith("library/busybox:1.36"))
+        if line.endswith("\t2 pulls") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    fields = line.split("\t")
+    assert fields[1] == image.digest
+    assert fields[3] == f"{size / 2**20:.1f}MiB"
+    assert fields[4].startswith("last pulled 20")
+    assert fields[5] == "2 pulls"  # the fixture's two manifest GETs
 
 
 def test_warm_fetches_every_platform_with_progress(cache, images):

@@ -58,10 +58,11 @@ def many(urls: list[str]) -> list[requests.Response]:
         return list(pool.map(lambda u: requests.get(u, headers=ACCEPT, timeout=30), urls))
 
 
-def test_counters_are_summed_over_every_worker(cache, images):
+def test_counters_are_summed_over_every_worker(cache, images, upstream, token_server):
     image = images["busybox"]
     manifest_url = f"{cache.url}/v2/{image.repository}/manifests/{image.tag}"
     before = scrape(cache)
+    upstream_mark, tokens_before = upstream.mark(), len(token_server.requests)
     assert requests.get(manifest_url, headers=ACCEPT, timeout=30).status_code == 200
     assert {r.status_code for r in many([manifest_url] * 40)} == {200}
     layer = max(image.blobs, key=lambda d: len(image.blobs[d]))
@@ -110,8 +111,18 @@ def test_counters_are_summed_over_every_worker(cache, images):
     assert delta("pullthrough_blob_transfer_seconds_count", source="cache") == 30
     assert delta("pullthrough_upstream_bytes_total", **hub) == size
     assert delta("pullthrough_fills_total", role="fetcher", **hub) == 1
-    # Upstream was asked for the manifest and the blob once each (after a token challenge).
-    assert delta("pullthrough_upstream_requests_total", method="GET", status="200", **hub) >= 2
+    # The upstream's own log and the token service are the truth of what was asked of them.
+    logged = upstream.requests_since(upstream_mark)
+    gets = [r for r in logged if r[0] == "GET"]
+    tokens = len(token_server.requests) - tokens_before
+    ok = sum(1 for r in gets if r[2] == 200)
+    assert delta("pullthrough_upstream_requests_total", method="GET", status="200", **hub) == (
+        ok + tokens
+    )
+    assert delta("pullthrough_upstream_requests_total", method="GET", status="401", **hub) == sum(
+        1 for r in gets if r[2] == 401
+    )
+    assert ok == 2  # the manifest and the blob, once each
 
     # Request metrics are per route, not per path: no digest appears in any label.
     routes = {

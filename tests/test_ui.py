@@ -4,6 +4,7 @@ cache under gunicorn that real pulls have populated. Screenshots go to tests/art
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import redis as redis_lib
@@ -29,19 +30,27 @@ def cache(tmp_path_factory, redis_server, upstream, images):
         [{"name": "docker.io", "url": upstream.url}],
         workers=2,
     )
-    # Real pulls: alpine (an index, both platforms), busybox twice.
+    # Real pulls: alpine (an index, both platforms), busybox twice. What the clients were told
+    # (X-Cache) and received is the truth the overview's figures must equal.
+    server.seen = {"answers": [], "hit": 0, "miss": 0}
+
+    def get(url: str, **kwargs) -> None:
+        response = requests.get(url, timeout=30, **kwargs)
+        assert response.status_code == 200
+        answer = response.headers["X-Cache"].lower()
+        server.seen["answers"].append(answer)
+        server.seen[answer] += len(response.content)
+
     for name in ("alpine", "busybox"):
         image = images[name]
         url = f"{server.url}/v2/{image.repository}/manifests/{image.tag}"
         for _ in range(2):
-            assert requests.get(url, headers=ACCEPT, timeout=30).status_code == 200
+            get(url, headers=ACCEPT)
         for child in image.children:
-            child_url = f"{server.url}/v2/{image.repository}/manifests/{child.digest}"
-            assert requests.get(child_url, headers=ACCEPT, timeout=30).status_code == 200
+            get(f"{server.url}/v2/{image.repository}/manifests/{child.digest}", headers=ACCEPT)
         for target in [image, *image.children]:
             for digest in target.blobs:
-                blob = f"{server.url}/v2/{image.repository}/blobs/{digest}"
-                assert requests.get(blob, timeout=30).status_code == 200
+                get(f"{server.url}/v2/{image.repository}/blobs/{digest}")
     # Thousands of repositories are paged: the catalog index holds 150 more names.
     client = redis_lib.Redis.from_url(redis_server.url)
     client.zadd("pt:repos", {f"bulk/repo{i:03d}": 0 for i in range(150)})
@@ -71,6 +80,11 @@ def page(browser):
     context.close()
 
 
+def blob_size(cache, digest: str) -> int:
+    hexpart = digest.split(":")[1]
+    return (cache.data / "blobs" / "sha256" / hexpart[:2] / hexpart).stat().st_size
+
+
 def shot(page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"ui-{name}.png"), full_page=True)
@@ -78,10 +92,15 @@ def shot(page, name: str) -> None:
 
 
 def test_overview_shows_hit_ratio_traffic_and_upstream_health(cache, page):
+    answers = cache.seen["answers"]
+    hits, misses = answers.count("hit"), answers.count("miss")
     page.goto(cache.url + "/")
     ratio = page.inner_text("#hit-ratio .big")
-    assert ratio.endswith("%") and 0 < float(ratio.rstrip(" %")) < 100, ratio
-    assert "misses" in page.inner_text("#hit-ratio")
+    assert ratio == f"{100 * hits / len(answers):.1f} %", (ratio, answers)
+    assert f"{hits} hits, 0 revalidated, 0 stale, {misses} misses" in page.inner_text("#hit-ratio")
+    served = page.inner_text("#bytes")
+    assert human_bytes(cache.seen["hit"]) in served.split("from cache")[0], served
+    assert f"{human_bytes(cache.seen['miss'])} streamed from upstream" in served, served
     assert "from cache" in page.inner_text("#bytes")
     upstreams = page.inner_text("#upstreams")
     assert "docker.io" in upstreams and "healthy" in upstreams
@@ -112,7 +131,19 @@ def test_repository_page_lists_tags_with_platforms_size_and_pulls(cache, page, i
     assert "3.19" in row
     assert "linux/amd64" in row and "linux/arm64" in row
     assert images["alpine"].digest[:19] in row
-    assert "KiB" in row and "fresh" in row
+    # Size: config and layers of both platforms, as stored; pulls: the two tag GETs made.
+    size = sum(
+        blob_size(cache, digest) for child in images["alpine"].children for digest in child.blobs
+    )
+    cells = row.split("\t")
+    assert human_bytes(size) in cells[3] and "fresh" in row
+    deadline = time.monotonic() + 5  # counts gathered in each worker reach Redis within 2 s
+    while cells[5].strip() != "2" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        page.reload()
+        cells = page.locator("#tags tr").nth(1).inner_text().split("\t")
+    assert cells[5].strip() == "2", cells
+    assert cells[4].strip().endswith("s ago") or "min ago" in cells[4], cells
     shot(page, "repository")
 
 
