@@ -25,12 +25,11 @@ from registry.coordination import (
     connect,
 )
 from registry.errors import (
-    REDIS_DOWN,
-    CacheUnavailable,
     NotFound,
     RegistryError,
     Unsupported,
     error_response,
+    redis_unavailable,
     storage_failure,
 )
 from registry.metrics import Metrics, scrape
@@ -41,6 +40,7 @@ from registry.upstream.client import UpstreamClient
 log = logging.getLogger("registry")
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 
 
 def upstream_session(pool_size: int = 64) -> requests.Session:
@@ -151,6 +151,9 @@ def create_app(
     accesslog.configure(os.environ.get("PULLTHROUGH_LOG_FORMAT", "text"))
     app = Flask(__name__)
     app.config["SETTINGS"] = settings
+    if settings.server_hosts:
+        # DNS rebinding: a web page cannot make a browser talk to us under its own name.
+        app.config["TRUSTED_HOSTS"] = list(settings.server_hosts)
     metrics_registry = CollectorRegistry()
     metrics = Metrics(metrics_registry)
     pullthrough = build_pullthrough(settings, redis_client, metrics)
@@ -201,10 +204,7 @@ def create_app(
             log.error("storage failed on %s %s: %s", request.method, request.path, error)
             return error_response(refusal, head=request.method == "HEAD")
         if isinstance(error, redis.RedisError):  # Redis went away mid-request
-            log.error("Redis failed on %s %s: %s", request.method, request.path, error)
-            unavailable = CacheUnavailable(
-                "the cache's coordination store is unavailable", reason=REDIS_DOWN
-            )
+            unavailable = redis_unavailable(error)
             return error_response(unavailable, head=request.method == "HEAD")
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(RegistryError("internal error"), head=request.method == "HEAD")
@@ -212,6 +212,10 @@ def create_app(
     @app.before_request
     def _take_turns() -> None:
         g.started = time.monotonic()
+        if request.method not in HTTP_METHODS:
+            # Routing has refused it already (405); the request metrics' `method` label
+            # must not take any token a client makes up.
+            request.method = "OTHER"
         # Under gevent a keep-alive connection whose next request is already buffered is
         # served without ever yielding, starving the worker's other connections for
         # seconds. One switch per request (time.sleep is gevent's under gunicorn) keeps the
@@ -229,6 +233,10 @@ def create_app(
     @app.after_request
     def _headers(response: Response) -> Response:
         response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
+        if request.blueprint != "ui":  # the UI sets a policy of its own
+            # A manifest or blob is never a page: no type sniffing, no script, no origin.
+            response.headers["X-Content-Type-Options"] = "nosniff"
+            response.headers["Content-Security-Policy"] = "sandbox"
         registry_name = g.get("registry")
         if registry_name and request.args.get("ns"):
             response.headers["OCI-Namespace"] = registry_name

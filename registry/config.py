@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import math
 import os
 import re
@@ -24,6 +25,8 @@ from urllib.parse import urlsplit
 
 import yaml
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+
+log = logging.getLogger(__name__)
 
 DEFAULT_REGISTRY = "docker.io"
 DOCKER_HUB_URL = "https://registry-1.docker.io"
@@ -113,7 +116,7 @@ class S3Settings:
 class Settings:
     storage_root: Path
     s3: S3Settings | None = None
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
     # Redis Sentinel: (host, port) of each sentinel, which find the master named redis_master;
     # redis_url then only gives the database number and the password.
     redis_sentinels: tuple[tuple[str, int], ...] = ()
@@ -146,6 +149,9 @@ class Settings:
     gc: GcSettings = field(default_factory=GcSettings)
     # /readyz fails when the storage file system has less free space than this.
     min_free_bytes: int = 1 << 30
+    # Host names (and host:port) requests may address the cache by; empty: any. A web page
+    # cannot then reach the cache through a DNS name of its own (DNS rebinding).
+    server_hosts: tuple[str, ...] = ()
 
     def registry(self, name: str) -> RegistrySettings | None:
         for registry in self.registries:
@@ -158,6 +164,12 @@ def _url(value: str) -> None:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValidationError("Not a valid http(s) URL.")
+    if "@" in parts.netloc:
+        # It would end up in logs and error messages: credentials have keys of their own.
+        raise ValidationError(
+            "Credentials do not belong in the URL: use username and password (or the "
+            "credentials file)."
+        )
 
 
 class TagRuleSchema(Schema):
@@ -284,8 +296,13 @@ class GcSchema(Schema):
     pins = fields.List(fields.String(validate=validate.Length(min=1)), load_default=list)
 
 
+class ServerSchema(Schema):
+    hosts = fields.List(fields.String(validate=validate.Length(min=1)), load_default=list)
+
+
 class SettingsSchema(Schema):
     # Defaults go through their schema so that nested defaults apply too.
+    server = fields.Nested(ServerSchema, load_default=lambda: ServerSchema().load({}))
     storage = fields.Nested(StorageSchema, load_default=lambda: StorageSchema().load({}))
     redis = fields.Nested(RedisSchema, load_default=lambda: RedisSchema().load({}))
     upstream = fields.Nested(UpstreamSchema, load_default=lambda: UpstreamSchema().load({}))
@@ -329,7 +346,14 @@ def _host_port(entry: str) -> tuple[str, int]:
 def load_credentials_file(path: str) -> dict[str, Credentials]:
     """Read `{"registry-1.docker.io": {"username", "password"}}` (the Zot file's shape)."""
     try:
-        raw = json.loads(Path(path).read_text())
+        file = Path(path)
+        raw = json.loads(file.read_text())
+        if file.stat().st_mode & 0o077:
+            log.warning(
+                "credentials_file %s can be read by other users (mode %o): chmod 600 it",
+                path,
+                file.stat().st_mode & 0o777,
+            )
     except OSError as exc:
         raise ConfigError([f"credentials_file: cannot read {path}: {exc.strerror}"]) from None
     except ValueError:
@@ -374,7 +398,12 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
         if entry["username"] is not None:
             creds = Credentials(entry["username"], entry["password"])
         else:
-            creds = from_file.get(host) or from_file.get(entry["name"])
+            # Keyed by the URL's host, or by the registry's name only while the URL is that
+            # registry's own (a docker.io password never goes to a mirror configured as
+            # docker.io's URL).
+            own_host = urlsplit(DOCKER_HUB_URL).netloc if entry["name"] == "docker.io" else None
+            by_name = host in (entry["name"], own_host)
+            creds = from_file.get(host) or (from_file.get(entry["name"]) if by_name else None)
         verify: bool | str = entry["tls_verify"]
         if entry["ca_bundle"]:
             verify = entry["ca_bundle"]
@@ -412,6 +441,7 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
         s3=s3,
         storage_root=Path(env.get("PULLTHROUGH_STORAGE_ROOT") or data["storage"]["root"]).resolve(),
         min_free_bytes=data["storage"]["min_free"],
+        server_hosts=tuple(data["server"]["hosts"]),
         redis_url=env.get("REDIS_URL") or data["redis"]["url"],
         redis_sentinels=tuple(_host_port(entry) for entry in data["redis"]["sentinels"]),
         redis_master=data["redis"]["master"],

@@ -101,7 +101,7 @@ from redis.exceptions import LockError, RedisError
 
 from registry.config import Settings
 from registry.digests import Digest
-from registry.errors import REDIS_DOWN, CacheUnavailable
+from registry.errors import redis_unavailable
 from registry.upstream.auth import TokenCache, token_lifetime
 
 PREFIX = "pt:"
@@ -202,9 +202,7 @@ class Lease:
         try:
             return bool(self._lock.acquire(token=self.token))
         except RedisError as exc:
-            raise CacheUnavailable(
-                f"Redis is unreachable, cannot coordinate a fill ({exc})", reason=REDIS_DOWN
-            ) from None
+            raise redis_unavailable(exc) from None
 
     def renew(self) -> bool:
         try:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 from typing import Any
 
 from flask import Response
+
+log = logging.getLogger(__name__)
 
 # The reason phrase stays one short line of printable ASCII (RFC 9110: no CR, LF or controls).
 MAX_REASON = 120
@@ -131,13 +134,20 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBI
 
 
 def storage_failure(exc: BaseException) -> CacheUnavailable | None:
-    """The 503 for a failure of the storage itself (disk full, read-only, I/O error)."""
+    """The 503 for a failure of the storage itself (disk full, read-only, I/O error). Its
+    text names the kind of failure only: paths and S3 endpoints are for the log."""
     if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-        cause = os.strerror(exc.errno) if exc.errno else "I/O error"
+        cause = os.strerror(exc.errno)
         return CacheUnavailable(
-            f"the storage failed: {exc.strerror or cause}", reason=f"cache storage failed: {cause}"
+            f"the cache's storage failed: {cause}", reason=f"cache storage failed: {cause}"
         )
     return None
+
+
+def redis_unavailable(exc: BaseException) -> CacheUnavailable:
+    """The 503 for Redis failing; where it is (host, port) goes to the log only."""
+    log.warning("Redis failed: %s", exc)
+    return CacheUnavailable("the cache's coordination store is unavailable", reason=REDIS_DOWN)
 
 
 def reason_phrase(text: str) -> str:

@@ -41,8 +41,17 @@ def test_compose_runs_every_role_with_redis_volumes_and_health_checks():
         assert services[role]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert set(compose["volumes"]) == {"data", "redis"}
     redis = services["redis"]
-    assert "--appendonly" in redis["command"] and "redis:/data" in redis["volumes"]
-    assert redis["healthcheck"]["test"][-1] == "ping"
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command and "redis:/data" in redis["volumes"]
+    # A password, from the environment (.env), used by the server, its check and the roles.
+    assert '--requirepass "$$REDIS_PASSWORD"' in command
+    assert "REDIS_PASSWORD:?" in redis["environment"]["REDIS_PASSWORD"]
+    assert "REDISCLI_AUTH" in redis["healthcheck"]["test"][-1]
+    assert "redis-cli ping" in redis["healthcheck"]["test"][-1]
+    for role in procfile():
+        assert services[role]["environment"]["REDIS_URL"].startswith(
+            "redis://:${REDIS_PASSWORD:?"
+        ), role
     assert "/readyz" in " ".join(services["web"]["healthcheck"]["test"])
     assert services["web"]["ports"] == ["5050:5050"]
     assert services["web"]["environment"]["PULLTHROUGH_STORAGE_ROOT"] == "/var/lib/pullthrough"

@@ -511,3 +511,23 @@ def test_a_sweep_killed_mid_way_leaves_a_consistent_store_and_the_next_run_finis
     assert all(complete(store, image) for image in kept)
     wanted = set().union(*(needed(image) for image in kept))
     assert {str(d) for d, _, _ in store.iter_blobs()} == wanted
+
+
+def test_the_worker_runs_no_job_that_pullthrough_did_not_enqueue(config, redis_client, tmp_path):
+    """Whoever can write to Redis can write rq jobs: a pickled one (rq's default format) and
+    a JSON one naming another function both fail without running; a sweep still runs."""
+    from rq import Queue
+
+    from workers.gc import QUEUE, queue
+
+    pickled, named = tmp_path / "pickled-canary", tmp_path / "named-canary"
+    pickled.write_text("x")
+    named.write_text("x")
+    Queue(QUEUE, connection=redis_client).enqueue(os.remove, str(pickled))  # rq's pickle
+    queue(redis_client).enqueue(os.remove, str(named))  # JSON, but not a pullthrough job
+    workers(config, "gc", "--enqueue")
+    workers(config, "worker", "--burst")
+    assert pickled.exists() and named.exists()
+    assert redis_client.hget("pt:gc:last", "finished") is not None  # the real sweep ran
+    failed = redis_client.zcard(f"rq:failed:{QUEUE}")
+    assert failed == 2

@@ -39,8 +39,18 @@ def test_make_run_serves_and_ctrl_c_stops_everything(tmp_path):
         assert response.status_code == 200
         assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
         wait_for_port(redis_port, timeout=5)
+        # The private Redis has a generated password: without it, nothing can be read.
+        anonymous = redis_lib.Redis(port=redis_port)
+        try:
+            anonymous.get("pt:gc:last")
+            raise AssertionError("the private Redis answered without a password")
+        except redis_lib.AuthenticationError:
+            pass
+        password = (tmp_path / "data" / "redis" / "password").read_text()
+        assert len(password) >= 32
+        assert (tmp_path / "data" / "redis" / "password").stat().st_mode & 0o077 == 0
         # The GC roles run too: the scheduler enqueues the first sweep, the rq worker runs it.
-        store = redis_lib.Redis(port=redis_port)
+        store = redis_lib.Redis(port=redis_port, password=password)
         deadline = time.monotonic() + 30
         while not store.exists("pt:gc:last") and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -55,6 +65,8 @@ def test_make_run_serves_and_ctrl_c_stops_everything(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
         print((tmp_path / "make-run.log").read_text(errors="replace")[-3000:])
+    secret = (tmp_path / "data" / "redis" / "password").read_text()
+    assert secret not in (tmp_path / "make-run.log").read_text(errors="replace")
     time.sleep(0.5)
     for p in (port, redis_port):
         try:

@@ -62,7 +62,7 @@ def test_small_answers_get_the_short_timeout_and_blob_bodies_the_long_one(fake):
     fake.routes["/v2/org/slow/manifests/1"] = Route(body=b"{}", delay=3)
     started = time.monotonic()
     with pytest.raises(UpstreamUnavailable, match=r"slow\.test .* did not answer in time"):
-        client.get_manifest("org/slow", "1", [])
+        client.get_manifest("org/slow", "1")
     assert time.monotonic() - started < 2
 
     # A blob body that pauses 1 s between chunks (longer than the metadata timeout) completes.

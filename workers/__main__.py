@@ -15,18 +15,16 @@ import json
 import logging
 import sys
 
-from rq import Worker
-
 from registry.config import load_settings_or_report
 from registry.gc import GcBusy
-from workers.gc import QUEUE, GcScheduler, collector, enqueue, redis_client
+from workers.gc import QUEUE, GcScheduler, collector, enqueue, redis_client, worker
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    worker = commands.add_parser("worker", help="run the rq worker")
-    worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    run_worker = commands.add_parser("worker", help="run the rq worker")
+    run_worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     commands.add_parser("scheduler", help="enqueue a sweep every gc.interval")
     gc = commands.add_parser("gc", help="sweep now")
     gc.add_argument("--dry-run", action="store_true", help="delete nothing, report what would go")
@@ -40,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     client = redis_client(settings)
 
     if args.command == "worker":
-        Worker([QUEUE], connection=client).work(burst=args.burst)
+        worker(client).work(burst=args.burst)
         return 0
     if args.command == "scheduler":
         GcScheduler(client, settings).start()

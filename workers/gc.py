@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 
 import redis
-from rq import Queue
+from rq import Queue, Worker
 from rq.cron import CronJob, CronScheduler
+from rq.job import Job
+from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 
 from registry import build_pullthrough
@@ -23,6 +25,8 @@ from registry.gc import Collector, GcBusy
 log = logging.getLogger(__name__)
 
 QUEUE = "pullthrough"
+# The functions a job may name (GcJob): nothing else in the queue runs.
+JOBS = frozenset({f"{__name__}.sweep"})
 # A sweep of a large store takes minutes; rq's default job timeout (180 s) would kill it.
 JOB_TIMEOUT = 6 * 3600
 
@@ -44,8 +48,36 @@ def sweep(dry_run: bool = False) -> dict:
         return {"skipped": str(exc)}
 
 
-def enqueue(client: redis.Redis, dry_run: bool = False):
-    return Queue(QUEUE, connection=client).enqueue(
+class RefusedJob(Exception):
+    """A job in the queue that pullthrough did not put there."""
+
+
+class GcJob(Job):
+    """A job of the `pullthrough` queue: JSON, never pickle, and only functions named in
+    JOBS. rq runs whatever a job names, and whoever can write to Redis can write a job: with
+    pickle that is code, with JSON a dotted name and arguments (`os.system`). Both stop here."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["serializer"] = JSONSerializer
+        super().__init__(*args, **kwargs)
+
+    @property
+    def func(self):
+        if self.func_name not in JOBS or self.instance is not None:
+            raise RefusedJob(f"job {self.id} names {self.func_name!r}, not a pullthrough job")
+        return super().func
+
+
+def queue(client: redis.Redis) -> Queue:
+    return Queue(QUEUE, connection=client, serializer=JSONSerializer, job_class=GcJob)
+
+
+def worker(client: redis.Redis) -> Worker:
+    return Worker([queue(client)], connection=client, serializer=JSONSerializer, job_class=GcJob)
+
+
+def enqueue(client: redis.Redis, dry_run: bool = False) -> Job:
+    return queue(client).enqueue(
         sweep, kwargs={"dry_run": dry_run}, job_timeout=JOB_TIMEOUT, result_ttl=7 * 86400
     )
 
@@ -66,7 +98,7 @@ class GcScheduler(CronScheduler):
             if not job.should_run():
                 continue
             if self.coord.take_gc_slot(self.interval):
-                job.enqueue(self.connection)
+                enqueue(self.connection)  # as JSON (rq's CronJob.enqueue would pickle)
                 enqueued.append(job)
             else:
                 log.info("gc: another scheduler enqueued this interval's sweep")

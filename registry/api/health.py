@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 
 from flask import Blueprint, current_app, jsonify
@@ -15,6 +16,9 @@ from registry.pullthrough import PullThrough
 
 bp = Blueprint("health", __name__)
 
+# /readyz writes and syncs a probe file: a flood of probes must not become a flood of writes.
+READY_FOR = 5.0
+
 
 @bp.get("/healthz")
 def healthz():
@@ -23,7 +27,18 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    pt: PullThrough = current_app.extensions["pullthrough"]
+    """The checks below, run at most once per READY_FOR seconds in each process."""
+    last = current_app.extensions.setdefault("readyz", {"at": -READY_FOR, "answer": None})
+    now = time.monotonic()
+    if now - last["at"] >= READY_FOR:
+        last["answer"], last["at"] = _checks(current_app.extensions["pullthrough"]), now
+    ready, checks = last["answer"]
+    response = jsonify(status="ready" if ready else "not ready", checks=checks)
+    response.status_code = 200 if ready else 503
+    return response
+
+
+def _checks(pt: PullThrough) -> tuple[bool, dict[str, dict]]:
     checks: dict[str, dict] = {}
     try:
         pt.coord.redis.ping()
@@ -39,10 +54,7 @@ def readyz():
         checks["storage"] = {"ok": False, "error": f"storage not writable: {exc.strerror}"}
     if pt.settings.s3 is None:  # a bucket's space is its provider's business
         checks["disk"] = _disk(pt.settings.storage_root, pt.settings.min_free_bytes)
-    ready = all(check["ok"] for check in checks.values())
-    response = jsonify(status="ready" if ready else "not ready", checks=checks)
-    response.status_code = 200 if ready else 503
-    return response
+    return all(check["ok"] for check in checks.values()), checks
 
 
 def _disk(root, min_free: int) -> dict:

@@ -16,6 +16,7 @@ from registry.digests import Digest
 from registry.errors import PaginationInvalid, RangeInvalid, Unsupported
 from registry.metrics import Metrics
 from registry.names import Target, resolve
+from registry.numbers import is_count
 from registry.pullthrough import Blob, PullThrough
 from registry.pullthrough.manifests import parse_accept
 
@@ -244,7 +245,7 @@ def _pagination() -> tuple[int | None, str | None]:
     raw_n = request.args.get("n")
     n = None
     if raw_n is not None:
-        if not raw_n.isdigit() or len(raw_n) > 6:
+        if not is_count(raw_n) or len(raw_n) > 6:
             raise PaginationInvalid(detail={"n": raw_n[:50]})
         n = min(int(raw_n), MAX_PAGE)
     last = request.args.get("last") or None
@@ -278,7 +279,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not dash or len(spec) > 40:
         return None
     first, second = first.strip(), second.strip()
-    if (first and not first.isdigit()) or (second and not second.isdigit()):
+    if (first and not is_count(first)) or (second and not is_count(second)):
         return None
     if not first:
         if not second:

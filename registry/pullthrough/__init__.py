@@ -19,7 +19,6 @@ from registry.config import Settings
 from registry.coordination import Coordination, missing_key
 from registry.digests import Digest, looks_like_digest, sha256_of
 from registry.errors import (
-    REDIS_DOWN,
     BlobUnknown,
     CacheUnavailable,
     DigestInvalid,
@@ -27,7 +26,9 @@ from registry.errors import (
     NameUnknown,
     RegistryError,
     UpstreamError,
+    redis_unavailable,
 )
+from registry.mediatypes import KNOWN_MANIFEST_TYPES
 from registry.metrics import Metrics
 from registry.names import Target, validate_tag
 from registry.pullthrough.fill import BlobFiller
@@ -135,14 +136,21 @@ class PullThrough:
                     "the reference is neither a valid tag nor a digest",
                     detail={"reference": reference[:300]},
                 ) from None
-            found = self._manifest_by_digest(target, digest, accept)
+            found = self._manifest_by_digest(target, digest)
             self.coord.touch_pulled(f"{target}@{found.digest}")
-            return found
-        found = self._manifest_by_tag(target, validate_tag(reference), accept)
-        self.coord.touch_pulled(f"{target}:{reference}")
+        else:
+            found = self._manifest_by_tag(target, validate_tag(reference))
+            self.coord.touch_pulled(f"{target}:{reference}")
+        # What is stored and remembered is the same for every client: upstream is always asked
+        # with every manifest type, so an old client's narrow Accept can neither replace an
+        # index with one platform's manifest (distribution rewrites lists for such clients)
+        # nor make a tag look missing to everyone. The client's Accept decides only this answer.
+        if not accepts(accept, found.media_type):
+            message = f"{reference} is a {found.media_type}, which the client does not accept"
+            raise ManifestUnknown(message, reason=message)
         return found
 
-    def _manifest_by_digest(self, target: Target, digest: Digest, accept: list[str]) -> Manifest:
+    def _manifest_by_digest(self, target: Target, digest: Digest) -> Manifest:
         body = self.store.read_manifest(digest)
         if body is not None:
             media_type = self.store.manifest_media_type(target, digest)
@@ -150,16 +158,12 @@ class PullThrough:
                 # A child of a cached index: entitled, but not recorded as a revision yet.
                 media_type = self._media_type_of(body)
             if media_type is not None:
-                if not accepts(accept, media_type):
-                    raise ManifestUnknown(
-                        f"manifest {digest} is {media_type}, which the client does not accept"
-                    )
                 return Manifest(body, digest, media_type, "hit")
         upstream = self.upstream(target)
         fetched = self._ask(
             target,
             str(digest),
-            lambda: upstream.get_manifest(target.repository, str(digest), accept),
+            lambda: upstream.get_manifest(target.repository, str(digest)),
         )
         if not digest.matches(fetched.body):
             raise UpstreamError(
@@ -169,8 +173,8 @@ class PullThrough:
         media_type = self._store_manifest(target, digest, fetched.body, fetched.media_type)
         return Manifest(fetched.body, digest, media_type, "miss")
 
-    def _manifest_by_tag(self, target: Target, tag: str, accept: list[str]) -> Manifest:
-        cached = self._cached_tag(target, tag, accept)
+    def _manifest_by_tag(self, target: Target, tag: str) -> Manifest:
+        cached = self._cached_tag(target, tag)
         ttl = target.registry.ttl_of(target.repository, tag)
         if cached is not None and self.clock() - cached[1].validated < ttl:
             return cached[0]
@@ -188,27 +192,25 @@ class PullThrough:
             )
             while self.coord.lease_held(lease.key) and time.monotonic() < deadline:
                 time.sleep(TAG_WAIT)
-            again = self._cached_tag(target, tag, accept)
+            again = self._cached_tag(target, tag)
             if again is not None and (cached is None or again[1] != cached[1]):
                 return again[0]
         elif acquired:
             # The previous holder may have refreshed the tag between our read and our lease.
-            again = self._cached_tag(target, tag, accept)
+            again = self._cached_tag(target, tag)
             if again is not None and self.clock() - again[1].validated < ttl:
                 lease.release()
                 return again[0]
             cached = again if again is not None else cached
         try:
-            return self._refresh_tag(target, tag, accept, cached)
+            return self._refresh_tag(target, tag, cached)
         finally:
             if acquired:
                 lease.release()
 
-    def _cached_tag(
-        self, target: Target, tag: str, accept: list[str]
-    ) -> tuple[Manifest, TagRecord] | None:
+    def _cached_tag(self, target: Target, tag: str) -> tuple[Manifest, TagRecord] | None:
         record = self.store.read_tag(target, tag)
-        if record is None or not accepts(accept, record.media_type):
+        if record is None:
             return None
         body = self.store.read_manifest(record.digest)
         if body is None:
@@ -219,21 +221,24 @@ class PullThrough:
         self,
         target: Target,
         tag: str,
-        accept: list[str],
         cached: tuple[Manifest, TagRecord] | None,
     ) -> Manifest:
         upstream = self.upstream(target)
         try:
             if cached is not None:
                 head = self._ask(
-                    target, tag, lambda: upstream.head_manifest(target.repository, tag, accept)
+                    target,
+                    tag,
+                    lambda: upstream.head_manifest(target.repository, tag),
                 )
                 if head.digest == str(cached[0].digest):
                     record = TagRecord(cached[0].digest, cached[0].media_type, self.clock())
                     self.store.write_tag(target, tag, record)
                     return _replace_cache(cached[0], "revalidated")
             fetched = self._ask(
-                target, tag, lambda: upstream.get_manifest(target.repository, tag, accept)
+                target,
+                tag,
+                lambda: upstream.get_manifest(target.repository, tag),
             )
         except RegistryError as exc:  # unreachable, 5xx, 429, denied: serve what we have
             if cached is not None and not isinstance(exc, ManifestUnknown):
@@ -252,8 +257,6 @@ class PullThrough:
             digest = claimed
         media_type = self._store_manifest(target, digest, fetched.body, fetched.media_type)
         self.store.write_tag(target, tag, TagRecord(digest, media_type, self.clock()))
-        if not accepts(accept, media_type):
-            raise ManifestUnknown(f"upstream sent {media_type}, which the client does not accept")
         return Manifest(fetched.body, digest, media_type, "miss")
 
     def _store_manifest(
@@ -261,6 +264,9 @@ class PullThrough:
     ) -> str:
         try:
             media_type, references = parse_manifest(body, content_type)
+            if media_type not in KNOWN_MANIFEST_TYPES:
+                # We send a stored type back as Content-Type: never text/html or the like.
+                raise InvalidManifest(f"unknown manifest media type {media_type[:100]!r}")
         except InvalidManifest as exc:
             raise UpstreamError(
                 f"upstream {target.registry.name} served an invalid manifest for "
@@ -317,9 +323,7 @@ class PullThrough:
         try:
             started = self.filler.start(target, upstream, digest)
         except RedisError as exc:
-            raise CacheUnavailable(
-                f"Redis is unreachable, cannot coordinate a fill ({exc})", reason=REDIS_DOWN
-            ) from None
+            raise redis_unavailable(exc) from None
         if self.metrics is not None:
             role = "fetcher" if started.fetcher else "follower"
             self.metrics.fills.labels(target.registry.name, role).inc()

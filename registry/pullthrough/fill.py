@@ -227,9 +227,9 @@ class BlobFiller:
             if error is None and isinstance(exc, OSError) and stream is None:
                 # Upstream's failures arrive as RegistryErrors until the stream is open: this
                 # is our own file (permissions, a vanished directory).
+                log.error("fill of %s failed on the storage: %s", digest, exc)
                 error = CacheUnavailable(
-                    f"fill of {digest} failed: storage error ({exc})",
-                    reason="cache storage failed",
+                    "the cache's storage failed", reason="cache storage failed"
                 )
             if error is not None:
                 # Our disk, not the upstream: drop the partial so that it does not go on

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable
 
 from registry.digests import Digest
-from registry.mediatypes import DOCKER_SCHEMA1, OCI_INDEX, OCI_MANIFEST
+from registry.mediatypes import DOCKER_SCHEMA1, KNOWN_MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
 
 _GENERIC_TYPES = {"", "application/octet-stream", "application/json", "text/plain"}
 
@@ -47,6 +47,8 @@ def parse_manifest(body: bytes, content_type: str) -> tuple[str, list[Digest]]:
         raise InvalidManifest("manifest is not a JSON object")
     declared = doc.get("mediaType")
     media_type = content_type.lower()
+    if media_type not in KNOWN_MANIFEST_TYPES and declared in KNOWN_MANIFEST_TYPES:
+        media_type = declared  # served as something else (text/html): the document says
     if media_type in _GENERIC_TYPES:
         if isinstance(declared, str) and declared:
             media_type = declared

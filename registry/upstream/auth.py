@@ -13,6 +13,9 @@ _PARAM = re.compile(r'([a-zA-Z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 EXPIRY_MARGIN = 10.0
 # The token spec's default lifetime when the token server does not say.
 DEFAULT_EXPIRES_IN = 60.0
+# Tokens kept per process: one per (upstream, repository scope, user). Past this the oldest
+# go first, so a client asking for endless repository names cannot grow the process.
+MAX_TOKENS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,10 +44,11 @@ def token_lifetime(expires_in: float) -> float:
 class TokenCache:
     """Bearer tokens per (service, scope, user), kept until shortly before they expire."""
 
-    def __init__(self, clock=time.monotonic) -> None:
+    def __init__(self, clock=time.monotonic, max_tokens: int = MAX_TOKENS) -> None:
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
         self._lock = threading.Lock()
         self._clock = clock
+        self._max = max_tokens
 
     def get(self, key: tuple[str, ...]) -> str | None:
         with self._lock:
@@ -63,4 +67,7 @@ class TokenCache:
     def put_for(self, key: tuple[str, ...], token: str, lifetime: float) -> None:
         """Keep `token` for exactly `lifetime` seconds."""
         with self._lock:
+            self._tokens.pop(key, None)  # re-inserted last: dict order is age order
             self._tokens[key] = (token, self._clock() + lifetime)
+            while len(self._tokens) > self._max:
+                del self._tokens[next(iter(self._tokens))]

@@ -33,12 +33,16 @@ from registry.errors import (
 )
 from registry.mediatypes import MANIFEST_TYPES
 from registry.metrics import Metrics
+from registry.numbers import count_or_none, is_count
 from registry.upstream.auth import DEFAULT_EXPIRES_IN, TokenCache, parse_challenge
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 256 * 1024
 MAX_REDIRECTS = 5
+# Every manifest type, named: registries (distribution among them) hide OCI and list types
+# from a client that does not name them, and rewrite a list to one platform's manifest.
+ACCEPT_ALL = {"Accept": ", ".join(MANIFEST_TYPES)}
 
 
 class UpstreamDenied(NameUnknown):
@@ -123,9 +127,11 @@ class UpstreamClient:
         return self.registry.credentials.username if self.registry.credentials else ""
 
     # -- public calls ------------------------------------------------------------------------
-    def get_manifest(self, repository: str, reference: str, accept: list[str]) -> ManifestResponse:
+    def get_manifest(self, repository: str, reference: str) -> ManifestResponse:
+        """The manifest, asked for with every manifest type (what a cache stores for all its
+        clients must not depend on one client's Accept)."""
         response = self._request(
-            "GET", repository, f"manifests/{reference}", headers=_accept(accept), stream=True
+            "GET", repository, f"manifests/{reference}", headers=ACCEPT_ALL, stream=True
         )
         with response:
             self._raise_for_status(response, repository, ManifestUnknown, _what(reference))
@@ -136,16 +142,14 @@ class UpstreamClient:
             digest=response.headers.get("Docker-Content-Digest"),
         )
 
-    def head_manifest(self, repository: str, reference: str, accept: list[str]) -> ManifestHead:
-        response = self._request(
-            "HEAD", repository, f"manifests/{reference}", headers=_accept(accept)
-        )
+    def head_manifest(self, repository: str, reference: str) -> ManifestHead:
+        response = self._request("HEAD", repository, f"manifests/{reference}", headers=ACCEPT_ALL)
         self._raise_for_status(response, repository, ManifestUnknown, _what(reference))
         length = response.headers.get("Content-Length")
         return ManifestHead(
             digest=response.headers.get("Docker-Content-Digest"),
             media_type=_media_type(response),
-            size=int(length) if length and length.isdigit() else None,
+            size=count_or_none(length),
         )
 
     def blob_size(self, repository: str, digest: str) -> int | None:
@@ -158,7 +162,7 @@ class UpstreamClient:
             return None
         self._raise_for_status(response, repository, BlobUnknown, f"blob {digest}")
         length = response.headers.get("Content-Length", "")
-        return int(length) if length.isdigit() else None
+        return count_or_none(length)
 
     def open_blob(self, repository: str, digest: str, offset: int = 0) -> BlobStream:
         """Start a blob download at `offset`; BlobStream.offset says where it really starts."""
@@ -185,7 +189,7 @@ class UpstreamClient:
             self._raise_for_status(response, repository, BlobUnknown, f"blob {digest}")
             raise self._failure(f"answered {response.status_code} for blob {digest}")
         length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
+        total = count_or_none(length)
         return BlobStream(response, 0, total)
 
     def list_tags(self, repository: str, n: int | None, last: str | None) -> dict:
@@ -428,7 +432,7 @@ class UpstreamClient:
             retry = response.headers.get("Retry-After", "").strip()
             if retry:
                 headers["Retry-After"] = retry
-            later = f"; retry in {retry} s" if retry.isdigit() else ""
+            later = f"; retry in {retry} s" if is_count(retry) else ""
             raise TooManyRequests(
                 f"upstream {name} is rate-limiting this cache, and this is not cached{later}",
                 headers=headers,
@@ -461,14 +465,6 @@ class UpstreamClient:
         return b"".join(chunks)
 
 
-def _accept(accept: list[str]) -> dict[str, str]:
-    if not accept or "*/*" in accept:
-        # The client accepts anything; registries (distribution among them) hide OCI and
-        # list types from a client that does not name them, so name them all.
-        accept = [*MANIFEST_TYPES, *(a for a in accept if a not in MANIFEST_TYPES)]
-    return {"Accept": ", ".join(accept)}
-
-
 def _error_codes(response: requests.Response) -> list[str]:
     """The OCI error codes of a (small) error body; [] when it has none."""
     try:
@@ -494,7 +490,7 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
     if not match:
         return None, None
     total = match.group(2)
-    return int(match.group(1)), int(total) if total.isdigit() else None
+    return int(match.group(1)), count_or_none(total)
 
 
 def _rate_limit_fields(headers) -> dict[str, str]:
@@ -506,7 +502,7 @@ def _rate_limit_fields(headers) -> dict[str, str]:
         if not value:
             continue
         count, _, params = value.partition(";")
-        if count.strip().isdigit():
+        if is_count(count.strip()):
             fields[name] = count.strip()
         window = re.search(r"\bw=(\d+)", params)
         if window:
@@ -518,9 +514,8 @@ def _rate_limit_fields(headers) -> dict[str, str]:
 
 
 def _retry_after(value: str | None) -> float | None:
-    if value and value.strip().isdigit():
-        return float(value.strip())
-    return None
+    seconds = count_or_none(value)
+    return float(seconds) if seconds is not None else None
 
 
 def _connection_reason(exc: Exception) -> str:
