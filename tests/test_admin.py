@@ -147,7 +147,12 @@ def test_readiness_follows_redis_and_liveness_does_not(tmp_path, upstream):
         assert ready.status_code == 200 and ready.json()["status"] == "ready"
         assert ready.json()["checks"]["disk"]["free_bytes"] > 0
         own_redis.stop()
+        # The checks run at most every 5 s per process: not ready within that.
+        deadline = time.monotonic() + 8
         down = requests.get(f"{server.url}/readyz", timeout=30)
+        while down.status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            down = requests.get(f"{server.url}/readyz", timeout=30)
         assert down.status_code == 503
         assert down.json()["checks"]["redis"]["ok"] is False
         assert "Redis" in down.json()["checks"]["redis"]["error"]

@@ -1,0 +1,204 @@
+"""One client must not change what others get, and hostile input meets a clear 4xx: the points
+of docs/security.md, each against the real distribution upstream or a fake one on loopback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+
+from registry import create_app
+from registry.config import ConfigError, Settings, settings_from_mapping
+from registry.upstream.auth import TokenCache
+from tests.conftest import make_settings
+from tests.support.fakes import FakeRegistry, Route
+from tests.support.images import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from tests.support.servers import free_port
+
+FULL = {"Accept": ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])}
+OLD_DOCKER = {"Accept": DOCKER_MANIFEST}  # what a pre-manifest-list client sends
+
+
+# -- a narrow Accept changes nobody else's answer -------------------------------------------------
+def test_an_old_clients_accept_cannot_turn_a_manifest_list_into_one_platform(client, images):
+    """distribution answers a client that accepts only single manifests with the amd64 one:
+    stored as the tag, every client (arm64 too) would get amd64 from then on."""
+    listed = images["multidocker"]
+    url = f"/v2/{listed.repository}/manifests/{listed.tag}"
+    old = client.get(url, headers=OLD_DOCKER)
+    assert old.status_code == 404
+    assert DOCKER_LIST in old.json["errors"][0]["message"]
+    for _ in range(2):  # the first after the old client, and the cached one
+        full = client.get(url, headers=FULL)
+        assert full.status_code == 200
+        assert full.headers["Docker-Content-Digest"] == listed.digest
+        assert full.headers["Content-Type"] == DOCKER_LIST
+    assert full.headers["X-Cache"] == "HIT"  # the old client's request stored the list
+    assert client.get(url, headers=OLD_DOCKER).status_code == 404  # and it stays its own
+
+
+def test_a_client_that_cannot_take_an_index_does_not_make_the_tag_missing(client, images):
+    index = images["alpine"]
+    url = f"/v2/{index.repository}/manifests/{index.tag}"
+    assert client.get(url, headers=OLD_DOCKER).status_code == 404
+    full = client.get(url, headers=FULL)  # no negative cache recorded for the tag
+    assert full.status_code == 200 and full.headers["Docker-Content-Digest"] == index.digest
+
+
+# -- what a browser could be made to do -----------------------------------------------------------
+@pytest.fixture
+def fake_upstream():
+    server = FakeRegistry().start()
+    yield server
+    server.stop()
+
+
+def fake_app(tmp_path, redis_server, fake, **overrides):
+    return create_app(make_settings(tmp_path / "data", redis_server.url, fake.url, **overrides))
+
+
+def test_a_manifest_served_as_html_is_never_served_back_as_html(
+    tmp_path, redis_server, redis_client, fake_upstream
+):
+    layer = fake_upstream.add_blob("org/page", b"layer")
+    config = fake_upstream.add_blob("org/page", b"{}")
+    doc = {
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/json", "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/octet-stream", "digest": layer, "size": 5}],
+    }
+    html = {"Content-Type": "text/html"}
+    fake_upstream.routes["/v2/org/page/manifests/plain"] = Route(
+        body=json.dumps(doc).encode(), headers=html
+    )
+    declared = {**doc, "mediaType": OCI_MANIFEST}
+    fake_upstream.routes["/v2/org/page/manifests/declared"] = Route(
+        body=json.dumps(declared).encode(), headers=html
+    )
+    client = fake_app(tmp_path, redis_server, fake_upstream).test_client()
+    refused = client.get("/v2/org/page/manifests/plain")
+    assert refused.status_code == 502
+    assert "unknown manifest media type 'text/html'" in refused.json["errors"][0]["message"]
+    served = client.get("/v2/org/page/manifests/declared")
+    assert served.status_code == 200 and served.headers["Content-Type"] == OCI_MANIFEST
+
+
+def test_registry_answers_forbid_sniffing_and_script_and_the_ui_keeps_its_policy(client):
+    for path in ("/v2/", "/v2/library/nothere/manifests/x", "/metrics", "/readyz"):
+        response = client.get(path)
+        assert response.headers["X-Content-Type-Options"] == "nosniff", path
+        assert response.headers["Content-Security-Policy"] == "sandbox", path
+    page = client.get("/")
+    assert page.status_code == 200
+    assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+
+
+def test_only_configured_host_names_are_answered(tmp_path, redis_server, redis_client, upstream):
+    """DNS rebinding: a web page's own name pointed at the cache gets nothing."""
+    settings = make_settings(
+        tmp_path / "data", redis_server.url, upstream.url, server_hosts=("cache.lan",)
+    )
+    client = create_app(settings).test_client()
+    evil = client.get("/v2/", headers={"Host": "attacker.example"})
+    assert evil.status_code == 400 and evil.json["errors"][0]["code"]
+    assert client.get("/v2/", headers={"Host": "cache.lan:5050"}).status_code == 200
+    assert client.get("/v2/", headers={"Host": "cache.lan"}).status_code == 200
+
+
+# -- hostile input: 4xx, never 5xx ---------------------------------------------------------------
+def test_unicode_digits_are_bad_input_not_a_500(client, images):
+    assert client.get("/v2/library/busybox/tags/list?n=²").status_code == 400
+    image = images["busybox"]
+    client.get(f"/v2/{image.repository}/manifests/{image.tag}")
+    digest, data = next(iter(image.blobs.items()))
+    # A malformed Range is ignored (RFC 9110 allows it): the whole blob, not a 500.
+    whole = client.get(f"/v2/{image.repository}/blobs/{digest}", headers={"Range": "bytes=²-"})
+    assert whole.status_code == 200 and whole.data == data
+
+
+def test_an_upstream_header_with_unicode_digits_is_its_failure_not_ours(
+    tmp_path, redis_server, redis_client, fake_upstream
+):
+    digest = fake_upstream.add_blob("org/odd", b"x" * 1000, headers={"Content-Length": "1000"})
+    fake_upstream.routes[f"/v2/org/odd/blobs/{digest}"].headers["Retry-After"] = "²"
+    fake_upstream.routes[f"/v2/org/odd/blobs/{digest}"].status = 429
+    client = fake_app(tmp_path, redis_server, fake_upstream).test_client()
+    limited = client.get(f"/v2/org/odd/blobs/{digest}")
+    assert limited.status_code == 429
+
+
+def test_made_up_methods_share_one_metrics_label(client):
+    assert client.open("/v2/", method="BREW").status_code == 405
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'method="BREW"' not in text and 'method="OTHER"' in text
+
+
+# -- resources ------------------------------------------------------------------------------------
+def test_readiness_writes_its_probe_file_at_most_once_per_interval(app, client):
+    driver = app.extensions["pullthrough"].store.driver
+    writes = []
+    original = driver.write_atomic
+    driver.write_atomic = lambda *args: (writes.append(args), original(*args))[1]
+    for _ in range(20):
+        assert client.get("/readyz").status_code == 200
+    assert len(writes) == 1
+
+
+def test_the_token_cache_keeps_a_bounded_number_of_tokens():
+    cache = TokenCache(max_tokens=3)
+    for i in range(5):
+        cache.put(("upstream", f"repository:r{i}:pull", ""), f"t{i}", 300)
+    assert [cache.get(("upstream", f"repository:r{i}:pull", "")) for i in range(5)] == [
+        None,
+        None,
+        "t2",
+        "t3",
+        "t4",
+    ]
+
+
+def test_a_redis_failure_names_no_host_or_port_to_clients(tmp_path, upstream, images):
+    port = free_port()
+    settings = make_settings(tmp_path / "data", f"redis://127.0.0.1:{port}/0", upstream.url)
+    client = create_app(settings).test_client()
+    image = images["busybox"]
+    failed = client.get(f"/v2/{image.repository}/blobs/{next(iter(image.blobs))}")
+    assert failed.status == "503 cache coordination store (Redis) unavailable"
+    assert str(port) not in failed.get_data(as_text=True)
+
+
+# -- configuration --------------------------------------------------------------------------------
+def registry_config(url: str, **extra) -> dict:
+    return {"registries": [{"name": "docker.io", "url": url, **extra}]}
+
+
+def test_credentials_in_a_url_are_refused():
+    with pytest.raises(ConfigError) as refused:
+        settings_from_mapping(registry_config("https://me:secret@registry.example"), env={})
+    assert "Credentials do not belong in the URL" in str(refused.value)
+    assert "secret" not in str(refused.value)
+
+
+def test_a_credential_keyed_by_registry_name_goes_only_to_that_registrys_host(tmp_path, caplog):
+    path = tmp_path / "credentials.json"
+    path.write_text(json.dumps({"docker.io": {"username": "me", "password": "pw"}}))
+    os.chmod(path, 0o644)
+    caplog.set_level(logging.WARNING)
+    hub = settings_from_mapping({"credentials_file": str(path)}, env={})
+    assert hub.registries[0].credentials is not None  # registry-1.docker.io: docker.io's own
+    assert "can be read by other users" in caplog.text
+    mirror = settings_from_mapping(
+        {"credentials_file": str(path), **registry_config("https://mirror.example")}, env={}
+    )
+    assert mirror.registries[0].credentials is None
+    os.chmod(path, 0o600)
+    caplog.clear()
+    settings_from_mapping({"credentials_file": str(path)}, env={})
+    assert "can be read by other users" not in caplog.text
+
+
+def test_settings_do_not_show_the_redis_password():
+    settings = Settings(storage_root="/x", redis_url="redis://:hunter2@127.0.0.1:1/0")
+    assert "hunter2" not in repr(settings)
