@@ -67,10 +67,17 @@ class RegistrySettings:
     tls_verify: bool | str = True
     tag_ttl: float = DEFAULT_TAG_TTL
     tag_rules: tuple[TagRule, ...] = ()
+    # Hosts a redirect or token realm may point to although they resolve to a loopback,
+    # link-local or private address (the upstream's own host always may).
+    redirect_allow: tuple[str, ...] = ()
 
     @property
     def host(self) -> str:
         return urlsplit(self.url).netloc
+
+    @property
+    def hostname(self) -> str:
+        return urlsplit(self.url).hostname or ""
 
     def ttl_of(self, repository: str, tag: str) -> float:
         """How long a cached tag is served without asking upstream: the first matching rule."""
@@ -190,6 +197,7 @@ class RegistrySchema(Schema):
     password = fields.String(load_default=None)
     tls_verify = fields.Boolean(load_default=True)
     ca_bundle = fields.String(load_default=None)
+    redirect_allow = fields.List(fields.String(validate=validate.Length(min=1)), load_default=list)
     tag_ttl = fields.Float(load_default=DEFAULT_TAG_TTL, validate=validate.Range(min=0))
     tag_ttl_overrides = fields.List(fields.Nested(TagRuleSchema), load_default=list)
 
@@ -414,6 +422,7 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
                 credentials=creds,
                 tls_verify=verify,
                 tag_ttl=entry["tag_ttl"],
+                redirect_allow=tuple(h.lower() for h in entry["redirect_allow"]),
                 tag_rules=tuple(
                     TagRule(rule["match"], math.inf if rule["immutable"] else rule["ttl"])
                     for rule in entry["tag_ttl_overrides"]

@@ -202,3 +202,136 @@ def test_a_credential_keyed_by_registry_name_goes_only_to_that_registrys_host(tm
 def test_settings_do_not_show_the_redis_password():
     settings = Settings(storage_root="/x", redis_url="redis://:hunter2@127.0.0.1:1/0")
     assert "hunter2" not in repr(settings)
+
+
+# -- where an upstream may lead us ----------------------------------------------------------------
+class Bystander:
+    """A server on 127.0.0.2 that the cache must never be led to (the cloud metadata service,
+    Redis, an admin page): it counts what reaches it."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        hits = self.hits = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                hits.append(self.path)
+                body = b"internal secret"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+        self.url = f"http://127.0.0.2:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def bystander():
+    server = Bystander()
+    yield server
+    server.stop()
+
+
+def redirecting_app(tmp_path, redis_server, fake_upstream, bystander, **registry):
+    import hashlib
+
+    from registry.config import RegistrySettings
+
+    digest = "sha256:" + hashlib.sha256(b"internal secret").hexdigest()
+    fake_upstream.routes[f"/v2/org/app/blobs/{digest}"] = Route(
+        status=307, headers={"Location": f"{bystander.url}/latest/meta-data/"}
+    )
+    upstream = RegistrySettings("docker.io", fake_upstream.url, **registry)
+    settings = Settings(
+        storage_root=tmp_path / "data", redis_url=redis_server.url, registries=(upstream,)
+    )
+    return create_app(settings).test_client(), digest
+
+
+def test_a_redirect_to_a_private_address_is_not_followed(
+    tmp_path, redis_server, redis_client, fake_upstream, bystander
+):
+    client, digest = redirecting_app(tmp_path, redis_server, fake_upstream, bystander)
+    refused = client.get(f"/v2/org/app/blobs/{digest}")
+    assert refused.status_code == 502
+    assert "127.0.0.2" in refused.json["errors"][0]["message"]
+    assert "not followed" in refused.json["errors"][0]["message"]
+    assert bystander.hits == []
+
+
+def test_redirect_allow_lets_a_private_mirror_through(
+    tmp_path, redis_server, redis_client, fake_upstream, bystander
+):
+    client, digest = redirecting_app(
+        tmp_path, redis_server, fake_upstream, bystander, redirect_allow=("127.0.0.2",)
+    )
+    served = client.get(f"/v2/org/app/blobs/{digest}")
+    assert served.status_code == 200 and served.data == b"internal secret"
+    assert bystander.hits == ["/latest/meta-data/"]
+
+
+def test_a_token_realm_on_a_private_address_gets_no_request(
+    tmp_path, redis_server, redis_client, fake_upstream, bystander
+):
+    fake_upstream.routes["/v2/org/app/manifests/1"] = Route(
+        status=401,
+        body=b"{}",
+        headers={"WWW-Authenticate": f'Bearer realm="{bystander.url}/token",service="x"'},
+    )
+    client = fake_app(tmp_path, redis_server, fake_upstream).test_client()
+    refused = client.get("/v2/org/app/manifests/1")
+    assert refused.status_code == 502 and "token service" in refused.json["errors"][0]["message"]
+    assert bystander.hits == []
+
+
+def test_credentials_never_go_to_a_plain_http_realm_on_another_host(
+    tmp_path, redis_server, redis_client, fake_upstream, bystander
+):
+    from registry.config import Credentials, RegistrySettings
+
+    fake_upstream.routes["/v2/org/app/manifests/1"] = Route(
+        status=401,
+        body=b"{}",
+        headers={"WWW-Authenticate": f'Bearer realm="{bystander.url}/token",service="x"'},
+    )
+    upstream = RegistrySettings(
+        "docker.io",
+        fake_upstream.url,
+        credentials=Credentials("me", "pw"),
+        redirect_allow=("127.0.0.2",),
+    )
+    settings = Settings(
+        storage_root=tmp_path / "data", redis_url=redis_server.url, registries=(upstream,)
+    )
+    refused = create_app(settings).test_client().get("/v2/org/app/manifests/1")
+    assert refused.status_code == 502
+    assert "the credentials are not sent there" in refused.json["errors"][0]["message"]
+    assert bystander.hits == []
+
+
+def test_an_https_upstream_cannot_redirect_down_to_plain_http():
+    import requests as requests_lib
+
+    from registry.config import RegistrySettings
+    from registry.errors import UpstreamError
+    from registry.upstream.client import UpstreamClient
+
+    client = UpstreamClient(
+        RegistrySettings("docker.io", "https://registry.example"),
+        requests_lib.Session(),
+        connect_timeout=1,
+        read_timeout=1,
+    )
+    with pytest.raises(UpstreamError, match="from https to plain http"):
+        client._check_hop("http://cdn.example/blob", "https://registry.example/v2/x", "redirected")

@@ -9,10 +9,12 @@ Knows nothing about the store.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
 import math
 import re
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -356,12 +358,38 @@ class UpstreamClient:
             response.close()
             if not location:
                 raise self._failure("sent a redirect without a Location")
-            url = urljoin(url, location)
+            previous, url = url, urljoin(url, location)
+            self._check_hop(url, previous, "redirected")
             # Never forward our upstream credentials to the redirect target (a CDN).
             headers.pop("Authorization", None)
             response = self._send(method, url, headers=headers, stream=stream, blob=blob)
             hops += 1
         return response
+
+    def _check_hop(self, url: str, previous: str, what: str) -> None:
+        """Refuse to follow an upstream to where it should not lead us: anything but
+        http(s), https down to http, or a host that resolves to a loopback, link-local or
+        private address (the cloud's metadata service, Redis, an admin page), unless it is
+        the upstream's own host or listed in its redirect_allow."""
+        parts, before = urlsplit(url), urlsplit(previous)
+        host = (parts.hostname or "").lower()
+        if parts.scheme not in ("http", "https") or not host:
+            raise self._failure(f"{what} to a URL that is not http(s); not followed")
+        if before.scheme == "https" and parts.scheme == "http":
+            raise self._failure(f"{what} from https to plain http ({host}); not followed")
+        if host == self.registry.hostname.lower() or host in self.registry.redirect_allow:
+            return
+        try:
+            infos = socket.getaddrinfo(host, parts.port or 443, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError):
+            raise self._failure(f"{what} to {host}, which does not resolve") from None
+        for info in infos:
+            if _internal(info[4][0]):
+                raise self._failure(
+                    f"{what} to {host} ({info[4][0]}), a loopback, link-local or private "
+                    "address; not followed (the registry's redirect_allow lists hosts that "
+                    "may be)"
+                )
 
     def _token_key(self, scope: str) -> tuple[str, ...]:
         return (self.registry.url, scope, self.identity)
@@ -378,6 +406,15 @@ class UpstreamClient:
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return None
         realm = challenge.params["realm"]
+        self._check_hop(realm, self.registry.url, "named a token service")
+        where = urlsplit(realm)
+        in_the_clear = where.scheme != "https" and where.hostname != self.registry.hostname
+        if creds is not None and in_the_clear:
+            # Our credentials go to the realm: in the clear only to the upstream itself.
+            raise self._failure(
+                f"named a token service at {where.netloc} over plain http; the credentials "
+                "are not sent there"
+            )
         params = {"scope": scope}
         if "service" in challenge.params:
             params["service"] = challenge.params["service"]
@@ -463,6 +500,21 @@ class UpstreamClient:
                 reason=f"{self.registry.name} failed while sending a manifest, not cached",
             ) from None
         return b"".join(chunks)
+
+
+def _internal(address: str) -> bool:
+    """Loopback, link-local, private, unspecified, multicast or reserved (IPv4-mapped too)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (
+        ip.is_loopback
+        or ip.is_link_local
+        or ip.is_private
+        or ip.is_unspecified
+        or ip.is_multicast
+        or ip.is_reserved
+    )
 
 
 def _error_codes(response: requests.Response) -> list[str]:
