@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import pytest
 
@@ -335,3 +336,54 @@ def test_an_https_upstream_cannot_redirect_down_to_plain_http():
     )
     with pytest.raises(UpstreamError, match="from https to plain http"):
         client._check_hop("http://cdn.example/blob", "https://registry.example/v2/x", "redirected")
+
+
+# -- one repository's blobs are not another's ----------------------------------------------------
+def test_a_fill_of_a_private_blob_cannot_be_joined_through_another_repository(
+    tmp_path, redis_server, redis_client, fake_upstream
+):
+    """The fill of org/private's layer is in flight; a request for the same digest under
+    org/public (which upstream says has no such blob) must not stream a byte of it."""
+    import threading
+
+    secret = os.urandom(600 * 1024)
+    digest = fake_upstream.add_blob("org/private", secret, trickle=0.05)  # about 0.5 s
+    client = fake_app(tmp_path, redis_server, fake_upstream).test_client()
+    got: dict[str, bytes] = {}
+    owner = threading.Thread(
+        target=lambda: got.setdefault("owner", client.get(f"/v2/org/private/blobs/{digest}").data)
+    )
+    owner.start()
+    deadline = time.monotonic() + 5
+    while redis_client.hget(f"pt:fill:{digest}", "state") != b"streaming":
+        assert time.monotonic() < deadline, "the fill never started"
+        time.sleep(0.01)
+    other = client.get(f"/v2/org/public/blobs/{digest}")
+    owner.join()
+    assert other.status_code == 404 and secret[:1000] not in other.data
+    assert got["owner"] == secret
+    assert fake_upstream.count("HEAD", f"/org/public/blobs/{digest}") == 1
+
+
+def test_a_manifest_naming_a_digest_does_not_give_its_repository_that_blob(
+    tmp_path, redis_server, redis_client, fake_upstream
+):
+    """A manifest anyone can push to a public repository, naming a private layer's digest,
+    does not make that layer readable through the public repository."""
+    secret = os.urandom(10_000)
+    digest = fake_upstream.add_blob("org/private", secret)
+    config = fake_upstream.add_blob("org/public", b"{}")
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/json", "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/octet-stream", "digest": digest, "size": 10_000}],
+    }
+    fake_upstream.routes["/v2/org/public/manifests/bait"] = Route(
+        body=json.dumps(doc).encode(), headers={"Content-Type": OCI_MANIFEST}
+    )
+    client = fake_app(tmp_path, redis_server, fake_upstream).test_client()
+    assert client.get(f"/v2/org/private/blobs/{digest}").data == secret  # cached now
+    assert client.get("/v2/org/public/manifests/bait").status_code == 200
+    leaked = client.get(f"/v2/org/public/blobs/{digest}")
+    assert leaked.status_code == 404 and leaked.data != secret

@@ -275,8 +275,9 @@ class PullThrough:
             ) from None
         if self.store.put_verified_bytes(digest, body):
             self.coord.count_stored(len(body))
-        for reference in references:
-            self.store.link_blob(target, reference)
+        # Its references are not linked to the repository: a manifest (anyone's, in a public
+        # repository) naming a digest proves nothing about who may read that blob. Blobs are
+        # linked when upstream serves or confirms them for this repository (blob()).
         self.store.put_manifest_revision(target, digest, media_type)
         # After the disk writes: a sweep running now must spare what this manifest needs.
         self.coord.note_live([digest, *references])
@@ -295,12 +296,7 @@ class PullThrough:
         size = self.store.blob_size(digest)
         if size is not None:
             if not self.store.is_linked(target, digest):
-                # Same bytes cached for another repository: serve only if upstream confirms
-                # this repository has them too, so private content cannot leak across names.
-                if self.upstream(target).blob_size(target.repository, str(digest)) is None:
-                    raise BlobUnknown(detail={"digest": str(digest)})
-                self.store.link_blob(target, digest)
-                self.coord.note_live([digest])
+                self._entitle(target, digest)
             if head:
                 return Blob(digest, size, "hit")
             if self.redirect_ttl:
@@ -330,6 +326,10 @@ class PullThrough:
         if started.committed:  # a fill (maybe ours, and fast) finished while we looked
             found = self.blob(target, digest)
             return replace(found, cache="miss") if started.fetcher else found
+        if not started.fetcher and self.coord.fill_state(digest).get("repository") != str(target):
+            # Joining a fill another repository's request started: only what upstream
+            # confirms this repository has (checked before a single byte is streamed).
+            self._entitle(target, digest)
         return Blob(
             digest,
             started.size,
@@ -339,6 +339,15 @@ class PullThrough:
             ),
             joined=not started.fetcher,
         )
+
+    def _entitle(self, target: Target, digest: Digest) -> None:
+        """Same bytes cached or being fetched for another repository: this one may have them
+        only if upstream confirms it has them too, so private content cannot leak across
+        names. Remembered as a link."""
+        if self.upstream(target).blob_size(target.repository, str(digest)) is None:
+            raise BlobUnknown(detail={"digest": str(digest)})
+        self.store.link_blob(target, digest)
+        self.coord.note_live([digest])
 
     # -- listings --------------------------------------------------------------------------------
     def tags(self, target: Target, n: int | None, last: str | None) -> tuple[list[str], bool]:
