@@ -63,7 +63,7 @@ def storage_driver(settings: Settings) -> StorageDriver:
     """The configured storage: a directory, or an S3 bucket."""
     s3 = settings.s3
     if s3 is None:
-        return FilesystemDriver(settings.storage_root)
+        return FilesystemDriver(settings.storage_root, settings.storage_file_mode)
     from registry.store.s3 import S3Driver, s3_client
 
     def client(read_timeout: float):
@@ -114,6 +114,7 @@ def build_pullthrough(
                 window=settings.breaker_window,
                 backoff=settings.breaker_backoff,
                 probe_interval=settings.breaker_probe_interval,
+                max_retry_after=settings.rate_limit_max_backoff,
             ),
             metrics=metrics,
             max_manifest_size=settings.max_manifest_size,

@@ -153,9 +153,25 @@ class Settings:
     # together) still goes upstream as a probe: the first to get through closes the breaker,
     # so service comes back within this long of the upstream's return.
     breaker_probe_interval: float = 2.0
+    # A 429 stops all calls to that upstream for its Retry-After, but never longer than this
+    # (one client spending the quota must not stop everyone for Docker Hub's 6 hours).
+    rate_limit_max_backoff: float = 900.0
+    # A cached tag is served stale (upstream failing, or refusing us) at most this long after
+    # upstream last confirmed it, so content withdrawn upstream stops being served; None:
+    # forever.
+    max_stale: float | None = 7 * 86400.0
+    # Fills running at once, in all and started by one client address (0: no per-client
+    # bound); beyond them a blob miss gets 429 with Retry-After.
+    max_fills: int = 128
+    max_fills_per_client: int = 32
+    # Upstream-reaching requests one client address may cause per minute (0: no bound).
+    client_upstream_per_minute: int = 1200
     gc: GcSettings = field(default_factory=GcSettings)
     # /readyz fails when the storage file system has less free space than this.
     min_free_bytes: int = 1 << 30
+    # Mode of the files the filesystem store creates (less the process umask); its root
+    # directory gets the same with x wherever r (0640 -> 0750).
+    storage_file_mode: int = 0o640
     # Host names (and host:port) requests may address the cache by; empty: any. A web page
     # cannot then reach the cache through a DNS name of its own (DNS rebinding).
     server_hosts: tuple[str, ...] = ()
@@ -265,6 +281,10 @@ class StorageSchema(Schema):
     driver = fields.String(load_default="filesystem", validate=validate.OneOf(["filesystem", "s3"]))
     root = fields.String(load_default="./data")
     min_free = ByteSize(load_default=1 << 30, validate=validate.Range(min=0))
+    file_mode = fields.String(
+        load_default="0640",
+        validate=validate.Regexp(r"0?[0-7]{3}", error="An octal file mode such as 0640."),
+    )
     s3 = fields.Nested(S3Schema, load_default=None)
 
     @validates_schema
@@ -293,6 +313,14 @@ class UpstreamSchema(Schema):
     breaker_window = fields.Float(load_default=30.0, validate=validate.Range(min=1))
     breaker_backoff = fields.Float(load_default=30.0, validate=validate.Range(min=0.1))
     breaker_probe_interval = fields.Float(load_default=2.0, validate=validate.Range(min=0.1))
+    rate_limit_max_backoff = Duration(load_default=900.0, validate=validate.Range(min=1))
+    max_stale = Duration(load_default=7 * 86400.0, allow_none=True, validate=validate.Range(min=0))
+
+
+class LimitsSchema(Schema):
+    max_fills = fields.Integer(load_default=128, validate=validate.Range(min=1))
+    max_fills_per_client = fields.Integer(load_default=32, validate=validate.Range(min=0))
+    client_upstream_per_minute = fields.Integer(load_default=1200, validate=validate.Range(min=0))
 
 
 class GcSchema(Schema):
@@ -311,6 +339,7 @@ class ServerSchema(Schema):
 class SettingsSchema(Schema):
     # Defaults go through their schema so that nested defaults apply too.
     server = fields.Nested(ServerSchema, load_default=lambda: ServerSchema().load({}))
+    limits = fields.Nested(LimitsSchema, load_default=lambda: LimitsSchema().load({}))
     storage = fields.Nested(StorageSchema, load_default=lambda: StorageSchema().load({}))
     redis = fields.Nested(RedisSchema, load_default=lambda: RedisSchema().load({}))
     upstream = fields.Nested(UpstreamSchema, load_default=lambda: UpstreamSchema().load({}))
@@ -450,6 +479,7 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
         s3=s3,
         storage_root=Path(env.get("PULLTHROUGH_STORAGE_ROOT") or data["storage"]["root"]).resolve(),
         min_free_bytes=data["storage"]["min_free"],
+        storage_file_mode=int(data["storage"]["file_mode"], 8),
         server_hosts=tuple(data["server"]["hosts"]),
         redis_url=env.get("REDIS_URL") or data["redis"]["url"],
         redis_sentinels=tuple(_host_port(entry) for entry in data["redis"]["sentinels"]),
@@ -467,6 +497,11 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
         breaker_window=upstream["breaker_window"],
         breaker_backoff=upstream["breaker_backoff"],
         breaker_probe_interval=upstream["breaker_probe_interval"],
+        rate_limit_max_backoff=upstream["rate_limit_max_backoff"],
+        max_stale=upstream["max_stale"],
+        max_fills=data["limits"]["max_fills"],
+        max_fills_per_client=data["limits"]["max_fills_per_client"],
+        client_upstream_per_minute=data["limits"]["client_upstream_per_minute"],
         gc=GcSettings(
             interval=data["gc"]["interval"],
             delay=data["gc"]["delay"],

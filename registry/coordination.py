@@ -6,7 +6,8 @@ no cached content, and every index is rebuilt from disk when missing.
     pt:lease:blob:<digest>      string  TTL lease_ttl (5 s), renewed every lease_ttl/3 by the
                                         holder. The fill lease of a blob; the value names the
                                         holder: `<host>:<pid>:<token>`.
-    pt:fill:<digest>            hash    TTL 1 h, refreshed as the fill runs. Progress of the
+    pt:fill:<digest>            hash    TTL 1 h, refreshed as the fill runs (2 min once failed:
+                                        only its waiting clients need it). Progress of the
                                         fill for followers in any process: owner, upstream,
                                         repository, size, written, stored (bytes other
                                         processes can read: on S3, the stored pieces),
@@ -15,6 +16,13 @@ no cached content, and every index is rebuilt from disk when missing.
                                         reason, phase, error_class, error_message,
                                         error_reason (the status line's cause),
                                         retry_after, updated.
+    pt:fills                    zset    no TTL. The fills running, `<client>|<digest>` (client:
+                                        the address whose request started it, `-` for a
+                                        takeover); limits.max_fills and max_fills_per_client
+                                        count it. A member whose blob lease lapsed is dropped
+                                        at the next admission.
+    pt:budget:<client>:<minute> string  TTL 120 s. Upstream-reaching requests of one client
+                                        address in one minute (limits.client_upstream_per_minute).
     pt:lease:tag:<registry>/<repository>:<tag>
                                 string  TTL lease_ttl, renewed. One upstream fetch or
                                         revalidation of a tag at a time.
@@ -106,6 +114,10 @@ from registry.upstream.auth import TokenCache, token_lifetime
 
 PREFIX = "pt:"
 FILL_RECORD_TTL = 3600
+# A failed fill's record only has to reach the clients waiting on it: keep it briefly, so
+# that requests for random digests do not leave an hour of records each.
+FAILED_FILL_TTL = 120
+FILLS_KEY = f"{PREFIX}fills"
 REPOS_KEY = f"{PREFIX}repos"
 REPOS_BUILT_KEY = f"{PREFIX}repos:built"
 RATELIMIT_TTL = 24 * 3600
@@ -123,8 +135,28 @@ GC_LOCK_TTL = 10.0
 # written by a background flush every PULLS_FLUSH_EVERY (pulls are hot paths).
 PULLED_EVERY = 60.0
 PULLS_FLUSH_EVERY = 2.0
-# A 429's Retry-After larger than this is not believed (Docker Hub's window is 6 h).
-MAX_RETRY_AFTER = 6 * 3600
+# The default cap of a 429's back-off (upstream.rate_limit_max_backoff).
+MAX_RETRY_AFTER = 900.0
+
+
+# Admission of a fill (admit_fill), atomic across processes and nodes. Members of the zset
+# are `<client>|<digest>`; one whose blob lease has lapsed is dropped (its fetcher died).
+ADMIT_FILL = """
+local total, mine = 0, 0
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local bar = string.find(member, '|', 1, true)
+  if redis.call('EXISTS', ARGV[5] .. string.sub(member, bar + 1)) == 1 then
+    total = total + 1
+    if string.sub(member, 1, bar - 1) == ARGV[2] then mine = mine + 1 end
+  else
+    redis.call('ZREM', KEYS[1], member)
+  end
+end
+if total >= tonumber(ARGV[3]) then return 1 end
+if ARGV[2] ~= '-' and tonumber(ARGV[4]) > 0 and mine >= tonumber(ARGV[4]) then return 2 end
+redis.call('ZADD', KEYS[1], 0, ARGV[1])
+return 0
+"""
 
 
 def blob_lease_key(digest: Digest) -> str:
@@ -243,6 +275,7 @@ class Coordination:
         self._flusher: threading.Thread | None = None
         # Only a total that a walk of the store set is counted on: after FLUSHALL, counting
         # from zero would show a part of the store as the whole.
+        self._admit_fill = client.register_script(ADMIT_FILL)
         self._count_stored = client.register_script(
             "if redis.call('EXISTS', KEYS[1]) == 1 then "
             "redis.call('HINCRBY', KEYS[1], 'bytes', ARGV[1]); "
@@ -267,14 +300,50 @@ class Coordination:
         raw = self.redis.hgetall(fill_key(digest))
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    def update_fill(self, digest: Digest, **fields: object) -> None:
+    def update_fill(self, digest: Digest, *, ttl: int = FILL_RECORD_TTL, **fields: object) -> None:
         key = fill_key(digest)
         mapping = {k: str(v) for k, v in fields.items()}
         mapping["updated"] = f"{time.time():.3f}"
         pipe = self.redis.pipeline()
         pipe.hset(key, mapping=mapping)
-        pipe.expire(key, FILL_RECORD_TTL)
+        pipe.expire(key, ttl)
         pipe.execute()
+
+    # -- limits ----------------------------------------------------------------------------------
+    def admit_fill(
+        self, digest: Digest, client: str | None, max_fills: int, max_per_client: int
+    ) -> str | None:
+        """Count a fill that is about to start (its lease is held): None when admitted, else
+        why not. Fills whose lease has lapsed (a dead fetcher) stop counting."""
+        refused = self._admit_fill(
+            keys=[FILLS_KEY],
+            args=[f"{client or '-'}|{digest}", client or "-", max_fills, max_per_client or 0,
+                  f"{PREFIX}lease:blob:"],
+        )  # fmt: skip
+        if refused == 1:
+            return f"{max_fills} blob fills are running"
+        if refused == 2:
+            return f"{max_per_client} blob fills of this client are running"
+        return None
+
+    def end_fill(self, digest: Digest, client: str | None) -> None:
+        with contextlib.suppress(RedisError):
+            self.redis.zrem(FILLS_KEY, f"{client or '-'}|{digest}")
+
+    def spend_upstream(self, client: str, per_minute: int) -> float | None:
+        """Count one upstream-reaching request of `client`: None within its budget, else the
+        seconds until the next minute (when it has budget again)."""
+        now = time.time()
+        minute = int(now // 60)
+        key = f"{PREFIX}budget:{client}:{minute}"
+        try:
+            pipe = self.redis.pipeline()
+            pipe.incr(key)
+            pipe.expire(key, 120)
+            spent, _ = pipe.execute()
+        except RedisError:
+            return None  # no coordination: no budget either, as with the breaker
+        return None if spent <= per_minute else (minute + 1) * 60 - now
 
     def reset_fill(self, digest: Digest, **fields: object) -> None:
         pipe = self.redis.pipeline()
@@ -546,8 +615,10 @@ class UpstreamHealth:
         window: float,
         backoff: float,
         probe_interval: float = 2.0,
+        max_retry_after: float = MAX_RETRY_AFTER,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.max_retry_after = max_retry_after
         self.redis = client
         self.registry = registry
         self.threshold = failure_threshold
@@ -604,7 +675,7 @@ class UpstreamHealth:
 
     def rate_limited(self, retry_after: float | None) -> None:
         wait = retry_after if retry_after and retry_after > 0 else self.backoff
-        wait = min(wait, MAX_RETRY_AFTER)
+        wait = min(wait, self.max_retry_after)
         with contextlib.suppress(RedisError):
             self._open({"status": 429, "reason": "rate-limited (429)"}, wait)
 

@@ -387,3 +387,111 @@ def test_a_manifest_naming_a_digest_does_not_give_its_repository_that_blob(
     assert client.get("/v2/org/public/manifests/bait").status_code == 200
     leaked = client.get(f"/v2/org/public/blobs/{digest}")
     assert leaked.status_code == 404 and leaked.data != secret
+
+
+# -- what unauthenticated clients can pile up ----------------------------------------------------
+def test_fills_beyond_the_limits_get_a_429_with_retry_after(
+    tmp_path, redis_server, redis_client, fake_upstream
+):
+    import threading
+
+    slow = [fake_upstream.add_blob("org/app", os.urandom(300 * 1024), trickle=0.05)]
+    slow += [fake_upstream.add_blob("org/app", os.urandom(300 * 1024), trickle=0.05)]
+    client = fake_app(
+        tmp_path, redis_server, fake_upstream, max_fills=3, max_fills_per_client=1
+    ).test_client()
+    first = threading.Thread(target=lambda: client.get(f"/v2/org/app/blobs/{slow[0]}"))
+    first.start()
+    deadline = time.monotonic() + 5
+    while redis_client.zcard("pt:fills") == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    busy = client.get(f"/v2/org/app/blobs/{slow[1]}")  # the same client address
+    assert busy.status_code == 429 and busy.headers["Retry-After"] == "5"
+    assert "1 blob fills of this client are running" in busy.status
+    other = client.get(
+        f"/v2/org/app/blobs/{slow[1]}", environ_overrides={"REMOTE_ADDR": "127.0.0.9"}
+    )
+    assert other.status_code == 200 and len(other.data) == 300 * 1024
+    first.join()
+    assert redis_client.zcard("pt:fills") == 0  # each fill let go of its slot
+
+
+def test_a_missing_blob_is_remembered_and_its_record_is_short_lived(
+    tmp_path, redis_server, redis_client, fake_upstream
+):
+    client = fake_app(tmp_path, redis_server, fake_upstream).test_client()
+    digest = "sha256:" + "1" * 64
+    for _ in range(3):
+        assert client.get(f"/v2/org/app/blobs/{digest}").status_code == 404
+    assert fake_upstream.count("GET", f"/org/app/blobs/{digest}") == 1
+    assert 0 < redis_client.ttl(f"pt:fill:{digest}") <= 120
+
+
+def test_a_client_over_its_upstream_budget_gets_a_429_but_cached_tags_stay_served(
+    tmp_path, redis_server, redis_client, upstream, images
+):
+    settings = make_settings(
+        tmp_path / "data", redis_server.url, upstream.url, client_upstream_per_minute=3, tag_ttl=0
+    )
+    client = create_app(settings).test_client()
+    image = images["busybox"]
+    url = f"/v2/{image.repository}/manifests/{image.tag}"
+    assert client.get(url, headers=FULL).status_code == 200  # 1
+    answers = [client.get(url, headers=FULL) for _ in range(3)]  # 2, 3, then over
+    assert answers[-1].status_code == 200 and answers[-1].headers["X-Cache"] == "STALE"
+    missing = client.get(f"/v2/{image.repository}/manifests/other", headers=FULL)
+    assert missing.status_code == 429 and int(missing.headers["Retry-After"]) <= 60
+    assert "requests that reach upstream this minute" in missing.status
+    elsewhere = client.get(url, headers=FULL, environ_overrides={"REMOTE_ADDR": "127.0.0.9"})
+    assert elsewhere.headers["X-Cache"] in ("REVALIDATED", "HIT")
+
+
+def test_a_429_stops_upstream_calls_for_at_most_the_configured_back_off(
+    tmp_path, redis_server, redis_client, fake_upstream
+):
+    fake_upstream.routes["/v2/org/app/manifests/1"] = Route(
+        status=429, body=b"{}", headers={"Retry-After": "21600"}
+    )
+    client = fake_app(
+        tmp_path, redis_server, fake_upstream, rate_limit_max_backoff=120
+    ).test_client()
+    limited = client.get("/v2/org/app/manifests/1")
+    assert limited.status_code == 429 and limited.headers["Retry-After"] == "120"
+    assert 0 < redis_client.pttl("pt:upstream:docker.io:breaker") <= 120_000
+
+
+def test_a_tag_upstream_stopped_confirming_is_not_served_past_max_stale(
+    tmp_path, redis_server, redis_client, fake_upstream
+):
+    config = fake_upstream.add_blob("org/app", b"{}")
+    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": [],
+           "config": {"mediaType": "application/json", "digest": config, "size": 2}}  # fmt: skip
+    fake_upstream.routes["/v2/org/app/manifests/1"] = Route(
+        body=json.dumps(doc).encode(), headers={"Content-Type": OCI_MANIFEST}
+    )
+    clock = [time.time()]
+    app = fake_app(tmp_path, redis_server, fake_upstream, tag_ttl=60, max_stale=3600)
+    app.extensions["pullthrough"].clock = lambda: clock[0]
+    client = app.test_client()
+    assert client.get("/v2/org/app/manifests/1").status_code == 200
+    # Withdrawn upstream: the account is refused from now on.
+    fake_upstream.routes["/v2/org/app/manifests/1"] = Route(status=403, body=b"{}")
+    clock[0] += 600
+    assert client.get("/v2/org/app/manifests/1").headers["X-Cache"] == "STALE"
+    clock[0] += 3600
+    gone = client.get("/v2/org/app/manifests/1")
+    assert gone.status_code == 404 and "denied access" in gone.json["errors"][0]["message"]
+
+
+def test_stored_files_are_not_readable_by_other_users(client, images, settings):
+    image = images["busybox"]
+    client.get(f"/v2/{image.repository}/manifests/{image.tag}")
+    for digest in image.blobs:
+        assert client.get(f"/v2/{image.repository}/blobs/{digest}").data  # committed now
+    files = [p for p in (settings.storage_root / "blobs").rglob("*") if p.is_file()]
+    files += [p for p in (settings.storage_root / "repositories").rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_mode & 0o007 == 0 for p in files), [
+        (str(p), oct(p.stat().st_mode)) for p in files if p.stat().st_mode & 0o007
+    ]
+    assert settings.storage_root.stat().st_mode & 0o007 == 0

@@ -54,7 +54,7 @@ def manifest(name: str, reference: str) -> Response:
     g.reference = reference
     target = _target(name)
     accept = parse_accept(request.headers.getlist("Accept"))
-    found = _pullthrough().manifest(target, reference, accept)
+    found = _pullthrough().manifest(target, reference, accept, client=request.remote_addr)
     g.cache = found.cache
     digest = g.digest = str(found.digest)
     metrics = _metrics()
@@ -82,7 +82,7 @@ def blob(name: str, digest: str) -> Response:
     g.reference = digest
     target = _target(name)
     head = request.method == "HEAD"
-    found = _pullthrough().blob(target, Digest.parse(digest), head=head)
+    found = _pullthrough().blob(target, Digest.parse(digest), head=head, client=request.remote_addr)
     g.cache = "joined" if found.joined else found.cache
     g.digest = str(found.digest)
     _metrics().cache_requests.labels("blob", target.registry.name, found.cache).inc()
@@ -230,7 +230,7 @@ def uploads(name: str, session: str | None = None) -> Response:
 def tags(name: str) -> Response:
     target = _target(name)
     n, last = _pagination()
-    names, more = _pullthrough().tags(target, n, last)
+    names, more = _pullthrough().tags(target, n, last, client=request.remote_addr)
     return _listing({"name": name, "tags": names}, f"/v2/{name}/tags/list", n, names, more)
 
 

@@ -8,6 +8,7 @@ coordination -> upstream -> store.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -25,6 +26,7 @@ from registry.errors import (
     ManifestUnknown,
     NameUnknown,
     RegistryError,
+    TooManyRequests,
     UpstreamError,
     redis_unavailable,
 )
@@ -91,15 +93,25 @@ class PullThrough:
             start_timeout=settings.connect_timeout + settings.read_timeout + settings.lease_ttl,
             stall_timeout=settings.read_timeout + 3 * settings.lease_ttl,
             metrics=metrics,
+            max_fills=settings.max_fills,
+            max_fills_per_client=settings.max_fills_per_client,
         )
         self.metrics = metrics
 
     def upstream(self, target: Target) -> UpstreamClient:
         return self.upstreams[target.registry.name]
 
-    def _ask(self, target: Target, reference: str, call: Callable[[], T]) -> T:
-        """Call upstream about `reference`, unless it recently said the repository or the
-        reference does not exist; remember such answers for `negative_ttl`."""
+    def _ask(
+        self,
+        target: Target,
+        reference: str,
+        call: Callable[[], T],
+        client: str | None,
+        missing: type[RegistryError] = ManifestUnknown,
+    ) -> T:
+        """Call upstream about `reference` for `client` (within its budget), unless upstream
+        recently said the repository or the reference does not exist; remember such answers
+        (`missing`: ManifestUnknown or BlobUnknown) for `negative_ttl`."""
         # Per credential: what anonymous may not see, the configured account may.
         who = self.upstream(target).identity
         repo_key, ref_key = missing_key(who, str(target)), missing_key(who, str(target), reference)
@@ -109,10 +121,11 @@ class PullThrough:
             when, _, message = rest.partition(":")
             if not when.isdigit():  # written before the time was kept
                 when, message = "", rest
-            error = UpstreamDenied if kind == "denied" else ManifestUnknown
+            error = UpstreamDenied if kind == "denied" else missing
             ago = f" {max(0, round(self.clock() - int(when)))} s ago" if when else ""
             message = f"{message} (upstream said so{ago})"
             raise error(message, reason=message)
+        self._spend(client)
         try:
             return call()
         except UpstreamDenied as exc:
@@ -120,14 +133,31 @@ class PullThrough:
                 repo_key, f"denied:{self.clock():.0f}:{exc.message}", self.settings.negative_ttl
             )
             raise
-        except ManifestUnknown as exc:
+        except (ManifestUnknown, BlobUnknown) as exc:
             self.coord.remember_missing(
                 ref_key, f"unknown:{self.clock():.0f}:{exc.message}", self.settings.negative_ttl
             )
             raise
 
+    def _spend(self, client: str | None) -> None:
+        """One upstream-reaching request of `client`, within limits.client_upstream_per_minute
+        (so that one client cannot spend the whole upstream quota)."""
+        per_minute = self.settings.client_upstream_per_minute
+        if not client or not per_minute:
+            return
+        wait = self.coord.spend_upstream(client, per_minute)
+        if wait is not None:
+            seconds = max(1, math.ceil(wait))
+            message = (
+                f"client {client} has made {per_minute} requests that reach upstream this "
+                f"minute; retry in {seconds} s"
+            )
+            raise TooManyRequests(message, headers={"Retry-After": str(seconds)}, reason=message)
+
     # -- manifests ----------------------------------------------------------------------------
-    def manifest(self, target: Target, reference: str, accept: list[str]) -> Manifest:
+    def manifest(
+        self, target: Target, reference: str, accept: list[str], client: str | None = None
+    ) -> Manifest:
         if looks_like_digest(reference):
             try:
                 digest = Digest.parse(reference)
@@ -136,10 +166,10 @@ class PullThrough:
                     "the reference is neither a valid tag nor a digest",
                     detail={"reference": reference[:300]},
                 ) from None
-            found = self._manifest_by_digest(target, digest)
+            found = self._manifest_by_digest(target, digest, client)
             self.coord.touch_pulled(f"{target}@{found.digest}")
         else:
-            found = self._manifest_by_tag(target, validate_tag(reference))
+            found = self._manifest_by_tag(target, validate_tag(reference), client)
             self.coord.touch_pulled(f"{target}:{reference}")
         # What is stored and remembered is the same for every client: upstream is always asked
         # with every manifest type, so an old client's narrow Accept can neither replace an
@@ -150,7 +180,7 @@ class PullThrough:
             raise ManifestUnknown(message, reason=message)
         return found
 
-    def _manifest_by_digest(self, target: Target, digest: Digest) -> Manifest:
+    def _manifest_by_digest(self, target: Target, digest: Digest, client: str | None) -> Manifest:
         body = self.store.read_manifest(digest)
         if body is not None:
             media_type = self.store.manifest_media_type(target, digest)
@@ -164,6 +194,7 @@ class PullThrough:
             target,
             str(digest),
             lambda: upstream.get_manifest(target.repository, str(digest)),
+            client,
         )
         if not digest.matches(fetched.body):
             raise UpstreamError(
@@ -173,7 +204,7 @@ class PullThrough:
         media_type = self._store_manifest(target, digest, fetched.body, fetched.media_type)
         return Manifest(fetched.body, digest, media_type, "miss")
 
-    def _manifest_by_tag(self, target: Target, tag: str) -> Manifest:
+    def _manifest_by_tag(self, target: Target, tag: str, client: str | None) -> Manifest:
         cached = self._cached_tag(target, tag)
         ttl = target.registry.ttl_of(target.repository, tag)
         if cached is not None and self.clock() - cached[1].validated < ttl:
@@ -203,7 +234,7 @@ class PullThrough:
                 return again[0]
             cached = again if again is not None else cached
         try:
-            return self._refresh_tag(target, tag, cached)
+            return self._refresh_tag(target, tag, cached, client)
         finally:
             if acquired:
                 lease.release()
@@ -222,6 +253,7 @@ class PullThrough:
         target: Target,
         tag: str,
         cached: tuple[Manifest, TagRecord] | None,
+        client: str | None,
     ) -> Manifest:
         upstream = self.upstream(target)
         try:
@@ -230,6 +262,7 @@ class PullThrough:
                     target,
                     tag,
                     lambda: upstream.head_manifest(target.repository, tag),
+                    client,
                 )
                 if head.digest == str(cached[0].digest):
                     record = TagRecord(cached[0].digest, cached[0].media_type, self.clock())
@@ -239,11 +272,18 @@ class PullThrough:
                 target,
                 tag,
                 lambda: upstream.get_manifest(target.repository, tag),
+                client,
             )
         except RegistryError as exc:  # unreachable, 5xx, 429, denied: serve what we have
             if cached is not None and not isinstance(exc, ManifestUnknown):
-                log.warning("serving stale %s:%s: %s", target, tag, exc.message)
-                return _replace_cache(cached[0], "stale")
+                age = self.clock() - cached[1].validated
+                max_stale = self.settings.max_stale
+                if max_stale is None or age <= max_stale:
+                    log.warning("serving stale %s:%s: %s", target, tag, exc.message)
+                    return _replace_cache(cached[0], "stale")
+                # Upstream has not confirmed it for longer than max_stale: it may have been
+                # withdrawn (a 401/403 on revalidation), so stop serving it.
+                log.warning("not serving %s:%s, unconfirmed for %.0f s", target, tag, age)
             raise
         digest = sha256_of(fetched.body)
         if fetched.digest and fetched.digest != str(digest):
@@ -292,11 +332,13 @@ class PullThrough:
             return None
 
     # -- blobs -----------------------------------------------------------------------------
-    def blob(self, target: Target, digest: Digest, *, head: bool = False) -> Blob:
+    def blob(
+        self, target: Target, digest: Digest, *, head: bool = False, client: str | None = None
+    ) -> Blob:
         size = self.store.blob_size(digest)
         if size is not None:
             if not self.store.is_linked(target, digest):
-                self._entitle(target, digest)
+                self._entitle(target, digest, client)
             if head:
                 return Blob(digest, size, "hit")
             if self.redirect_ttl:
@@ -312,24 +354,30 @@ class PullThrough:
                 return Blob(digest, size, "hit", open_file=lambda: handle)
         upstream = self.upstream(target)
         if head:
-            remote = upstream.blob_size(target.repository, str(digest))
-            if remote is None:
-                raise BlobUnknown(detail={"digest": str(digest)})
+            remote = self._ask(
+                target, str(digest), lambda: self._remote_size(target, digest), client, BlobUnknown
+            )
             return Blob(digest, remote, "miss")
         try:
-            started = self.filler.start(target, upstream, digest)
+            started = self._ask(
+                target,
+                str(digest),
+                lambda: self.filler.start(target, upstream, digest, client),
+                client,
+                BlobUnknown,
+            )
         except RedisError as exc:
             raise redis_unavailable(exc) from None
         if self.metrics is not None:
             role = "fetcher" if started.fetcher else "follower"
             self.metrics.fills.labels(target.registry.name, role).inc()
         if started.committed:  # a fill (maybe ours, and fast) finished while we looked
-            found = self.blob(target, digest)
+            found = self.blob(target, digest, client=client)
             return replace(found, cache="miss") if started.fetcher else found
         if not started.fetcher and self.coord.fill_state(digest).get("repository") != str(target):
             # Joining a fill another repository's request started: only what upstream
             # confirms this repository has (checked before a single byte is streamed).
-            self._entitle(target, digest)
+            self._entitle(target, digest, client)
         return Blob(
             digest,
             started.size,
@@ -340,19 +388,30 @@ class PullThrough:
             joined=not started.fetcher,
         )
 
-    def _entitle(self, target: Target, digest: Digest) -> None:
+    def _entitle(self, target: Target, digest: Digest, client: str | None) -> None:
         """Same bytes cached or being fetched for another repository: this one may have them
         only if upstream confirms it has them too, so private content cannot leak across
         names. Remembered as a link."""
-        if self.upstream(target).blob_size(target.repository, str(digest)) is None:
-            raise BlobUnknown(detail={"digest": str(digest)})
+        self._ask(
+            target, str(digest), lambda: self._remote_size(target, digest), client, BlobUnknown
+        )
         self.store.link_blob(target, digest)
         self.coord.note_live([digest])
 
+    def _remote_size(self, target: Target, digest: Digest) -> int:
+        size = self.upstream(target).blob_size(target.repository, str(digest))
+        if size is None:
+            message = f"upstream {target.registry.name} has no blob {digest} in {target.repository}"
+            raise BlobUnknown(message, detail={"digest": str(digest)}, reason=message)
+        return size
+
     # -- listings --------------------------------------------------------------------------------
-    def tags(self, target: Target, n: int | None, last: str | None) -> tuple[list[str], bool]:
+    def tags(
+        self, target: Target, n: int | None, last: str | None, client: str | None = None
+    ) -> tuple[list[str], bool]:
         """Tags of a repository and whether more follow; upstream first, the cache when it fails."""
         try:
+            self._spend(client)
             data = self.upstream(target).list_tags(target.repository, n, last)
             tags = [t for t in data.get("tags") or [] if isinstance(t, str)]
             return tags, n is not None and len(tags) >= n

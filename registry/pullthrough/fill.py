@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from registry.coordination import Coordination, Lease, blob_lease_key
+from registry.coordination import FAILED_FILL_TTL, Coordination, Lease, blob_lease_key
 from registry.digests import Digest
 from registry.errors import (
     BlobUnknown,
@@ -48,6 +48,8 @@ READ_CHUNK = 1024 * 1024
 PROGRESS_INTERVAL = 0.2
 STATE_CHECK_INTERVAL = 0.1
 MAX_TAKEOVERS = 3
+# Retry-After of a fill refused because the cache runs as many as it may.
+BUSY_RETRY = 5
 
 # Failures cross processes by class name; the nearest of these in an error's MRO is recorded.
 _ERRORS: dict[str, type[RegistryError]] = {
@@ -86,6 +88,8 @@ class BlobFiller:
         stall_timeout: float,
         spawn: Callable[[Callable[[], None]], object] | None = None,
         metrics: Metrics | None = None,
+        max_fills: int = 1 << 30,
+        max_fills_per_client: int = 0,
     ) -> None:
         self.store = store
         self.coord = coordination
@@ -93,10 +97,17 @@ class BlobFiller:
         self.stall_timeout = stall_timeout
         self.spawn = spawn or _spawn_thread
         self.metrics = metrics
+        self.max_fills = max_fills
+        self.max_fills_per_client = max_fills_per_client
 
     # -- the fetcher ---------------------------------------------------------------------------
-    def _try_fetch(self, target: Target, upstream: UpstreamClient, digest: Digest) -> bool:
-        """Take the lease and start a fill in the background; False when someone holds it."""
+    def _try_fetch(
+        self, target: Target, upstream: UpstreamClient, digest: Digest, client: str | None = None
+    ) -> bool:
+        """Take the lease and start a fill in the background; False when someone holds it.
+        Raises TooManyRequests when the fills running (in all, or of `client`) are at their
+        limit: a `Range: bytes=0-0` and a hang-up still fetch the whole blob, so fills are
+        what an unauthenticated client could pile up."""
         lease = self.coord.blob_lease(digest)
         if not lease.acquire():
             return False
@@ -105,17 +116,30 @@ class BlobFiller:
             lease.release()
             return False
         try:
-            self.coord.reset_fill(
-                digest, owner=lease.token, state="starting", repository=str(target), size=""
+            refused = self.coord.admit_fill(
+                digest, client, self.max_fills, self.max_fills_per_client
             )
+            if refused is None:
+                self.coord.reset_fill(
+                    digest, owner=lease.token, state="starting", repository=str(target), size=""
+                )
         except Exception:
             lease.release()
             raise
-        self.spawn(lambda: self._run_fill(target, upstream, digest, lease))
+        if refused is not None:
+            lease.release()
+            message = f"the cache is busy ({refused}); retry in {BUSY_RETRY} s"
+            raise TooManyRequests(message, headers={"Retry-After": str(BUSY_RETRY)}, reason=message)
+        self.spawn(lambda: self._run_fill(target, upstream, digest, lease, client))
         return True
 
     def _run_fill(
-        self, target: Target, upstream: UpstreamClient, digest: Digest, lease: Lease
+        self,
+        target: Target,
+        upstream: UpstreamClient,
+        digest: Digest,
+        lease: Lease,
+        client: str | None = None,
     ) -> None:
         done = threading.Event()
         lease.keep_alive(lambda: not done.is_set())
@@ -247,6 +271,7 @@ class BlobFiller:
             self._fail(digest, reason, error, streaming, upstream.registry.name)
         finally:
             done.set()
+            self.coord.end_fill(digest, client)
             if self.metrics is not None and streaming:
                 self.metrics.upstream_bytes.labels(upstream.registry.name).inc(
                     max(0, offset - fetched_from)
@@ -277,12 +302,15 @@ class BlobFiller:
                 error_message=error.message,
                 error_reason=error.reason or "",
                 retry_after=error.headers.get("Retry-After", ""),
+                ttl=FAILED_FILL_TTL,
             )
         except Exception:
             log.warning("could not record the failure of the fill of %s", digest)
 
     # -- every client ----------------------------------------------------------------------------
-    def start(self, target: Target, upstream: UpstreamClient, digest: Digest) -> FillStart:
+    def start(
+        self, target: Target, upstream: UpstreamClient, digest: Digest, client: str | None = None
+    ) -> FillStart:
         """Join or start the fill of `digest`; return its size once known.
 
         `committed` means the blob is in the store now (a fast fill may finish before this
@@ -320,7 +348,7 @@ class BlobFiller:
                         raise _error_from(state)
             # Nobody holds the lease: nothing started yet, or the fill we followed died or
             # failed mid-stream. Either way this request becomes the fetcher (or resumes it).
-            if holder is None and self._try_fetch(target, upstream, digest):
+            if holder is None and self._try_fetch(target, upstream, digest, client):
                 fetcher = True
                 continue
             if time.monotonic() > deadline:

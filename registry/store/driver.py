@@ -135,7 +135,7 @@ class PartialFile:
     def __init__(self, driver: FilesystemDriver, path: str) -> None:
         self._driver = driver
         self.path = path
-        self.fd = os.open(driver.local_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = os.open(driver.local_path(path), os.O_RDWR | os.O_CREAT, driver.file_mode)
         self._end = 0
 
     def pwrite(self, data: bytes, offset: int) -> None:
@@ -185,11 +185,16 @@ class FilesystemDriver:
     poll_interval = 0.02
     lookups_are_requests = False
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, file_mode: int = 0o640) -> None:
+        # Cached content may be private images: not for every local user (less the umask).
+        self.file_mode = file_mode
+        self.dir_mode = file_mode | ((file_mode & 0o444) >> 2)  # x wherever r: 0640 -> 0750
         self.root = Path(root).resolve()
         self._root = str(self.root)
         self._root_prefix = self._root + os.sep
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.root.exists():
+            # The root closes the tree to other users; what is below inherits nothing.
+            self.root.mkdir(self.dir_mode, parents=True, exist_ok=True)
 
     def local_path(self, path: str) -> Path:
         return Path(self._local(path))
@@ -229,7 +234,8 @@ class FilesystemDriver:
         tmp = self.local_path(f"tmp/{uuid.uuid4().hex}")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(tmp, "wb") as handle:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.file_mode)
+            with open(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fdatasync(handle.fileno())
@@ -242,7 +248,7 @@ class FilesystemDriver:
         target = self.local_path(path)
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.touch()
+            target.touch(self.file_mode)
 
     def open_partial(self, path: str, size: int | None = None) -> PartialFile:
         self.local_path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -467,6 +467,9 @@ class UpstreamClient:
         if status == 429:
             headers = {}
             retry = response.headers.get("Retry-After", "").strip()
+            cap = getattr(self.health, "max_retry_after", None)
+            if cap is not None and is_count(retry) and int(retry) > cap:
+                retry = str(int(cap))  # our breaker asks again by then (rate_limit_max_backoff)
             if retry:
                 headers["Retry-After"] = retry
             later = f"; retry in {retry} s" if is_count(retry) else ""
