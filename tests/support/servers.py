@@ -582,9 +582,14 @@ class ThrottledRelay:
         except OSError:
             pass
         finally:
+            # Shut down and close both: after a mere shutdown Linux keeps taking the server's
+            # writes, so a server whose client died would stream on into nothing for tens of
+            # seconds (and log the request only then).
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    s.close()
 
     def _accept(self) -> None:
         assert self._listener is not None
