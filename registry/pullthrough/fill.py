@@ -230,9 +230,12 @@ class BlobFiller:
             # A rename on disk, but on S3 a multipart copy that takes seconds: followers
             # waiting for the last byte must not take that for a stall.
             self.coord.update_fill(digest, state="committing", written=offset, stored=offset)
+            # Linked first: the request that started this fill may see the committed blob
+            # the moment it lands, and must find it already entitled for its repository
+            # (else it would ask upstream to confirm what upstream just served it).
+            self.store.link_blob(target, digest)
             self.store.commit_upload(upload, digest)
             self.coord.count_stored(offset)
-            self.store.link_blob(target, digest)
             self.coord.update_fill(digest, state="committed", size=offset, written=offset)
             log.info(
                 "fill committed digest=%s upstream=%s repository=%s bytes=%d seconds=%.3f",
