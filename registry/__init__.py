@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -32,7 +33,9 @@ from registry.errors import (
     redis_unavailable,
     storage_failure,
 )
+from registry.gc import Collector
 from registry.metrics import Metrics, scrape
+from registry.names import catalog_name
 from registry.pullthrough import PullThrough
 from registry.store import ContentStore, FilesystemDriver, StorageDriver
 from registry.upstream.client import UpstreamClient
@@ -124,11 +127,22 @@ def build_pullthrough(
     return PullThrough(settings, store, coordination, upstreams, metrics=metrics)
 
 
+def build_collector(settings: Settings, redis_client: redis.Redis | None = None) -> Collector:
+    """The GC of a cache's store and Redis: it needs no upstream client and no app."""
+    client = redis_client or connect(settings, socket_timeout=30, connect_timeout=5)
+    return Collector(
+        ContentStore(storage_driver(settings)),
+        Coordination(client, settings.lease_ttl),
+        settings.gc,
+        catalog_name=functools.partial(catalog_name, settings.default_registry),
+    )
+
+
 def clean_stale_uploads(pullthrough: PullThrough) -> None:
     """Remove partial files left by dead fills (no live lease), keeping resumable ones fresh."""
     coordination = pullthrough.coord
     try:
-        coordination.redis.ping()
+        coordination.ping()
     except redis.RedisError:
         log.warning("Redis unreachable at start-up: partial files are left for the next start")
         return

@@ -22,6 +22,7 @@ import redis
 from registry import admin, build_pullthrough, compose
 from registry.config import load_settings_or_report
 from registry.gc import GcBusy
+from registry.gc import command as gc_command
 
 
 def check_config() -> int:
@@ -125,8 +126,7 @@ def admin_command(args: argparse.Namespace) -> int:
                 print(json.dumps(line))
             return 0
         if args.command == "gc":
-            print(json.dumps(admin.gc(pt, args.dry_run), indent=2))
-            return 0
+            return gc_command(admin.collector(pt), args.dry_run)
     except (LookupError, ValueError, GcBusy) as exc:
         print(str(exc).strip("'\""), file=sys.stderr)
         return 1

@@ -11,7 +11,6 @@ from typing import TextIO
 
 from redis.exceptions import RedisError
 
-from registry.coordination import REPOS_BUILT_KEY, upstream_status
 from registry.digests import Digest, looks_like_digest
 from registry.gc import Collector, index_children
 from registry.inventory import tag_rows
@@ -158,8 +157,7 @@ def verify(pt: PullThrough, delete: bool, out: TextIO = sys.stdout) -> int:
 
 def rebuild_index(pt: PullThrough) -> dict:
     """Rebuild the catalog and the storage totals in Redis from disk."""
-    client = pt.coord.redis
-    client.delete(REPOS_BUILT_KEY)
+    pt.coord.forget_catalog_index()
     names, _ = pt.catalog(None, None)
     total = blobs = 0
     for _digest, size, _mtime in pt.store.iter_blobs():
@@ -172,7 +170,7 @@ def rebuild_index(pt: PullThrough) -> dict:
 def ratelimit(pt: PullThrough) -> list[dict]:
     out = []
     for registry in pt.settings.registries:
-        status = upstream_status(pt.coord.redis, registry.name)
+        status = pt.coord.upstream_status(registry.name)
         out.append(
             {
                 "registry": registry.name,
@@ -187,7 +185,6 @@ def ratelimit(pt: PullThrough) -> list[dict]:
     return out
 
 
-def gc(pt: PullThrough, dry_run: bool) -> dict:
-    return Collector(pt.store, pt.coord, pt.settings.gc, catalog_name=pt.catalog_name).run(
-        dry_run=dry_run
-    )
+def collector(pt: PullThrough) -> Collector:
+    """The GC of the cache's store and Redis that `pt` already has."""
+    return Collector(pt.store, pt.coord, pt.settings.gc, catalog_name=pt.catalog_name)

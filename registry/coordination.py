@@ -7,7 +7,9 @@ no cached content, and every index is rebuilt from disk when missing.
                                         holder. The fill lease of a blob; the value names the
                                         holder: `<host>:<pid>:<token>`.
     pt:fill:<digest>            hash    TTL 1 h, refreshed as the fill runs (2 min once failed:
-                                        only its waiting clients need it). Progress of the
+                                        only its waiting clients need it). Owned by
+                                        registry/fills.py (FillRecord, FillState and its
+                                        transitions). Progress of the
                                         fill for followers in any process: owner, upstream,
                                         repository, size, written, stored (bytes other
                                         processes can read: on S3, the stored pieces),
@@ -110,13 +112,10 @@ from redis.exceptions import LockError, RedisError
 from registry.config import Settings
 from registry.digests import Digest
 from registry.errors import redis_unavailable
+from registry.fills import FillRecord, FillRecords
 from registry.upstream.auth import TokenCache, token_lifetime
 
 PREFIX = "pt:"
-FILL_RECORD_TTL = 3600
-# A failed fill's record only has to reach the clients waiting on it: keep it briefly, so
-# that requests for random digests do not leave an hour of records each.
-FAILED_FILL_TTL = 120
 FILLS_KEY = f"{PREFIX}fills"
 REPOS_KEY = f"{PREFIX}repos"
 REPOS_BUILT_KEY = f"{PREFIX}repos:built"
@@ -161,10 +160,6 @@ return 0
 
 def blob_lease_key(digest: Digest) -> str:
     return f"{PREFIX}lease:blob:{digest}"
-
-
-def fill_key(digest: Digest) -> str:
-    return f"{PREFIX}fill:{digest}"
 
 
 def tag_lease_key(repository: str, tag: str) -> str:
@@ -275,6 +270,7 @@ class Coordination:
         self._flusher: threading.Thread | None = None
         # Only a total that a walk of the store set is counted on: after FLUSHALL, counting
         # from zero would show a part of the store as the whole.
+        self.fills = FillRecords(client)
         self._admit_fill = client.register_script(ADMIT_FILL)
         self._count_stored = client.register_script(
             "if redis.call('EXISTS', KEYS[1]) == 1 then "
@@ -295,19 +291,9 @@ class Coordination:
     def lease_held(self, key: str) -> bool:
         return self.lease_holder(key) is not None
 
-    # -- fill progress -------------------------------------------------------------------------
-    def fill_state(self, digest: Digest) -> dict[str, str]:
-        raw = self.redis.hgetall(fill_key(digest))
-        return {k.decode(): v.decode() for k, v in raw.items()}
-
-    def update_fill(self, digest: Digest, *, ttl: int = FILL_RECORD_TTL, **fields: object) -> None:
-        key = fill_key(digest)
-        mapping = {k: str(v) for k, v in fields.items()}
-        mapping["updated"] = f"{time.time():.3f}"
-        pipe = self.redis.pipeline()
-        pipe.hset(key, mapping=mapping)
-        pipe.expire(key, ttl)
-        pipe.execute()
+    # -- fill progress (registry/fills.py owns pt:fill:<digest>) ---------------------------
+    def fill_state(self, digest: Digest) -> FillRecord:
+        return self.fills.read(digest)
 
     # -- limits ----------------------------------------------------------------------------------
     def admit_fill(
@@ -344,13 +330,6 @@ class Coordination:
         except RedisError:
             return None  # no coordination: no budget either, as with the breaker
         return None if spent <= per_minute else (minute + 1) * 60 - now
-
-    def reset_fill(self, digest: Digest, **fields: object) -> None:
-        pipe = self.redis.pipeline()
-        pipe.delete(fill_key(digest))
-        pipe.hset(fill_key(digest), mapping={k: str(v) for k, v in fields.items()})
-        pipe.expire(fill_key(digest), FILL_RECORD_TTL)
-        pipe.execute()
 
     # -- recency and the GC ----------------------------------------------------------------------
     def touch_pulled(self, member: str) -> None:
@@ -504,6 +483,17 @@ class Coordination:
         except RedisError:
             return None
         return next((v.decode() for v in values if v is not None), None)
+
+    # -- for people: /metrics, the UI, the admin CLI (raises RedisError) -----------------------
+    def ping(self) -> None:
+        self.redis.ping()
+
+    def upstream_status(self, registry: str) -> dict:
+        return upstream_status(self.redis, registry)
+
+    def forget_catalog_index(self) -> None:
+        """The next catalog request rebuilds pt:repos from the store."""
+        self.redis.delete(REPOS_BUILT_KEY)
 
     # -- catalog index ---------------------------------------------------------------------------
     def index_repository(self, name: str) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -38,9 +39,8 @@ from dataclasses import dataclass, field
 from registry.config import GcSettings
 from registry.coordination import Coordination
 from registry.digests import Digest
-from registry.pullthrough import PullThrough
 from registry.pullthrough.manifests import InvalidManifest, parse_manifest
-from registry.store import ContentStore
+from registry.store import ContentStore, paths
 from registry.store.content import RepositoryScan
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,6 @@ class Collector:
         self.policy = policy
         self.catalog_name = catalog_name
         self.clock = clock
-
-    @classmethod
-    def for_cache(cls, pt: PullThrough) -> Collector:
-        """The collector of a cache's store and Redis, naming repositories as its catalog."""
-        return cls(pt.store, pt.coord, pt.settings.gc, catalog_name=pt.catalog_name)
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, dry_run: bool = False) -> dict:
@@ -323,7 +318,7 @@ class Collector:
 
         uploads = 0
         for item in plan.uploads:
-            if item.startswith("uploads/"):
+            if item.startswith(f"{paths.UPLOADS}/"):
                 uploads += store.delete_upload(item)
                 continue
             digest = Digest.parse(item)
@@ -346,9 +341,7 @@ class Collector:
         report = self._counts(plan, skipped=skipped)
         # Commits of nodes that died mid-way leave multipart uploads behind on S3 (the
         # bucket's lifecycle rule does this too, where the store has one).
-        abort = getattr(store.driver, "abort_stale_multipart", None)
-        if abort is not None:
-            uploads += abort(max(self.policy.delay, STALE_MULTIPART))
+        uploads += store.driver.abort_stale_multipart(max(self.policy.delay, STALE_MULTIPART))
         report.update(deleted_blobs=deleted, freed_bytes=freed, deleted_uploads=uploads)
         return report
 
@@ -369,3 +362,15 @@ def index_children(body: bytes) -> list[Digest]:
     """Digests of an index's `manifests[]` entries (parse_manifest validated them)."""
     doc = json.loads(body)
     return [Digest.parse(entry["digest"]) for entry in doc.get("manifests") or []]
+
+
+def command(collector: Collector, dry_run: bool) -> int:
+    """`gc [--dry-run]` of both command lines (`python -m registry`, `python -m workers`):
+    the report as JSON on stdout; 1 when another sweep is running."""
+    try:
+        report = collector.run(dry_run=dry_run)
+    except GcBusy as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
+    return 0

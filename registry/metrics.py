@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.exceptions import RedisError
 
-from registry.coordination import Coordination, upstream_status
+from registry.coordination import Coordination
 
 TRANSFER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -109,7 +109,6 @@ class RedisState:
         yield from families
 
     def _families(self):
-        client = self.coord.redis
         limit = GaugeMetricFamily(
             "pullthrough_upstream_ratelimit_limit",
             "Pull quota upstream announced (ratelimit-limit).",
@@ -126,7 +125,7 @@ class RedisState:
             labels=["registry"],
         )
         for name in self.registries:
-            status = upstream_status(client, name)
+            status = self.coord.upstream_status(name)
             window = status.get("window", "")
             if status.get("limit", "").isdigit():
                 limit.add_metric([name, window], float(status["limit"]))

@@ -73,3 +73,10 @@ def resolve(settings: Settings, name: str, ns: str | None) -> Target:
     if registry.name == "docker.io" and "/" not in repository:
         repository = f"library/{repository}"
     return Target(registry, repository)
+
+
+def catalog_name(default_registry: str, stored: str) -> str:
+    """`docker.io/library/x` lists as `library/x`; other registries keep their prefix,
+    which is also the path-prefix route, so every catalog name can be pulled as listed."""
+    prefix = f"{default_registry}/"
+    return stored[len(prefix) :] if stored.startswith(prefix) else stored

@@ -21,7 +21,7 @@ import pytest
 import requests
 import yaml
 
-from registry import build_pullthrough
+from registry import admin, build_pullthrough
 from registry.config import settings_from_mapping
 from registry.digests import Digest
 from registry.gc import Collector, GcBusy
@@ -243,7 +243,7 @@ def test_gc_on_s3_keeps_what_manifests_need_and_runs_once_cluster_wide(
 
     def sweep() -> None:
         try:
-            results.append(Collector.for_cache(pt).run())
+            results.append(admin.collector(pt).run())
         except GcBusy as exc:
             results.append(exc)
 

@@ -21,6 +21,7 @@ import requests
 
 from registry import create_app
 from registry.coordination import blob_lease_key
+from registry.fills import FillState
 from tests.conftest import make_settings
 from tests.support.clients import fetch
 from tests.support.fakes import FrozenServer, Route
@@ -86,7 +87,7 @@ class StaleStateForFollowers:
 
     def fill_state(self, digest):
         state = self.real.fill_state(digest)
-        if state.get("state") == "streaming" and sys._getframe(1).f_code.co_name == "stream":
+        if state.state is FillState.STREAMING and sys._getframe(1).f_code.co_name == "stream":
             self.late += 1
             deadline = time.monotonic() + 10
             while self.real.lease_held(blob_lease_key(digest)) and time.monotonic() < deadline:

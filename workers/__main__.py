@@ -16,7 +16,7 @@ import logging
 import sys
 
 from registry.config import load_settings_or_report
-from registry.gc import GcBusy
+from registry.gc import command as gc_command
 from workers.gc import QUEUE, GcScheduler, collector, enqueue, redis_client, worker
 
 
@@ -47,13 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         job = enqueue(client, dry_run=args.dry_run)
         print(json.dumps({"enqueued": job.id, "queue": QUEUE}))
         return 0
-    try:
-        report = collector(settings, client).run(dry_run=args.dry_run)
-    except GcBusy as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    print(json.dumps(report, indent=2))
-    return 0
+    return gc_command(collector(settings, client), args.dry_run)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 
-from registry import build_pullthrough
+from registry import build_collector
 from registry.config import Settings, load_settings
 from registry.coordination import Coordination, connect
 from registry.gc import Collector, GcBusy
@@ -36,7 +36,7 @@ def redis_client(settings: Settings) -> redis.Redis:
 
 
 def collector(settings: Settings, client: redis.Redis | None = None) -> Collector:
-    return Collector.for_cache(build_pullthrough(settings, client or redis_client(settings)))
+    return build_collector(settings, client or redis_client(settings))
 
 
 def sweep(dry_run: bool = False) -> dict:

@@ -13,6 +13,7 @@ from flask import Blueprint, current_app, jsonify
 from redis.exceptions import RedisError
 
 from registry.pullthrough import PullThrough
+from registry.store import paths
 
 bp = Blueprint("health", __name__)
 
@@ -41,11 +42,11 @@ def readyz():
 def _checks(pt: PullThrough) -> tuple[bool, dict[str, dict]]:
     checks: dict[str, dict] = {}
     try:
-        pt.coord.redis.ping()
+        pt.coord.ping()
         checks["redis"] = {"ok": True}
     except RedisError as exc:
         checks["redis"] = {"ok": False, "error": f"Redis unreachable: {type(exc).__name__}"}
-    probe = f"tmp/readyz-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    probe = paths.temporary(f"readyz-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         pt.store.driver.write_atomic(probe, b"ok")
         pt.store.driver.delete(probe)

@@ -32,7 +32,7 @@ from registry.errors import (
 )
 from registry.mediatypes import KNOWN_MANIFEST_TYPES
 from registry.metrics import Metrics
-from registry.names import Target, validate_tag
+from registry.names import Target, catalog_name, validate_tag
 from registry.pullthrough.fill import BlobFiller
 from registry.pullthrough.manifests import InvalidManifest, accepts, parse_manifest
 from registry.store import ContentStore, TagRecord
@@ -374,7 +374,7 @@ class PullThrough:
         if started.committed:  # a fill (maybe ours, and fast) finished while we looked
             found = self.blob(target, digest, client=client)
             return replace(found, cache="miss") if started.fetcher else found
-        if not started.fetcher and self.coord.fill_state(digest).get("repository") != str(target):
+        if not started.fetcher and self.coord.fill_state(digest).repository != str(target):
             # Joining a fill another repository's request started: only what upstream
             # confirms this repository has (checked before a single byte is streamed).
             self._entitle(target, digest, client)
@@ -426,10 +426,7 @@ class PullThrough:
             return _page(cached, n, last)
 
     def catalog_name(self, stored: str) -> str:
-        """`docker.io/library/x` lists as `library/x`; other registries keep their prefix,
-        which is also the path-prefix route, so every catalog name can be pulled as listed."""
-        prefix = f"{self.settings.default_registry}/"
-        return stored[len(prefix) :] if stored.startswith(prefix) else stored
+        return catalog_name(self.settings.default_registry, stored)
 
     def _catalog_names(self) -> list[str]:
         return sorted({self.catalog_name(name) for name in self.store.iter_repositories()})

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from registry.coordination import FAILED_FILL_TTL, Coordination, Lease, blob_lease_key
+from registry.coordination import Coordination, Lease, blob_lease_key
 from registry.digests import Digest
 from registry.errors import (
     BlobUnknown,
@@ -36,6 +36,7 @@ from registry.errors import (
     UpstreamUnavailable,
     storage_failure,
 )
+from registry.fills import FillPhase, FillRecord, FillState, FillWriter
 from registry.metrics import Metrics
 from registry.names import Target
 from registry.store import ContentStore
@@ -102,12 +103,25 @@ class BlobFiller:
 
     # -- the fetcher ---------------------------------------------------------------------------
     def _try_fetch(
-        self, target: Target, upstream: UpstreamClient, digest: Digest, client: str | None = None
+        self,
+        target: Target,
+        upstream: UpstreamClient,
+        digest: Digest,
+        client: str | None = None,
+        *,
+        following: bool = False,
     ) -> bool:
         """Take the lease and start a fill in the background; False when someone holds it.
         Raises TooManyRequests when the fills running (in all, or of `client`) are at their
         limit: a `Range: bytes=0-0` and a hang-up still fetch the whole blob, so fills are
-        what an unauthenticated client could pile up."""
+        what an unauthenticated client could pile up.
+
+        `following`: the caller waited on a fill and decided, from what it read, to take it
+        over. That read may be stale by now (the model in tests/test_fill_model.py found a
+        follower deciding before a takeover and acting after that takeover's fill failed on
+        its digest), so the decision is checked again under the lease: a fetcher records its
+        failure before it lets the lease go, so the record read now is the last word, and a
+        failure no fetch can mend is the follower's answer, not a reason to fetch again."""
         lease = self.coord.blob_lease(digest)
         if not lease.acquire():
             return False
@@ -115,14 +129,21 @@ class BlobFiller:
             # Committed between our look and the lease: the previous fetcher just finished.
             lease.release()
             return False
+        if following:
+            try:
+                record = self.coord.fill_state(digest)
+            except Exception:
+                lease.release()
+                raise
+            if record.state is FillState.FAILED and not record.resumable:
+                lease.release()
+                raise _error_from(record)
         try:
             refused = self.coord.admit_fill(
                 digest, client, self.max_fills, self.max_fills_per_client
             )
             if refused is None:
-                self.coord.reset_fill(
-                    digest, owner=lease.token, state="starting", repository=str(target), size=""
-                )
+                writer = self.coord.fills.begin(digest, lease.token, str(target))
         except Exception:
             lease.release()
             raise
@@ -130,7 +151,7 @@ class BlobFiller:
             lease.release()
             message = f"the cache is busy ({refused}); retry in {BUSY_RETRY} s"
             raise TooManyRequests(message, headers={"Retry-After": str(BUSY_RETRY)}, reason=message)
-        self.spawn(lambda: self._run_fill(target, upstream, digest, lease, client))
+        self.spawn(lambda: self._run_fill(target, upstream, digest, lease, writer, client))
         return True
 
     def _run_fill(
@@ -139,6 +160,7 @@ class BlobFiller:
         upstream: UpstreamClient,
         digest: Digest,
         lease: Lease,
+        writer: FillWriter,
         client: str | None = None,
     ) -> None:
         done = threading.Event()
@@ -171,13 +193,7 @@ class BlobFiller:
                     f"upstream {upstream.registry.name} did not announce the size of {digest}",
                     reason=f"{upstream.registry.name} sent a blob without its size, not cached",
                 )
-            self.coord.update_fill(
-                digest,
-                state="streaming",
-                size=total,
-                written=offset,
-                upstream=upstream.registry.name,
-            )
+            writer.streaming(total, offset, upstream.registry.name)
             streaming = True
             last_report = time.monotonic()
             remote = self.store.driver.lookups_are_requests
@@ -202,7 +218,7 @@ class BlobFiller:
                 # Followers elsewhere learn of a new piece (S3) from here at once, rather
                 # than by asking the store.
                 if now - last_report >= PROGRESS_INTERVAL or (remote and stored != reported):
-                    self.coord.update_fill(digest, written=offset, stored=stored)
+                    writer.progress(offset, stored)
                     last_report, reported = now, stored
             if offset != total:
                 raise UpstreamError(
@@ -213,7 +229,7 @@ class BlobFiller:
             if hasher.hexdigest() != digest.hex:
                 upload.discard()
                 self._fail(
-                    digest,
+                    writer,
                     "digest_mismatch",
                     UpstreamError(
                         f"upstream {upstream.registry.name} served bytes that do not match "
@@ -229,14 +245,14 @@ class BlobFiller:
                 raise LeaseLost()
             # A rename on disk, but on S3 a multipart copy that takes seconds: followers
             # waiting for the last byte must not take that for a stall.
-            self.coord.update_fill(digest, state="committing", written=offset, stored=offset)
+            writer.committing(offset)
             # Linked first: the request that started this fill may see the committed blob
             # the moment it lands, and must find it already entitled for its repository
             # (else it would ask upstream to confirm what upstream just served it).
             self.store.link_blob(target, digest)
             self.store.commit_upload(upload, digest)
             self.coord.count_stored(offset)
-            self.coord.update_fill(digest, state="committed", size=offset, written=offset)
+            writer.committed(offset)
             log.info(
                 "fill committed digest=%s upstream=%s repository=%s bytes=%d seconds=%.3f",
                 digest,
@@ -248,7 +264,7 @@ class BlobFiller:
         except LeaseLost:
             log.warning("fill of %s lost its lease; another process continues it", digest)
         except RegistryError as exc:
-            self._fail(digest, "upstream_error", exc, streaming, upstream.registry.name)
+            self._fail(writer, "upstream_error", exc, streaming, upstream.registry.name)
         except Exception as exc:  # mid-stream resets, timeouts, disk full
             error: RegistryError | None = storage_failure(exc)
             if error is None and isinstance(exc, OSError) and stream is None:
@@ -271,7 +287,7 @@ class BlobFiller:
                     f"{type(exc).__name__}",
                     reason=f"{upstream.registry.name} broke off the blob, not cached",
                 )
-            self._fail(digest, reason, error, streaming, upstream.registry.name)
+            self._fail(writer, reason, error, streaming, upstream.registry.name)
         finally:
             done.set()
             self.coord.end_fill(digest, client)
@@ -290,25 +306,27 @@ class BlobFiller:
             lease.release()
 
     def _fail(
-        self, digest: Digest, reason: str, error: RegistryError, streaming: bool, registry: str
+        self,
+        writer: FillWriter,
+        reason: str,
+        error: RegistryError,
+        streaming: bool,
+        registry: str,
     ) -> None:
-        log.warning("fill of %s failed (%s): %s", digest, reason, error.message)
+        log.warning("fill of %s failed (%s): %s", writer.digest, reason, error.message)
         if self.metrics is not None:
             self.metrics.fill_failures.labels(registry, reason).inc()
         try:
-            self.coord.update_fill(
-                digest,
-                state="failed",
-                reason=reason,
-                phase="streaming" if streaming else "starting",
+            writer.failed(
+                reason,
+                FillPhase.STREAMING if streaming else FillPhase.STARTING,
                 error_class=next(c.__name__ for c in type(error).__mro__ if c.__name__ in _ERRORS),
                 error_message=error.message,
                 error_reason=error.reason or "",
                 retry_after=error.headers.get("Retry-After", ""),
-                ttl=FAILED_FILL_TTL,
             )
         except Exception:
-            log.warning("could not record the failure of the fill of %s", digest)
+            log.warning("could not record the failure of the fill of %s", writer.digest)
 
     # -- every client ----------------------------------------------------------------------------
     def start(
@@ -330,28 +348,26 @@ class BlobFiller:
             # The lease before the state, as in stream(): a free lease is then never read
             # with a record that predates its fetcher's failure.
             holder = self.coord.lease_holder(blob_lease_key(digest))
-            state = self.coord.fill_state(digest)
-            owner = state.get("owner")
+            record = self.coord.fill_state(digest)
             if holder is not None:
                 seen_owner = holder
-            if owner and owner in (holder, seen_owner):
-                status = state.get("state")
-                if status in ("streaming", "committing") and state.get("size"):
-                    return FillStart(int(state["size"]), fetcher=fetcher)
-                if status == "committed":
+            if record.owner and record.owner in (holder, seen_owner):
+                if record.active and record.size:
+                    return FillStart(record.size, fetcher=fetcher)
+                if record.state is FillState.COMMITTED:
                     return FillStart(0, fetcher=fetcher, committed=True)
-                if status == "failed":
+                if record.state is FillState.FAILED:
                     # Upstream said no, or sent wrong bytes: every waiting client hears it.
                     # A read that broke mid-stream is resumed instead, a bounded number of times.
-                    resumable = state.get("phase") == "streaming" and state.get("reason") != (
-                        "digest_mismatch"
-                    )
                     takeovers += 1
-                    if not resumable or takeovers > MAX_TAKEOVERS:
-                        raise _error_from(state)
+                    if not record.resumable or takeovers > MAX_TAKEOVERS:
+                        raise _error_from(record)
             # Nobody holds the lease: nothing started yet, or the fill we followed died or
             # failed mid-stream. Either way this request becomes the fetcher (or resumes it).
-            if holder is None and self._try_fetch(target, upstream, digest, client):
+            following = seen_owner is not None
+            if holder is None and self._try_fetch(
+                target, upstream, digest, client, following=following
+            ):
                 fetcher = True
                 continue
             if time.monotonic() > deadline:
@@ -363,12 +379,9 @@ class BlobFiller:
             sleep = min(sleep * 2, 0.05)
 
     def _moved_on(self, digest: Digest, handle: Follower) -> bool:
-        state = self.coord.fill_state(digest)
-        stored = state.get("stored", "")
-        handle.expect(int(stored) if stored.isdigit() else None)
-        return state.get("state") not in ("streaming", "committing") or not self.coord.lease_held(
-            blob_lease_key(digest)
-        )
+        record = self.coord.fill_state(digest)
+        handle.expect(record.stored)
+        return not record.active or not self.coord.lease_held(blob_lease_key(digest))
 
     def stream(
         self,
@@ -420,24 +433,25 @@ class BlobFiller:
                     # lets the lease go, so a free lease is never read with a stale
                     # 'streaming' state (which would take over, and refetch, bad bytes).
                     held = committed or self.coord.lease_held(blob_lease_key(digest))
-                    state = self.coord.fill_state(digest)
+                    record = self.coord.fill_state(digest)
                     # Before the first byte these errors are the response (their class
                     # gives its status: 503 for our storage); after it they cut it short.
-                    if state.get("state") == "failed" and state.get("reason") == "digest_mismatch":
-                        raise _error_from(state)
+                    failed = record.state is FillState.FAILED
+                    if failed and record.reason == "digest_mismatch":
+                        raise _error_from(record)
                     if not committed and not held:
                         if takeovers >= MAX_TAKEOVERS:
                             raise _error_from(
-                                state,
+                                record,
                                 f"fill of {digest} from upstream {upstream.registry.name} "
                                 f"failed {takeovers} times; last: "
-                                f"{state.get('error_message', 'no error recorded')}",
+                                f"{record.error_message or 'no error recorded'}",
                             )
-                        if self._try_fetch(target, upstream, digest):
+                        if self._try_fetch(target, upstream, digest, following=True):
                             takeovers += 1
                             log.info("took over the fill of %s at byte %d", digest, available)
                             last_progress = now
-                    if state.get("state") == "committing" and held:
+                    if record.state is FillState.COMMITTING and held:
                         last_progress = now  # the fetcher is alive, storing the blob
                     if now - last_progress > self.stall_timeout:
                         raise UpstreamUnavailable(
@@ -462,14 +476,14 @@ def _hash_prefix(upload, hasher, size: int) -> int:
     return offset
 
 
-def _error_from(state: dict[str, str], message: str | None = None) -> RegistryError:
+def _error_from(record: FillRecord, message: str | None = None) -> RegistryError:
     """The failure a fill recorded, as its own class (and so status), maybe reworded."""
-    cls = _ERRORS.get(state.get("error_class", ""), UpstreamError)
-    headers = {"Retry-After": state["retry_after"]} if state.get("retry_after") else None
+    cls = _ERRORS.get(record.error_class, UpstreamError)
+    headers = {"Retry-After": record.retry_after} if record.retry_after else None
     return cls(
-        message or state.get("error_message") or "fill failed",
+        message or record.error_message or "fill failed",
         headers=headers,
-        reason=state.get("error_reason") or None,
+        reason=record.error_reason or None,
     )
 
 

@@ -12,6 +12,7 @@ from typing import BinaryIO
 from registry.digests import Digest
 from registry.errors import RegistryError
 from registry.names import Target
+from registry.store import paths
 from registry.store.driver import Follower, PartialWriter, StorageDriver
 
 
@@ -51,10 +52,6 @@ def _parse_digest(algorithm: str, hexpart: str) -> Digest | None:
         return None
 
 
-def _digest_path(digest: Digest) -> str:
-    return f"{digest.algorithm}/{digest.hex}"
-
-
 # Manifest bodies kept per process, verified once (a few KiB each; 8 MiB holds thousands).
 MANIFEST_MEMO_BYTES = 8 << 20
 # Revision media types kept per process (forgotten all at once past this many).
@@ -71,11 +68,11 @@ class ContentStore:
     # -- blobs -----------------------------------------------------------------------------
     @staticmethod
     def blob_path(digest: Digest) -> str:
-        return f"blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+        return paths.blob(digest)
 
     @staticmethod
     def upload_path(digest: Digest) -> str:
-        return f"uploads/{_digest_path(digest)}"
+        return paths.upload(digest)
 
     def blob_size(self, digest: Digest) -> int | None:
         return self.driver.stat(self.blob_path(digest))
@@ -146,7 +143,7 @@ class ContentStore:
         """Remove partial files that no live fill owns (start-up clean-up)."""
         removed = []
         now = time.time()
-        for path, mtime in list(self.driver.list_partials("uploads")):
+        for path, mtime in list(self.driver.list_partials(paths.UPLOADS)):
             parts = path.split("/")
             if len(parts) != 3:
                 continue
@@ -163,22 +160,18 @@ class ContentStore:
         return removed
 
     # -- repositories ------------------------------------------------------------------------
-    @staticmethod
-    def repo_path(target: Target) -> str:
-        return f"repositories/{target.registry.name}/{target.repository}"
-
     def link_blob(self, target: Target, digest: Digest) -> None:
-        self.driver.touch(f"{self.repo_path(target)}/_layers/{_digest_path(digest)}")
+        self.driver.touch(paths.link(str(target), digest))
 
     def is_linked(self, target: Target, digest: Digest) -> bool:
-        base = self.repo_path(target)
+        repo = str(target)
         return (
-            self.driver.stat(f"{base}/_layers/{_digest_path(digest)}") is not None
-            or self.driver.stat(f"{base}/_manifests/revisions/{_digest_path(digest)}") is not None
+            self.driver.stat(paths.link(repo, digest)) is not None
+            or self.driver.stat(paths.revision(repo, digest)) is not None
         )
 
     def put_manifest_revision(self, target: Target, digest: Digest, media_type: str) -> None:
-        path = f"{self.repo_path(target)}/_manifests/revisions/{_digest_path(digest)}"
+        path = paths.revision(str(target), digest)
         if self.driver.read(path) != media_type.encode():
             self.driver.write_atomic(path, media_type.encode())
         self._media_types.pop(path, None)
@@ -187,7 +180,7 @@ class ContentStore:
         """The media type of this repository's revision, None when it has none. What the file
         says is remembered; whether it still exists (GC, evict) is asked of the disk each time,
         with a stat instead of a read: this is on every request by digest."""
-        path = f"{self.repo_path(target)}/_manifests/revisions/{_digest_path(digest)}"
+        path = paths.revision(str(target), digest)
         known = self._media_types.get(path)
         if known is not None:
             if self.driver.stat(path) is not None:
@@ -203,21 +196,18 @@ class ContentStore:
         return media_type
 
     def read_tag(self, target: Target, tag: str) -> TagRecord | None:
-        data = self.driver.read(f"{self.repo_path(target)}/_manifests/tags/{tag}")
-        return TagRecord.from_json(data) if data is not None else None
+        return self.read_tag_of(str(target), tag)
 
     def write_tag(self, target: Target, tag: str, record: TagRecord) -> None:
-        self.driver.write_atomic(
-            f"{self.repo_path(target)}/_manifests/tags/{tag}", record.to_json()
-        )
+        self.driver.write_atomic(paths.tag(str(target), tag), record.to_json())
 
     def list_tags(self, target: Target) -> list[str]:
-        return self.driver.list(f"{self.repo_path(target)}/_manifests/tags")
+        return self.driver.list(paths.tags(str(target)))
 
     # -- what the GC needs ------------------------------------------------------------------------
     def iter_blobs(self) -> Iterator[tuple[Digest, int, float]]:
         """(digest, size, mtime) of every committed blob."""
-        for path, size, mtime in self.driver.walk_stat("blobs"):
+        for path, size, mtime in self.driver.walk_stat(paths.BLOBS):
             parts = path.split("/")
             if len(parts) == 4:
                 digest = _parse_digest(parts[1], parts[3])
@@ -226,7 +216,7 @@ class ContentStore:
 
     def iter_uploads(self) -> Iterator[tuple[str, Digest | None, float]]:
         """(path, digest or None for a stray file, mtime) of every partial file."""
-        for path, mtime in self.driver.list_partials("uploads"):
+        for path, mtime in self.driver.list_partials(paths.UPLOADS):
             parts = path.split("/")
             digest = _parse_digest(parts[1], parts[2]) if len(parts) == 3 else None
             yield path, digest, mtime
@@ -234,16 +224,16 @@ class ContentStore:
     def scan_repositories(self) -> dict[str, RepositoryScan]:
         """Every repository (`<registry>/<repository>`) with its revisions, tags and links."""
         repos: dict[str, RepositoryScan] = {}
-        for path, _size, mtime in self.driver.walk_stat("repositories"):
+        for path, _size, mtime in self.driver.walk_stat(paths.REPOSITORIES):
             for marker, kind in (
-                ("/_manifests/revisions/", "revisions"),
-                ("/_manifests/tags/", "tags"),
-                ("/_layers/", "links"),
+                (paths.REVISIONS_MARK, "revisions"),
+                (paths.TAGS_MARK, "tags"),
+                (paths.LINKS_MARK, "links"),
             ):
                 at = path.find(marker)
                 if at < 0:
                     continue
-                repo = path[len("repositories/") : at]
+                repo = path[len(paths.REPOSITORIES) + 1 : at]
                 scan = repos.setdefault(repo, RepositoryScan({}, {}, {}))
                 rest = path[at + len(marker) :]
                 if kind == "tags":
@@ -257,42 +247,36 @@ class ContentStore:
         return repos
 
     def read_tag_of(self, repo: str, tag: str) -> TagRecord | None:
-        data = self.driver.read(f"repositories/{repo}/_manifests/tags/{tag}")
+        data = self.driver.read(paths.tag(repo, tag))
         return TagRecord.from_json(data) if data is not None else None
 
     def delete_blob(self, digest: Digest) -> bool:
         path = self.blob_path(digest)
         deleted = self.driver.delete(path)
-        self.driver.prune(path.rsplit("/", 1)[0], "blobs")
+        self.driver.prune(path.rsplit("/", 1)[0], paths.BLOBS)
         return deleted
 
     def delete_upload(self, path: str) -> bool:
         return self.driver.delete_partial(path)
 
     def delete_tag(self, repo: str, tag: str) -> bool:
-        return self.driver.delete(f"repositories/{repo}/_manifests/tags/{tag}")
+        return self.driver.delete(paths.tag(repo, tag))
 
     def delete_revision(self, repo: str, digest: Digest) -> bool:
-        return self.driver.delete(
-            f"repositories/{repo}/_manifests/revisions/{_digest_path(digest)}"
-        )
+        return self.driver.delete(paths.revision(repo, digest))
 
     def delete_link(self, repo: str, digest: Digest) -> bool:
-        return self.driver.delete(f"repositories/{repo}/_layers/{_digest_path(digest)}")
+        return self.driver.delete(paths.link(repo, digest))
 
     def has_manifests(self, repo: str) -> bool:
-        return (
-            next(self.driver.walk_files(f"repositories/{repo}/_manifests/revisions"), None)
-            is not None
-        )
+        return next(self.driver.walk_files(paths.revisions(repo)), None) is not None
 
     def prune_repository(self, repo: str) -> None:
         """Remove the repository's directories that are now empty."""
-        self.driver.prune_tree(f"repositories/{repo}", "repositories")
+        self.driver.prune_tree(paths.repository(repo), paths.REPOSITORIES)
 
     def iter_repositories(self) -> Iterator[str]:
         """Yield `<registry>/<repository>` for every repository with a cached manifest."""
-        for path in self.driver.walk_files("repositories"):
-            marker = "/_manifests/revisions/"
-            if marker in path:
-                yield path[len("repositories/") : path.index(marker)]
+        for path in self.driver.walk_files(paths.REPOSITORIES):
+            if paths.REVISIONS_MARK in path:
+                yield path[len(paths.REPOSITORIES) + 1 : path.index(paths.REVISIONS_MARK)]

@@ -1,6 +1,6 @@
 """The S3 storage driver: the same layout as the filesystem, as object keys in one bucket.
 
-Every path of `store.layout` is a key (under an optional prefix). What the filesystem does
+Every path of store/paths.py is a key (under an optional prefix). What the filesystem does
 with a file that grows and a rename, S3 does with pieces:
 
 - A fill in progress is a row of **pieces**, `uploads/<algo>/<hex>/<offset>`: each one a plain
@@ -30,6 +30,8 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+
+from registry.store import paths
 
 PIECE_DIGITS = 16  # piece keys sort by offset as strings
 MAX_PARTS = 1000  # Swift's SLO limit (AWS allows 10000): large blobs get larger pieces
@@ -304,7 +306,7 @@ class S3Driver:
         return math.ceil(size / MAX_PARTS / mib) * mib
 
     def open_partial_read(self, path: str) -> PieceReader | ObjectReader | None:
-        if path.startswith("uploads/"):
+        if path.startswith(f"{paths.UPLOADS}/"):
             # No request: a follower of a fill whose first piece is not stored yet finds it
             # by polling (PieceReader.available).
             return PieceReader(self, path)
@@ -316,7 +318,7 @@ class S3Driver:
     def is_same_file(self, handle: Any, path: str) -> bool | None:
         if getattr(handle, "path", None) == path:
             return True
-        if path.startswith("uploads/"):
+        if path.startswith(f"{paths.UPLOADS}/"):
             return False if self.pieces(path) else None
         return False if self.head(path) is not None else None
 

@@ -10,7 +10,6 @@ import time
 from flask import Blueprint, abort, current_app, render_template, request
 from redis.exceptions import RedisError
 
-from registry.coordination import upstream_status
 from registry.errors import RegistryError
 from registry.inventory import tag_rows
 from registry.metrics import totals
@@ -89,9 +88,8 @@ def overview():
     from_cache = answered["hit"] + answered["revalidated"] + answered["stale"]
     upstreams, store, last_gc, redis_ok = [], {}, {}, True
     try:
-        client = pt.coord.redis
         for registry in pt.settings.registries:
-            status = upstream_status(client, registry.name)
+            status = pt.coord.upstream_status(registry.name)
             upstreams.append(
                 {
                     "name": registry.name,

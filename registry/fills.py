@@ -1,0 +1,216 @@
+"""The fill record `pt:fill:<digest>`: its type, its states and their transitions, written
+once here. This module alone reads and writes that key (the schema: registry/coordination.py).
+
+A record is started (`FillRecords.begin`) by the request that holds the digest's fill lease,
+the fetcher, which alone moves it on with a `FillWriter`:
+
+    STARTING --> STREAMING --> COMMITTING --> COMMITTED
+        |            |  ^           |
+        +------------+--+-----------+--> FAILED
+
+STREAMING repeats (progress); a takeover (a new lease holder: the fetcher died, or its read
+broke mid-stream) starts a fresh record whatever the old one said. Followers in any process
+read the record (`FillRecords.read`): the size before they send headers, how much is
+stored, and why a fill failed (its error class, message, status-line cause, Retry-After).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import redis
+
+from registry.numbers import count_or_none
+
+PREFIX = "pt:"
+RECORD_TTL = 3600
+# A failed fill's record only has to reach the clients waiting on it: keep it briefly, so
+# that requests for random digests do not leave an hour of records each.
+FAILED_TTL = 120
+
+
+class FillState(StrEnum):
+    STARTING = "starting"
+    STREAMING = "streaming"
+    COMMITTING = "committing"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+# What a fetcher may write after what (begin() writes STARTING over anything).
+TRANSITIONS: dict[FillState, frozenset[FillState]] = {
+    FillState.STARTING: frozenset({FillState.STREAMING, FillState.FAILED}),
+    FillState.STREAMING: frozenset({FillState.STREAMING, FillState.COMMITTING, FillState.FAILED}),
+    FillState.COMMITTING: frozenset({FillState.COMMITTED, FillState.FAILED}),
+    FillState.COMMITTED: frozenset(),
+    FillState.FAILED: frozenset(),
+}
+
+
+class FillPhase(StrEnum):
+    """Where a failed fill was: before its first upstream byte, or mid-stream (resumable)."""
+
+    STARTING = "starting"
+    STREAMING = "streaming"
+
+
+_STATES = frozenset(state.value for state in FillState)
+_PHASES = frozenset(phase.value for phase in FillPhase)
+
+
+class IllegalTransition(RuntimeError):
+    """A fetcher tried to write a state the protocol does not allow after its current one."""
+
+
+def record_key(digest: object) -> str:
+    return f"{PREFIX}fill:{digest}"
+
+
+@dataclass(frozen=True)
+class FillRecord:
+    """One read of `pt:fill:<digest>`; an empty record (no fill known) has state None."""
+
+    state: FillState | None = None
+    owner: str = ""
+    repository: str = ""
+    upstream: str = ""
+    size: int | None = None
+    written: int = 0
+    stored: int | None = None  # bytes other processes can read (on S3: the stored pieces)
+    reason: str = ""  # digest_mismatch | upstream_error | timeout | storage_error
+    phase: FillPhase | None = None
+    error_class: str = ""
+    error_message: str = ""
+    error_reason: str = ""  # the status line's cause
+    retry_after: str = ""
+    updated: float | None = None
+
+    @classmethod
+    def parse(cls, raw: dict[bytes, bytes]) -> FillRecord:
+        data = {k.decode(): v.decode() for k, v in raw.items()}
+        state = data.get("state", "")
+        phase = data.get("phase", "")
+        try:
+            updated = float(data["updated"]) if data.get("updated") else None
+        except ValueError:
+            updated = None
+        return cls(
+            state=FillState(state) if state in _STATES else None,
+            owner=data.get("owner", ""),
+            repository=data.get("repository", ""),
+            upstream=data.get("upstream", ""),
+            size=count_or_none(data.get("size")),
+            written=count_or_none(data.get("written")) or 0,
+            stored=count_or_none(data.get("stored")),
+            reason=data.get("reason", ""),
+            phase=FillPhase(phase) if phase in _PHASES else None,
+            error_class=data.get("error_class", ""),
+            error_message=data.get("error_message", ""),
+            error_reason=data.get("error_reason", ""),
+            retry_after=data.get("retry_after", ""),
+            updated=updated,
+        )
+
+    @property
+    def active(self) -> bool:
+        """Bytes are flowing or being stored: a follower should wait, not take over."""
+        return self.state in (FillState.STREAMING, FillState.COMMITTING)
+
+    @property
+    def resumable(self) -> bool:
+        """Failed mid-stream for a reason another fetcher can resume from."""
+        return (
+            self.state is FillState.FAILED
+            and self.phase is FillPhase.STREAMING
+            and self.reason != "digest_mismatch"
+        )
+
+
+@dataclass
+class FillWriter:
+    """The fetcher's handle on its record: each write checks the transition first."""
+
+    records: FillRecords
+    digest: object
+    state: FillState = FillState.STARTING
+    _fields: dict[str, object] = field(default_factory=dict)
+
+    def _move(self, to: FillState, ttl: int = RECORD_TTL, **fields: object) -> None:
+        if to not in TRANSITIONS[self.state]:
+            raise IllegalTransition(f"fill of {self.digest}: {self.state.value} -> {to.value}")
+        if to is not self.state:
+            fields["state"] = to.value
+        self.records.write(self.digest, ttl, **fields)
+        self.state = to
+
+    def streaming(self, size: int, written: int, upstream: str) -> None:
+        self._move(FillState.STREAMING, size=size, written=written, upstream=upstream)
+
+    def progress(self, written: int, stored: int) -> None:
+        self._move(FillState.STREAMING, written=written, stored=stored)
+
+    def committing(self, size: int) -> None:
+        self._move(FillState.COMMITTING, written=size, stored=size)
+
+    def committed(self, size: int) -> None:
+        self._move(FillState.COMMITTED, size=size, written=size)
+
+    def failed(
+        self,
+        reason: str,
+        phase: FillPhase,
+        error_class: str,
+        error_message: str,
+        error_reason: str,
+        retry_after: str,
+    ) -> None:
+        self._move(
+            FillState.FAILED,
+            FAILED_TTL,
+            reason=reason,
+            phase=phase.value,
+            error_class=error_class,
+            error_message=error_message,
+            error_reason=error_reason,
+            retry_after=retry_after,
+        )
+
+
+class FillRecords:
+    """The owner of `pt:fill:<digest>`."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def read(self, digest: object) -> FillRecord:
+        return FillRecord.parse(self.redis.hgetall(record_key(digest)))
+
+    def begin(self, digest: object, owner: str, repository: str) -> FillWriter:
+        """A fresh record for the new lease holder, replacing whatever the last one said."""
+        key = record_key(digest)
+        pipe = self.redis.pipeline()
+        pipe.delete(key)
+        pipe.hset(
+            key,
+            mapping={
+                "owner": owner,
+                "state": FillState.STARTING.value,
+                "repository": repository,
+                "size": "",
+                "updated": f"{time.time():.3f}",
+            },
+        )
+        pipe.expire(key, RECORD_TTL)
+        pipe.execute()
+        return FillWriter(self, digest)
+
+    def write(self, digest: object, ttl: int, **fields: object) -> None:
+        key = record_key(digest)
+        mapping = {k: str(v) for k, v in fields.items()}
+        mapping["updated"] = f"{time.time():.3f}"
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping=mapping)
+        pipe.expire(key, ttl)
+        pipe.execute()

@@ -1,0 +1,88 @@
+"""Every path of the store, built here and nowhere else (as distribution's paths.go).
+
+Disk layout (the one place it is written down; `<root>` is `storage.root`):
+
+    <root>/blobs/<algo>/<hex[:2]>/<hex>
+        Verified content, addressed by digest: layers, configs and manifests alike (manifests
+        byte-exact as upstream served them). One copy however many repositories use it.
+        A file appears here only by an atomic rename after its digest and size matched.
+    <root>/uploads/<algo>/<hex>
+        The fill in progress for that digest. Followers read it as it grows; it is never
+        served as complete. Left-overs with no live lease are removed at start-up.
+        On S3 this is a prefix: the fill's pieces, `uploads/<algo>/<hex>/<offset>` (16 digits),
+        each `storage.s3.part_size` bytes but the last (store/s3.py).
+    <root>/repositories/<registry>/<repository>/_manifests/revisions/<algo>/<hex>
+        This repository has this manifest; the file holds the media type upstream served.
+    <root>/repositories/<registry>/<repository>/_manifests/tags/<tag>
+        JSON `{"digest": "...", "mediaType": "...", "validated": <unix time>}`: the tag's
+        manifest as of the last time upstream was asked.
+    <root>/repositories/<registry>/<repository>/_layers/<algo>/<hex>
+        Empty: this repository may be served this blob (upstream served it for this
+        repository, or confirmed with a HEAD that the repository has it). Cached blobs are
+        served only through such a link (or a manifest revision of the repository), so one
+        repository's private content never leaks to another.
+    <root>/tmp/
+        Temporaries of atomic writes.
+
+With `storage.driver: s3` every path above is an object key in the bucket, under
+`storage.s3.prefix`; there are no directories.
+
+`<registry>` is a configured registry name (`docker.io`), `<repository>` a validated name
+(`library/alpine`): the grammar admits no `..`, so these are always paths under the root.
+Everything in Redis can be rebuilt from this tree.
+"""
+
+from __future__ import annotations
+
+from registry.digests import Digest
+
+BLOBS = "blobs"
+UPLOADS = "uploads"
+REPOSITORIES = "repositories"
+TMP = "tmp"
+
+# What follows `repositories/<registry>/<repository>` in each kind of repository file.
+REVISIONS_MARK = "/_manifests/revisions/"
+TAGS_MARK = "/_manifests/tags/"
+LINKS_MARK = "/_layers/"
+
+
+def _by_digest(digest: Digest) -> str:
+    return f"{digest.algorithm}/{digest.hex}"
+
+
+def blob(digest: Digest) -> str:
+    return f"{BLOBS}/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+
+def upload(digest: Digest) -> str:
+    return f"{UPLOADS}/{_by_digest(digest)}"
+
+
+def repository(repo: str) -> str:
+    """`repo` as stored: `<registry>/<repository>`."""
+    return f"{REPOSITORIES}/{repo}"
+
+
+def link(repo: str, digest: Digest) -> str:
+    return f"{REPOSITORIES}/{repo}{LINKS_MARK}{_by_digest(digest)}"
+
+
+def revisions(repo: str) -> str:
+    return f"{REPOSITORIES}/{repo}{REVISIONS_MARK}".rstrip("/")
+
+
+def revision(repo: str, digest: Digest) -> str:
+    return f"{REPOSITORIES}/{repo}{REVISIONS_MARK}{_by_digest(digest)}"
+
+
+def tags(repo: str) -> str:
+    return f"{REPOSITORIES}/{repo}{TAGS_MARK}".rstrip("/")
+
+
+def tag(repo: str, name: str) -> str:
+    return f"{REPOSITORIES}/{repo}{TAGS_MARK}{name}"
+
+
+def temporary(name: str) -> str:
+    return f"{TMP}/{name}"
