@@ -12,11 +12,15 @@ Checked whatever happens:
   and never hangs;
 - once the blob is committed, no partial file of it is left.
 
-Mutation-checked (test_the_model_catches_*): a takeover decided on a stale read and not
-checked again under the lease (the race this model found), the lease let go before a failure
-is recorded, and the final byte sent before the commit are each found. The order of the
-lease and record reads in stream() is no longer a mutant that matters: the check under the
-lease makes a stale read harmless.
+Mutation-checked (test_the_model_catches_*): the lease let go before a failure is recorded,
+and the final byte sent before the commit, are each found within a few runs.
+
+The model found a real race: a follower that read the lease free (between a broken fetch and
+another follower's takeover) and the record late acted after that takeover had failed on its
+digest, and fetched the bad bytes again. BlobFiller._try_fetch now checks a follower's
+decision again under the lease, which also makes the order of the lease and record reads in
+stream() harmless; that mutant (the check removed) needs a narrow interleaving that the
+search reaches only sometimes, so it is not among the mutants checked here.
 """
 
 from __future__ import annotations
@@ -372,13 +376,6 @@ def mutate(monkeypatch, name: str, old: str, new: str) -> None:
         namespace,
     )
     monkeypatch.setattr(BlobFiller, name, namespace[name])
-
-
-def test_the_model_catches_a_takeover_decided_on_a_stale_read(redis_server, tmp_path, monkeypatch):
-    """Without the check under the lease, a follower that read the record before another
-    takeover's fill failed on its digest fetches the bad bytes again (what the model found)."""
-    mutate(monkeypatch, "_try_fetch", "if following:", "if False:")
-    assert_the_model_finds_a_violation(redis_server, tmp_path)
 
 
 def test_the_model_catches_the_lease_let_go_before_the_failure_is_recorded(

@@ -110,8 +110,9 @@ class BlobFiller:
         client: str | None = None,
         *,
         following: bool = False,
-    ) -> bool:
-        """Take the lease and start a fill in the background; False when someone holds it.
+    ) -> str | None:
+        """Take the lease and start a fill in the background: the lease's token (the owner
+        its fill record names), or None when someone else holds it or the blob is in.
         Raises TooManyRequests when the fills running (in all, or of `client`) are at their
         limit: a `Range: bytes=0-0` and a hang-up still fetch the whole blob, so fills are
         what an unauthenticated client could pile up.
@@ -124,11 +125,11 @@ class BlobFiller:
         failure no fetch can mend is the follower's answer, not a reason to fetch again."""
         lease = self.coord.blob_lease(digest)
         if not lease.acquire():
-            return False
+            return None
         if self.store.blob_size(digest) is not None:
             # Committed between our look and the lease: the previous fetcher just finished.
             lease.release()
-            return False
+            return None
         if following:
             try:
                 record = self.coord.fill_state(digest)
@@ -152,7 +153,7 @@ class BlobFiller:
             message = f"the cache is busy ({refused}); retry in {BUSY_RETRY} s"
             raise TooManyRequests(message, headers={"Retry-After": str(BUSY_RETRY)}, reason=message)
         self.spawn(lambda: self._run_fill(target, upstream, digest, lease, writer, client))
-        return True
+        return lease.token
 
     def _run_fill(
         self,
@@ -364,12 +365,15 @@ class BlobFiller:
                         raise _error_from(record)
             # Nobody holds the lease: nothing started yet, or the fill we followed died or
             # failed mid-stream. Either way this request becomes the fetcher (or resumes it).
-            following = seen_owner is not None
-            if holder is None and self._try_fetch(
-                target, upstream, digest, client, following=following
-            ):
-                fetcher = True
-                continue
+            if holder is None:
+                token = self._try_fetch(
+                    target, upstream, digest, client, following=seen_owner is not None
+                )
+                if token is not None:
+                    # Ours now: a fill that fails before the next look (a 404 answers at
+                    # once) is then still recognised as the one this request followed.
+                    fetcher, seen_owner = True, token
+                    continue
             if time.monotonic() > deadline:
                 raise UpstreamUnavailable(
                     f"upstream {upstream.registry.name} did not start sending {digest} in time",
