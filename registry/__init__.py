@@ -18,13 +18,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from registry import accesslog, ui
 from registry.api import health, v2
 from registry.config import Settings, load_settings
-from registry.coordination import (
-    Coordination,
-    SharedTokenCache,
-    UpstreamHealth,
-    blob_lease_key,
-    connect,
-)
+from registry.coordination import Coordination, blob_lease_key, connect
 from registry.errors import (
     NotFound,
     RegistryError,
@@ -39,6 +33,8 @@ from registry.names import catalog_name
 from registry.pullthrough import PullThrough
 from registry.store import ContentStore, FilesystemDriver, StorageDriver
 from registry.upstream.client import UpstreamClient
+from registry.upstream.health import UpstreamHealth
+from registry.upstream.tokens import SharedTokenCache
 
 log = logging.getLogger("registry")
 

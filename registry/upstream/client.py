@@ -52,7 +52,7 @@ class UpstreamDenied(NameUnknown):
 
 
 class Health(Protocol):
-    """Where the client reports how its upstream behaves (coordination.UpstreamHealth)."""
+    """Where the client reports how its upstream behaves (upstream/health.py)."""
 
     def open_state(self) -> tuple[dict, float] | None: ...
     def take_probe(self) -> bool: ...
