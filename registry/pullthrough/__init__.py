@@ -167,10 +167,10 @@ class PullThrough:
                     detail={"reference": reference[:300]},
                 ) from None
             found = self._manifest_by_digest(target, digest, client)
-            self.coord.touch_pulled(f"{target}@{found.digest}")
+            pulled = f"{target}@{found.digest}"
         else:
             found = self._manifest_by_tag(target, validate_tag(reference), client)
-            self.coord.touch_pulled(f"{target}:{reference}")
+            pulled = f"{target}:{reference}"
         # What is stored and remembered is the same for every client: upstream is always asked
         # with every manifest type, so an old client's narrow Accept can neither replace an
         # index with one platform's manifest (distribution rewrites lists for such clients)
@@ -178,6 +178,7 @@ class PullThrough:
         if not accepts(accept, found.media_type):
             message = f"{reference} is a {found.media_type}, which the client does not accept"
             raise ManifestUnknown(message, reason=message)
+        self.coord.touch_pulled(pulled)
         return found
 
     def _manifest_by_digest(self, target: Target, digest: Digest, client: str | None) -> Manifest:
