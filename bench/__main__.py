@@ -377,6 +377,8 @@ def main() -> None:
                     {"name": "stale.test", "url": upstream.url, "tag_ttl": 0},
                     {"name": "set.test", "url": set_relays["pullthrough"].url},
                 ],
+                # Every simulated host is 127.0.0.1 here: no per-client limits.
+                "limits": {"max_fills_per_client": 0, "client_upstream_per_minute": 0},
             }
         )
     )

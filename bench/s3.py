@@ -101,6 +101,8 @@ def main() -> None:
                 registries,
                 workers=NODE_WORKERS,
                 storage=s3_section(swift, prefix, **s3),
+                # Every simulated host is 127.0.0.1 here: no per-client limits.
+                limits={"max_fills_per_client": 0, "client_upstream_per_minute": 0},
             )
             started.append(server)
             return server

@@ -230,6 +230,8 @@ def main() -> None:
                 # Sweep unreferenced content at once and drop tags unpulled for a minute:
                 # the most churn a sweep can cause while clients pull.
                 "gc": {"delay": "0s", "keep_pulled_within": "60s"},
+                # Every simulated host is 127.0.0.1 here: no per-client limits.
+                "limits": {"max_fills_per_client": 0, "client_upstream_per_minute": 0},
             }
         )
     )
