@@ -385,11 +385,12 @@ def load_credentials_file(path: str) -> dict[str, Credentials]:
     try:
         file = Path(path)
         raw = json.loads(file.read_text())
-        if file.stat().st_mode & 0o077:
+        mode = file.stat().st_mode
+        if mode & 0o077:
             log.warning(
                 "credentials_file %s can be read by other users (mode %o): chmod 600 it",
                 path,
-                file.stat().st_mode & 0o777,
+                mode & 0o777,
             )
     except OSError as exc:
         raise ConfigError([f"credentials_file: cannot read {path}: {exc.strerror}"]) from None

@@ -17,7 +17,7 @@ stored, and why a fill failed (its error class, message, status-line cause, Retr
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 import redis
@@ -60,6 +60,18 @@ _STATES = frozenset(state.value for state in FillState)
 _PHASES = frozenset(phase.value for phase in FillPhase)
 
 
+class FailReason(StrEnum):
+    """Why a fill failed; also the `reason` label of pullthrough_fill_failures_total."""
+
+    DIGEST_MISMATCH = "digest_mismatch"  # never resumed: the same bytes would come again
+    UPSTREAM_ERROR = "upstream_error"
+    TIMEOUT = "timeout"
+    STORAGE_ERROR = "storage_error"
+
+
+_REASONS = frozenset(reason.value for reason in FailReason)
+
+
 class IllegalTransition(RuntimeError):
     """A fetcher tried to write a state the protocol does not allow after its current one."""
 
@@ -79,7 +91,7 @@ class FillRecord:
     size: int | None = None
     written: int = 0
     stored: int | None = None  # bytes other processes can read (on S3: the stored pieces)
-    reason: str = ""  # digest_mismatch | upstream_error | timeout | storage_error
+    reason: FailReason | None = None
     phase: FillPhase | None = None
     error_class: str = ""
     error_message: str = ""
@@ -92,6 +104,7 @@ class FillRecord:
         data = {k.decode(): v.decode() for k, v in raw.items()}
         state = data.get("state", "")
         phase = data.get("phase", "")
+        reason = data.get("reason", "")
         try:
             updated = float(data["updated"]) if data.get("updated") else None
         except ValueError:
@@ -104,7 +117,7 @@ class FillRecord:
             size=count_or_none(data.get("size")),
             written=count_or_none(data.get("written")) or 0,
             stored=count_or_none(data.get("stored")),
-            reason=data.get("reason", ""),
+            reason=FailReason(reason) if reason in _REASONS else None,
             phase=FillPhase(phase) if phase in _PHASES else None,
             error_class=data.get("error_class", ""),
             error_message=data.get("error_message", ""),
@@ -124,7 +137,7 @@ class FillRecord:
         return (
             self.state is FillState.FAILED
             and self.phase is FillPhase.STREAMING
-            and self.reason != "digest_mismatch"
+            and self.reason is not FailReason.DIGEST_MISMATCH
         )
 
 
@@ -135,7 +148,6 @@ class FillWriter:
     records: FillRecords
     digest: object
     state: FillState = FillState.STARTING
-    _fields: dict[str, object] = field(default_factory=dict)
 
     def _move(self, to: FillState, ttl: int = RECORD_TTL, **fields: object) -> None:
         if to not in TRANSITIONS[self.state]:
@@ -159,7 +171,7 @@ class FillWriter:
 
     def failed(
         self,
-        reason: str,
+        reason: FailReason,
         phase: FillPhase,
         error_class: str,
         error_message: str,
@@ -169,7 +181,7 @@ class FillWriter:
         self._move(
             FillState.FAILED,
             FAILED_TTL,
-            reason=reason,
+            reason=reason.value,
             phase=phase.value,
             error_class=error_class,
             error_message=error_message,

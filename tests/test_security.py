@@ -282,14 +282,19 @@ def test_redirect_allow_lets_a_private_mirror_through(
     assert bystander.hits == ["/latest/meta-data/"]
 
 
+def challenge_with_realm(fake: FakeRegistry, realm: str) -> None:
+    """The upstream answers org/app:1 with a bearer challenge naming `realm`."""
+    fake.routes["/v2/org/app/manifests/1"] = Route(
+        status=401,
+        body=b"{}",
+        headers={"WWW-Authenticate": f'Bearer realm="{realm}",service="x"'},
+    )
+
+
 def test_a_token_realm_on_a_private_address_gets_no_request(
     tmp_path, redis_server, redis_client, fake_upstream, bystander
 ):
-    fake_upstream.routes["/v2/org/app/manifests/1"] = Route(
-        status=401,
-        body=b"{}",
-        headers={"WWW-Authenticate": f'Bearer realm="{bystander.url}/token",service="x"'},
-    )
+    challenge_with_realm(fake_upstream, f"{bystander.url}/token")
     client = fake_app(tmp_path, redis_server, fake_upstream).test_client()
     refused = client.get("/v2/org/app/manifests/1")
     assert refused.status_code == 502 and "token service" in refused.json["errors"][0]["message"]
@@ -301,11 +306,7 @@ def test_credentials_never_go_to_a_plain_http_realm_on_another_host(
 ):
     from registry.config import Credentials, RegistrySettings
 
-    fake_upstream.routes["/v2/org/app/manifests/1"] = Route(
-        status=401,
-        body=b"{}",
-        headers={"WWW-Authenticate": f'Bearer realm="{bystander.url}/token",service="x"'},
-    )
+    challenge_with_realm(fake_upstream, f"{bystander.url}/token")
     upstream = RegistrySettings(
         "docker.io",
         fake_upstream.url,

@@ -36,7 +36,7 @@ from registry.errors import (
     UpstreamUnavailable,
     storage_failure,
 )
-from registry.fills import FillPhase, FillRecord, FillState, FillWriter
+from registry.fills import FailReason, FillPhase, FillRecord, FillState, FillWriter
 from registry.metrics import Metrics
 from registry.names import Target
 from registry.store import ContentStore
@@ -126,32 +126,26 @@ class BlobFiller:
         lease = self.coord.blob_lease(digest)
         if not lease.acquire():
             return None
-        if self.store.blob_size(digest) is not None:
-            # Committed between our look and the lease: the previous fetcher just finished.
-            lease.release()
-            return None
-        if following:
-            try:
+        try:  # every way out but the spawned fill lets the lease go
+            if self.store.blob_size(digest) is not None:
+                # Committed between our look and the lease: the previous fetcher finished.
+                lease.release()
+                return None
+            if following:
                 record = self.coord.fill_state(digest)
-            except Exception:
-                lease.release()
-                raise
-            if record.state is FillState.FAILED and not record.resumable:
-                lease.release()
-                raise _error_from(record)
-        try:
+                if record.state is FillState.FAILED and not record.resumable:
+                    raise _error_from(record)
             refused = self.coord.admit_fill(
                 digest, client, self.max_fills, self.max_fills_per_client
             )
-            if refused is None:
-                writer = self.coord.fills.begin(digest, lease.token, str(target))
-        except Exception:
+            if refused is not None:
+                message = f"the cache is busy ({refused}); retry in {BUSY_RETRY} s"
+                headers = {"Retry-After": str(BUSY_RETRY)}
+                raise TooManyRequests(message, headers=headers, reason=message)
+            writer = self.coord.fills.begin(digest, lease.token, str(target))
+        except BaseException:
             lease.release()
             raise
-        if refused is not None:
-            lease.release()
-            message = f"the cache is busy ({refused}); retry in {BUSY_RETRY} s"
-            raise TooManyRequests(message, headers={"Retry-After": str(BUSY_RETRY)}, reason=message)
         self.spawn(lambda: self._run_fill(target, upstream, digest, lease, writer, client))
         return lease.token
 
@@ -231,7 +225,7 @@ class BlobFiller:
                 upload.discard()
                 self._fail(
                     writer,
-                    "digest_mismatch",
+                    FailReason.DIGEST_MISMATCH,
                     UpstreamError(
                         f"upstream {upstream.registry.name} served bytes that do not match "
                         f"{digest}",
@@ -265,7 +259,7 @@ class BlobFiller:
         except LeaseLost:
             log.warning("fill of %s lost its lease; another process continues it", digest)
         except RegistryError as exc:
-            self._fail(writer, "upstream_error", exc, streaming, upstream.registry.name)
+            self._fail(writer, FailReason.UPSTREAM_ERROR, exc, streaming, upstream.registry.name)
         except Exception as exc:  # mid-stream resets, timeouts, disk full
             error: RegistryError | None = storage_failure(exc)
             if error is None and isinstance(exc, OSError) and stream is None:
@@ -280,9 +274,10 @@ class BlobFiller:
                 # holding the space (unless the lease, and so the file, is someone else's).
                 if upload is not None and not lease.lost:
                     upload.discard()
-                reason = "storage_error"
+                reason = FailReason.STORAGE_ERROR
             else:
-                reason = "timeout" if "timeout" in type(exc).__name__.lower() else "upstream_error"
+                timed_out = "timeout" in type(exc).__name__.lower()
+                reason = FailReason.TIMEOUT if timed_out else FailReason.UPSTREAM_ERROR
                 error = UpstreamUnavailable(
                     f"fill of {digest} from upstream {upstream.registry.name} failed: "
                     f"{type(exc).__name__}",
@@ -309,14 +304,14 @@ class BlobFiller:
     def _fail(
         self,
         writer: FillWriter,
-        reason: str,
+        reason: FailReason,
         error: RegistryError,
         streaming: bool,
         registry: str,
     ) -> None:
-        log.warning("fill of %s failed (%s): %s", writer.digest, reason, error.message)
+        log.warning("fill of %s failed (%s): %s", writer.digest, reason.value, error.message)
         if self.metrics is not None:
-            self.metrics.fill_failures.labels(registry, reason).inc()
+            self.metrics.fill_failures.labels(registry, reason.value).inc()
         try:
             writer.failed(
                 reason,
@@ -441,7 +436,7 @@ class BlobFiller:
                     # Before the first byte these errors are the response (their class
                     # gives its status: 503 for our storage); after it they cut it short.
                     failed = record.state is FillState.FAILED
-                    if failed and record.reason == "digest_mismatch":
+                    if failed and record.reason is FailReason.DIGEST_MISMATCH:
                         raise _error_from(record)
                     if not committed and not held:
                         if takeovers >= MAX_TAKEOVERS:

@@ -24,6 +24,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 
 from registry.config import RegistrySettings
+from registry.digests import looks_like_digest
 from registry.errors import (
     BlobUnknown,
     ManifestUnknown,
@@ -53,6 +54,8 @@ class UpstreamDenied(NameUnknown):
 
 class Health(Protocol):
     """Where the client reports how its upstream behaves (upstream/health.py)."""
+
+    max_retry_after: float  # the longest a 429 stops calls (upstream.rate_limit_max_backoff)
 
     def open_state(self) -> tuple[dict, float] | None: ...
     def take_probe(self) -> bool: ...
@@ -467,7 +470,7 @@ class UpstreamClient:
         if status == 429:
             headers = {}
             retry = response.headers.get("Retry-After", "").strip()
-            cap = getattr(self.health, "max_retry_after", None)
+            cap = self.health.max_retry_after if self.health is not None else None
             if cap is not None and is_count(retry) and int(retry) > cap:
                 retry = str(int(cap))  # our breaker asks again by then (rate_limit_max_backoff)
             if retry:
@@ -532,7 +535,7 @@ def _error_codes(response: requests.Response) -> list[str]:
 
 
 def _what(reference: str) -> str:
-    return f"manifest {reference}" if ":" in reference else f"tag {reference}"
+    return f"manifest {reference}" if looks_like_digest(reference) else f"tag {reference}"
 
 
 def _media_type(response: requests.Response) -> str:
