@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from registry import create_app
 from registry.config import Credentials
+from registry.digests import Digest
 from tests.conftest import make_settings
 from tests.support.images import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 
@@ -280,11 +282,22 @@ def test_upstream_down_names_the_upstream_for_uncached_and_serves_cached(
     assert "docker.io" in message and dead in message
 
 
-def test_flushall_loses_nothing_cached(client, images, redis_client, upstream):
+def _blob_file(settings, digest: str):
+    hexpart = digest.split(":")[1]
+    return settings.storage_root / "blobs" / "sha256" / hexpart[:2] / hexpart
+
+
+def test_flushall_loses_nothing_cached(client, images, redis_client, upstream, settings):
     busybox = images["busybox"]
     client.get("/v2/library/busybox/manifests/1.36")
-    for digest in busybox.blobs:
-        client.get(f"/v2/library/busybox/blobs/{digest}")
+    for digest, data in busybox.blobs.items():
+        assert client.get(f"/v2/library/busybox/blobs/{digest}").data == data
+    # The last byte reaches the client just before the fill's commit: what is cached is
+    # what is committed, so wait for that before wiping Redis.
+    deadline = time.monotonic() + 10
+    while not all(_blob_file(settings, d).exists() for d in busybox.blobs):
+        assert time.monotonic() < deadline, "fills never committed"
+        time.sleep(0.05)
     assert client.get("/v2/_catalog").json == {"repositories": ["library/busybox"]}
     redis_client.flushall()
     mark = upstream.mark()
@@ -293,6 +306,25 @@ def test_flushall_loses_nothing_cached(client, images, redis_client, upstream):
         assert client.get(f"/v2/library/busybox/blobs/{digest}").data == data
     assert [r for r in upstream.requests_since(mark) if "/blobs/" in r[1]] == []
     assert client.get("/v2/_catalog").json == {"repositories": ["library/busybox"]}
+
+
+def test_fill_stopped_after_its_last_byte_is_committed_without_fetching_again(
+    client, images, upstream, settings
+):
+    """A process that died between a fill's last byte and its commit left the whole blob as
+    an upload. The next fill asks upstream for the rest, learns (416, `bytes */SIZE`) that
+    there is none, verifies what it holds and commits it: no byte of the blob is fetched."""
+    busybox = images["busybox"]
+    digest, data = max(busybox.blobs.items(), key=lambda item: len(item[1]))
+    store = client.application.extensions["pullthrough"].store
+    upload = store.open_upload(Digest.parse(digest), len(data))
+    upload.pwrite(data, 0)
+    mark = upstream.mark()
+    response = client.get(f"/v2/library/busybox/blobs/{digest}")
+    assert response.status_code == 200 and response.data == data
+    asked = [r for r in upstream.requests_since(mark) if digest in r[1] and r[2] != 401]
+    assert asked == [("GET", f"/v2/library/busybox/blobs/{digest}", 416)]
+    assert _blob_file(settings, digest).read_bytes() == data
 
 
 def test_private_repository_needs_credentials_and_never_leaks(

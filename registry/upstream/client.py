@@ -88,17 +88,23 @@ class ManifestHead:
 class BlobStream:
     """An open upstream blob response: `offset` is where its bytes start in the blob."""
 
-    def __init__(self, response: requests.Response, offset: int, total: int | None) -> None:
+    def __init__(
+        self, response: requests.Response | None, offset: int, total: int | None
+    ) -> None:
+        # No response: the bytes held from `offset` on are already the whole blob.
         self.response = response
         self.offset = offset
         self.total = total
 
     def chunks(self) -> Iterator[bytes]:
+        if self.response is None:
+            return
         # decode_content=False: layers are served byte-exact even if someone sets an encoding.
         yield from self.response.raw.stream(CHUNK_SIZE, decode_content=False)
 
     def close(self) -> None:
-        self.response.close()
+        if self.response is not None:
+            self.response.close()
 
 
 class UpstreamClient:
@@ -186,6 +192,16 @@ class UpstreamClient:
             if start == offset:
                 return BlobStream(response, offset, total)
             response.close()
+            response = self._request(
+                "GET", repository, f"blobs/{digest}", stream=True, follow=True, blob=True
+            )
+        elif offset and response.status_code == 416:
+            # `bytes */SIZE`: nothing lies past the offset. A fill that stopped after its last
+            # byte (before its commit) left the whole blob: the caller verifies and commits it.
+            total = _unsatisfiable_size(response.headers.get("Content-Range"))
+            response.close()
+            if total == offset:
+                return BlobStream(None, offset, total)
             response = self._request(
                 "GET", repository, f"blobs/{digest}", stream=True, follow=True, blob=True
             )
@@ -549,6 +565,12 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
         return None, None
     total = match.group(2)
     return int(match.group(1)), count_or_none(total)
+
+
+def _unsatisfiable_size(value: str | None) -> int | None:
+    """SIZE of a 416's `bytes */SIZE`; None when it is missing or malformed."""
+    match = re.fullmatch(r"bytes \*/(\d+)", (value or "").strip())
+    return int(match.group(1)) if match else None
 
 
 def _rate_limit_fields(headers) -> dict[str, str]:
