@@ -88,9 +88,7 @@ class ManifestHead:
 class BlobStream:
     """An open upstream blob response: `offset` is where its bytes start in the blob."""
 
-    def __init__(
-        self, response: requests.Response | None, offset: int, total: int | None
-    ) -> None:
+    def __init__(self, response: requests.Response | None, offset: int, total: int | None) -> None:
         # No response: the bytes held from `offset` on are already the whole blob.
         self.response = response
         self.offset = offset
