@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from registry import accesslog, ui
 from registry.api import health, v2
 from registry.config import Settings, load_settings
-from registry.coordination import Coordination, blob_lease_key, connect
+from registry.coordination import Coordination, connect
 from registry.errors import (
     NotFound,
     RegistryError,
@@ -144,7 +144,7 @@ def clean_stale_uploads(pullthrough: PullThrough) -> None:
         return
     try:
         removed = pullthrough.store.clean_uploads(
-            lambda digest: coordination.lease_held(blob_lease_key(digest)),
+            lambda digest: coordination.leases.blob_held(digest),
             min_age=4 * pullthrough.settings.lease_ttl,
         )
     except OSError as exc:  # the store is down: start anyway, and answer 503s naming it

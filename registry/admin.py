@@ -119,9 +119,9 @@ def evict(pt: PullThrough, ref: str) -> str:
         pt.store.delete_revision(repo, record.digest)
     pt.store.prune_repository(repo)
     try:
-        pt.coord.forget_pulled([f"{repo}:{tag}"])
+        pt.coord.pulls.forget([f"{repo}:{tag}"])
         if not pt.store.has_manifests(repo):
-            pt.coord.unindex_repositories([pt.catalog_name(repo)])
+            pt.coord.catalog.remove([pt.catalog_name(repo)])
     except RedisError:
         pass
     return str(record.digest)
@@ -141,7 +141,7 @@ def verify(pt: PullThrough, delete: bool, out: TextIO = sys.stdout) -> int:
         corrupt += 1
         action = "found"
         if delete:
-            lease = pt.coord.blob_lease(digest)
+            lease = pt.coord.leases.blob(digest)
             if lease.acquire():
                 try:
                     pt.store.delete_blob(digest)
@@ -157,13 +157,13 @@ def verify(pt: PullThrough, delete: bool, out: TextIO = sys.stdout) -> int:
 
 def rebuild_index(pt: PullThrough) -> dict:
     """Rebuild the catalog and the storage totals in Redis from disk."""
-    pt.coord.forget_catalog_index()
+    pt.coord.catalog.forget()
     names, _ = pt.catalog(None, None)
     total = blobs = 0
     for _digest, size, _mtime in pt.store.iter_blobs():
         total += size
         blobs += 1
-    pt.coord.set_store_totals(total, blobs)
+    pt.coord.store.set(total, blobs)
     return {"repositories": len(names), "blobs": blobs, "bytes": total}
 
 

@@ -97,9 +97,9 @@ class Collector:
     # -- the run ---------------------------------------------------------------------------------
     def run(self, dry_run: bool = False) -> dict:
         """Collect once; returns (and records in Redis) the report. Raises GcBusy."""
-        lease = self.coord.gc_lease()
+        lease = self.coord.gc.lease()
         if not lease.acquire():
-            holder = self.coord.lease_holder(lease.key)
+            holder = lease.holder()
             raise GcBusy(f"another sweep is running ({holder})")
         done = threading.Event()
         lease.keep_alive(lambda: not done.is_set())
@@ -112,7 +112,7 @@ class Collector:
             store_bytes = sum(size for size, _ in blobs.values())
             if not dry_run:
                 # The walk is the truth: correct whatever the counting in between missed.
-                self.coord.set_store_totals(store_bytes, len(blobs))
+                self.coord.store.set(store_bytes, len(blobs))
             report.update(
                 repositories=len(repos),
                 manifests=sum(len(scan.revisions) for scan in repos.values()),
@@ -131,11 +131,11 @@ class Collector:
             raise
         finally:
             done.set()
-            self.coord.clear_live()
+            self.coord.gc.clear_live()
             lease.release()
             report["finished"] = round(self.clock(), 3)
             report["seconds"] = round(report["finished"] - started, 3)
-            self.coord.record_gc(report)
+            self.coord.gc.record(report)
             log.info(
                 "gc %s: %s",
                 "dry run" if dry_run else "sweep",
@@ -155,9 +155,9 @@ class Collector:
         # No pull history at all (Redis flushed): count everything as pulled now, so nothing
         # goes for lack of history; the times are recorded and age from here. Otherwise a
         # manifest never pulled by digest is as old as its tags, or its revision file.
-        history = self.coord.has_pull_history()
-        pulled = self.coord.pulled_times(tag_members, default=now, record_default=True)
-        pulled |= self.coord.pulled_times(
+        history = self.coord.pulls.has_history()
+        pulled = self.coord.pulls.times(tag_members, default=now, record_default=True)
+        pulled |= self.coord.pulls.times(
             digest_members, default=0.0 if history else now, record_default=not history
         )
 
@@ -292,27 +292,27 @@ class Collector:
         deleted_tags = [f"{repo}:{tag}" for repo, tag in plan.drop_tags]
         for repo, tag in plan.drop_tags:
             store.delete_tag(repo, tag)
-        coord.forget_pulled(deleted_tags)
+        coord.pulls.forget(deleted_tags)
         for repo, digest in plan.revisions:
             store.delete_revision(repo, digest)
-        coord.forget_pulled([f"{repo}@{digest}" for repo, digest in plan.revisions])
+        coord.pulls.forget([f"{repo}@{digest}" for repo, digest in plan.revisions])
         for repo, digest in plan.links:
             store.delete_link(repo, digest)
 
         freed = deleted = skipped = 0
         for digest, size in plan.blobs:
-            lease = coord.blob_lease(digest)
+            lease = coord.leases.blob(digest)
             if not lease.acquire():
                 skipped += 1  # a fill of this digest is running
                 continue
             try:
-                if coord.is_live(digest):
+                if coord.gc.is_live(digest):
                     skipped += 1  # a pull referenced it since the sweep started
                     continue
                 if store.delete_blob(digest):
                     deleted += 1
                     freed += size
-                    coord.count_stored(-size, -1)
+                    coord.store.count(-size, -1)
             finally:
                 lease.release()
 
@@ -322,7 +322,7 @@ class Collector:
                 uploads += store.delete_upload(item)
                 continue
             digest = Digest.parse(item)
-            lease = coord.blob_lease(digest)
+            lease = coord.leases.blob(digest)
             if not lease.acquire():
                 continue  # its fill is alive
             try:
@@ -337,7 +337,7 @@ class Collector:
             store.prune_repository(repo)
             if not store.has_manifests(repo):
                 emptied.append(self.catalog_name(repo))
-        coord.unindex_repositories(emptied)
+        coord.catalog.remove(emptied)
         report = self._counts(plan, skipped=skipped)
         # Commits of nodes that died mid-way leave multipart uploads behind on S3 (the
         # bucket's lifecycle rule does this too, where the store has one).

@@ -32,7 +32,7 @@ def tag_rows(pt: PullThrough, target: Target) -> list[TagRow]:
     tags = pt.store.list_tags(target)
     members = [f"{target}:{tag}" for tag in tags]
     try:
-        pulled, counts = pt.coord.pull_history(members)
+        pulled, counts = pt.coord.pulls.history(members)
     except RedisError:
         pulled, counts = [None] * len(tags), [0] * len(tags)
     rows = []

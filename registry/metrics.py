@@ -134,7 +134,7 @@ class RedisState:
             breaker.add_metric([name], 0.0 if status["breaker"] is None else 1.0)
         yield from (limit, remaining, breaker)
 
-        store = self.coord.store_totals()
+        store = self.coord.store.read()
         if store:
             size = GaugeMetricFamily(
                 "pullthrough_storage_bytes", "Bytes of committed content in the store."
@@ -144,13 +144,13 @@ class RedisState:
             count.add_metric([], float(store.get("blobs", 0)))
             yield from (size, count)
 
-        totals = self.coord.gc_totals()
+        totals = self.coord.gc.totals()
         runs = CounterMetricFamily("pullthrough_gc_runs", "GC sweeps run (dry runs excluded).")
         runs.add_metric([], float(totals.get("runs", 0)))
         freed = CounterMetricFamily("pullthrough_gc_freed_bytes", "Bytes the GC has freed.")
         freed.add_metric([], float(totals.get("freed_bytes", 0)))
         yield from (runs, freed)
-        last = self.coord.last_gc()
+        last = self.coord.gc.last()
         if last.get("finished"):
             when = GaugeMetricFamily(
                 "pullthrough_gc_last_run_timestamp_seconds", "When the last GC run finished."

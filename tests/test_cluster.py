@@ -248,7 +248,7 @@ def test_gc_on_s3_keeps_what_manifests_need_and_runs_once_cluster_wide(
             results.append(exc)
 
     threads = [threading.Thread(target=sweep) for _ in range(2)]
-    hold = pt.coord.gc_lease()
+    hold = pt.coord.gc.lease()
     assert hold.acquire()
     for thread in threads:
         thread.start()

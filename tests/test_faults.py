@@ -20,7 +20,6 @@ import redis as redis_lib
 import requests
 
 from registry import create_app
-from registry.coordination import blob_lease_key
 from registry.fills import FillState
 from tests.conftest import make_settings
 from tests.support.clients import fetch
@@ -75,22 +74,23 @@ def test_poisoned_blob_is_cut_short_and_never_committed(cache, fake):
 
 
 class StaleStateForFollowers:
-    """The coordination of one app, except that a streaming client reading the fill's state
+    """The fill records of one app, except that a streaming client reading the fill's state
     gets it late: after the fetcher has recorded its failure and let the lease go."""
 
-    def __init__(self, real):
+    def __init__(self, real, leases):
         self.real = real
+        self.leases = leases
         self.late = 0  # how many reads were given late
 
     def __getattr__(self, name):
         return getattr(self.real, name)
 
-    def fill_state(self, digest):
-        state = self.real.fill_state(digest)
+    def read(self, digest):
+        state = self.real.read(digest)
         if state.state is FillState.STREAMING and sys._getframe(1).f_code.co_name == "stream":
             self.late += 1
             deadline = time.monotonic() + 10
-            while self.real.lease_held(blob_lease_key(digest)) and time.monotonic() < deadline:
+            while self.leases.blob_held(digest) and time.monotonic() < deadline:
                 time.sleep(0.005)
         return state
 
@@ -109,7 +109,8 @@ def test_a_follower_reading_a_stale_state_does_not_refetch_poisoned_bytes(
     fake.routes[f"/v2/library/stale/blobs/{digest}"] = Route(body=bytes(poisoned), trickle=0.05)
     app = create_app(make_settings(tmp_path / "data", redis_server.url, fake.url))
     filler = app.extensions["pullthrough"].filler
-    filler.coord = StaleStateForFollowers(filler.coord)
+    coord = filler.coord
+    coord.fills = StaleStateForFollowers(coord.fills, coord.leases)
     response = app.test_client().get(f"/v2/library/stale/blobs/{digest}", buffered=False)
     body = b""
     with contextlib.suppress(Exception):  # the stream is cut short
@@ -117,7 +118,7 @@ def test_a_follower_reading_a_stale_state_does_not_refetch_poisoned_bytes(
             body += chunk
     response.close()
     assert body != good
-    assert filler.coord.late >= 1  # the race was staged
+    assert coord.fills.late >= 1  # the race was staged
     time.sleep(0.5)  # a wrongful takeover would have fetched again by now
     assert fake.count("GET", digest) == 1
 

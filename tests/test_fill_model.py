@@ -47,6 +47,7 @@ from hypothesis.stateful import (
 
 from registry.config import RegistrySettings
 from registry.coordination import Coordination, Lease, blob_lease_key
+from registry.coordination.leases import Leases
 from registry.digests import Digest
 from registry.errors import RegistryError
 from registry.fills import FillRecords, FillState
@@ -153,7 +154,10 @@ class KillableLease(Lease):
             super().release()
 
 
-class SlowFailureWrites(FillRecords):
+class SlowFillRecords(FillRecords):
+    """The fill records as one process sees them: its failure writes and its reads may be
+    slow (the scheduler stalls it), stretching the windows between them."""
+
     def __init__(self, client, proc: Proc) -> None:
         super().__init__(client)
         self.proc = proc
@@ -163,21 +167,27 @@ class SlowFailureWrites(FillRecords):
             time.sleep(SLOW)
         super().write(digest, ttl, **fields)
 
+    def read(self, digest: Digest):
+        record = super().read(digest)
+        if self.proc.slow_reads:
+            time.sleep(SLOW)
+        return record
+
+
+class KillableLeases(Leases):
+    def __init__(self, client, owner: str, proc: Proc) -> None:
+        super().__init__(client, LEASE_TTL, owner)
+        self.proc = proc
+
+    def blob(self, digest: Digest) -> Lease:
+        return KillableLease(self.proc, self.redis, blob_lease_key(digest), LEASE_TTL, self.owner)
+
 
 class ModelCoordination(Coordination):
     def __init__(self, client, proc: Proc) -> None:
         super().__init__(client, LEASE_TTL)
-        self.proc = proc
-        self.fills = SlowFailureWrites(client, proc)
-
-    def blob_lease(self, digest: Digest) -> Lease:
-        return KillableLease(self.proc, self.redis, blob_lease_key(digest), LEASE_TTL, self.owner)
-
-    def fill_state(self, digest: Digest):
-        record = super().fill_state(digest)
-        if self.proc.slow_reads:
-            time.sleep(SLOW)
-        return record
+        self.leases = KillableLeases(client, self.owner, proc)
+        self.fills = SlowFillRecords(client, proc)
 
 
 class Proc:

@@ -107,7 +107,7 @@ def test_sweep_frees_what_no_tag_needs_and_keeps_every_tagged_image(store, coord
     assert report["deleted_blobs"] == len(gone)
     assert report["freed_bytes"] == sum(sizes[d] for d in gone)
     assert report["deleted_tags"] == 0 and report["error"] == ""
-    last = coord.last_gc()
+    last = coord.gc.last()
     assert last["freed_bytes"] == str(report["freed_bytes"]) and last["dry_run"] == "False"
 
 
@@ -133,7 +133,7 @@ def test_dry_run_deletes_nothing_and_predicts_the_real_run(store, coord):
     before = all_files(store)
     preview = collect(store, coord, later=3 * DAY, dry_run=True)
     assert all_files(store) == before
-    assert coord.last_gc()["dry_run"] == "True"
+    assert coord.gc.last()["dry_run"] == "True"
     real = collect(store, coord, later=3 * DAY)
     for key in ("deleted_tags", "deleted_manifests", "deleted_blobs", "freed_bytes"):
         assert preview[key] == real[key], key
@@ -148,9 +148,9 @@ def test_a_blob_being_filled_or_downloaded_survives_the_sweep(store, coord):
     partial = store.driver.local_path(store.upload_path(Digest.parse(raw_layer(rng, 10).digest)))
     partial.parent.mkdir(parents=True)
     partial.write_bytes(b"half")
-    fill = coord.blob_lease(Digest.parse(filling.digest))
+    fill = coord.leases.blob(Digest.parse(filling.digest))
     assert fill.acquire()
-    upload_fill = coord.blob_lease(Digest.parse("sha256:" + partial.name))
+    upload_fill = coord.leases.blob(Digest.parse("sha256:" + partial.name))
     assert upload_fill.acquire()
     download = store.open_blob(Digest.parse(reading.digest))  # a client mid-download
     first = download.read(1000)
@@ -178,7 +178,7 @@ def test_a_pull_during_the_sweep_keeps_what_it_referenced(store, coord, monkeypa
         planned = original(self, repos, blobs)
         # The mark is done: now a pull caches an image that needs the "unreferenced" layer.
         pull(store, coord, image)
-        coord.note_live(Digest.parse(d) for d in needed(image))
+        coord.gc.note_live(Digest.parse(d) for d in needed(image))
         return planned
 
     monkeypatch.setattr(Collector, "plan", plan_then_pull)
@@ -189,7 +189,7 @@ def test_a_pull_during_the_sweep_keeps_what_it_referenced(store, coord, monkeypa
 
 
 def test_one_sweep_at_a_time(store, coord):
-    lease = coord.gc_lease()
+    lease = coord.gc.lease()
     assert lease.acquire()
     try:
         with pytest.raises(GcBusy):
@@ -348,7 +348,7 @@ class Interleavings(RuleBasedStateMachine):
     def fill(self, repo, tag):
         image = random_image(self.rng, repo, tag, self.pool)
         cache_image(self.store, image)
-        self.coord.note_live(Digest.parse(d) for d in needed(image))
+        self.coord.gc.note_live(Digest.parse(d) for d in needed(image))
         self.images[image.digest] = image
         self.coord.redis.zadd("pt:pulled", {f"docker.io/{repo}:{tag}": time.time()})
 

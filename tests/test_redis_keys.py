@@ -1,4 +1,4 @@
-"""The Redis key schema is documented once in registry/coordination.py, and README.md's table
+"""The Redis key schema is documented once in registry/coordination/__init__.py, and README.md's table
 lists the same keys; every key a test run leaves in any test Redis matches one of them.
 
 Runs last (tests/conftest.py): by then every module's Redis has been read before it was

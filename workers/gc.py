@@ -97,7 +97,7 @@ class GcScheduler(CronScheduler):
         for job in self.get_jobs():
             if not job.should_run():
                 continue
-            if self.coord.take_gc_slot(self.interval):
+            if self.coord.gc.take_slot(self.interval):
                 enqueue(self.connection)  # as JSON (rq's CronJob.enqueue would pickle)
                 enqueued.append(job)
             else:

@@ -115,7 +115,7 @@ class PullThrough:
         # Per credential: what anonymous may not see, the configured account may.
         who = self.upstream(target).identity
         repo_key, ref_key = missing_key(who, str(target)), missing_key(who, str(target), reference)
-        remembered = self.coord.missing(repo_key, ref_key)
+        remembered = self.coord.missing.lookup(repo_key, ref_key)
         if remembered is not None:
             kind, _, rest = remembered.partition(":")
             when, _, message = rest.partition(":")
@@ -129,12 +129,12 @@ class PullThrough:
         try:
             return call()
         except UpstreamDenied as exc:
-            self.coord.remember_missing(
+            self.coord.missing.remember(
                 repo_key, f"denied:{self.clock():.0f}:{exc.message}", self.settings.negative_ttl
             )
             raise
         except (ManifestUnknown, BlobUnknown) as exc:
-            self.coord.remember_missing(
+            self.coord.missing.remember(
                 ref_key, f"unknown:{self.clock():.0f}:{exc.message}", self.settings.negative_ttl
             )
             raise
@@ -145,7 +145,7 @@ class PullThrough:
         per_minute = self.settings.client_upstream_per_minute
         if not client or not per_minute:
             return
-        wait = self.coord.spend_upstream(client, per_minute)
+        wait = self.coord.limits.spend_upstream(client, per_minute)
         if wait is not None:
             seconds = max(1, math.ceil(wait))
             message = (
@@ -178,7 +178,7 @@ class PullThrough:
         if not accepts(accept, found.media_type):
             message = f"{reference} is a {found.media_type}, which the client does not accept"
             raise ManifestUnknown(message, reason=message)
-        self.coord.touch_pulled(pulled)
+        self.coord.pulls.touch(pulled)
         return found
 
     def _manifest_by_digest(self, target: Target, digest: Digest, client: str | None) -> Manifest:
@@ -211,7 +211,7 @@ class PullThrough:
         if cached is not None and self.clock() - cached[1].validated < ttl:
             return cached[0]
         try:
-            lease = self.coord.tag_lease(str(target), tag)
+            lease = self.coord.leases.tag(str(target), tag)
             acquired = lease.acquire()
         except (CacheUnavailable, RedisError):
             lease, acquired = None, False  # no coordination: serve anyway, maybe ask twice
@@ -222,7 +222,7 @@ class PullThrough:
                 + self.settings.connect_timeout
                 + 2 * self.settings.metadata_timeout
             )
-            while self.coord.lease_held(lease.key) and time.monotonic() < deadline:
+            while lease.holder() is not None and time.monotonic() < deadline:
                 time.sleep(TAG_WAIT)
             again = self._cached_tag(target, tag)
             if again is not None and (cached is None or again[1] != cached[1]):
@@ -315,14 +315,14 @@ class PullThrough:
                 reason=f"{target.registry.name} sent an invalid manifest, not cached",
             ) from None
         if self.store.put_verified_bytes(digest, body):
-            self.coord.count_stored(len(body))
+            self.coord.store.count(len(body))
         # Its references are not linked to the repository: a manifest (anyone's, in a public
         # repository) naming a digest proves nothing about who may read that blob. Blobs are
         # linked when upstream serves or confirms them for this repository (blob()).
         self.store.put_manifest_revision(target, digest, media_type)
         # After the disk writes: a sweep running now must spare what this manifest needs.
-        self.coord.note_live([digest, *references])
-        self.coord.index_repository(self.catalog_name(str(target)))
+        self.coord.gc.note_live([digest, *references])
+        self.coord.catalog.add(self.catalog_name(str(target)))
         return media_type
 
     @staticmethod
@@ -375,7 +375,7 @@ class PullThrough:
         if started.committed:  # a fill (maybe ours, and fast) finished while we looked
             found = self.blob(target, digest, client=client)
             return replace(found, cache="miss") if started.fetcher else found
-        if not started.fetcher and self.coord.fill_state(digest).repository != str(target):
+        if not started.fetcher and self.coord.fills.read(digest).repository != str(target):
             # Joining a fill another repository's request started: only what upstream
             # confirms this repository has (checked before a single byte is streamed).
             self._entitle(target, digest, client)
@@ -397,7 +397,7 @@ class PullThrough:
             target, str(digest), lambda: self._remote_size(target, digest), client, BlobUnknown
         )
         self.store.link_blob(target, digest)
-        self.coord.note_live([digest])
+        self.coord.gc.note_live([digest])
 
     def _remote_size(self, target: Target, digest: Digest) -> int:
         size = self.upstream(target).blob_size(target.repository, str(digest))
@@ -434,7 +434,7 @@ class PullThrough:
 
     def catalog(self, n: int | None, last: str | None) -> tuple[list[str], bool]:
         try:
-            names = self.coord.catalog(None if n is None else n + 1, last, self._catalog_names)
+            names = self.coord.catalog.page(None if n is None else n + 1, last, self._catalog_names)
         except RedisError:
             return _page(self._catalog_names(), n, last)
         if n is not None and len(names) > n:

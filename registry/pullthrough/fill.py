@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from registry.coordination import Coordination, Lease, blob_lease_key
+from registry.coordination import Coordination, Lease
 from registry.digests import Digest
 from registry.errors import (
     BlobUnknown,
@@ -123,7 +123,7 @@ class BlobFiller:
         its digest), so the decision is checked again under the lease: a fetcher records its
         failure before it lets the lease go, so the record read now is the last word, and a
         failure no fetch can mend is the follower's answer, not a reason to fetch again."""
-        lease = self.coord.blob_lease(digest)
+        lease = self.coord.leases.blob(digest)
         if not lease.acquire():
             return None
         try:  # every way out but the spawned fill lets the lease go
@@ -132,10 +132,10 @@ class BlobFiller:
                 lease.release()
                 return None
             if following:
-                record = self.coord.fill_state(digest)
+                record = self.coord.fills.read(digest)
                 if record.state is FillState.FAILED and not record.resumable:
                     raise _error_from(record)
-            refused = self.coord.admit_fill(
+            refused = self.coord.limits.admit_fill(
                 digest, client, self.max_fills, self.max_fills_per_client
             )
             if refused is not None:
@@ -246,7 +246,7 @@ class BlobFiller:
             # (else it would ask upstream to confirm what upstream just served it).
             self.store.link_blob(target, digest)
             self.store.commit_upload(upload, digest)
-            self.coord.count_stored(offset)
+            self.coord.store.count(offset)
             writer.committed(offset)
             log.info(
                 "fill committed digest=%s upstream=%s repository=%s bytes=%d seconds=%.3f",
@@ -286,7 +286,7 @@ class BlobFiller:
             self._fail(writer, reason, error, streaming, upstream.registry.name)
         finally:
             done.set()
-            self.coord.end_fill(digest, client)
+            self.coord.limits.end_fill(digest, client)
             if self.metrics is not None and streaming:
                 self.metrics.upstream_bytes.labels(upstream.registry.name).inc(
                     max(0, offset - fetched_from)
@@ -343,8 +343,8 @@ class BlobFiller:
                 return FillStart(0, fetcher=fetcher, committed=True)
             # The lease before the state, as in stream(): a free lease is then never read
             # with a record that predates its fetcher's failure.
-            holder = self.coord.lease_holder(blob_lease_key(digest))
-            record = self.coord.fill_state(digest)
+            holder = self.coord.leases.blob_holder(digest)
+            record = self.coord.fills.read(digest)
             if holder is not None:
                 seen_owner = holder
             if record.owner and record.owner in (holder, seen_owner):
@@ -378,9 +378,9 @@ class BlobFiller:
             sleep = min(sleep * 2, 0.05)
 
     def _moved_on(self, digest: Digest, handle: Follower) -> bool:
-        record = self.coord.fill_state(digest)
+        record = self.coord.fills.read(digest)
         handle.expect(record.stored)
-        return not record.active or not self.coord.lease_held(blob_lease_key(digest))
+        return not record.active or not self.coord.leases.blob_held(digest)
 
     def stream(
         self,
@@ -431,8 +431,8 @@ class BlobFiller:
                     # The lease before the state: a fetcher records its failure before it
                     # lets the lease go, so a free lease is never read with a stale
                     # 'streaming' state (which would take over, and refetch, bad bytes).
-                    held = committed or self.coord.lease_held(blob_lease_key(digest))
-                    record = self.coord.fill_state(digest)
+                    held = committed or self.coord.leases.blob_held(digest)
+                    record = self.coord.fills.read(digest)
                     # Before the first byte these errors are the response (their class
                     # gives its status: 503 for our storage); after it they cut it short.
                     failed = record.state is FillState.FAILED

@@ -100,8 +100,8 @@ def overview():
                     "window": status.get("window"),
                 }
             )
-        store = pt.coord.store_totals()
-        last_gc = pt.coord.last_gc()
+        store = pt.coord.store.read()
+        last_gc = pt.coord.gc.last()
     except RedisError:
         redis_ok = False
     return render_template(

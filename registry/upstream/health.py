@@ -1,6 +1,6 @@
 """The health of one upstream as every process sees it: its circuit breaker, its probe
 slot and its last rate-limit headers, in Redis (`pt:upstream:<registry>:*`; the key schema
-is in registry/coordination.py). Beside the client whose calls feed it.
+is in registry/coordination/__init__.py). Beside the client whose calls feed it.
 """
 
 from __future__ import annotations

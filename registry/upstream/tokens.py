@@ -1,5 +1,5 @@
 """Upstream bearer tokens shared by every process through Redis (`pt:token:<sha256>`; the key
-schema is in registry/coordination.py), beside the client that fetches them."""
+schema is in registry/coordination/__init__.py), beside the client that fetches them."""
 
 from __future__ import annotations
 

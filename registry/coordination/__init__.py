@@ -1,0 +1,194 @@
+"""Coordination through Redis: every key pullthrough writes is named here.
+
+Redis key schema (prefix `pt:`), the one place it is written down. Redis holds coordination
+and indexes only: `FLUSHALL` loses no cached content, and every index is rebuilt from disk
+when missing. Each key has one owner module that alone reads and writes it:
+
+- registry/coordination/leases.py: pt:lease:*
+- registry/coordination/limits.py: pt:fills, pt:budget:*
+- registry/fills.py: pt:fill:*
+- registry/coordination/catalog.py: pt:repos, pt:repos:built
+- registry/coordination/missing.py: pt:missing:*
+- registry/coordination/pulls.py: pt:pulled, pt:pulls
+- registry/coordination/gcstate.py: pt:gc:*, pt:store
+- registry/upstream/tokens.py: pt:token:*
+- registry/upstream/health.py: pt:upstream:*
+
+`Coordination` (below) is what the rest of the cache holds: one object per process that
+carries each owner.
+
+    pt:lease:blob:<digest>      string  TTL lease_ttl (5 s), renewed every lease_ttl/3 by the
+                                        holder. The fill lease of a blob; the value names the
+                                        holder: `<host>:<pid>:<token>`.
+    pt:fill:<digest>            hash    TTL 1 h, refreshed as the fill runs (2 min once failed:
+                                        only its waiting clients need it). Owned by
+                                        registry/fills.py (FillRecord, FillState and its
+                                        transitions). Progress of the
+                                        fill for followers in any process: owner, upstream,
+                                        repository, size, written, stored (bytes other
+                                        processes can read: on S3, the stored pieces),
+                                        state (starting | streaming | committing |
+                                        committed | failed),
+                                        reason, phase, error_class, error_message,
+                                        error_reason (the status line's cause),
+                                        retry_after, updated.
+    pt:fills                    zset    no TTL. The fills running, `<client>|<digest>` (client:
+                                        the address whose request started it, `-` for a
+                                        takeover); limits.max_fills and max_fills_per_client
+                                        count it. A member whose blob lease lapsed is dropped
+                                        at the next admission.
+    pt:budget:<client>:<minute> string  TTL 120 s. Upstream-reaching requests of one client
+                                        address in one minute (limits.client_upstream_per_minute).
+    pt:lease:tag:<registry>/<repository>:<tag>
+                                string  TTL lease_ttl, renewed. One upstream fetch or
+                                        revalidation of a tag at a time.
+    pt:repos                    zset    no TTL. Catalog index: `<registry>/<repository>`,
+                                        every score 0 so ZRANGEBYLEX pages it.
+    pt:repos:built              string  no TTL. Set once pt:repos was rebuilt from disk; when
+                                        missing (e.g. after FLUSHALL) the next catalog
+                                        request rebuilds the index.
+    pt:token:<sha256>           string  TTL: the token's lifetime less a margin. An upstream
+                                        bearer token shared by every worker; the name hashes
+                                        (upstream URL, scope, username). Keep Redis private.
+    pt:upstream:<registry>:failures
+                                string  TTL breaker_window. Upstream failures (refused,
+                                        timeout, reset, 5xx) counted towards the breaker;
+                                        deleted by any good answer.
+    pt:upstream:<registry>:breaker
+                                string  TTL breaker_backoff, or a 429's Retry-After. While it
+                                        exists only probes call that upstream (none while a
+                                        429 opened it); JSON {status, reason, since}.
+    pt:upstream:<registry>:probe
+                                string  TTL breaker_probe_interval. Taken (SET NX) by the one
+                                        request that may probe an upstream whose breaker is
+                                        open; a probe that gets an answer closes the breaker.
+    pt:upstream:<registry>:ratelimit
+                                hash    TTL 24 h. The last rate-limit headers upstream sent:
+                                        limit, remaining, window (s), source, updated.
+    pt:missing:<user>@<registry>/<repository>[:<reference>]
+                                string  TTL negative_ttl. Upstream said this repository (or
+                                        tag/digest) does not exist or is denied to <user> (the
+                                        configured upstream account, empty when anonymous);
+                                        the value is `<unknown|denied>:<unix s>:<message>`.
+                                        Retry storms stop here.
+    pt:pulled                   zset    no TTL. Last pull time (score, unix s) of every tag,
+                                        `<registry>/<repository>:<tag>`, and manifest pulled by
+                                        digest, `<registry>/<repository>@<digest>`. A member's
+                                        first pull in a minute is written at once, later ones
+                                        within 2 s (each process gathers them). Lost after
+                                        FLUSHALL: the GC then counts unknown members as pulled
+                                        now, so nothing is evicted for lack of history.
+    pt:gc:lock                  string  TTL 10 s, renewed. Held by the one sweep running; the
+                                        value names its holder.
+    pt:gc:live                  set     TTL 1 h; deleted when a sweep ends. Digests that pulls
+                                        referenced while a sweep ran: the sweep spares them.
+    pt:gc:last                  hash    no TTL. The last sweep's report: started, finished,
+                                        seconds, dry_run, repositories, manifests, blobs,
+                                        store_bytes, marked_blobs, deleted_tags,
+                                        deleted_manifests, deleted_links, deleted_blobs,
+                                        deleted_uploads, freed_bytes, skipped_in_use, evicted,
+                                        error.
+    pt:gc:history               list    no TTL, newest first, 50 kept. JSON of each report.
+    pt:gc:totals                hash    no TTL. Across all sweeps (dry runs excluded): runs,
+                                        freed_bytes. Added to by every sweep's record_gc.
+                                        Read by /metrics.
+    pt:store                    hash    no TTL. bytes, blobs: the store's committed content.
+                                        Set exactly by each GC sweep from its walk of the
+                                        store (and by `rebuild-index`), lowered by what the
+                                        sweep deletes, counted up by fills and new manifests
+                                        in between (only once a walk has set it). Read by
+                                        /metrics and the UI.
+    pt:pulls                    hash    no TTL. Pull count per `<registry>/<repository>:<tag>`
+                                        (and `@<digest>`), added up in each process and written
+                                        with pt:pulled.
+    pt:gc:scheduled             string  TTL 0.9 x gc.interval. Taken (SET NX) by the scheduler
+                                        that enqueues this interval's sweep, so several
+                                        schedulers enqueue it once.
+    rq:*                                rq's own keys for the `pullthrough` queue and worker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import redis
+
+from registry.config import Settings
+from registry.coordination.catalog import CatalogIndex
+from registry.coordination.gcstate import GcState, StoreTotals
+from registry.coordination.leases import Lease, Leases, blob_lease_key, tag_lease_key
+from registry.coordination.limits import Limits
+from registry.coordination.missing import NegativeCache, missing_key
+from registry.coordination.pulls import Pulls
+from registry.fills import FillRecords
+from registry.upstream.health import upstream_status
+
+__all__ = [
+    "Coordination",
+    "Lease",
+    "blob_lease_key",
+    "connect",
+    "missing_key",
+    "tag_lease_key",
+]
+
+
+class Coordination:
+    """One process's handle on Redis: each attribute is the owner of its keys."""
+
+    def __init__(self, client: redis.Redis, lease_ttl: float) -> None:
+        self.redis = client
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.leases = Leases(client, lease_ttl, self.owner)
+        self.fills = FillRecords(client)
+        self.limits = Limits(client)
+        self.catalog = CatalogIndex(client)
+        self.missing = NegativeCache(client)
+        self.pulls = Pulls(client)
+        self.gc = GcState(client, self.owner)
+        self.store = StoreTotals(client)
+
+    # For people: /readyz, /metrics, the UI, the admin CLI (these raise RedisError).
+    def ping(self) -> None:
+        self.redis.ping()
+
+    def upstream_status(self, registry: str) -> dict:
+        return upstream_status(self.redis, registry)
+
+
+def connect(
+    settings: Settings, *, socket_timeout: float, connect_timeout: float, **options: Any
+) -> redis.Redis:
+    """The Redis client of the cache: `redis.url`, or with `redis.sentinels` the master that
+    the sentinels name now (the client asks them again after a failover)."""
+    if not settings.redis_sentinels:
+        return redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            **options,
+        )
+    from redis.connection import parse_url
+    from redis.sentinel import Sentinel
+
+    auth = {k: v for k, v in parse_url(settings.redis_url).items() if k in AUTH_OPTIONS}
+    timeouts = {"socket_timeout": connect_timeout, "socket_connect_timeout": connect_timeout}
+    sentinel = Sentinel(
+        list(settings.redis_sentinels),
+        # The sentinels' own connections: their password is not the data server's.
+        sentinel_kwargs={**timeouts, "password": settings.redis_sentinel_password},
+        **timeouts,
+    )
+    return sentinel.master_for(
+        settings.redis_master,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        **auth,
+        **options,
+    )
+
+
+# What redis.url still says when sentinels find the server.
+AUTH_OPTIONS = ("db", "username", "password")
