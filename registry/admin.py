@@ -12,12 +12,12 @@ from typing import TextIO
 from redis.exceptions import RedisError
 
 from registry.digests import Digest, looks_like_digest
-from registry.gc import Collector, index_children
+from registry.gc import Collector
 from registry.inventory import tag_rows
 from registry.mediatypes import MANIFEST_TYPES
 from registry.names import Target, resolve
-from registry.pullthrough import PullThrough
-from registry.pullthrough.manifests import parse_manifest
+from registry.pullthrough import Manifest, PullThrough
+from registry.pullthrough.manifests import walk
 
 ACCEPT = list(MANIFEST_TYPES)
 
@@ -48,16 +48,14 @@ def warm(pt: PullThrough, refs: list[str], out: TextIO = sys.stderr) -> int:
         try:
             target = resolve(pt.settings, name, None)
             top = pt.manifest(target, reference, ACCEPT)
-            _, references = parse_manifest(top.body, top.media_type)
-            children = set(index_children(top.body))
-            blobs = []
-            for digest in references:
-                # Index children are manifests; everything else is a blob to fetch.
-                if digest in children:
-                    child = pt.manifest(target, str(digest), ACCEPT)
-                    blobs.extend(parse_manifest(child.body, child.media_type)[1])
-                else:
-                    blobs.append(digest)
+
+            def load(digest: Digest, target: Target = target, top: Manifest = top) -> bytes:
+                # The index's children come through the cache like any pull (fetched now).
+                if digest == top.digest:
+                    return top.body
+                return pt.manifest(target, str(digest), ACCEPT).body
+
+            blobs = [d for node in walk(top.digest, load) for d in node.blobs]
             fetched = sum(_fetch_blob(pt, target, d, out) for d in dict.fromkeys(blobs))
             print(f"{ref}: {len(dict.fromkeys(blobs))} blobs, {fetched} bytes fetched", file=out)
         except Exception as exc:  # one bad reference does not stop the others

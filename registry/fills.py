@@ -1,5 +1,6 @@
 """The fill record `pt:fill:<digest>`: its type, its states and their transitions, written
-once here. This module alone reads and writes that key (the schema: registry/coordination/__init__.py).
+once here. This module alone reads and writes that key (the schema:
+registry/coordination/__init__.py).
 
 A record is started (`FillRecords.begin`) by the request that holds the digest's fill lease,
 the fetcher, which alone moves it on with a `FillWriter`:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from registry.config import GcSettings
 from registry.coordination import Coordination
 from registry.digests import Digest
-from registry.pullthrough.manifests import InvalidManifest, parse_manifest
+from registry.pullthrough.manifests import walk
 from registry.store import ContentStore, paths
 from registry.store.content import RepositoryScan
 
@@ -214,28 +214,12 @@ class Collector:
 
     def _reach(self, digest: Digest) -> set[Digest]:
         """The manifest and everything it needs: config, layers, and index children with
-        theirs, recursively (a child is followed whether or not it was fetched here)."""
-        seen: set[Digest] = set()
-        manifests = [digest]
-        while manifests:
-            current = manifests.pop()
-            if current in seen:
-                continue
-            seen.add(current)
-            body = self.store.read_blob(current)
-            if body is None:
-                continue  # a child never fetched: nothing below it is cached
-            try:
-                _media_type, references = parse_manifest(body, "")
-                children = set(index_children(body))
-            except (InvalidManifest, ValueError):
-                continue
-            for reference in references:
-                if reference in children:
-                    manifests.append(reference)
-                else:
-                    seen.add(reference)
-        return seen
+        theirs, recursively (a child is kept whether or not it was fetched here)."""
+        reached = {digest}
+        for node in walk(digest, self.store.read_blob):
+            reached.update(node.blobs)
+            reached.update(child.digest for child in node.children)
+        return reached
 
     def _evict(
         self,
@@ -356,12 +340,6 @@ class Collector:
             "deleted_uploads": len(plan.uploads),
             "skipped_in_use": skipped,
         }
-
-
-def index_children(body: bytes) -> list[Digest]:
-    """Digests of an index's `manifests[]` entries (parse_manifest validated them)."""
-    doc = json.loads(body)
-    return [Digest.parse(entry["digest"]) for entry in doc.get("manifests") or []]
 
 
 def command(collector: Collector, dry_run: bool) -> int:

@@ -3,7 +3,6 @@ pull and pull count. Read by the web UI and the admin CLI."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
@@ -13,6 +12,7 @@ from registry.digests import Digest
 from registry.errors import RegistryError
 from registry.names import Target
 from registry.pullthrough import PullThrough
+from registry.pullthrough.manifests import walk
 
 
 @dataclass
@@ -63,31 +63,31 @@ def tag_rows(pt: PullThrough, target: Target) -> list[TagRow]:
 def describe(pt: PullThrough, digest: str) -> tuple[list[str], int | None, str]:
     """Platforms, total size (config + layers) and a note on children not cached yet."""
     try:
-        body = pt.store.read_blob(Digest.parse(digest))
+        root = Digest.parse(digest)
     except RegistryError:
         return [], None, ""
-    if body is None:
+
+    def load(digest: Digest) -> bytes | None:
+        try:
+            return pt.store.read_blob(digest)
+        except RegistryError:
+            return None
+
+    nodes = {node.digest: node for node in walk(root, load)}
+
+    def size_of(digest: Digest) -> int | None:
+        node = nodes.get(digest)
+        if node is None:
+            return None
+        if not node.children:
+            return node.size
+        sizes = [s for s in (size_of(c.digest) for c in node.children) if s is not None]
+        return sum(sizes) if sizes else None
+
+    top = nodes.get(root)
+    if top is None:
         return [], None, ""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return [], None, ""
-    if "manifests" in doc:
-        platforms, size, cached = [], 0, 0
-        entries = [m for m in doc.get("manifests") or [] if isinstance(m, dict)]
-        for entry in entries:
-            platform = entry.get("platform") or {}
-            label = "/".join(
-                str(platform[k]) for k in ("os", "architecture", "variant") if platform.get(k)
-            )
-            if label and label != "unknown/unknown":
-                platforms.append(label)
-            _, child_size, _ = describe(pt, str(entry.get("digest", "")))
-            if child_size is not None:
-                size += child_size
-                cached += 1
-        partial = f"{cached} of {len(entries)} cached" if cached < len(entries) else ""
-        return platforms, size if cached else None, partial
-    descriptors = [doc.get("config") or {}, *(doc.get("layers") or [])]
-    size = sum(d.get("size", 0) for d in descriptors if isinstance(d, dict))
-    return [], size, ""
+    platforms = [child.platform for child in top.children if child.platform]
+    cached = sum(1 for child in top.children if size_of(child.digest) is not None)
+    partial = f"{cached} of {len(top.children)} cached" if cached < len(top.children) else ""
+    return platforms, size_of(root), partial

@@ -1,5 +1,6 @@
-"""The Redis key schema is documented once in registry/coordination/__init__.py, and README.md's table
-lists the same keys; every key a test run leaves in any test Redis matches one of them.
+"""The Redis key schema is documented once in registry/coordination/__init__.py, and
+README.md's table lists the same keys; every key a test run leaves in any test Redis matches
+one of them.
 
 Runs last (tests/conftest.py): by then every module's Redis has been read before it was
 flushed or stopped (tests/support/servers.py: KEYS_SEEN).

@@ -1,9 +1,12 @@
-"""Manifest parsing: media types, Accept matching, and the digests a manifest references."""
+"""Manifest parsing: media types, Accept matching, the digests a manifest references, and
+the one walk of the manifest graph (index -> manifests -> config and layers) that the GC, the
+admin CLI and the inventory share."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from registry.digests import Digest
 from registry.mediatypes import DOCKER_SCHEMA1, KNOWN_MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
@@ -93,3 +96,65 @@ def _digest(value: object) -> Digest:
         return Digest.parse(value)
     except Exception:
         raise InvalidManifest(f"manifest references an invalid digest {value[:100]!r}") from None
+
+
+@dataclass(frozen=True)
+class Child:
+    """An index entry: a manifest of one platform (`linux/arm64/v8`; empty when the entry
+    names none, or names `unknown/unknown` as attestation manifests do)."""
+
+    digest: Digest
+    platform: str
+
+
+@dataclass(frozen=True)
+class ManifestNode:
+    digest: Digest
+    media_type: str
+    blobs: list[Digest]  # config, layers and other blobs: everything but index children
+    children: list[Child]
+    size: int  # the descriptors' sizes of `blobs`
+
+
+def manifest_node(digest: Digest, body: bytes, content_type: str = "") -> ManifestNode:
+    """What one manifest references, split into index children and blobs."""
+    media_type, references = parse_manifest(body, content_type)
+    doc = json.loads(body)
+    children = [
+        Child(_digest(entry.get("digest")), _platform(entry.get("platform")))
+        for entry in doc.get("manifests") or []
+    ]
+    child_digests = {c.digest for c in children}
+    descriptors = [doc.get("config"), *(doc.get("layers") or []), *(doc.get("blobs") or [])]
+    size = sum(d.get("size", 0) for d in descriptors if isinstance(d, dict))
+    blobs = [d for d in references if d not in child_digests]
+    return ManifestNode(digest, media_type, blobs, children, size)
+
+
+def walk(root: Digest, load: Callable[[Digest], bytes | None]) -> Iterator[ManifestNode]:
+    """Every manifest reachable from `root`, each once, parents before their children.
+    `load` gives a manifest's body (None: not at hand, so nothing below it is walked); an
+    invalid manifest ends its branch the same way."""
+    seen: set[Digest] = set()
+    stack = [root]
+    while stack:
+        digest = stack.pop()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        body = load(digest)
+        if body is None:
+            continue
+        try:
+            node = manifest_node(digest, body)
+        except InvalidManifest:
+            continue
+        yield node
+        stack.extend(child.digest for child in reversed(node.children))
+
+
+def _platform(platform: object) -> str:
+    if not isinstance(platform, dict):
+        return ""
+    label = "/".join(str(platform[k]) for k in ("os", "architecture", "variant") if platform.get(k))
+    return "" if label == "unknown/unknown" else label
