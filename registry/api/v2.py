@@ -10,6 +10,7 @@ from typing import BinaryIO
 from urllib.parse import quote, urlencode
 
 from flask import Blueprint, Response, current_app, g, request
+from werkzeug.http import parse_range_header
 
 from registry import accesslog
 from registry.digests import Digest
@@ -267,34 +268,21 @@ def _listing(body: dict, path: str, n: int | None, names: list[str], more: bool)
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """One `bytes=` range as (start, end) inclusive; None means serve the whole blob.
 
-    Multiple ranges and malformed headers are ignored (RFC 9110 lets a server do so);
-    a well-formed range that lies outside the blob is a 416.
+    werkzeug parses the header (None for what is malformed). Multiple ranges, other units
+    and malformed headers are ignored (RFC 9110 lets a server do so); a suffix longer than
+    the blob means all of it; a range that starts past the end is a 416.
     """
-    if not header:
+    parsed = parse_range_header(header) if header and len(header) <= 64 else None
+    if parsed is None or parsed.units != "bytes" or len(parsed.ranges) != 1:
         return None
-    unit, _, spec = header.strip().partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None
-    first, dash, second = spec.strip().partition("-")
-    if not dash or len(spec) > 40:
-        return None
-    first, second = first.strip(), second.strip()
-    if (first and not is_count(first)) or (second and not is_count(second)):
-        return None
-    if not first:
-        if not second:
-            return None
-        suffix = int(second)
-        if suffix == 0 or size == 0:
+    start, stop = parsed.ranges[0]
+    if start < 0:  # the last -start bytes
+        if size == 0:
             raise _unsatisfiable(size)
-        return max(size - suffix, 0), size - 1
-    start = int(first)
-    end = int(second) if second else size - 1
+        return max(size + start, 0), size - 1
     if start >= size:
         raise _unsatisfiable(size)
-    if end < start:
-        return None
-    return start, min(end, size - 1)
+    return start, size - 1 if stop is None else min(stop, size) - 1
 
 
 def _unsatisfiable(size: int) -> RangeInvalid:
