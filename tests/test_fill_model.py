@@ -394,8 +394,8 @@ def test_the_model_catches_the_lease_let_go_before_the_failure_is_recorded(
     mutate(
         monkeypatch,
         "_run_fill",
-        "upload.discard()\n            self._fail(",
-        "upload.discard()\n            lease.release()\n            self._fail(",
+        "reason, error = self._classify(fill, exc)\n",
+        "reason, error = self._classify(fill, exc)\n        lease.release()\n",
     )
     assert_the_model_finds_a_violation(redis_server, tmp_path)
 

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from registry.coordination import Coordination, Lease
 from registry.digests import Digest
@@ -40,8 +41,8 @@ from registry.fills import FailReason, FillPhase, FillRecord, FillState, FillWri
 from registry.metrics import Metrics
 from registry.names import Target
 from registry.store import ContentStore
-from registry.store.driver import Follower
-from registry.upstream.client import UpstreamClient
+from registry.store.driver import Follower, PartialWriter
+from registry.upstream.client import BlobStream, UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,32 @@ _ERRORS: dict[str, type[RegistryError]] = {
 
 class LeaseLost(Exception):
     pass
+
+
+class _DigestMismatch(UpstreamError):
+    """The bytes upstream sent do not hash to the digest (FailReason.DIGEST_MISMATCH)."""
+
+
+@dataclass
+class _Fill:
+    """One fill's moving parts, as its steps leave them."""
+
+    target: Target
+    upstream: UpstreamClient
+    digest: Digest
+    lease: Lease
+    writer: FillWriter
+    upload: PartialWriter | None = None
+    stream: BlobStream | None = None
+    hasher: Any = None
+    offset: int = 0  # bytes in the upload, in order from the blob's start
+    fetched_from: int = 0  # where this fill's own upstream bytes began
+    total: int = 0
+    streaming: bool = False  # upstream answered with the blob's size
+
+    @property
+    def registry(self) -> str:
+        return self.upstream.registry.name
 
 
 @dataclass
@@ -158,148 +185,164 @@ class BlobFiller:
         writer: FillWriter,
         client: str | None = None,
     ) -> None:
+        """The fill itself, in the background: open (or resume), copy, verify and commit;
+        a failure is classified and recorded before the lease goes."""
         done = threading.Event()
         lease.keep_alive(lambda: not done.is_set())
-        upload = None
-        stream = None
-        streaming = False
+        fill = _Fill(target, upstream, digest, lease, writer)
         started = time.monotonic()
-        offset = fetched_from = 0
         try:
-            # Resume from what an earlier fill left; the file is only created once upstream
-            # has answered, so refused fetches leave nothing behind.
-            offset = self.store.upload_size(digest) or 0
-            stream = upstream.open_blob(target.repository, str(digest), offset)
-            upload = self.store.open_upload(digest, stream.total)
-            hasher = digest.hasher()
-            if stream.offset == offset and offset:
-                offset = _hash_prefix(upload, hasher, offset)
-            if stream.offset != offset:  # upstream ignored Range (or the prefix shrank)
-                if stream.offset:
-                    stream.close()
-                    stream = upstream.open_blob(target.repository, str(digest), 0)
-                upload.truncate(0)
-                hasher = digest.hasher()
-                offset = 0
-            fetched_from = offset
-            total = stream.total
-            if total is None:
-                raise UpstreamError(
-                    f"upstream {upstream.registry.name} did not announce the size of {digest}",
-                    reason=f"{upstream.registry.name} sent a blob without its size, not cached",
-                )
-            writer.streaming(total, offset, upstream.registry.name)
-            streaming = True
-            last_report = time.monotonic()
-            remote = self.store.driver.lookups_are_requests
-            reported = -1
-            for chunk in stream.chunks():
-                if lease.lost:
-                    raise LeaseLost()
-                upload.pwrite(chunk, offset)
-                hasher.update(chunk)
-                offset += len(chunk)
-                # A fast upstream never blocks the socket read: yield so that the clients
-                # streaming this fill from the same gevent worker get their turn.
-                time.sleep(0)
-                if offset > total:
-                    raise UpstreamError(
-                        f"upstream {upstream.registry.name} sent more bytes than announced "
-                        f"for {digest}",
-                        reason=f"{upstream.registry.name} sent a blob longer than announced",
-                    )
-                now = time.monotonic()
-                stored = upload.stored()
-                # Followers elsewhere learn of a new piece (S3) from here at once, rather
-                # than by asking the store.
-                if now - last_report >= PROGRESS_INTERVAL or (remote and stored != reported):
-                    writer.progress(offset, stored)
-                    last_report, reported = now, stored
-            if offset != total:
-                raise UpstreamError(
-                    f"upstream {upstream.registry.name} ended {digest} after {offset} of "
-                    f"{total} bytes",
-                    reason=f"{upstream.registry.name} cut the blob short, not cached",
-                )
-            if hasher.hexdigest() != digest.hex:
-                upload.discard()
-                self._fail(
-                    writer,
-                    FailReason.DIGEST_MISMATCH,
-                    UpstreamError(
-                        f"upstream {upstream.registry.name} served bytes that do not match "
-                        f"{digest}",
-                        reason=f"{upstream.registry.name} sent a blob that does not match its "
-                        "digest",
-                    ),
-                    streaming,
-                    upstream.registry.name,
-                )
-                return
-            if lease.lost:
-                raise LeaseLost()
-            # A rename on disk, but on S3 a multipart copy that takes seconds: followers
-            # waiting for the last byte must not take that for a stall.
-            writer.committing(offset)
-            # Linked first: the request that started this fill may see the committed blob
-            # the moment it lands, and must find it already entitled for its repository
-            # (else it would ask upstream to confirm what upstream just served it).
-            self.store.link_blob(target, digest)
-            self.store.commit_upload(upload, digest)
-            self.coord.store.count(offset)
-            writer.committed(offset)
+            self._open_or_resume(fill)
+            self._copy(fill)
+            self._verify_and_commit(fill)
             log.info(
                 "fill committed digest=%s upstream=%s repository=%s bytes=%d seconds=%.3f",
                 digest,
-                upstream.registry.name,
+                fill.registry,
                 target.repository,
-                offset,
+                fill.offset,
                 time.monotonic() - started,
             )
         except LeaseLost:
             log.warning("fill of %s lost its lease; another process continues it", digest)
-        except RegistryError as exc:
-            self._fail(writer, FailReason.UPSTREAM_ERROR, exc, streaming, upstream.registry.name)
-        except Exception as exc:  # mid-stream resets, timeouts, disk full
-            error: RegistryError | None = storage_failure(exc)
-            if error is None and isinstance(exc, OSError) and stream is None:
-                # Upstream's failures arrive as RegistryErrors until the stream is open: this
-                # is our own file (permissions, a vanished directory).
-                log.error("fill of %s failed on the storage: %s", digest, exc)
-                error = CacheUnavailable(
-                    "the cache's storage failed", reason="cache storage failed"
-                )
-            if error is not None:
-                # Our disk, not the upstream: drop the partial so that it does not go on
-                # holding the space (unless the lease, and so the file, is someone else's).
-                if upload is not None and not lease.lost:
-                    upload.discard()
-                reason = FailReason.STORAGE_ERROR
-            else:
-                timed_out = "timeout" in type(exc).__name__.lower()
-                reason = FailReason.TIMEOUT if timed_out else FailReason.UPSTREAM_ERROR
-                error = UpstreamUnavailable(
-                    f"fill of {digest} from upstream {upstream.registry.name} failed: "
-                    f"{type(exc).__name__}",
-                    reason=f"{upstream.registry.name} broke off the blob, not cached",
-                )
-            self._fail(writer, reason, error, streaming, upstream.registry.name)
+        except Exception as exc:  # upstream's answers, mid-stream resets, timeouts, disk full
+            reason, error = self._classify(fill, exc)
+            self._fail(writer, reason, error, fill.streaming, fill.registry)
         finally:
             done.set()
-            self.coord.limits.end_fill(digest, client)
-            if self.metrics is not None and streaming:
-                self.metrics.upstream_bytes.labels(upstream.registry.name).inc(
-                    max(0, offset - fetched_from)
+            self._close(fill, client)
+
+    def _open_or_resume(self, fill: _Fill) -> None:
+        """Open the upstream stream and the upload: from the bytes an earlier fill left when
+        upstream honours Range (their hash recomputed), else from the start."""
+        digest, upstream = fill.digest, fill.upstream
+        # The file is only created once upstream has answered, so refused fetches leave
+        # nothing behind.
+        held = self.store.upload_size(digest) or 0
+        fill.stream = upstream.open_blob(fill.target.repository, str(digest), held)
+        fill.upload = self.store.open_upload(digest, fill.stream.total)
+        fill.hasher = digest.hasher()
+        if fill.stream.offset == held and held:
+            held = _hash_prefix(fill.upload, fill.hasher, held)
+        if fill.stream.offset != held:  # upstream ignored Range (or the prefix shrank)
+            if fill.stream.offset:
+                fill.stream.close()
+                fill.stream = upstream.open_blob(fill.target.repository, str(digest), 0)
+            fill.upload.truncate(0)
+            fill.hasher = digest.hasher()
+            held = 0
+        fill.offset = fill.fetched_from = held
+        if fill.stream.total is None:
+            raise UpstreamError(
+                f"upstream {fill.registry} did not announce the size of {digest}",
+                reason=f"{fill.registry} sent a blob without its size, not cached",
+            )
+        fill.total = fill.stream.total
+        fill.writer.streaming(fill.total, held, fill.registry)
+        fill.streaming = True
+
+    def _copy(self, fill: _Fill) -> None:
+        """Upstream's bytes into the upload, in order, hashed as they pass; progress goes to
+        the fill record for followers in other processes."""
+        assert fill.stream is not None and fill.upload is not None
+        last_report = time.monotonic()
+        remote = self.store.driver.lookups_are_requests
+        reported = -1
+        for chunk in fill.stream.chunks():
+            if fill.lease.lost:
+                raise LeaseLost()
+            fill.upload.pwrite(chunk, fill.offset)
+            fill.hasher.update(chunk)
+            fill.offset += len(chunk)
+            # A fast upstream never blocks the socket read: yield so that the clients
+            # streaming this fill from the same gevent worker get their turn.
+            time.sleep(0)
+            if fill.offset > fill.total:
+                raise UpstreamError(
+                    f"upstream {fill.registry} sent more bytes than announced for {fill.digest}",
+                    reason=f"{fill.registry} sent a blob longer than announced",
                 )
-            if stream is not None:
-                stream.close()
-            if upload is not None:
-                if offset == 0 and not lease.lost:
-                    # Nothing to resume from (a no-op after a commit). Not once the lease is
-                    # lost: the file may be another fetcher's by now.
-                    upload.discard()
-                upload.close()
-            lease.release()
+            now = time.monotonic()
+            stored = fill.upload.stored()
+            # Followers elsewhere learn of a new piece (S3) from here at once, rather than
+            # by asking the store.
+            if now - last_report >= PROGRESS_INTERVAL or (remote and stored != reported):
+                fill.writer.progress(fill.offset, stored)
+                last_report, reported = now, stored
+        if fill.offset != fill.total:
+            raise UpstreamError(
+                f"upstream {fill.registry} ended {fill.digest} after {fill.offset} of "
+                f"{fill.total} bytes",
+                reason=f"{fill.registry} cut the blob short, not cached",
+            )
+
+    def _verify_and_commit(self, fill: _Fill) -> None:
+        """Commit the upload only when its bytes hash to the digest (and the lease is ours)."""
+        assert fill.upload is not None
+        if fill.hasher.hexdigest() != fill.digest.hex:
+            fill.upload.discard()
+            raise _DigestMismatch(
+                f"upstream {fill.registry} served bytes that do not match {fill.digest}",
+                reason=f"{fill.registry} sent a blob that does not match its digest",
+            )
+        if fill.lease.lost:
+            raise LeaseLost()
+        # A rename on disk, but on S3 a multipart copy that takes seconds: followers
+        # waiting for the last byte must not take that for a stall.
+        fill.writer.committing(fill.offset)
+        # Linked first: the request that started this fill may see the committed blob the
+        # moment it lands, and must find it already entitled for its repository (else it
+        # would ask upstream to confirm what upstream just served it).
+        self.store.link_blob(fill.target, fill.digest)
+        self.store.commit_upload(fill.upload, fill.digest)
+        self.coord.store.count(fill.offset)
+        fill.writer.committed(fill.offset)
+
+    @staticmethod
+    def _classify(fill: _Fill, exc: Exception) -> tuple[FailReason, RegistryError]:
+        """Why a fill failed, and the error its waiting clients get."""
+        if isinstance(exc, _DigestMismatch):
+            return FailReason.DIGEST_MISMATCH, exc
+        if isinstance(exc, RegistryError):
+            return FailReason.UPSTREAM_ERROR, exc
+        error: RegistryError | None = storage_failure(exc)
+        if error is None and isinstance(exc, OSError) and fill.stream is None:
+            # Upstream's failures arrive as RegistryErrors until the stream is open: this is
+            # our own file (permissions, a vanished directory).
+            log.error("fill of %s failed on the storage: %s", fill.digest, exc)
+            error = CacheUnavailable("the cache's storage failed", reason="cache storage failed")
+        if error is not None:
+            # Our disk, not the upstream: drop the partial so that it does not go on holding
+            # the space (unless the lease, and so the file, is someone else's).
+            if fill.upload is not None and not fill.lease.lost:
+                fill.upload.discard()
+            return FailReason.STORAGE_ERROR, error
+        timed_out = "timeout" in type(exc).__name__.lower()
+        return (
+            FailReason.TIMEOUT if timed_out else FailReason.UPSTREAM_ERROR,
+            UpstreamUnavailable(
+                f"fill of {fill.digest} from upstream {fill.registry} failed: {type(exc).__name__}",
+                reason=f"{fill.registry} broke off the blob, not cached",
+            ),
+        )
+
+    def _close(self, fill: _Fill, client: str | None) -> None:
+        """Every fill's end, whatever happened: the limits, the metric, the stream, the
+        upload (dropped if it holds nothing to resume from) and, last, the lease."""
+        self.coord.limits.end_fill(fill.digest, client)
+        if self.metrics is not None and fill.streaming:
+            self.metrics.upstream_bytes.labels(fill.registry).inc(
+                max(0, fill.offset - fill.fetched_from)
+            )
+        if fill.stream is not None:
+            fill.stream.close()
+        if fill.upload is not None:
+            if fill.offset == 0 and not fill.lease.lost:
+                # Nothing to resume from (a no-op after a commit). Not once the lease is
+                # lost: the file may be another fetcher's by now.
+                fill.upload.discard()
+            fill.upload.close()
+        fill.lease.release()
 
     def _fail(
         self,
