@@ -19,18 +19,20 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import Schema, ValidationError, fields, pre_load, validate, validates_schema
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REGISTRY = "docker.io"
 DOCKER_HUB_URL = "https://registry-1.docker.io"
 DEFAULT_TAG_TTL = 300.0
+DEFAULT_REFERRERS_TTL = 300.0
 
 _REGISTRY_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?")
 
@@ -58,6 +60,22 @@ class TagRule:
     ttl: float
 
 
+class VerifyMode(StrEnum):
+    ENFORCE = "enforce"  # unsigned, or not signed by a configured key: 403
+    WARN = "warn"  # served anyway, logged, marked in the UI
+
+
+@dataclass(frozen=True)
+class VerifyRule:
+    """Manifests of repositories matching the glob `repositories` must carry a cosign
+    signature by one of `keys` (PEM public keys); `key_set` names that set of keys."""
+
+    repositories: str
+    keys: tuple[str, ...] = field(repr=False)
+    mode: VerifyMode
+    key_set: str
+
+
 @dataclass(frozen=True)
 class RegistrySettings:
     name: str
@@ -70,6 +88,15 @@ class RegistrySettings:
     # Hosts a redirect or token realm may point to although they resolve to a loopback,
     # link-local or private address (the upstream's own host always may).
     redirect_allow: tuple[str, ...] = ()
+    # How long a cached referrers list is served before upstream is asked again.
+    referrers_ttl: float = DEFAULT_REFERRERS_TTL
+    # Signature policies, the first whose glob matches the repository applies.
+    verify: tuple[VerifyRule, ...] = ()
+
+    def verify_rule(self, repository: str) -> VerifyRule | None:
+        return next(
+            (r for r in self.verify if fnmatch.fnmatchcase(repository, r.repositories)), None
+        )
 
     @property
     def host(self) -> str:
@@ -206,6 +233,38 @@ class TagRuleSchema(Schema):
             raise ValidationError("give either ttl or immutable: true", "ttl")
 
 
+def _pem_or_file(value: str) -> str:
+    """A PEM key as given, or the contents of the file it names (`/etc/keys/cosign.pub`)."""
+    if value.lstrip().startswith("-----BEGIN"):
+        return value
+    try:
+        return Path(value).read_text()
+    except OSError as exc:
+        raise ValidationError(f"cannot read the key file {value}: {exc.strerror}") from None
+
+
+class VerifySchema(Schema):
+    repositories = fields.String(load_default="*", validate=validate.Length(min=1))
+    cosign_keys = fields.List(
+        fields.String(validate=validate.Length(min=1)),
+        required=True,
+        validate=validate.Length(min=1),
+    )
+    mode = fields.Enum(VerifyMode, by_value=True, load_default=VerifyMode.ENFORCE)
+
+    @validates_schema
+    def _keys_load(self, data: dict[str, Any], **_: Any) -> None:
+        from registry.cosign import load_key
+
+        for index, value in enumerate(data.get("cosign_keys") or []):
+            try:
+                load_key(_pem_or_file(value))
+            except ValueError as exc:
+                raise ValidationError(
+                    f"key {index} is not a PEM public key cosign can use: {exc}", "cosign_keys"
+                ) from None
+
+
 class RegistrySchema(Schema):
     name = fields.String(required=True, validate=validate.Regexp(_REGISTRY_NAME))
     url = fields.String(load_default=None, validate=_url)
@@ -216,6 +275,15 @@ class RegistrySchema(Schema):
     redirect_allow = fields.List(fields.String(validate=validate.Length(min=1)), load_default=list)
     tag_ttl = fields.Float(load_default=DEFAULT_TAG_TTL, validate=validate.Range(min=0))
     tag_ttl_overrides = fields.List(fields.Nested(TagRuleSchema), load_default=list)
+    referrers_ttl = fields.Float(load_default=DEFAULT_REFERRERS_TTL, validate=validate.Range(min=0))
+    verify = fields.List(fields.Nested(VerifySchema), load_default=list)
+
+    @pre_load
+    def _one_verify_rule(self, data: Any, **_: Any) -> Any:
+        # `verify: {cosign_keys, mode}` for the whole registry, or a list of rules.
+        if isinstance(data, dict) and isinstance(data.get("verify"), dict):
+            data = {**data, "verify": [data["verify"]]}
+        return data
 
     @validates_schema
     def _credentials_pair(self, data: dict[str, Any], **_: Any) -> None:
@@ -380,6 +448,13 @@ def _host_port(entry: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _verify_rule(raw: dict[str, Any]) -> VerifyRule:
+    from registry.cosign import key_set_id
+
+    keys = tuple(_pem_or_file(value) for value in raw["cosign_keys"])
+    return VerifyRule(raw["repositories"], keys, raw["mode"], key_set_id(list(keys)))
+
+
 def load_credentials_file(path: str) -> dict[str, Credentials]:
     """Read `{"registry-1.docker.io": {"username", "password"}}` (the Zot file's shape)."""
     try:
@@ -457,6 +532,8 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
                     TagRule(rule["match"], math.inf if rule["immutable"] else rule["ttl"])
                     for rule in entry["tag_ttl_overrides"]
                 ),
+                referrers_ttl=entry["referrers_ttl"],
+                verify=tuple(_verify_rule(rule) for rule in entry["verify"]),
             )
         )
 

@@ -38,8 +38,10 @@ from dataclasses import dataclass, field
 
 from registry.config import GcSettings
 from registry.coordination import Coordination
+from registry.cosign import attached_subject
 from registry.digests import Digest
 from registry.pullthrough.manifests import walk
+from registry.pullthrough.referrers import descriptors_of
 from registry.store import ContentStore, paths
 from registry.store.content import RepositoryScan
 
@@ -73,6 +75,7 @@ class Plan:
     evicted: list[str] = field(default_factory=list)
     revisions: list[tuple[str, Digest]] = field(default_factory=list)
     links: list[tuple[str, Digest]] = field(default_factory=list)
+    referrers: list[tuple[str, Digest]] = field(default_factory=list)  # by subject
     blobs: list[tuple[Digest, int]] = field(default_factory=list)
     uploads: list[str] = field(default_factory=list)
     marked_blobs: int = 0
@@ -162,8 +165,15 @@ class Collector:
         )
 
         roots: dict[tuple[str, Digest], Root] = {}
+        # Tags attached to a manifest (cosign's `<alg>-<hex>.sig`, the referrers tag schema's
+        # `<alg>-<hex>`) are no roots: they live and go with their subject.
+        attached: dict[tuple[str, Digest], list[str]] = defaultdict(list)
         for repo, scan in repos.items():
             for tag in scan.tags:
+                subject = attached_subject(tag)
+                if subject is not None:
+                    attached[(repo, subject)].append(tag)
+                    continue
                 record = self.store.read_tag_of(repo, tag)
                 if record is None:
                     continue  # torn or foreign: not a root, and not ours to delete
@@ -189,6 +199,8 @@ class Collector:
         reach: dict[tuple[str, Digest], set[Digest]] = {key: self._reach(key[1]) for key in roots}
         if policy.max_size:
             self._evict(plan, roots, reach, blobs, now)
+        for key in roots:
+            reach[key] = self._with_referrers(key[0], reach[key], repos[key[0]], attached)
 
         marked: set[Digest] = set()
         marked_in: dict[str, set[Digest]] = defaultdict(set)
@@ -197,7 +209,11 @@ class Collector:
             marked_in[key[0]] |= reach[key]
         plan.marked_blobs = len(marked & blobs.keys())
 
+        for (repo, subject), tags in attached.items():
+            if subject not in marked_in[repo]:
+                plan.drop_tags.extend((repo, tag) for tag in tags)
         for repo, scan in repos.items():
+            plan.referrers.extend((repo, s) for s in scan.referrers if s not in marked_in[repo])
             for digest in scan.revisions:
                 if digest not in marked_in[repo]:
                     plan.revisions.append((repo, digest))
@@ -220,6 +236,40 @@ class Collector:
             reached.update(node.blobs)
             reached.update(child.digest for child in node.children)
         return reached
+
+    def _with_referrers(
+        self,
+        repo: str,
+        reached: set[Digest],
+        scan: RepositoryScan,
+        attached: dict[tuple[str, Digest], list[str]],
+    ) -> set[Digest]:
+        """`reached` and what is attached to any manifest in it, recursively (a signature of
+        an SBOM): the attached tags' manifests, the cached referrers list and its entries."""
+        out = set(reached)
+        todo = list(reached)
+        while todo:
+            subject = todo.pop()
+            found: set[Digest] = set()
+            for tag in attached.get((repo, subject), ()):
+                record = self.store.read_tag_of(repo, tag)
+                if record is not None:
+                    found |= self._reach(record.digest)
+            if subject in scan.referrers:
+                record = self.store.read_referrers_of(repo, subject)
+                body = self.store.read_blob(record.digest) if record is not None else None
+                if record is not None and body is not None:
+                    found.add(record.digest)
+                    try:
+                        entries = descriptors_of(body)
+                    except ValueError:
+                        entries = []
+                    for entry in entries:
+                        found |= self._reach(Digest.parse(entry["digest"]))
+            new = found - out
+            out |= new
+            todo.extend(new)
+        return out
 
     def _evict(
         self,
@@ -282,6 +332,8 @@ class Collector:
         coord.pulls.forget([f"{repo}@{digest}" for repo, digest in plan.revisions])
         for repo, digest in plan.links:
             store.delete_link(repo, digest)
+        for repo, subject in plan.referrers:
+            store.delete_referrers(repo, subject)
 
         freed = deleted = skipped = 0
         for digest, size in plan.blobs:
@@ -316,7 +368,7 @@ class Collector:
 
         emptied = []
         touched = {repo for repo, _ in plan.drop_tags} | {repo for repo, _ in plan.revisions}
-        touched |= {repo for repo, _ in plan.links}
+        touched |= {repo for repo, _ in plan.links} | {repo for repo, _ in plan.referrers}
         for repo in touched:
             store.prune_repository(repo)
             if not store.has_manifests(repo):
@@ -335,6 +387,7 @@ class Collector:
             "deleted_tags": len(plan.drop_tags),
             "deleted_manifests": len(plan.revisions),
             "deleted_links": len(plan.links),
+            "deleted_referrers": len(plan.referrers),
             "deleted_blobs": len(plan.blobs),
             "freed_bytes": sum(size for _, size in plan.blobs),
             "deleted_uploads": len(plan.uploads),

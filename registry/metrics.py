@@ -77,6 +77,13 @@ class Metrics:
             ["registry", "role"],
             registry=reg,
         )
+        self.signature_checks = Counter(
+            "pullthrough_signature_checks",
+            "cosign signature checks of manifests a verify policy covers, by what they found "
+            "(signed, unsigned, mismatch, unknown_key).",
+            ["registry", "result"],
+            registry=reg,
+        )
         self.fill_failures = Counter(
             "pullthrough_fill_failures",
             "Blob fills that failed, by reason.",

@@ -15,6 +15,7 @@ from werkzeug.http import parse_range_header
 from registry import accesslog
 from registry.digests import Digest
 from registry.errors import PaginationInvalid, RangeInvalid, Unsupported
+from registry.mediatypes import OCI_INDEX
 from registry.metrics import Metrics
 from registry.names import Target, resolve
 from registry.numbers import is_count
@@ -74,6 +75,28 @@ def manifest(name: str, reference: str) -> Response:
         headers["Warning"] = '110 pullthrough "Response is stale: upstream failed"'
     # One Headers build instead of a set() per header: this is the hottest route.
     return Response(found.body, headers=headers, mimetype=None)
+
+
+@bp.route("/v2/<path:name>/referrers/<digest>", methods=["GET"])
+def referrers(name: str, digest: str) -> Response:
+    """OCI 1.1 referrers: an image index of what is attached to the manifest `digest`
+    (empty when nothing is), `?artifactType=` filtered."""
+    g.reference = digest
+    target = _target(name)
+    found = _pullthrough().referrers(target, Digest.parse(digest), client=request.remote_addr)
+    g.cache = found.cache
+    artifact_type = request.args.get("artifactType")
+    body = found.index(artifact_type)
+    headers = {
+        "Content-Type": OCI_INDEX,
+        "Content-Length": str(len(body)),
+        "X-Cache": found.cache.upper(),
+    }
+    if artifact_type is not None:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    if found.cache == "stale":
+        headers["Warning"] = '110 pullthrough "Response is stale: upstream failed"'
+    return Response(body, headers=headers, mimetype=None)
 
 
 @bp.route("/v2/<path:name>/blobs/<digest>", methods=["GET", "DELETE"])

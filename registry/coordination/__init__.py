@@ -11,6 +11,7 @@ when missing. Each key has one owner module that alone reads and writes it:
 - registry/coordination/missing.py: pt:missing:*
 - registry/coordination/pulls.py: pt:pulled, pt:pulls
 - registry/coordination/gcstate.py: pt:gc:*, pt:store
+- registry/coordination/verdicts.py: pt:verify:*
 - registry/upstream/tokens.py: pt:token:*
 - registry/upstream/health.py: pt:upstream:*
 
@@ -104,6 +105,13 @@ carries each owner.
     pt:gc:scheduled             string  TTL 0.9 x gc.interval. Taken (SET NX) by the scheduler
                                         that enqueues this interval's sweep, so several
                                         schedulers enqueue it once.
+    pt:verify:<key set>:<digest>
+                                string  TTL 24 h when signed, else the registry's
+                                        referrers_ttl. What the cosign check of a manifest
+                                        against one set of keys (a hash of them) found:
+                                        JSON {verdict (signed | mismatch | unknown_key |
+                                        unsigned), detail, checked, via (the signed index a
+                                        child is covered by)}.
     rq:*                                rq's own keys for the `pullthrough` queue and worker.
 """
 
@@ -122,6 +130,7 @@ from registry.coordination.leases import Lease, Leases, blob_lease_key, tag_leas
 from registry.coordination.limits import Limits
 from registry.coordination.missing import NegativeCache, missing_key
 from registry.coordination.pulls import Pulls
+from registry.coordination.verdicts import Verdicts
 from registry.fills import FillRecords
 from registry.upstream.health import upstream_status
 
@@ -149,6 +158,7 @@ class Coordination:
         self.pulls = Pulls(client)
         self.gc = GcState(client, self.owner)
         self.store = StoreTotals(client)
+        self.verdicts = Verdicts(client)
 
     # For people: /readyz, /metrics, the UI, the admin CLI (these raise RedisError).
     def ping(self) -> None:

@@ -35,6 +35,8 @@ from registry.metrics import Metrics
 from registry.names import Target, catalog_name, validate_tag
 from registry.pullthrough.fill import BlobFiller
 from registry.pullthrough.manifests import InvalidManifest, accepts, parse_manifest
+from registry.pullthrough.policy import SignaturePolicy
+from registry.pullthrough.referrers import Referrers, ReferrersCache
 from registry.store import ContentStore, TagRecord
 from registry.upstream.client import UpstreamClient, UpstreamDenied
 
@@ -97,6 +99,17 @@ class PullThrough:
             max_fills_per_client=settings.max_fills_per_client,
         )
         self.metrics = metrics
+        self.referrers_cache = ReferrersCache(
+            store, self.upstream, self._spend, coordination.store.count, clock, settings.max_stale
+        )
+        self.policy: SignaturePolicy | None = None
+        if any(registry.verify for registry in settings.registries):
+            self.policy = SignaturePolicy(
+                self,
+                coordination.verdicts,
+                metrics=metrics,
+                failed_ttl=lambda target: target.registry.referrers_ttl,
+            )
 
     def upstream(self, target: Target) -> UpstreamClient:
         return self.upstreams[target.registry.name]
@@ -178,8 +191,46 @@ class PullThrough:
         if not accepts(accept, found.media_type):
             message = f"{reference} is a {found.media_type}, which the client does not accept"
             raise ManifestUnknown(message, reason=message)
+        if self.policy is not None:
+            self.policy.enforce(target, reference, found.digest, found.body)
         self.coord.pulls.touch(pulled)
         return found
+
+    # -- referrers and signatures -------------------------------------------------------------
+    def referrers(self, target: Target, digest: Digest, client: str | None = None) -> Referrers:
+        return self.referrers_cache.get(target, digest, client)
+
+    def signature_manifest(self, target: Target, reference: str) -> bytes | None:
+        """A signature manifest, through the cache (None: upstream has none)."""
+        try:
+            if looks_like_digest(reference):
+                return self._manifest_by_digest(target, Digest.parse(reference), None).body
+            return self._manifest_by_tag(target, validate_tag(reference), None).body
+        except ManifestUnknown:
+            return None
+
+    def referrer_descriptors(self, target: Target, digest: Digest) -> list[dict]:
+        return self.referrers(target, digest).descriptors
+
+    def small_blob(self, target: Target, digest: Digest, limit: int) -> bytes:
+        """A small blob's bytes (a signature payload), through the cache like any pull."""
+        found = self.blob(target, digest)
+        if found.size > limit:
+            raise UpstreamError(
+                f"blob {digest} of {target} is {found.size} bytes, more than {limit}",
+                reason=f"{target.registry.name} sent an oversized signature payload",
+            )
+        if found.stream is not None:
+            return b"".join(found.stream(0, found.size - 1))
+        if found.open_file is not None:
+            with found.open_file() as handle:
+                return handle.read(limit + 1)
+        body = self.store.read_blob(digest)
+        if body is None:
+            raise BlobUnknown(
+                f"blob {digest} vanished from the store", detail={"digest": str(digest)}
+            )
+        return body
 
     def _manifest_by_digest(self, target: Target, digest: Digest, client: str | None) -> Manifest:
         body = self.store.read_manifest(digest)

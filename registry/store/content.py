@@ -6,7 +6,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from registry.digests import Digest
@@ -43,6 +43,7 @@ class RepositoryScan:
     revisions: dict[Digest, float]
     tags: dict[str, float]
     links: dict[Digest, float]
+    referrers: dict[Digest, float] = field(default_factory=dict)  # by subject
 
 
 def _parse_digest(algorithm: str, hexpart: str) -> Digest | None:
@@ -204,6 +205,16 @@ class ContentStore:
     def list_tags(self, target: Target) -> list[str]:
         return self.driver.list(paths.tags(str(target)))
 
+    def read_referrers(self, target: Target, subject: Digest) -> TagRecord | None:
+        return self.read_referrers_of(str(target), subject)
+
+    def read_referrers_of(self, repo: str, subject: Digest) -> TagRecord | None:
+        data = self.driver.read(paths.referrers(repo, subject))
+        return TagRecord.from_json(data) if data is not None else None
+
+    def write_referrers(self, target: Target, subject: Digest, record: TagRecord) -> None:
+        self.driver.write_atomic(paths.referrers(str(target), subject), record.to_json())
+
     # -- what the GC needs ------------------------------------------------------------------------
     def iter_blobs(self) -> Iterator[tuple[Digest, int, float]]:
         """(digest, size, mtime) of every committed blob."""
@@ -229,6 +240,7 @@ class ContentStore:
                 (paths.REVISIONS_MARK, "revisions"),
                 (paths.TAGS_MARK, "tags"),
                 (paths.LINKS_MARK, "links"),
+                (paths.REFERRERS_MARK, "referrers"),
             ):
                 at = path.find(marker)
                 if at < 0:
@@ -267,6 +279,9 @@ class ContentStore:
 
     def delete_link(self, repo: str, digest: Digest) -> bool:
         return self.driver.delete(paths.link(repo, digest))
+
+    def delete_referrers(self, repo: str, subject: Digest) -> bool:
+        return self.driver.delete(paths.referrers(repo, subject))
 
     def has_manifests(self, repo: str) -> bool:
         return next(self.driver.walk_files(paths.revisions(repo)), None) is not None

@@ -16,6 +16,9 @@ Disk layout (the one place it is written down; `<root>` is `storage.root`):
     <root>/repositories/<registry>/<repository>/_manifests/tags/<tag>
         JSON `{"digest": "...", "mediaType": "...", "validated": <unix time>}`: the tag's
         manifest as of the last time upstream was asked.
+    <root>/repositories/<registry>/<repository>/_referrers/<algo>/<hex>
+        JSON as a tag's: `digest` names the cached referrers list of that manifest (an OCI
+        image index, stored as a blob), `validated` when upstream was last asked for it.
     <root>/repositories/<registry>/<repository>/_layers/<algo>/<hex>
         Empty: this repository may be served this blob (upstream served it for this
         repository, or confirmed with a HEAD that the repository has it). Cached blobs are
@@ -45,6 +48,7 @@ TMP = "tmp"
 REVISIONS_MARK = "/_manifests/revisions/"
 TAGS_MARK = "/_manifests/tags/"
 LINKS_MARK = "/_layers/"
+REFERRERS_MARK = "/_referrers/"
 
 
 def _by_digest(digest: Digest) -> str:
@@ -82,6 +86,10 @@ def tags(repo: str) -> str:
 
 def tag(repo: str, name: str) -> str:
     return f"{REPOSITORIES}/{repo}{TAGS_MARK}{name}"
+
+
+def referrers(repo: str, subject: Digest) -> str:
+    return f"{REPOSITORIES}/{repo}{REFERRERS_MARK}{_by_digest(subject)}"
 
 
 def temporary(name: str) -> str:

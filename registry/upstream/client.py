@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import parse_qsl, urljoin, urlsplit
 
 import requests
 
@@ -34,7 +34,7 @@ from registry.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from registry.mediatypes import MANIFEST_TYPES
+from registry.mediatypes import MANIFEST_TYPES, OCI_INDEX
 from registry.metrics import Metrics
 from registry.numbers import count_or_none, is_count
 from registry.upstream.auth import DEFAULT_EXPIRES_IN, TokenCache, parse_challenge
@@ -43,9 +43,12 @@ log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 256 * 1024
 MAX_REDIRECTS = 5
+# Pages of one referrers answer followed (each a bounded manifest-sized body).
+MAX_REFERRER_PAGES = 20
 # Every manifest type, named: registries (distribution among them) hide OCI and list types
 # from a client that does not name them, and rewrite a list to one platform's manifest.
 ACCEPT_ALL = {"Accept": ", ".join(MANIFEST_TYPES)}
+ACCEPT_INDEX = {"Accept": OCI_INDEX}
 
 
 class UpstreamDenied(NameUnknown):
@@ -210,6 +213,42 @@ class UpstreamClient:
         length = response.headers.get("Content-Length")
         total = count_or_none(length)
         return BlobStream(response, 0, total)
+
+    def list_referrers(self, repository: str, digest: str) -> list[bytes] | None:
+        """Every page of upstream's referrers of `digest` (image index bodies, `Link` pages
+        followed on the same host); None when upstream has no referrers API (a 404)."""
+        path, params = f"referrers/{digest}", None
+        pages: list[bytes] = []
+        while len(pages) < MAX_REFERRER_PAGES:
+            response = self._request(
+                "GET", repository, path, params=params, headers=ACCEPT_INDEX, stream=True
+            )
+            with response:
+                if response.status_code == 404 and not pages:
+                    return None
+                self._raise_for_status(
+                    response, repository, ManifestUnknown, f"referrers of {digest}"
+                )
+                pages.append(self._read_bounded(response, repository))
+                following = response.links.get("next", {}).get("url")
+            if not following:
+                return pages
+            path, params = self._next_referrers_page(response.url, following, repository)
+        raise self._failure(f"sent more than {MAX_REFERRER_PAGES} pages of referrers")
+
+    def _next_referrers_page(
+        self, current: str, link: str, repository: str
+    ) -> tuple[str, dict[str, str]]:
+        """The path and query of a `Link: <...>; rel="next"`: on the same upstream, under the
+        same repository's referrers, or refused."""
+        url = urlsplit(urljoin(current, link))
+        base = urlsplit(self.registry.url)
+        prefix = urlsplit(self._url(repository, "referrers/")).path
+        if (url.scheme, url.netloc) != (base.scheme, base.netloc) or not url.path.startswith(
+            prefix
+        ):
+            raise self._failure("pointed the next page of referrers elsewhere")
+        return url.path[len(prefix) - len("referrers/") :], dict(parse_qsl(url.query))
 
     def list_tags(self, repository: str, n: int | None, last: str | None) -> dict:
         params = {}

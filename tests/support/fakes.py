@@ -78,7 +78,8 @@ class FakeRegistry(LoopbackHTTP):
                     return
                 if path == "/v2/":
                     return self._simple(200, b"{}")
-                route = fake.routes.get(path)
+                # A route may name its query too (`...?last=x`, a page of a listing).
+                route = fake.routes.get(self.path) or fake.routes.get(path)
                 if route is None:
                     return self._simple(404, b'{"errors":[{"code":"NOT_FOUND","message":"nope"}]}')
                 faulty = route.faulty_requests > 0

@@ -1,0 +1,154 @@
+"""The referrers of a manifest (OCI 1.1): signatures, SBOMs and attestations attached to it.
+
+Asked of upstream's referrers API (`GET /v2/<name>/referrers/<digest>`, every `Link` page);
+an upstream without it (a 404 there, as distribution 2.8 answers) is asked for the referrers
+tag schema instead: the image index tagged `<alg>-<hex>`. The answer, unfiltered, is stored
+as an OCI image index (a blob like any manifest) with a record of when upstream was asked
+(the store's `_referrers/` file, the shape of a tag's); it is served for the registry's
+`referrers_ttl` (default 5 min) by every worker and node, then asked again, and served stale
+(`Warning: 110`) while upstream fails. `?artifactType=` is filtered here, from the whole
+list, so every filter shares one cached answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from registry.digests import Digest, sha256_of
+from registry.errors import ManifestUnknown, RegistryError, UpstreamError
+from registry.mediatypes import OCI_INDEX
+from registry.names import Target
+from registry.store import ContentStore
+from registry.store.content import TagRecord
+from registry.upstream.client import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+# What a descriptor in a referrers index may carry (others are dropped).
+DESCRIPTOR_FIELDS = ("mediaType", "digest", "size", "artifactType", "annotations")
+
+
+@dataclass(frozen=True)
+class Referrers:
+    descriptors: list[dict[str, Any]]
+    cache: str  # hit, miss or stale (as a manifest's)
+
+    def index(self, artifact_type: str | None = None) -> bytes:
+        """The image index a client gets, filtered to `artifact_type` when given."""
+        chosen = [
+            d
+            for d in self.descriptors
+            if artifact_type is None or d.get("artifactType") == artifact_type
+        ]
+        return index_body(chosen)
+
+
+def index_body(descriptors: list[dict[str, Any]]) -> bytes:
+    return json.dumps(
+        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}, indent=2
+    ).encode()
+
+
+def descriptors_of(body: bytes) -> list[dict[str, Any]]:
+    """The well-formed descriptors of an index (from upstream: never trusted whole)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("not JSON") from None
+    entries = doc.get("manifests") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError("not an image index")
+    out = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("mediaType"), str):
+            continue
+        size = entry.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            continue
+        try:
+            Digest.parse(str(entry.get("digest")))
+        except RegistryError:
+            continue
+        annotations = entry.get("annotations")
+        if annotations is not None and not isinstance(annotations, dict):
+            continue
+        out.append({k: entry[k] for k in DESCRIPTOR_FIELDS if k in entry})
+    return out
+
+
+class ReferrersCache:
+    def __init__(
+        self,
+        store: ContentStore,
+        upstream: Callable[[Target], UpstreamClient],
+        spend: Callable[[str | None], None],
+        count_stored: Callable[[int], None],
+        clock: Callable[[], float],
+        max_stale: float | None,
+    ) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.spend = spend
+        self.count_stored = count_stored
+        self.clock = clock
+        self.max_stale = max_stale
+
+    def get(self, target: Target, subject: Digest, client: str | None = None) -> Referrers:
+        record = self.store.read_referrers(target, subject)
+        cached = None
+        if record is not None:
+            body = self.store.read_manifest(record.digest)
+            if body is not None:
+                try:
+                    cached = descriptors_of(body)
+                except ValueError:
+                    cached = None
+        age = self.clock() - record.validated if record is not None else 0.0
+        if cached is not None and age < target.registry.referrers_ttl:
+            return Referrers(cached, "hit")
+        try:
+            descriptors = self._ask(target, subject, client)
+        except RegistryError as exc:
+            stale_ok = self.max_stale is None or age <= self.max_stale
+            if cached is not None and stale_ok and not isinstance(exc, ManifestUnknown):
+                log.warning("serving stale referrers of %s@%s: %s", target, subject, exc.message)
+                return Referrers(cached, "stale")
+            raise
+        body = index_body(descriptors)
+        digest = sha256_of(body)
+        if self.store.put_verified_bytes(digest, body):
+            self.count_stored(len(body))
+        self.store.write_referrers(target, subject, TagRecord(digest, OCI_INDEX, self.clock()))
+        return Referrers(descriptors, "miss")
+
+    def _ask(self, target: Target, subject: Digest, client: str | None) -> list[dict]:
+        upstream = self.upstream(target)
+        self.spend(client)
+        pages = upstream.list_referrers(target.repository, str(subject))
+        if pages is not None:
+            descriptors: list[dict] = []
+            for page in pages:
+                descriptors.extend(self._parse(page, upstream))
+            return descriptors
+        # No referrers API: the referrers tag schema. No tag means no referrers.
+        self.spend(client)
+        try:
+            fetched = upstream.get_manifest(target.repository, f"{subject.algorithm}-{subject.hex}")
+        except ManifestUnknown:
+            return []
+        return self._parse(fetched.body, upstream)
+
+    @staticmethod
+    def _parse(body: bytes, upstream: UpstreamClient) -> list[dict]:
+        try:
+            return descriptors_of(body)
+        except ValueError as exc:
+            name = upstream.registry.name
+            raise UpstreamError(
+                f"upstream {name} answered a referrers request with {exc}",
+                reason=f"{name} sent referrers that are not an image index",
+            ) from None
