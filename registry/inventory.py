@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from registry.cosign import REASONS, Verdict, attached_subject
 from registry.digests import Digest
 from registry.errors import RegistryError
 from registry.names import Target
@@ -26,6 +27,30 @@ class TagRow:
     last_pulled: float | None
     pulls: int
     state: str
+    signature: str = ""  # under a verify policy: signed, unsigned, failed (why), not checked
+
+
+def signature_labels(pt: PullThrough, target: Target, tags: dict[str, Digest]) -> dict[str, str]:
+    """What the signature policy found for each tag's manifest (none: no policy applies)."""
+    rule = target.registry.verify_rule(target.repository)
+    if rule is None or pt.policy is None:
+        return {}
+    chosen = {t: d for t, d in tags.items() if attached_subject(t) is None}
+    try:
+        found = pt.policy.known(rule, list(chosen.values()))
+    except RedisError:
+        return {}
+    labels = {}
+    for tag, stored in zip(chosen, found, strict=True):
+        if stored is None:
+            labels[tag] = "not checked yet"
+        elif stored.verdict == Verdict.SIGNED:
+            labels[tag] = "signed"
+        elif stored.verdict == Verdict.UNSIGNED:
+            labels[tag] = "unsigned"
+        else:
+            labels[tag] = f"failed: {REASONS[Verdict(stored.verdict)]}"
+    return labels
 
 
 def tag_rows(pt: PullThrough, target: Target) -> list[TagRow]:
@@ -37,8 +62,12 @@ def tag_rows(pt: PullThrough, target: Target) -> list[TagRow]:
         pulled, counts = [None] * len(tags), [0] * len(tags)
     rows = []
     now = time.time()
+    records = {tag: pt.store.read_tag(target, tag) for tag in tags}
+    signatures = signature_labels(
+        pt, target, {tag: r.digest for tag, r in records.items() if r is not None}
+    )
     for tag, last, count in zip(tags, pulled, counts, strict=True):
-        record = pt.store.read_tag(target, tag)
+        record = records[tag]
         if record is None:
             continue
         platforms, size, partial = describe(pt, str(record.digest))
@@ -55,6 +84,7 @@ def tag_rows(pt: PullThrough, target: Target) -> list[TagRow]:
                 last_pulled=last,
                 pulls=count,
                 state=state,
+                signature=signatures.get(tag, ""),
             )
         )
     return rows
