@@ -86,7 +86,8 @@ carries each owner.
     pt:gc:last                  hash    no TTL. The last sweep's report: started, finished,
                                         seconds, dry_run, repositories, manifests, blobs,
                                         store_bytes, marked_blobs, deleted_tags,
-                                        deleted_manifests, deleted_links, deleted_blobs,
+                                        deleted_manifests, deleted_links, deleted_referrers,
+                                        deleted_blobs,
                                         deleted_uploads, freed_bytes, skipped_in_use, evicted,
                                         error.
     pt:gc:history               list    no TTL, newest first, 50 kept. JSON of each report.
