@@ -106,7 +106,7 @@ carries each owner.
     pt:gc:scheduled             string  TTL 0.9 x gc.interval. Taken (SET NX) by the scheduler
                                         that enqueues this interval's sweep, so several
                                         schedulers enqueue it once.
-    pt:verify:<key set>:<digest>
+    pt:verify:<keyset>:<digest>
                                 string  TTL 24 h when signed, else the registry's
                                         referrers_ttl. What the cosign check of a manifest
                                         against one set of keys (a hash of them) found:

@@ -1,4 +1,4 @@
-"""Signature checks: `pt:verify:<key set>:<digest>`, what the check of a manifest against a
+"""Signature checks: `pt:verify:<keyset>:<digest>`, what the check of a manifest against a
 set of cosign keys found, shared by every worker and node (registry/pullthrough/policy.py)."""
 
 from __future__ import annotations
