@@ -48,6 +48,7 @@ from bench.load import (
 )
 from bench.nginx import Nginx
 from bench.proc import RssSampler, timed_cpu, tree
+from bench.progress import say, scenario
 from bench.report import OFFLINE_PATIENCE, write_report
 from tests.support.clients import skopeo_copy, skopeo_policy
 from tests.support.fakes import FrozenServer
@@ -390,19 +391,25 @@ def main() -> None:
     main_pids = {"pullthrough": cache.proc.pid, "distribution": proxy.proc.pid}
     results: dict = {}
     try:
-        results["wan"] = wan_scenarios(cache, redis.Redis.from_url(redis_server.url), relay, images)
-        results["set"] = set_pulls(
-            {
-                "pullthrough": (
-                    f"{cache.url.removeprefix('http://')}/set.test",
-                    set_relays["pullthrough"],
-                ),
-                "distribution": (set_proxy.url.removeprefix("http://"), set_relays["distribution"]),
-            },
-            the_set,
-            upstream,
-            work,
-        )
+        with scenario("WAN: cold download, herd, fetcher killed"):
+            store = redis.Redis.from_url(redis_server.url)
+            results["wan"] = wan_scenarios(cache, store, relay, images)
+        with scenario("image set pulled with skopeo through the capped link"):
+            results["set"] = set_pulls(
+                {
+                    "pullthrough": (
+                        f"{cache.url.removeprefix('http://')}/set.test",
+                        set_relays["pullthrough"],
+                    ),
+                    "distribution": (
+                        set_proxy.url.removeprefix("http://"),
+                        set_relays["distribution"],
+                    ),
+                },
+                the_set,
+                upstream,
+                work,
+            )
         results["set_unique"] = unique_bytes(the_set)
         herds: dict = {}
         for name, base in servers.items():
@@ -411,7 +418,8 @@ def main() -> None:
             manifest_url = f"{base}/v2/library/bench/manifests/1"
             requests.get(manifest_url, headers={"Accept": ACCEPT}, timeout=60).raise_for_status()
             mark = upstream.mark()
-            herds[name] = herd(blob_url, HERD)
+            with scenario(f"loopback herd of {HERD} on a cold blob: {name}"):
+                herds[name] = herd(blob_url, HERD)
             herds[name]["upstream_gets"] = upstream_blob_gets(upstream, mark, layer)
         results["herd"] = herds
         huge_urls = {}
@@ -420,6 +428,7 @@ def main() -> None:
                 f"{base}/v2/library/huge/manifests/1", headers={"Accept": ACCEPT}, timeout=60
             ).raise_for_status()
             huge_urls[name] = (f"{base}/v2/library/huge/blobs/{huge_digest}", main_pids[name])
+        say("memory: a cold huge blob to 8 clients ...")
         results["memory"] = huge_blob_memory(
             {
                 # gunicorn's workers only: the master serves nothing.
@@ -429,11 +438,14 @@ def main() -> None:
             huge_size,
         )
         huge_urls["nginx"] = (nginx.blob_url(huge_digest), nginx.proc.pid)
-        results["blob"] = blob_throughput(huge_urls, huge_size)
-        results["rates"] = manifest_rates(
-            servers, bench_manifest, nginx.blob_url(bench_manifest), upstream, work
-        )
-        results["offline"] = offline_scenarios(servers, upstream, work)
+        with scenario("warm blob throughput (1 and 8 clients)"):
+            results["blob"] = blob_throughput(huge_urls, huge_size)
+        with scenario("manifest request rates"):
+            results["rates"] = manifest_rates(
+                servers, bench_manifest, nginx.blob_url(bench_manifest), upstream, work
+            )
+        with scenario("upstream stopped or frozen"):
+            results["offline"] = offline_scenarios(servers, upstream, work)
     finally:
         for server in (cache, proxy, set_proxy, nginx, relay, *set_relays.values(), upstream):
             server.stop()
@@ -441,8 +453,10 @@ def main() -> None:
         redis_server.stop()
         # Gigabytes of blobs: several runs left behind once filled this machine's disk.
         shutil.rmtree(work, ignore_errors=True)
-    results["gc"] = gc_bench.main()
+    with scenario("GC sweep of many blobs"):
+        results["gc"] = gc_bench.main()
     write_report(results, size=size, huge_size=huge_size)
+    say("docs/benchmarks.md and docs/benchmarks.png written")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from requests.adapters import HTTPAdapter
 
 from bench.load import ACCEPT
 from bench.proc import rss_mib
+from bench.progress import say
 from bench.report import write_section
 from tests.support.images import Image, Pusher, make_layer, single, standard_images
 from tests.support.servers import (
@@ -70,6 +71,12 @@ class Tally:
                 self.server_errors.append(
                     (time.time(), url, status, body[:200].decode(errors="replace"))
                 )
+
+    def summary(self) -> str:
+        with self.lock:
+            statuses = ", ".join(f"{n} x {s}" for s, n in sorted(self.by_status.items()))
+            total = sum(self.by_op.values())
+            return f"{total} requests ({statuses}), {len(self.wrong_bytes)} with wrong bytes"
 
 
 class Catalogue:
@@ -255,10 +262,13 @@ def main() -> None:
     try:
         while (elapsed := time.monotonic() - started) < SECONDS:
             time.sleep(1)
+            if int(elapsed) % 60 == 0 and elapsed >= 1:
+                say(f"soak: {elapsed / 60:.0f} of {SECONDS / 60:.0f} min, {tally.summary()}")
             if not killed and elapsed > SECONDS / 3:
                 victim = cache.worker_pids()[0]
                 os.kill(victim, signal.SIGKILL)
                 events.append((time.time(), f"worker {victim} killed with SIGKILL"))
+                say(events[-1][1])
                 killed = True
             if not restarted and elapsed > 2 * SECONDS / 3:
                 redis_server.stop()
@@ -266,12 +276,14 @@ def main() -> None:
                 time.sleep(3)
                 redis_server.start()
                 events.append((time.time(), "Redis started again, empty"))
+                say("Redis stopped and started again, empty")
                 restarted = True
             if time.monotonic() > next_gc:
                 run = run_module("workers", config, "gc", check=False, timeout=600)
                 report = json.loads(run.stdout) if run.returncode == 0 else {}
                 gc_runs.append({"rc": run.returncode, **report})
                 events.append((time.time(), f"GC sweep rc={run.returncode}"))
+                say(events[-1][1])
                 next_gc = time.monotonic() + GC_EVERY
     finally:
         stop.set()

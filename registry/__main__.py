@@ -2,6 +2,8 @@
 
 python -m registry check-config
     validate the configuration and exit (2 when invalid)
+python -m registry follow [--now]
+    check the followed tags that are due (all of them with --now) and fetch what moved
 python -m registry rewrite-compose --cache HOST:PORT [--registry NAME ...] [--undo] FILE ...
     route the image references of compose files through the cache (path-prefix form) for
     the given registries (default: every configured registry but the default one), in
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("images", help="list cached images")
     warm = commands.add_parser("warm", help="fetch images into the cache")
     warm.add_argument("images", nargs="+", help="name[:tag|@digest], as a client writes it")
+    follow = commands.add_parser("follow", help="check the followed tags that are due")
+    follow.add_argument("--now", action="store_true", help="check every followed tag now")
     evict = commands.add_parser("evict", help="drop a cached tag")
     evict.add_argument("image", help="name:tag")
     verify = commands.add_parser("verify", help="re-hash stored content")
@@ -112,6 +116,8 @@ def admin_command(args: argparse.Namespace) -> int:
             return 0
         if args.command == "warm":
             return admin.warm(pt, args.images)
+        if args.command == "follow":
+            return admin.follow(pt, args.now)
         if args.command == "evict":
             digest = admin.evict(pt, args.image)
             print(f"evicted {args.image} ({digest}); `python -m registry gc` frees its blobs")

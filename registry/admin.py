@@ -16,6 +16,7 @@ from registry.gc import Collector
 from registry.inventory import tag_rows
 from registry.mediatypes import MANIFEST_TYPES
 from registry.names import Target, resolve
+from registry.progress import Progress
 from registry.pullthrough import Manifest, PullThrough
 from registry.pullthrough.manifests import walk
 
@@ -56,7 +57,9 @@ def warm(pt: PullThrough, refs: list[str], out: TextIO = sys.stderr) -> int:
                 return pt.manifest(target, str(digest), ACCEPT).body
 
             blobs = [d for node in walk(top.digest, load) for d in node.blobs]
-            fetched = sum(_fetch_blob(pt, target, d, out) for d in dict.fromkeys(blobs))
+            progress = Progress(out)
+            fetched = sum(_fetch_blob(pt, target, d, progress) for d in dict.fromkeys(blobs))
+            progress.close()
             print(f"{ref}: {len(dict.fromkeys(blobs))} blobs, {fetched} bytes fetched", file=out)
         except Exception as exc:  # one bad reference does not stop the others
             failed += 1
@@ -64,36 +67,45 @@ def warm(pt: PullThrough, refs: list[str], out: TextIO = sys.stderr) -> int:
     return 1 if failed else 0
 
 
-def _fetch_blob(pt: PullThrough, target: Target, digest: Digest, out: TextIO) -> int:
+def _fetch_blob(pt: PullThrough, target: Target, digest: Digest, progress: Progress) -> int:
     """Fetch one blob, drawing progress; the bytes fetched (0 when it was cached already)."""
     found = pt.blob(target, digest)
+    label = target.repository
     if found.stream is None:  # on disk: cached before, or a fill that finished at once
         if found.open_file is not None:
             found.open_file().close()
         done = found.size if found.cache == "miss" else 0
         if done:
-            _progress(out, digest, done, found.size)
-            out.write("\n")
+            progress(label, digest, done, found.size)
         return done
-    done, step = 0, max(found.size // 20, 1)
-    mark = step
+    done = 0
     for chunk in found.stream(0, found.size - 1):
         done += len(chunk)
-        if done >= mark or done == found.size:
-            _progress(out, digest, done, found.size)
-            mark = done + step
-    out.write("\n")
+        progress(label, digest, done, found.size)
     return done
 
 
-def _progress(out: TextIO, digest: Digest, done: int, size: int) -> None:
-    bar = "#" * (20 * done // size) if size else "#" * 20
-    percent = 100 * done // size if size else 100
-    out.write(
-        f"\r  {str(digest)[:19]}… [{bar:<20}] {percent:3d}% "
-        f"{done / 2**20:.1f}/{size / 2**20:.1f} MiB"
+def follow(pt: PullThrough, now: bool, out: TextIO = sys.stderr) -> int:
+    """One tick of the follower here (every followed tag with `now`), with progress."""
+    from registry.pullthrough.follower import Follower
+
+    if not pt.settings.follow.enabled:
+        print("nothing is followed: configure follow.images or follow.pulled_within", file=out)
+        return 1
+    progress = Progress(out)
+    follower = Follower(pt, pt.coord.follows, pt.settings.follow, progress=progress)
+    report = follower.tick(force=now)
+    progress.close()
+    for record in pt.coord.follows.read(pt.coord.follows.followed()):
+        line = f"{record.member}: {record.state} {record.digest[:19]}"
+        print(line + (f" ({record.message})" if record.message else ""), file=out)
+    states = ", ".join(f"{n} {s}" for s, n in sorted(report.states.items())) or "none due"
+    print(
+        f"{report.followed} followed, {report.checked} checked ({states}), "
+        f"{report.fetched_bytes} bytes fetched",
+        file=out,
     )
-    out.flush()
+    return 1 if report.states.get("failed") else 0
 
 
 def evict(pt: PullThrough, ref: str) -> str:

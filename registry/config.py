@@ -128,6 +128,33 @@ class GcSettings:
 
 
 @dataclass(frozen=True)
+class FollowRule:
+    """Tags to keep warm: `image` is `[registry/]repository:tag`, where the repository may
+    be a glob (over repositories the cache holds) and the tag a glob (`16*`) or a version
+    range (`>=7 <8`, PEP 440 versions: `7.2.4`, not `7.2-alpine`)."""
+
+    image: str
+    platforms: tuple[str, ...] = ()  # empty: those pulled before (else every platform)
+    interval: float | None = None  # None: follow.interval
+
+
+@dataclass(frozen=True)
+class FollowSettings:
+    """Keeping followed tags warm (off while `images` is empty and `pulled_within` unset)."""
+
+    images: tuple[FollowRule, ...] = ()
+    interval: float = 3600.0  # how often each followed tag is checked (spread over it)
+    pulled_within: float | None = None  # also follow every tag pulled this recently
+    quota_reserve: float = 0.2  # leave this share of Docker Hub's quota to clients
+    keep_previous: int = 1  # previous digests of a followed tag kept from the GC
+    tick: float = 30.0  # how often the scheduler looks for due checks
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.images) or self.pulled_within is not None
+
+
+@dataclass(frozen=True)
 class S3Settings:
     """Content in an S3-compatible bucket (`storage.driver: s3`) instead of `storage.root`."""
 
@@ -194,6 +221,7 @@ class Settings:
     # Upstream-reaching requests one client address may cause per minute (0: no bound).
     client_upstream_per_minute: int = 1200
     gc: GcSettings = field(default_factory=GcSettings)
+    follow: FollowSettings = field(default_factory=FollowSettings)
     # /readyz fails when the storage file system has less free space than this.
     min_free_bytes: int = 1 << 30
     # Mode of the files the filesystem store creates (less the process umask); its root
@@ -400,6 +428,30 @@ class GcSchema(Schema):
     pins = fields.List(fields.String(validate=validate.Length(min=1)), load_default=list)
 
 
+class FollowRuleSchema(Schema):
+    image = fields.String(required=True, validate=validate.Length(min=3, max=300))
+    platforms = fields.List(fields.String(validate=validate.Length(min=1)), load_default=list)
+    interval = Duration(load_default=None, validate=validate.Range(min=10))
+
+    @validates_schema
+    def _pattern(self, data: dict[str, Any], **_: Any) -> None:
+        from registry.follow import parse_pattern
+
+        try:
+            parse_pattern(data.get("image", ""))
+        except ValueError as exc:
+            raise ValidationError(str(exc), "image") from None
+
+
+class FollowSchema(Schema):
+    images = fields.List(fields.Nested(FollowRuleSchema), load_default=list)
+    interval = Duration(load_default=3600.0, validate=validate.Range(min=10))
+    pulled_within = Duration(load_default=None, validate=validate.Range(min=60))
+    quota_reserve = fields.Float(load_default=0.2, validate=validate.Range(min=0, max=1))
+    keep_previous = fields.Integer(load_default=1, validate=validate.Range(min=0, max=10))
+    tick = Duration(load_default=30.0, validate=validate.Range(min=1))
+
+
 class ServerSchema(Schema):
     hosts = fields.List(fields.String(validate=validate.Length(min=1)), load_default=list)
 
@@ -412,6 +464,7 @@ class SettingsSchema(Schema):
     redis = fields.Nested(RedisSchema, load_default=lambda: RedisSchema().load({}))
     upstream = fields.Nested(UpstreamSchema, load_default=lambda: UpstreamSchema().load({}))
     gc = fields.Nested(GcSchema, load_default=lambda: GcSchema().load({}))
+    follow = fields.Nested(FollowSchema, load_default=lambda: FollowSchema().load({}))
     credentials_file = fields.String(load_default=None)
     default_registry = fields.String(load_default=DEFAULT_REGISTRY)
     registries = fields.List(
@@ -587,6 +640,17 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
             max_size=data["gc"]["max_size"],
             low_watermark=data["gc"]["low_watermark"],
             pins=tuple(data["gc"]["pins"]),
+        ),
+        follow=FollowSettings(
+            images=tuple(
+                FollowRule(rule["image"], tuple(rule["platforms"]), rule["interval"])
+                for rule in data["follow"]["images"]
+            ),
+            interval=data["follow"]["interval"],
+            pulled_within=data["follow"]["pulled_within"],
+            quota_reserve=data["follow"]["quota_reserve"],
+            keep_previous=data["follow"]["keep_previous"],
+            tick=data["follow"]["tick"],
         ),
     )
 

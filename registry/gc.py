@@ -40,6 +40,7 @@ from registry.config import GcSettings
 from registry.coordination import Coordination
 from registry.cosign import attached_subject
 from registry.digests import Digest
+from registry.errors import RegistryError
 from registry.pullthrough.manifests import walk
 from registry.pullthrough.referrers import descriptors_of
 from registry.store import ContentStore, paths
@@ -195,6 +196,13 @@ class Collector:
                     root = roots.setdefault((repo, digest), Root(repo, digest, last_pulled=last))
                     root.recent = True
                     root.last_pulled = max(root.last_pulled, last)
+
+        # The digests followed tags pointed to before (follow.keep_previous): an offline
+        # rollback stays possible until the follower lets them go.
+        for repo, kept in self.coord.follows.kept():
+            digest = _digest_or_none(kept)
+            if repo in repos and digest is not None:
+                roots.setdefault((repo, digest), Root(repo, digest, last_pulled=now))
 
         reach: dict[tuple[str, Digest], set[Digest]] = {key: self._reach(key[1]) for key in roots}
         if policy.max_size:
@@ -393,6 +401,13 @@ class Collector:
             "deleted_uploads": len(plan.uploads),
             "skipped_in_use": skipped,
         }
+
+
+def _digest_or_none(text: str) -> Digest | None:
+    try:
+        return Digest.parse(text)
+    except RegistryError:
+        return None
 
 
 def command(collector: Collector, dry_run: bool) -> int:

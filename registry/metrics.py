@@ -19,6 +19,7 @@ Counters (all with the `pullthrough_` prefix; README lists them with their label
 from __future__ import annotations
 
 import os
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -26,6 +27,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from redis.exceptions import RedisError
 
 from registry.coordination import Coordination
+from registry.coordination.hourly import hour_of
 
 TRANSFER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -168,6 +170,48 @@ class RedisState:
             )
             seconds.add_metric([], float(last.get("seconds") or 0))
             yield from (when, seconds)
+
+        saved = GaugeMetricFamily(
+            "pullthrough_upstream_pulls_saved",
+            "Manifest GETs answered without an upstream GET (what Docker Hub's quota counts), "
+            "today (UTC) and over the last 7 days.",
+            labels=["registry", "period"],
+        )
+        now = time.time()
+        for name in self.registries:
+            week = self.coord.hourly.hours(name, now, 7 * 24)
+            today = hour_of(now)[:8]
+            saved.add_metric(
+                [name, "today"], float(sum(f.get("saved", 0) for h, f in week if h[:8] == today))
+            )
+            saved.add_metric([name, "7d"], float(sum(f.get("saved", 0) for _, f in week)))
+        yield saved
+
+        # The follower runs in the worker, not here: its counts come through Redis.
+        requests = CounterMetricFamily(
+            "pullthrough_follow_upstream_requests",
+            "Upstream requests the follower made (apart from client-driven ones): head, "
+            "manifest, blob, tags.",
+            labels=["registry", "kind"],
+        )
+        checks = CounterMetricFamily(
+            "pullthrough_follow_checks",
+            "Checks of followed tags, by what they found.",
+            labels=["registry", "state"],
+        )
+        fetched = CounterMetricFamily(
+            "pullthrough_follow_fetched_bytes",
+            "Blob bytes the follower fetched before anyone asked.",
+            labels=["registry"],
+        )
+        for (registry, what), value in sorted(self.coord.follows.totals().items()):
+            if what == "bytes":
+                fetched.add_metric([registry], float(value))
+            elif what.startswith("check_"):
+                checks.add_metric([registry, what.removeprefix("check_")], float(value))
+            else:
+                requests.add_metric([registry, what], float(value))
+        yield from (requests, checks, fetched)
 
 
 def _counters(local: CollectorRegistry) -> CollectorRegistry:

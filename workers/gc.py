@@ -1,9 +1,10 @@
-"""The GC job and its scheduling, on rq.
+"""The GC job and the scheduling of the background jobs, on rq.
 
-`sweep` is the rq job. `GcScheduler` is rq's CronScheduler with the one thing it lacks: a
-Redis slot (`pt:gc:scheduled`, SET NX for 0.9 x interval) so that several schedulers, or one
-restarted, enqueue each interval's sweep once. The sweep itself also holds `pt:gc:lock`, so a
-manual run and a scheduled one never overlap.
+`sweep` is the GC's rq job (the follower's is workers/follow.py's `tick`). `GcScheduler` is
+rq's CronScheduler with the one thing it lacks: a Redis slot (`pt:gc:scheduled`, SET NX for
+0.9 x interval; `pt:follow:scheduled` for the follower's ticks) so that several schedulers,
+or one restarted, enqueue each interval's job once. The sweep itself also holds `pt:gc:lock`,
+so a manual run and a scheduled one never overlap.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from registry import build_collector
 from registry.config import Settings, load_settings
 from registry.coordination import Coordination, connect
 from registry.gc import Collector, GcBusy
+from workers.follow import tick as follow_tick
 
 log = logging.getLogger(__name__)
 
 QUEUE = "pullthrough"
 # The functions a job may name (GcJob): nothing else in the queue runs.
-JOBS = frozenset({f"{__name__}.sweep"})
+JOBS = frozenset({f"{__name__}.sweep", "workers.follow.tick"})
 # A sweep of a large store takes minutes; rq's default job timeout (180 s) would kill it.
 JOB_TIMEOUT = 6 * 3600
 
@@ -83,13 +85,17 @@ def enqueue(client: redis.Redis, dry_run: bool = False) -> Job:
 
 
 class GcScheduler(CronScheduler):
-    """Enqueues the sweep every `interval` seconds, once across all schedulers."""
+    """Enqueues the sweep every `gc.interval` seconds and, when something is followed, the
+    follower's tick every `follow.tick` seconds, each once across all schedulers."""
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         super().__init__(connection=client, name="")
         self.interval = settings.gc.interval
+        self.tick = settings.follow.tick
         self.coord = Coordination(client, settings.lease_ttl)
         self.register(sweep, QUEUE, interval=int(self.interval), job_timeout=JOB_TIMEOUT)
+        if settings.follow.enabled:
+            self.register(follow_tick, QUEUE, interval=max(1, int(self.tick)))
 
     def enqueue_jobs(self) -> list[CronJob]:
         enqueued = []
@@ -97,8 +103,15 @@ class GcScheduler(CronScheduler):
         for job in self.get_jobs():
             if not job.should_run():
                 continue
-            if self.coord.gc.take_slot(self.interval):
-                enqueue(self.connection)  # as JSON (rq's CronJob.enqueue would pickle)
+            # As JSON (rq's CronJob.enqueue would pickle).
+            if job.func_name == "workers.follow.tick":
+                if self.coord.follows.take_tick(self.coord.owner, self.tick):
+                    queue(self.connection).enqueue(
+                        follow_tick, job_timeout=JOB_TIMEOUT, result_ttl=3600
+                    )
+                    enqueued.append(job)
+            elif self.coord.gc.take_slot(self.interval):
+                enqueue(self.connection)
                 enqueued.append(job)
             else:
                 log.info("gc: another scheduler enqueued this interval's sweep")

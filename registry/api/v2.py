@@ -64,6 +64,8 @@ def manifest(name: str, reference: str) -> Response:
     if request.method == "GET":
         source = "upstream" if found.cache == "miss" else "cache"
         metrics.served_bytes.labels("manifest", target.registry.name, source).inc(len(found.body))
+        # A pull Docker Hub would have counted, and whether the cache spared it one.
+        _pullthrough().coord.hourly.note(target.registry.name, saved=found.cache != "miss")
     headers = {
         "Content-Type": found.media_type,
         "Content-Length": str(len(found.body)),

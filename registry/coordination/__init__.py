@@ -12,6 +12,8 @@ when missing. Each key has one owner module that alone reads and writes it:
 - registry/coordination/pulls.py: pt:pulled, pt:pulls
 - registry/coordination/gcstate.py: pt:gc:*, pt:store
 - registry/coordination/verdicts.py: pt:verify:*
+- registry/coordination/follows.py: pt:follow:*
+- registry/coordination/hourly.py: pt:hourly:*
 - registry/upstream/tokens.py: pt:token:*
 - registry/upstream/health.py: pt:upstream:*
 
@@ -113,6 +115,28 @@ carries each owner.
                                         JSON {verdict (signed | mismatch | unknown_key |
                                         unsigned), detail, checked, via (the signed index a
                                         child is covered by)}.
+    pt:follow:<registry>/<repository>:<tag>
+                                hash    no TTL; deleted when the tag is no longer followed.
+                                        A followed tag (registry/pullthrough/follower.py):
+                                        pattern, state (waiting | current | fetching | quota
+                                        | breaker | missing | failed), digest, previous (JSON
+                                        list: kept from the GC), last_check, message,
+                                        fetched_bytes.
+    pt:follow:due               zset    no TTL. Every followed tag, scored by its next check
+                                        (unix s).
+    pt:follow:tags:<registry>/<repository>
+                                string  TTL the follow interval. The repository's upstream
+                                        tag list (JSON), asked once per interval.
+    pt:follow:totals            hash    no TTL. `<registry>|<what>`: the follower's upstream
+                                        requests (head, manifest, blob, tags), bytes fetched,
+                                        and checks by state (check_<state>). Read by /metrics.
+    pt:follow:scheduled         string  TTL 0.9 x follow.tick. Taken by the scheduler that
+                                        runs this tick.
+    pt:hourly:<registry>:<hour> hash    TTL 8 days. One UTC hour (YYYYMMDDHH) of manifest GETs:
+                                        saved (answered without an upstream GET), fetched
+                                        (needed one), and quota_remaining / quota_limit as
+                                        last seen in it. Written by each process every 2 s.
+                                        Read by the UI's overview and /metrics.
     rq:*                                rq's own keys for the `pullthrough` queue and worker.
 """
 
@@ -126,7 +150,9 @@ import redis
 
 from registry.config import Settings
 from registry.coordination.catalog import CatalogIndex
+from registry.coordination.follows import Follows
 from registry.coordination.gcstate import GcState, StoreTotals
+from registry.coordination.hourly import Hourly
 from registry.coordination.leases import Lease, Leases, blob_lease_key, tag_lease_key
 from registry.coordination.limits import Limits
 from registry.coordination.missing import NegativeCache, missing_key
@@ -160,6 +186,8 @@ class Coordination:
         self.gc = GcState(client, self.owner)
         self.store = StoreTotals(client)
         self.verdicts = Verdicts(client)
+        self.follows = Follows(client)
+        self.hourly = Hourly(client, quota=lambda registry: upstream_status(client, registry))
 
     # For people: /readyz, /metrics, the UI, the admin CLI (these raise RedisError).
     def ping(self) -> None:

@@ -60,6 +60,15 @@ class Limits:
         with contextlib.suppress(RedisError):
             self.redis.zrem(FILLS_KEY, f"{client or '-'}|{digest}")
 
+    def running(self) -> list[tuple[str, str]]:
+        """(client, digest) of the fills admitted and not ended (a dead fetcher's included
+        until the next admission drops it)."""
+        out = []
+        for member in self.redis.zrange(FILLS_KEY, 0, -1):
+            client, _, digest = member.decode().partition("|")
+            out.append((client, digest))
+        return out
+
     def spend_upstream(self, client: str, per_minute: int) -> float | None:
         """Count one upstream-reaching request of `client`: None within its budget, else the
         seconds until the next minute (when it has budget again)."""

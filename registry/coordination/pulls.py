@@ -94,6 +94,10 @@ class Pulls:
                 self.redis.zadd(PULLED_KEY, unknown, nx=True)
         return {m: default if s is None else s for m, s in zip(members, scores, strict=True)}
 
+    def recent(self, since: float) -> list[str]:
+        """Members pulled at `since` or later (tags `<repo>:<tag>`, digests `<repo>@<d>`)."""
+        return [m.decode() for m in self.redis.zrangebyscore(PULLED_KEY, since, "+inf")]
+
     def has_history(self) -> bool:
         return bool(self.redis.exists(PULLED_KEY))
 

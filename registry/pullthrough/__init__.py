@@ -196,6 +196,24 @@ class PullThrough:
         self.coord.pulls.touch(pulled)
         return found
 
+    def fetch_tag(self, target: Target, tag: str) -> Manifest:
+        """The tag as upstream has it now, fetched and stored whatever its TTL says (the
+        follower: a HEAD said it moved). Under the tag's lease, as a client's fetch."""
+        lease = self.coord.leases.tag(str(target), tag)
+        acquired = lease.acquire()
+        try:
+            found = self._refresh_tag(target, tag, None, None)
+        finally:
+            if acquired:
+                lease.release()
+        if self.policy is not None:
+            self.policy.enforce(target, tag, found.digest, found.body)
+        return found
+
+    def child_manifest(self, target: Target, digest: Digest) -> Manifest:
+        """A manifest by digest, through the cache (an index's child the follower wants)."""
+        return self._manifest_by_digest(target, digest, None)
+
     # -- referrers and signatures -------------------------------------------------------------
     def referrers(self, target: Target, digest: Digest, client: str | None = None) -> Referrers:
         return self.referrers_cache.get(target, digest, client)

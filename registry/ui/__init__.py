@@ -10,11 +10,13 @@ import time
 from flask import Blueprint, abort, current_app, render_template, request
 from redis.exceptions import RedisError
 
+from registry.coordination.hourly import hour_of
 from registry.errors import RegistryError
 from registry.inventory import tag_rows
 from registry.metrics import totals
 from registry.names import resolve
 from registry.pullthrough import PullThrough
+from registry.ui import charts
 
 bp = Blueprint("ui", __name__, template_folder="templates")
 
@@ -46,6 +48,19 @@ def _ago(when: float | None) -> str:
         if seconds >= size:
             return f"{seconds / size:.0f} {unit} ago"
     return f"{seconds:.0f} s ago"
+
+
+@bp.app_template_filter("until")
+def _until(when: float | None) -> str:
+    if not when:
+        return "—"
+    seconds = when - time.time()
+    if seconds <= 0:
+        return "due"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"in {seconds / size:.0f} {unit}"
+    return f"in {seconds:.0f} s"
 
 
 @bp.errorhandler(404)
@@ -102,8 +117,9 @@ def overview():
             )
         store = pt.coord.store.read()
         last_gc = pt.coord.gc.last()
+        savings = [_savings(pt, registry.name) for registry in pt.settings.registries]
     except RedisError:
-        redis_ok = False
+        redis_ok, savings = False, []
     return render_template(
         "overview.html",
         hit_ratio=from_cache / total if total else None,
@@ -114,7 +130,33 @@ def overview():
         budget=pt.settings.gc.max_size,
         last_gc=last_gc,
         redis_ok=redis_ok,
+        savings=savings,
     )
+
+
+def _savings(pt: PullThrough, registry: str) -> dict:
+    """Upstream pulls saved today (UTC) and over 7 days, and the last 24 h as charts."""
+    now = time.time()
+    week = pt.coord.hourly.hours(registry, now, 7 * 24)
+    today = hour_of(now)[:8]
+    day = week[-24:]
+    return {
+        "registry": registry,
+        "today": sum(f.get("saved", 0) for h, f in week if h.startswith(today)),
+        "week": sum(f.get("saved", 0) for _, f in week),
+        "fetched_week": sum(f.get("fetched", 0) for _, f in week),
+        "pulls": charts.hourly_bars(
+            [(h, f.get("saved", 0), f.get("fetched", 0)) for h, f in day],
+            f"{registry}: manifest GETs per hour, last 24 h",
+        ),
+        "quota": charts.quota_line(
+            [(h, f.get("quota_remaining")) for h, f in day],
+            next((f["quota_limit"] for _, f in reversed(day) if "quota_limit" in f), None),
+            f"{registry}: upstream quota left, last 24 h",
+        ),
+        "has_quota": any("quota_remaining" in f for _, f in day),
+        "active": any(f for _, f in week),
+    }
 
 
 @bp.get("/ui/repositories")
@@ -159,6 +201,39 @@ def repository(name: str):
         abort(404)
     return render_template(
         "repository.html", name=name, target=str(target), rows=tag_rows(pt, target)
+    )
+
+
+@bp.get("/ui/follow")
+def follow():
+    """Followed tags, and the fetches in flight now (the page reloads itself while any is)."""
+    pt = _pt()
+    follows, fetching, redis_ok = [], [], True
+    try:
+        follows = pt.coord.follows.read(pt.coord.follows.followed())
+        for client, digest in pt.coord.limits.running():
+            record = pt.coord.fills.read(digest)
+            if not record.active:
+                continue
+            fetching.append(
+                {
+                    "digest": digest,
+                    "repository": record.repository,
+                    "upstream": record.upstream,
+                    "node": record.owner.split(":")[0],
+                    "by": "background (follower, takeover)" if client == "-" else client,
+                    "size": record.size,
+                    "written": record.written,
+                }
+            )
+    except RedisError:
+        redis_ok = False
+    return render_template(
+        "follow.html",
+        follows=sorted(follows, key=lambda r: r.member),
+        fetching=fetching,
+        settings=pt.settings.follow,
+        redis_ok=redis_ok,
     )
 
 

@@ -1,0 +1,299 @@
+"""Keep followed tags warm: fetch a tag's new version before anyone asks for it.
+
+Each tick (the scheduler's rq job, or `python -m registry follow`) finds the followed tags
+(`follow.images` patterns, and with `follow.pulled_within` every tag pulled that recently),
+and checks those that are due: once per interval each, at a point of the interval that is
+its own (no burst at the top of the hour). A check is a `HEAD` of the tag (Docker Hub does
+not count HEADs against its pull quota); only when the digest moved is the manifest fetched,
+then the blobs of the platforms wanted, through the same single-flight fills client pulls
+use, so a client pulling meanwhile joins them. Manifest GETs are spent only while upstream's
+`ratelimit-remaining` stays above `follow.quota_reserve` of its limit, and nothing is asked
+while the breaker is open: such work waits for the next interval. The digest a tag pointed
+to before is kept from the GC (`keep_previous`) for an offline rollback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from registry.config import FollowRule, FollowSettings
+from registry.coordination.follows import Follows
+from registry.cosign import attached_subject
+from registry.digests import Digest
+from registry.errors import ManifestUnknown, NameUnknown, RegistryError
+from registry.follow import FollowState, Pattern, parse_pattern, spread
+from registry.names import Target, resolve
+from registry.pullthrough import Manifest, PullThrough
+from registry.pullthrough.manifests import InvalidManifest, ManifestNode, manifest_node
+from registry.store import TagRecord
+
+log = logging.getLogger(__name__)
+
+# progress(member, digest, bytes so far, size): how a terminal draws bars.
+Progress = Callable[[str, Digest, int, int], None]
+
+
+@dataclass
+class Followed:
+    pattern: str  # what made it followed: a follow.images pattern, or "pulled within"
+    rule: FollowRule | None
+
+
+@dataclass
+class TickReport:
+    followed: int = 0
+    checked: int = 0
+    states: dict[str, int] = field(default_factory=dict)
+    fetched_bytes: int = 0
+
+
+class Follower:
+    def __init__(
+        self,
+        pt: PullThrough,
+        follows: Follows,
+        settings: FollowSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        progress: Progress | None = None,
+    ) -> None:
+        self.pt = pt
+        self.follows = follows
+        self.settings = settings
+        self.clock = clock
+        self.progress = progress
+
+    # -- which tags ----------------------------------------------------------------------------
+    def discover(self, now: float) -> dict[str, Followed]:
+        """`<registry>/<repository>:<tag>` of every followed tag."""
+        found: dict[str, Followed] = {}
+        for rule in self.settings.images:
+            pattern = parse_pattern(rule.image)
+            for target in self._targets(pattern):
+                for tag in self._tags(target, pattern, rule):
+                    found.setdefault(f"{target}:{tag}", Followed(rule.image, rule))
+        if self.settings.pulled_within is not None:
+            for member in self.pt.coord.pulls.recent(now - self.settings.pulled_within):
+                _, sep, tag = member.rpartition(":")
+                if sep and "@" not in member and attached_subject(tag) is None:
+                    found.setdefault(member, Followed("pulled recently", None))
+        return found
+
+    def _targets(self, pattern: Pattern) -> list[Target]:
+        if not pattern.name_is_glob:
+            try:
+                return [resolve(self.pt.settings, pattern.name, None)]
+            except RegistryError as exc:
+                log.warning("follow %s: %s", pattern.name, exc.message)
+                return []
+        first, _, rest = pattern.name.partition("/")
+        registry = self.pt.settings.registry(first) if rest else None
+        glob = rest if registry is not None else pattern.name
+        registry = registry or self.pt.settings.registry(self.pt.settings.default_registry)
+        assert registry is not None
+        if registry.name == "docker.io" and "/" not in glob:
+            glob = f"library/{glob}"
+        chosen = Pattern(glob, pattern.tag)
+        out = []
+        for stored in self.pt.store.iter_repositories():
+            name, _, repository = stored.partition("/")
+            if name == registry.name and chosen.matches_name(repository):
+                out.append(Target(registry, repository))
+        return sorted(set(out), key=str)
+
+    def _tags(self, target: Target, pattern: Pattern, rule: FollowRule) -> list[str]:
+        if pattern.tag_is_literal:
+            return [pattern.tag]
+        tags = self.follows.upstream_tags(str(target))
+        if tags is None:
+            try:
+                tags = self._list_tags(target)
+            except RegistryError as exc:
+                log.warning("follow %s: tags/list failed: %s", target, exc.message)
+                tags = self.pt.store.list_tags(target)  # what we hold, at least
+            else:
+                ttl = rule.interval or self.settings.interval
+                self.follows.remember_upstream_tags(str(target), tags, ttl)
+        return sorted(tag for tag in tags if pattern.matches_tag(tag))
+
+    def _list_tags(self, target: Target) -> list[str]:
+        upstream = self.pt.upstream(target)
+        tags: list[str] = []
+        last = None
+        for _ in range(50):  # pages of 1000: enough for any real repository
+            self.follows.count(target.registry.name, "tags")
+            page = upstream.list_tags(target.repository, 1000, last)
+            names = [t for t in page.get("tags") or [] if isinstance(t, str)]
+            tags.extend(names)
+            if len(names) < 1000:
+                break
+            last = names[-1]
+        return tags
+
+    # -- the tick ------------------------------------------------------------------------------
+    def tick(self, *, force: bool = False) -> TickReport:
+        """Check every followed tag that is due (every one with `force`)."""
+        now = self.clock()
+        wanted = self.discover(now)
+        report = TickReport(followed=len(wanted))
+        for member, followed in wanted.items():
+            interval = self._interval(followed)
+            self.follows.track(member, followed.pattern, now + spread(member, interval))
+        gone = sorted(set(self.follows.followed()) - wanted.keys())
+        self.follows.untrack(gone)
+        due = list(wanted) if force else [m for m in self.follows.due(now) if m in wanted]
+        for member in due:
+            state, fetched = self.check(member, wanted[member])
+            report.checked += 1
+            report.states[state.value] = report.states.get(state.value, 0) + 1
+            report.fetched_bytes += fetched
+        return report
+
+    def _interval(self, followed: Followed) -> float:
+        if followed.rule is not None and followed.rule.interval:
+            return followed.rule.interval
+        return self.settings.interval
+
+    def check(self, member: str, followed: Followed) -> tuple[FollowState, int]:
+        """One followed tag: HEAD it, and fetch what moved."""
+        now = self.clock()
+        next_check = now + self._interval(followed)
+        repo, _, tag = member.rpartition(":")
+        name, _, repository = repo.partition("/")
+        registry = self.pt.settings.registry(name)
+        if registry is None:
+            self.follows.untrack([member])
+            return FollowState.MISSING, 0
+        target = Target(registry, repository)
+
+        def done(state: FollowState, message: str = "", **fields: object) -> None:
+            self.follows.update(
+                member, next_check, state=state.value, message=message, last_check=now, **fields
+            )
+            self.follows.count(registry.name, f"check_{state.value}")
+
+        status = self.pt.coord.upstream_status(registry.name)
+        if status.get("breaker"):
+            done(FollowState.BREAKER, f"{registry.name}'s breaker is open: next interval")
+            return FollowState.BREAKER, 0
+        upstream = self.pt.upstream(target)
+        try:
+            self.follows.count(registry.name, "head")
+            head = upstream.head_manifest(repository, tag)
+        except (ManifestUnknown, NameUnknown) as exc:
+            done(FollowState.MISSING, exc.message)
+            return FollowState.MISSING, 0
+        except RegistryError as exc:
+            done(FollowState.FAILED, exc.message)
+            return FollowState.FAILED, 0
+        cached = self.pt.store.read_tag(target, tag)
+        if cached is not None and head.digest == str(cached.digest):
+            # Upstream confirmed it: clients are served it without asking for tag_ttl.
+            self.pt.store.write_tag(target, tag, TagRecord(cached.digest, cached.media_type, now))
+            done(FollowState.CURRENT, digest=head.digest)
+            return FollowState.CURRENT, 0
+        if self._quota_low(status):
+            done(
+                FollowState.QUOTA,
+                f"{registry.name} quota at {status.get('remaining')} of {status.get('limit')}: "
+                f"below the reserve of {self.settings.quota_reserve:.0%}",
+            )
+            return FollowState.QUOTA, 0
+        self.follows.update(member, state=FollowState.FETCHING.value, last_check=now)
+        try:
+            fetched, manifest = self._fetch(member, target, tag, cached, followed)
+        except RegistryError as exc:
+            log.warning("follow %s: fetch failed: %s", member, exc.message)
+            done(FollowState.FAILED, exc.message)
+            return FollowState.FAILED, 0
+        previous = self.follows.read([member])[0].previous
+        if cached is not None and cached.digest != manifest.digest:
+            previous = [str(cached.digest), *[d for d in previous if d != str(cached.digest)]]
+        done(
+            FollowState.CURRENT,
+            digest=str(manifest.digest),
+            previous=previous[: self.settings.keep_previous],
+            fetched_bytes=fetched,
+        )
+        log.info("follow %s: now %s, %d bytes fetched", member, manifest.digest, fetched)
+        return FollowState.CURRENT, fetched
+
+    def _quota_low(self, status: dict) -> bool:
+        try:
+            limit, remaining = int(status["limit"]), int(status["remaining"])
+        except (KeyError, ValueError):
+            return False  # no quota headers: nothing to keep in reserve
+        return limit > 0 and remaining <= self.settings.quota_reserve * limit
+
+    # -- fetching ------------------------------------------------------------------------------
+    def _fetch(
+        self,
+        member: str,
+        target: Target,
+        tag: str,
+        cached: TagRecord | None,
+        followed: Followed,
+    ) -> tuple[int, Manifest]:
+        self.follows.count(target.registry.name, "manifest")
+        manifest = self.pt.fetch_tag(target, tag)
+        node = _node(manifest.digest, manifest.body)
+        blobs = list(node.blobs) if node else []
+        if node is not None and node.children:
+            wanted = set(followed.rule.platforms) if followed.rule else set()
+            wanted = wanted or self._platforms_pulled_before(cached)
+            for child in node.children:
+                if not child.platform or (wanted and child.platform not in wanted):
+                    continue
+                child_manifest = self.pt.child_manifest(target, child.digest)
+                if child_manifest.cache == "miss":
+                    self.follows.count(target.registry.name, "manifest")
+                child_node = _node(child.digest, child_manifest.body)
+                blobs.extend(child_node.blobs if child_node else [])
+        fetched = 0
+        for digest in dict.fromkeys(blobs):
+            fetched += self._blob(member, target, digest)
+        return fetched, manifest
+
+    def _platforms_pulled_before(self, cached: TagRecord | None) -> set[str]:
+        """The platforms of the tag's previous index whose manifests the cache holds."""
+        if cached is None:
+            return set()
+        body = self.pt.store.read_manifest(cached.digest)
+        node = _node(cached.digest, body) if body is not None else None
+        if node is None:
+            return set()
+        return {
+            child.platform
+            for child in node.children
+            if child.platform and self.pt.store.read_manifest(child.digest) is not None
+        }
+
+    def _blob(self, member: str, target: Target, digest: Digest) -> int:
+        """Fetch a blob through the cache's fills (joined by any client asking meanwhile);
+        the bytes this fetch brought from upstream."""
+        found = self.pt.blob(target, digest)
+        if found.stream is None:
+            if found.open_file is not None:
+                found.open_file().close()
+            return 0
+        if not found.joined:
+            self.follows.count(target.registry.name, "blob")
+        done = 0
+        for chunk in found.stream(0, found.size - 1):
+            done += len(chunk)
+            if self.progress is not None:
+                self.progress(member, digest, done, found.size)
+        if found.joined:
+            return 0
+        self.follows.count(target.registry.name, "bytes", done)
+        return done
+
+
+def _node(digest: Digest, body: bytes) -> ManifestNode | None:
+    try:
+        return manifest_node(digest, body)
+    except InvalidManifest:
+        return None

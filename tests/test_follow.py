@@ -1,0 +1,341 @@
+"""Followed tags kept warm: against the real distribution (new digests, version ranges, the
+previous digest kept from the GC, the next client pull served without upstream), a fake with
+Docker Hub's quota headers and faults (the quota reserve, an outage mid-prefetch, a client
+joining a prefetch), the scheduler, the command line and the UI page in the browser."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+import requests
+from playwright.sync_api import sync_playwright
+
+from registry import create_app
+from registry.config import FollowRule, FollowSettings, GcSettings
+from registry.follow import FollowState
+from registry.gc import Collector
+from registry.pullthrough.follower import Follower
+from tests.conftest import make_settings
+from tests.support.clients import require
+from tests.support.fakes import Route
+from tests.support.images import DOCKER_MANIFEST, Pusher, make_layer, single
+from tests.support.servers import Gunicorn, run_module
+
+ACCEPT = {"Accept": DOCKER_MANIFEST}
+
+
+@pytest.fixture
+def pusher(upstream, token_server):
+    return Pusher(upstream.url, token_server.realm, token_server.service)
+
+
+def follower_for(tmp_path, redis_server, upstream_url, follow: FollowSettings, **kwargs):
+    settings = replace(
+        make_settings(tmp_path / "data", redis_server.url, upstream_url, read_timeout=3),
+        follow=follow,
+    )
+    app = create_app(settings)
+    pt = app.extensions["pullthrough"]
+    return app.test_client(), Follower(pt, pt.coord.follows, follow, **kwargs), pt
+
+
+def blobs_asked(upstream, mark) -> list:
+    return [r for r in upstream.requests_since(mark) if "/blobs/" in r[1] and r[2] < 400]
+
+
+def test_a_new_digest_under_a_followed_tag_is_fetched_within_one_interval_with_no_client(
+    tmp_path, redis_server, redis_client, upstream, pusher
+):
+    seed = random.randrange(1 << 30)
+    old = single("follow/app", "1", [make_layer(seed, 64 * 1024)], docker=True)
+    pusher.push(old)
+    clock = [time.time()]
+    interval = 600.0
+    follow = FollowSettings(images=(FollowRule("follow/app:1"),), interval=interval)
+    client, follower, pt = follower_for(
+        tmp_path, redis_server, upstream.url, follow, clock=lambda: clock[0]
+    )
+    assert client.get("/v2/follow/app/manifests/1", headers=ACCEPT).data == old.manifest
+    report = follower.tick()
+    assert report.followed == 1 and report.checked == 0  # its check lies ahead
+
+    new = single("follow/app", "1", [make_layer(seed + 1, 96 * 1024)], docker=True)
+    pusher.push(new)
+    clock[0] += interval  # one interval on: whatever point in it the tag was given
+    mark = upstream.mark()
+    report = follower.tick()
+    assert report.checked == 1 and report.states == {"current": 1}
+    assert report.fetched_bytes == sum(len(b) for b in new.blobs.values())
+    for digest, data in new.blobs.items():
+        hexpart = digest.split(":")[1]
+        path = tmp_path / "data" / "blobs" / "sha256" / hexpart[:2] / hexpart
+        assert path.read_bytes() == data
+    asked = [(m, p.rsplit("/", 2)[-2], s) for m, p, s in upstream.requests_since(mark)]
+    assert ("HEAD", "manifests", 200) in asked and ("GET", "manifests", 200) in asked
+
+    # The next client pull asks upstream nothing at all: the tag was confirmed just now.
+    mark = upstream.mark()
+    assert client.get("/v2/follow/app/manifests/1", headers=ACCEPT).data == new.manifest
+    for digest, data in new.blobs.items():
+        assert client.get(f"/v2/follow/app/blobs/{digest}").data == data
+    assert upstream.requests_since(mark) == []
+
+    # The digest it pointed to before is kept from the GC (keep_previous: 1).
+    record = pt.coord.follows.read(["docker.io/follow/app:1"])[0]
+    assert record.state == FollowState.CURRENT and record.previous == [old.digest]
+    policy = GcSettings(delay=0)
+    Collector(pt.store, pt.coord, policy, clock=lambda: time.time() + 10).run()
+    assert pt.store.read_manifest(_digest(old.digest)) == old.manifest
+    # Once the follower lets it go, so does the GC.
+    pt.coord.follows.update("docker.io/follow/app:1", previous=[])
+    Collector(pt.store, pt.coord, policy, clock=lambda: time.time() + 10).run()
+    assert pt.store.read_manifest(_digest(old.digest)) is None
+
+
+def test_a_version_range_follows_the_tags_in_it_and_picks_up_new_ones(
+    tmp_path, redis_server, redis_client, upstream, pusher
+):
+    seed = random.randrange(1 << 30)
+    for n, tag in enumerate(["7.0.1", "7.2.4", "8.0.0", "latest", "7.2-alpine"]):
+        pusher.push(single("follow/redis", tag, [make_layer(seed + n, 8 * 1024)], docker=True))
+    follow = FollowSettings(images=(FollowRule("follow/redis:>=7 <8"),), interval=1)
+    _client, follower, pt = follower_for(tmp_path, redis_server, upstream.url, follow)
+    report = follower.tick(force=True)
+    assert sorted(pt.coord.follows.followed()) == [
+        "docker.io/follow/redis:7.0.1",
+        "docker.io/follow/redis:7.2.4",
+    ]
+    assert report.states == {"current": 2}
+    pushed = single("follow/redis", "7.4.0", [make_layer(seed + 9, 8 * 1024)], docker=True)
+    pusher.push(pushed)
+    time.sleep(1.1)  # the tag list is asked again once per interval
+    follower.tick(force=True)
+    assert "docker.io/follow/redis:7.4.0" in pt.coord.follows.followed()
+    record = pt.store.read_tag_of("docker.io/follow/redis", "7.4.0")
+    assert record is not None and str(record.digest) == pushed.digest
+
+
+def _manifest_routes(fake, repository: str, tag: str, image, quota: dict[str, str]) -> None:
+    headers = {"Content-Type": image.media_type, "Docker-Content-Digest": image.digest, **quota}
+    fake.routes[f"/v2/{repository}/manifests/{tag}"] = Route(body=image.manifest, headers=headers)
+    fake.routes[f"/v2/{repository}/manifests/{image.digest}"] = Route(
+        body=image.manifest, headers=headers
+    )
+
+
+def _quota(remaining: int) -> dict[str, str]:
+    return {"ratelimit-limit": "100;w=21600", "ratelimit-remaining": f"{remaining};w=21600"}
+
+
+def test_the_quota_reserve_stops_manifest_gets_until_there_is_quota(
+    tmp_path, redis_server, redis_client, fake
+):
+    image = single("quota/app", "1", [make_layer(random.randrange(1 << 30), 8 * 1024)])
+    _manifest_routes(fake, "quota/app", "1", image, _quota(15))
+    for digest, data in image.blobs.items():
+        fake.routes[f"/v2/quota/app/blobs/{digest}"] = Route(body=data)
+    follow = FollowSettings(images=(FollowRule("quota/app:1"),), interval=60)
+    _client, follower, pt = follower_for(tmp_path, redis_server, fake.url, follow)
+    gets = fake.count("GET", "/quota/app/manifests/")
+    heads = fake.count("HEAD", "/quota/app/manifests/")
+    report = follower.tick(force=True)
+    assert report.states == {"quota": 1}
+    # The HEAD (free on Docker Hub) told it 15 of 100 are left: no GET below 20 %.
+    assert fake.count("HEAD", "/quota/app/manifests/") == heads + 1
+    assert fake.count("GET", "/quota/app/manifests/") == gets
+    record = pt.coord.follows.read(["docker.io/quota/app:1"])[0]
+    assert "15 of 100" in record.message
+    _manifest_routes(fake, "quota/app", "1", image, _quota(80))
+    report = follower.tick(force=True)
+    assert report.states == {"current": 1}
+    assert pt.store.read_tag_of("docker.io/quota/app", "1") is not None
+    # Every request it made is counted apart from clients', in /metrics.
+    metrics = _client.get("/metrics").get_data(as_text=True)
+    assert _sample(metrics, "pullthrough_follow_upstream_requests_total", kind="head") == 2
+    assert _sample(metrics, "pullthrough_follow_upstream_requests_total", kind="manifest") == 1
+    assert _sample(metrics, "pullthrough_follow_upstream_requests_total", kind="blob") == len(
+        image.blobs
+    )
+    assert _sample(metrics, "pullthrough_follow_checks_total", state="quota") == 1
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} {labels} in /metrics")
+
+
+def test_an_outage_during_a_prefetch_leaves_no_partial_and_is_retried_next_interval(
+    tmp_path, redis_server, redis_client, fake
+):
+    data = random.randbytes(300_000)
+    layer = "sha256:" + hashlib.sha256(data).hexdigest()
+    image = single("outage/app", "1", [])
+    manifest = json.loads(image.manifest)
+    manifest["layers"] = [
+        {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer,
+         "size": len(data)}
+    ]  # fmt: skip
+    image.manifest = json.dumps(manifest).encode()
+    _manifest_routes(fake, "outage/app", "1", image, {})
+    for digest, body in image.blobs.items():
+        fake.routes[f"/v2/outage/app/blobs/{digest}"] = Route(body=body)
+    fake.routes[f"/v2/outage/app/blobs/{layer}"] = Route(status=503, body=b"down")
+    follow = FollowSettings(images=(FollowRule("outage/app:1"),), interval=60)
+    _client, follower, pt = follower_for(tmp_path, redis_server, fake.url, follow)
+    report = follower.tick(force=True)
+    assert report.states == {"failed": 1}
+    record = pt.coord.follows.read(["docker.io/outage/app:1"])[0]
+    assert "503" in record.message
+    assert record.next_check > time.time() + 30  # next interval, not at once
+    uploads = tmp_path / "data" / "uploads"
+    assert not uploads.exists() or not [p for p in uploads.rglob("*") if p.is_file()]
+    fake.routes[f"/v2/outage/app/blobs/{layer}"] = Route(body=data)
+    report = follower.tick(force=True)
+    assert report.states == {"current": 1}
+    assert pt.store.read_blob(_digest(layer)) == data
+
+
+def test_a_client_pulling_during_a_prefetch_joins_it(tmp_path, redis_server, redis_client, fake):
+    data = random.randbytes(1_500_000)
+    layer = "sha256:" + hashlib.sha256(data).hexdigest()
+    image = single("join/app", "1", [])
+    manifest = json.loads(image.manifest)
+    manifest["layers"] = [
+        {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer,
+         "size": len(data)}
+    ]  # fmt: skip
+    image.manifest = json.dumps(manifest).encode()
+    _manifest_routes(fake, "join/app", "1", image, {})
+    for digest, body in image.blobs.items():
+        fake.routes[f"/v2/join/app/blobs/{digest}"] = Route(body=body)
+    fake.routes[f"/v2/join/app/blobs/{layer}"] = Route(body=data, trickle=0.05)
+    follow = FollowSettings(images=(FollowRule("join/app:1"),), interval=60)
+    client, follower, pt = follower_for(tmp_path, redis_server, fake.url, follow)
+    before = fake.count("GET", layer)
+    prefetch = threading.Thread(target=follower.tick, kwargs={"force": True})
+    prefetch.start()
+    deadline = time.monotonic() + 10
+    while pt.coord.fills.read(_digest(layer)).state is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    started = time.monotonic()
+    response = client.get(f"/v2/join/app/blobs/{layer}", buffered=False)
+    first = next(iter(response.response))
+    waited = time.monotonic() - started
+    body = first + b"".join(response.response)
+    prefetch.join(timeout=60)
+    assert body == data
+    assert waited < 1.0  # bytes at once, not after the whole prefetch (about 1.2 s here)
+    assert fake.count("GET", layer) - before == 1
+
+
+def test_several_schedulers_enqueue_one_follow_tick(redis_client, tmp_path):
+    from registry.config import Settings
+    from workers.gc import GcScheduler
+
+    settings = Settings(
+        storage_root=tmp_path,
+        gc=GcSettings(interval=3600),
+        follow=FollowSettings(images=(FollowRule("library/alpine:3"),), tick=30),
+    )
+    first, second = GcScheduler(redis_client, settings), GcScheduler(redis_client, settings)
+    enqueued = first.enqueue_jobs() + second.enqueue_jobs()
+    names = sorted(job.func_name for job in enqueued)
+    assert names == ["workers.follow.tick", "workers.gc.sweep"]
+    assert redis_client.llen("rq:queue:pullthrough") == 2
+    # Within the tick, neither schedulers nor a restarted one enqueue another.
+    assert GcScheduler(redis_client, settings).enqueue_jobs() == []
+    assert redis_client.llen("rq:queue:pullthrough") == 2
+
+
+def test_the_command_line_and_the_ui_show_the_followed_tags_and_what_was_saved(
+    tmp_path_factory, redis_server, redis_client, upstream, pusher
+):
+    seed = random.randrange(1 << 30)
+    image = single("follow/web", "2", [make_layer(seed, 700 * 1024)], docker=True)
+    pusher.push(image)
+    # Its own registry name: the figures of this test are its own pulls only.
+    cache = Gunicorn.with_config(
+        tmp_path_factory.mktemp("follow-ui"),
+        redis_server.url,
+        [{"name": "hub.test", "url": upstream.url}],
+        default_registry="hub.test",
+        follow={"images": [{"image": "follow/web:2"}], "interval": "1h"},
+    )
+    try:
+        run = run_module("registry", cache.config_path, "follow", "--now")
+        # Not a terminal: a plain line per quarter of each blob, then the tags and a summary.
+        assert re.search(r"follow/web \w{12}: 100% of 0\.7 MiB", run.stderr), run.stderr
+        assert "hub.test/follow/web:2: current" in run.stderr
+        assert "1 followed, 1 checked (1 current)" in run.stderr
+
+        # Clients pull: the followed tag from the cache, a tag nobody followed from upstream.
+        pusher.push(single("follow/web", "3", [make_layer(seed + 1, 4096)], docker=True))
+        seen = []
+        for tag in ("2", "2", "2", "3"):
+            answer = requests.get(
+                f"{cache.url}/v2/follow/web/manifests/{tag}", headers=ACCEPT, timeout=30
+            )
+            seen.append(answer.headers["X-Cache"])
+        saved = sum(1 for cache_state in seen if cache_state != "MISS")
+        assert (saved, seen.count("MISS")) == (3, 1)
+        deadline = time.monotonic() + 10
+        while _metric(cache, "pullthrough_upstream_pulls_saved", period="today") != saved:
+            assert time.monotonic() < deadline, "the saved pulls never reached /metrics"
+            time.sleep(0.3)
+        assert _metric(cache, "pullthrough_upstream_pulls_saved", period="7d") == saved
+
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=require("chromium"), args=["--no-sandbox", "--disable-gpu"]
+            )
+            page = browser.new_page()
+            page.goto(f"{cache.url}/ui/follow")
+            row = page.locator("#follows tr", has_text="follow/web:2")
+            cells = [c.inner_text() for c in row.locator("td").all()]
+            page.goto(f"{cache.url}/")
+            saved_row = [
+                c.inner_text() for c in page.locator("#saved tr").nth(1).locator("td").all()
+            ]
+            bars = page.locator("#charts-hub\\.test g.hour")
+            hours = bars.count()
+            last_hour = bars.nth(hours - 1)
+            hour_counts = (
+                last_hour.locator("rect.saved").get_attribute("data-count"),
+                last_hour.locator("rect.fetched").get_attribute("data-count"),
+            )
+            browser.close()
+        assert cells[0] == "follow/web:2"
+        assert cells[1] == "hub.test/follow/web:2"
+        assert cells[2].startswith(image.digest[:19])
+        assert cells[3] == "current"
+        assert cells[5].startswith("in ") and cells[5].endswith(("min", "h"))
+        fetched = sum(len(b) for b in image.blobs.values())
+        assert cells[6] == f"{fetched / 1024:.1f} KiB"
+        assert saved_row == ["hub.test", "3", "3", "1"]
+        assert hours == 24 and hour_counts == ("3", "1")  # this hour: 3 saved, 1 fetched
+    finally:
+        cache.stop()
+
+
+def _metric(cache, name: str, **labels: str) -> float | None:
+    text = requests.get(f"{cache.url}/metrics", timeout=10).text
+    try:
+        return _sample(text, name, **labels)
+    except AssertionError:
+        return None
+
+
+def _digest(text: str):
+    from registry.digests import Digest
+
+    return Digest.parse(text)
