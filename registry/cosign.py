@@ -23,12 +23,16 @@ import json
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from typing import TYPE_CHECKING
 
 from registry.digests import Digest
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+# `cryptography` is imported where a key is used, not here: every worker imports this module
+# (the GC and the UI read its tag names), and only a `verify` rule needs the library (several
+# MiB of resident memory per process otherwise).
 
 SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
@@ -82,6 +86,9 @@ class SignatureLayer:
 
 def load_key(pem: str) -> ec.EllipticCurvePublicKey:
     """A PEM public key as `cosign generate-key-pair` writes it; ValueError otherwise."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     key = serialization.load_pem_public_key(pem.strip().encode())
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ValueError("only ECDSA public keys (cosign's default, P-256) are supported")
@@ -91,6 +98,8 @@ def load_key(pem: str) -> ec.EllipticCurvePublicKey:
 def key_set_id(pems: list[str]) -> str:
     """Names a set of keys (order and PEM formatting aside): checks cached under one key
     set are forgotten when the configured keys change."""
+    from cryptography.hazmat.primitives import serialization
+
     ders = sorted(
         load_key(pem).public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -161,6 +170,10 @@ def check(
 ) -> Finding:
     """One signature of `digest`: signed by one of `keys` over this payload, and the payload
     names `digest`."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     try:
         raw = base64.b64decode(signature, validate=True)
     except (binascii.Error, ValueError):

@@ -92,11 +92,11 @@ def test_a_new_digest_under_a_followed_tag_is_fetched_within_one_interval_with_n
     assert record.state == FollowState.CURRENT and record.previous == [old.digest]
     policy = GcSettings(delay=0)
     Collector(pt.store, pt.coord, policy, clock=lambda: time.time() + 10).run()
-    assert pt.store.read_manifest(_digest(old.digest)) == old.manifest
+    assert pt.store.read_blob(_digest(old.digest)) == old.manifest
     # Once the follower lets it go, so does the GC.
     pt.coord.follows.update("docker.io/follow/app:1", previous=[])
     Collector(pt.store, pt.coord, policy, clock=lambda: time.time() + 10).run()
-    assert pt.store.read_manifest(_digest(old.digest)) is None
+    assert pt.store.blob_size(_digest(old.digest)) is None
 
 
 def test_a_version_range_follows_the_tags_in_it_and_picks_up_new_ones(
@@ -274,7 +274,7 @@ def test_the_command_line_and_the_ui_show_the_followed_tags_and_what_was_saved(
     try:
         run = run_module("registry", cache.config_path, "follow", "--now")
         # Not a terminal: a plain line per quarter of each blob, then the tags and a summary.
-        assert re.search(r"follow/web \w{12}: 100% of 0\.7 MiB", run.stderr), run.stderr
+        assert re.search(r"follow/web:2 \w{12}: 100% of 0\.7 MiB", run.stderr), run.stderr
         assert "hub.test/follow/web:2: current" in run.stderr
         assert "1 followed, 1 checked (1 current)" in run.stderr
 

@@ -193,8 +193,22 @@ class Follower:
         if cached is not None and head.digest == str(cached.digest):
             # Upstream confirmed it: clients are served it without asking for tag_ttl.
             self.pt.store.write_tag(target, tag, TagRecord(cached.digest, cached.media_type, now))
-            done(FollowState.CURRENT, digest=head.digest)
-            return FollowState.CURRENT, 0
+            record = self.follows.read([member])[0]
+            if record.digest == head.digest and record.state == FollowState.CURRENT:
+                done(FollowState.CURRENT, digest=head.digest)
+                return FollowState.CURRENT, 0
+            # Followed just now, or a fetch of it broke off: its blobs (which no quota
+            # counts) may be missing still.
+            try:
+                body = self.pt.child_manifest(target, cached.digest).body
+                fetched = self._fill(member, target, cached.digest, body, cached, followed)
+            except RegistryError as exc:
+                done(FollowState.FAILED, exc.message)
+                return FollowState.FAILED, 0
+            done(FollowState.CURRENT, digest=head.digest, fetched_bytes=fetched)
+            return FollowState.CURRENT, fetched
+        # The HEAD just brought the quota headers (Docker Hub sends them on HEADs too).
+        status = self.pt.coord.upstream_status(registry.name)
         if self._quota_low(status):
             done(
                 FollowState.QUOTA,
@@ -237,13 +251,28 @@ class Follower:
         cached: TagRecord | None,
         followed: Followed,
     ) -> tuple[int, Manifest]:
+        """The tag's new manifest (a quota-counted GET) and its blobs."""
         self.follows.count(target.registry.name, "manifest")
         manifest = self.pt.fetch_tag(target, tag)
-        node = _node(manifest.digest, manifest.body)
+        fetched = self._fill(member, target, manifest.digest, manifest.body, cached, followed)
+        return fetched, manifest
+
+    def _fill(
+        self,
+        member: str,
+        target: Target,
+        digest: Digest,
+        body: bytes,
+        before: TagRecord | None,
+        followed: Followed,
+    ) -> int:
+        """The blobs of a manifest (of the platforms wanted, for an index); the bytes that
+        came from upstream."""
+        node = _node(digest, body)
         blobs = list(node.blobs) if node else []
         if node is not None and node.children:
             wanted = set(followed.rule.platforms) if followed.rule else set()
-            wanted = wanted or self._platforms_pulled_before(cached)
+            wanted = wanted or self._platforms_pulled_before(before)
             for child in node.children:
                 if not child.platform or (wanted and child.platform not in wanted):
                     continue
@@ -252,10 +281,7 @@ class Follower:
                     self.follows.count(target.registry.name, "manifest")
                 child_node = _node(child.digest, child_manifest.body)
                 blobs.extend(child_node.blobs if child_node else [])
-        fetched = 0
-        for digest in dict.fromkeys(blobs):
-            fetched += self._blob(member, target, digest)
-        return fetched, manifest
+        return sum(self._blob(member, target, d) for d in dict.fromkeys(blobs))
 
     def _platforms_pulled_before(self, cached: TagRecord | None) -> set[str]:
         """The platforms of the tag's previous index whose manifests the cache holds."""
@@ -275,10 +301,16 @@ class Follower:
         """Fetch a blob through the cache's fills (joined by any client asking meanwhile);
         the bytes this fetch brought from upstream."""
         found = self.pt.blob(target, digest)
-        if found.stream is None:
+        if found.stream is None:  # on disk: cached before, or a fill that finished at once
             if found.open_file is not None:
                 found.open_file().close()
-            return 0
+            if found.cache != "miss":
+                return 0
+            self.follows.count(target.registry.name, "blob")
+            self.follows.count(target.registry.name, "bytes", found.size)
+            if self.progress is not None:
+                self.progress(member, digest, found.size, found.size)
+            return found.size
         if not found.joined:
             self.follows.count(target.registry.name, "blob")
         done = 0
