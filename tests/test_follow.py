@@ -5,16 +5,24 @@ joining a prefetch), the scheduler, the command line and the UI page in the brow
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import pty
 import random
 import re
+import struct
+import subprocess
+import sys
+import termios
 import threading
 import time
 from dataclasses import replace
 
 import pytest
 import requests
+import yaml
 from playwright.sync_api import sync_playwright
 
 from registry import create_app
@@ -26,7 +34,7 @@ from tests.conftest import make_settings
 from tests.support.clients import require
 from tests.support.fakes import Route
 from tests.support.images import DOCKER_MANIFEST, Pusher, make_layer, single
-from tests.support.servers import Gunicorn, run_module
+from tests.support.servers import ROOT, Gunicorn, module_env, run_module
 
 ACCEPT = {"Accept": DOCKER_MANIFEST}
 
@@ -339,3 +347,44 @@ def _digest(text: str):
     from registry.digests import Digest
 
     return Digest.parse(text)
+
+
+def test_on_a_terminal_warm_draws_progress_bars(
+    tmp_path, redis_server, redis_client, upstream, pusher
+):
+    """The same command on a terminal (a pseudo-terminal here): tqdm's bars, not lines."""
+    image = single("follow/tty", "1", [make_layer(random.randrange(1 << 30), 300 * 1024)])
+    pusher.push(image)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"root": str(tmp_path / "data")},
+                "redis": {"url": redis_server.url},
+                "registries": [{"name": "docker.io", "url": upstream.url}],
+            }
+        )
+    )
+    leader, follower_end = pty.openpty()
+    # A terminal 120 columns wide (a fresh pseudo-terminal says 0).
+    fcntl.ioctl(follower_end, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    run = subprocess.Popen(
+        [sys.executable, "-m", "registry", "warm", "follow/tty:1"],
+        cwd=ROOT, env=module_env(config), stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=follower_end,
+    )  # fmt: skip
+    os.close(follower_end)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert run.wait(timeout=60) == 0
+    text = out.decode(errors="replace")
+    assert "100%|" in text and "█" in text, text  # a tqdm bar
+    assert "% of " not in text  # not the plain lines of a pipe
+    assert "2 blobs" in text and "bytes fetched" in text

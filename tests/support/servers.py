@@ -425,7 +425,7 @@ class Distribution:
         return self.requests_seen()[mark:]
 
 
-def _module_env(config: Path) -> dict[str, str]:
+def module_env(config: Path) -> dict[str, str]:
     # PULLTHROUGH_CONFIG names the config; a REDIS_URL from the caller's shell must not win.
     env = {**os.environ, "PULLTHROUGH_CONFIG": str(config)}
     env.pop("REDIS_URL", None)
@@ -436,7 +436,7 @@ def start_module(module: str, config: Path, *args: str, **popen) -> subprocess.P
     """`python -m <module> args...` from the project root with PULLTHROUGH_CONFIG=config, in
     the background."""
     return subprocess.Popen(
-        [sys.executable, "-m", module, *args], cwd=ROOT, env=_module_env(config), **popen
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=module_env(config), **popen
     )
 
 
@@ -448,7 +448,7 @@ def run_module(
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=ROOT,
-        env=_module_env(config),
+        env=module_env(config),
         capture_output=True,
         text=True,
         timeout=timeout,
