@@ -246,6 +246,22 @@ def test_a_client_pulling_during_a_prefetch_joins_it(tmp_path, redis_server, red
     assert fake.count("GET", layer) - before == 1
 
 
+def test_one_tick_runs_at_a_time(tmp_path, redis_server, redis_client, upstream, pusher):
+    pusher.push(single("follow/once", "1", [make_layer(random.randrange(1 << 30), 4096)]))
+    follow = FollowSettings(images=(FollowRule("follow/once:1"),), interval=60)
+    _client, follower, pt = follower_for(tmp_path, redis_server, upstream.url, follow)
+    other = pt.coord.follows.lease("another-node:1")
+    assert other.acquire()  # a tick elsewhere, still fetching
+    try:
+        report = follower.tick(force=True)
+        assert report.skipped and report.checked == 0
+        assert pt.coord.follows.followed() == []
+    finally:
+        other.release()
+    report = follower.tick(force=True)
+    assert not report.skipped and report.states == {"current": 1}
+
+
 def test_several_schedulers_enqueue_one_follow_tick(redis_client, tmp_path):
     from registry.config import Settings
     from workers.gc import GcScheduler

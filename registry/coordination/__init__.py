@@ -131,7 +131,9 @@ carries each owner.
                                         requests (head, manifest, blob, tags), bytes fetched,
                                         and checks by state (check_<state>). Read by /metrics.
     pt:follow:scheduled         string  TTL 0.9 x follow.tick. Taken by the scheduler that
-                                        runs this tick.
+                                        enqueues this tick.
+    pt:follow:lock              string  TTL 30 s, renewed. Held by the one tick running; the
+                                        value names its holder.
     pt:hourly:<registry>:<hour> hash    TTL 8 days. One UTC hour (YYYYMMDDHH) of manifest GETs:
                                         saved (answered without an upstream GET), fetched
                                         (needed one), and quota_remaining / quota_limit as

@@ -1,7 +1,8 @@
 """Followed tags (registry/pullthrough/follower.py): `pt:follow:<registry>/<repository>:<tag>`
 (each tag's state), `pt:follow:due` (when each is checked next), `pt:follow:tags:*` (a
 repository's upstream tag list, asked once per interval), `pt:follow:totals` (what the
-follower asked of upstream and fetched) and `pt:follow:scheduled` (one tick at a time)."""
+follower asked of upstream and fetched), `pt:follow:scheduled` (one tick enqueued per tick
+interval) and `pt:follow:lock` (one tick running at a time)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import redis
 from redis.exceptions import RedisError
 
 from registry.coordination.keys import PREFIX
+from registry.coordination.leases import Lease
 
 DUE_KEY = f"{PREFIX}follow:due"
 TOTALS_KEY = f"{PREFIX}follow:totals"
 TICK_KEY = f"{PREFIX}follow:scheduled"
+LOCK_KEY = f"{PREFIX}follow:lock"
+LOCK_TTL = 30.0
 
 
 def follow_key(member: str) -> str:
@@ -124,6 +128,10 @@ class Follows:
     def take_tick(self, owner: str, seconds: float) -> bool:
         """True for the one scheduler that runs this tick."""
         return bool(self.redis.set(TICK_KEY, owner, nx=True, px=max(1000, int(seconds * 900))))
+
+    def lease(self, owner: str) -> Lease:
+        """Held by the one tick running (a long fetch may outlast the scheduler's tick)."""
+        return Lease(self.redis, LOCK_KEY, LOCK_TTL, owner)
 
     def kept(self) -> list[tuple[str, str]]:
         """(`<registry>/<repository>`, digest) of each followed tag's previous digests: the GC

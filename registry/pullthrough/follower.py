@@ -15,6 +15,7 @@ to before is kept from the GC (`keep_previous`) for an offline rollback.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class Followed:
 
 @dataclass
 class TickReport:
+    skipped: bool = False  # another tick was running
     followed: int = 0
     checked: int = 0
     states: dict[str, int] = field(default_factory=dict)
@@ -65,6 +67,7 @@ class Follower:
         self.settings = settings
         self.clock = clock
         self.progress = progress
+        self._repositories: list[str] | None = None  # the store's, walked once per tick
 
     # -- which tags ----------------------------------------------------------------------------
     def discover(self, now: float) -> dict[str, Followed]:
@@ -97,8 +100,11 @@ class Follower:
         if registry.name == "docker.io" and "/" not in glob:
             glob = f"library/{glob}"
         chosen = Pattern(glob, pattern.tag)
+        if self._repositories is None:
+            # One walk of the store's repositories per tick, whatever the number of globs.
+            self._repositories = sorted(set(self.pt.store.iter_repositories()))
         out = []
-        for stored in self.pt.store.iter_repositories():
+        for stored in self._repositories:
             name, _, repository = stored.partition("/")
             if name == registry.name and chosen.matches_name(repository):
                 out.append(Target(registry, repository))
@@ -135,8 +141,23 @@ class Follower:
 
     # -- the tick ------------------------------------------------------------------------------
     def tick(self, *, force: bool = False) -> TickReport:
-        """Check every followed tag that is due (every one with `force`)."""
+        """Check every followed tag that is due (every one with `force`); nothing while
+        another tick runs (on any node)."""
+        lease = self.follows.lease(self.pt.coord.owner)
+        if not lease.acquire():
+            log.info("follow: another tick is running (%s)", lease.holder())
+            return TickReport(skipped=True)
+        running = threading.Event()
+        lease.keep_alive(lambda: not running.is_set())
+        try:
+            return self._tick(force)
+        finally:
+            running.set()
+            lease.release()
+
+    def _tick(self, force: bool) -> TickReport:
         now = self.clock()
+        self._repositories = None
         wanted = self.discover(now)
         report = TickReport(followed=len(wanted))
         for member, followed in wanted.items():
