@@ -184,7 +184,7 @@ def _sample(text: str, name: str, **labels: str) -> float:
 def test_an_outage_during_a_prefetch_leaves_no_partial_and_is_retried_next_interval(
     tmp_path, redis_server, redis_client, fake
 ):
-    data = random.randbytes(300_000)
+    data = random.randbytes(1_500_000)
     layer = "sha256:" + hashlib.sha256(data).hexdigest()
     image = single("outage/app", "1", [])
     manifest = json.loads(image.manifest)
@@ -196,17 +196,31 @@ def test_an_outage_during_a_prefetch_leaves_no_partial_and_is_retried_next_inter
     _manifest_routes(fake, "outage/app", "1", image, {})
     for digest, body in image.blobs.items():
         fake.routes[f"/v2/outage/app/blobs/{digest}"] = Route(body=body)
-    fake.routes[f"/v2/outage/app/blobs/{layer}"] = Route(status=503, body=b"down")
+    # Upstream breaks off the layer 600 kB in (the fill has stored its whole 256 KiB reads)
+    # and is down from then on: the fill keeps what it got for a resume, its takeover gets
+    # a 503.
+    path = f"/v2/outage/app/blobs/{layer}"
+    fake.routes[path] = Route(body=data, send_bytes=600_000, reset=True, trickle=0.05)
+
+    def outage() -> None:
+        while fake.count("GET", layer) < 1:
+            time.sleep(0.005)
+        fake.routes[path] = Route(status=503, body=b"down")
+
+    threading.Thread(target=outage, daemon=True).start()
     follow = FollowSettings(images=(FollowRule("outage/app:1"),), interval=60)
     _client, follower, pt = follower_for(tmp_path, redis_server, fake.url, follow)
     report = follower.tick(force=True)
     assert report.states == {"failed": 1}
     record = pt.coord.follows.read(["docker.io/outage/app:1"])[0]
-    assert "503" in record.message
+    assert "docker.io" in record.message, record.message
     assert record.next_check > time.time() + 30  # next interval, not at once
     uploads = tmp_path / "data" / "uploads"
+    assert fake.count("GET", layer) >= 2  # fetched, then asked again for the rest
     assert not uploads.exists() or not [p for p in uploads.rglob("*") if p.is_file()]
-    fake.routes[f"/v2/outage/app/blobs/{layer}"] = Route(body=data)
+    assert pt.store.blob_size(_digest(layer)) is None
+    # Upstream back: the next interval's check fetches it.
+    fake.routes[path] = Route(body=data)
     report = follower.tick(force=True)
     assert report.states == {"current": 1}
     assert pt.store.read_blob(_digest(layer)) == data

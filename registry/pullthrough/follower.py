@@ -335,14 +335,31 @@ class Follower:
         if not found.joined:
             self.follows.count(target.registry.name, "blob")
         done = 0
-        for chunk in found.stream(0, found.size - 1):
-            done += len(chunk)
-            if self.progress is not None:
-                self.progress(member, digest, done, found.size)
+        try:
+            for chunk in found.stream(0, found.size - 1):
+                done += len(chunk)
+                if self.progress is not None:
+                    self.progress(member, digest, done, found.size)
+        except RegistryError:
+            self._drop_partial(digest)
+            raise
         if found.joined:
             return 0
         self.follows.count(target.registry.name, "bytes", done)
         return done
+
+    def _drop_partial(self, digest: Digest) -> None:
+        """A prefetch that upstream broke off leaves nothing behind: the next interval
+        fetches the blob again. Under the blob's lease, so that no fill started since (a
+        client's) loses its file."""
+        lease = self.pt.coord.leases.blob(digest)
+        if not lease.acquire():
+            return  # a fill runs again: the file is its
+        try:
+            if self.pt.store.blob_size(digest) is None:
+                self.pt.store.delete_upload(self.pt.store.upload_path(digest))
+        finally:
+            lease.release()
 
 
 def _node(digest: Digest, body: bytes) -> ManifestNode | None:
