@@ -5,6 +5,7 @@ image's referrers while it keeps the image and drops them with it."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import time
 
@@ -209,6 +210,21 @@ def test_an_upstream_with_the_api_is_proxied_paginated_cached_revalidated_and_se
     refused = referrers(cache, "api.test/team/app", failing)
     assert refused.status_code == 502
     assert "api.test" in refused.json()["errors"][0]["message"]
+
+
+def test_concurrent_requests_for_a_list_make_one_upstream_request(cache, fake):
+    subject = sha256(b"asked by many at once")
+    path = f"/v2/team/app/referrers/{subject}"
+    fake.routes[path] = Route(
+        body=_page(_artifact(7)), headers={"Content-Type": OCI_INDEX}, delay=0.5
+    )
+    before = fake.count("GET", path)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: referrers(cache, "api.test/team/app", subject), range(8)))
+    assert [a.status_code for a in answers] == [200] * 8
+    assert all(a.json()["manifests"] == [_artifact(7)] for a in answers)
+    assert fake.count("GET", path) - before == 1
+    assert sorted(a.headers["X-Cache"] for a in answers) == ["HIT"] * 7 + ["MISS"]
 
 
 def test_a_next_page_on_another_host_is_refused(cache, fake):

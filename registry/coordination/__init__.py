@@ -44,7 +44,8 @@ carries each owner.
                                         address in one minute (limits.client_upstream_per_minute).
     pt:lease:tag:<registry>/<repository>:<tag>
                                 string  TTL lease_ttl, renewed. One upstream fetch or
-                                        revalidation of a tag at a time.
+                                        revalidation of a tag at a time (`<tag>` is
+                                        `referrers@<digest>` for a referrers list).
     pt:repos                    zset    no TTL. Catalog index: `<registry>/<repository>`,
                                         every score 0 so ZRANGEBYLEX pages it.
     pt:repos:built              string  no TTL. Set once pt:repos was rebuilt from disk; when

@@ -100,7 +100,16 @@ class PullThrough:
         )
         self.metrics = metrics
         self.referrers_cache = ReferrersCache(
-            store, self.upstream, self._spend, coordination.store.count, clock, settings.max_stale
+            store,
+            self.upstream,
+            self._spend,
+            coordination.store.count,
+            clock,
+            settings.max_stale,
+            lease=lambda target, subject: coordination.leases.tag(
+                str(target), f"referrers@{subject}"
+            ),
+            wait=settings.connect_timeout + 2 * settings.metadata_timeout,
         )
         self.policy: SignaturePolicy | None = None
         if any(registry.verify for registry in settings.registries):

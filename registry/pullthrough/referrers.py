@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from registry.coordination import Lease
 from registry.digests import Digest, sha256_of
 from registry.errors import ManifestUnknown, RegistryError, UpstreamError
 from registry.mediatypes import OCI_INDEX
@@ -89,27 +91,63 @@ class ReferrersCache:
         count_stored: Callable[[int], None],
         clock: Callable[[], float],
         max_stale: float | None,
+        lease: Callable[[Target, Digest], Lease],
+        wait: float,
     ) -> None:
         self.store = store
+        self.lease = lease  # the lease of one list's upstream request
+        self.wait = wait  # how long a request waits for another's
         self.upstream = upstream
         self.spend = spend
         self.count_stored = count_stored
         self.clock = clock
         self.max_stale = max_stale
 
-    def get(self, target: Target, subject: Digest, client: str | None = None) -> Referrers:
+    def _cached(self, target: Target, subject: Digest) -> tuple[list[dict] | None, float]:
+        """The stored list (None: none, or unreadable) and its age."""
         record = self.store.read_referrers(target, subject)
-        cached = None
-        if record is not None:
-            body = self.store.read_manifest(record.digest)
-            if body is not None:
-                try:
-                    cached = descriptors_of(body)
-                except ValueError:
-                    cached = None
-        age = self.clock() - record.validated if record is not None else 0.0
-        if cached is not None and age < target.registry.referrers_ttl:
+        if record is None:
+            return None, 0.0
+        body = self.store.read_manifest(record.digest)
+        try:
+            cached = descriptors_of(body) if body is not None else None
+        except ValueError:
+            cached = None
+        return cached, self.clock() - record.validated
+
+    def get(self, target: Target, subject: Digest, client: str | None = None) -> Referrers:
+        cached, age = self._cached(target, subject)
+        ttl = target.registry.referrers_ttl
+        if cached is not None and age < ttl:
             return Referrers(cached, "hit")
+        # One upstream request per list at a time, across workers and nodes: the others wait
+        # for it and serve what it stored.
+        lease = self.lease(target, subject)
+        try:
+            acquired = lease.acquire()
+        except RegistryError:
+            acquired = False  # no coordination: ask anyway
+        if not acquired:
+            deadline = time.monotonic() + self.wait
+            while lease.holder() is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            again, again_age = self._cached(target, subject)
+            if again is not None and again_age < ttl:
+                return Referrers(again, "hit")
+        try:
+            return self._refresh(target, subject, client, cached, age)
+        finally:
+            if acquired:
+                lease.release()
+
+    def _refresh(
+        self,
+        target: Target,
+        subject: Digest,
+        client: str | None,
+        cached: list[dict] | None,
+        age: float,
+    ) -> Referrers:
         try:
             descriptors = self._ask(target, subject, client)
         except RegistryError as exc:
