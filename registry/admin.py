@@ -68,21 +68,10 @@ def warm(pt: PullThrough, refs: list[str], out: TextIO = sys.stderr) -> int:
 
 
 def _fetch_blob(pt: PullThrough, target: Target, digest: Digest, progress: Progress) -> int:
-    """Fetch one blob, drawing progress; the bytes fetched (0 when it was cached already)."""
-    found = pt.blob(target, digest)
+    """Fetch one blob, drawing progress; its size when it was not cached before, else 0."""
     label = target.repository
-    if found.stream is None:  # on disk: cached before, or a fill that finished at once
-        if found.open_file is not None:
-            found.open_file().close()
-        done = found.size if found.cache == "miss" else 0
-        if done:
-            progress(label, digest, done, found.size)
-        return done
-    done = 0
-    for chunk in found.stream(0, found.size - 1):
-        done += len(chunk)
-        progress(label, digest, done, found.size)
-    return done
+    got = pt.prefetch_blob(target, digest, lambda done, size: progress(label, digest, done, size))
+    return got.size if got.miss else 0
 
 
 def follow(pt: PullThrough, now: bool, out: TextIO = sys.stderr) -> int:

@@ -101,10 +101,16 @@ def test_a_new_digest_under_a_followed_tag_is_fetched_within_one_interval_with_n
     policy = GcSettings(delay=0)
     Collector(pt.store, pt.coord, policy, clock=lambda: time.time() + 10).run()
     assert pt.store.read_blob(_digest(old.digest)) == old.manifest
-    # Once the follower lets it go, so does the GC.
-    pt.coord.follows.update("docker.io/follow/app:1", previous=[])
+    # A third version: the follower keeps the second, lets the first go, and so does the GC.
+    newest = single("follow/app", "1", [make_layer(seed + 2, 32 * 1024)], docker=True)
+    pusher.push(newest)
+    clock[0] += interval
+    assert follower.tick().states == {"current": 1}
+    record = pt.coord.follows.read(["docker.io/follow/app:1"])[0]
+    assert record.digest == newest.digest and record.previous == [new.digest]
     Collector(pt.store, pt.coord, policy, clock=lambda: time.time() + 10).run()
     assert pt.store.blob_size(_digest(old.digest)) is None
+    assert pt.store.read_blob(_digest(new.digest)) == new.manifest
 
 
 def test_a_version_range_follows_the_tags_in_it_and_picks_up_new_ones(
@@ -181,21 +187,27 @@ def _sample(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"no {name} {labels} in /metrics")
 
 
+def _serve_one_layer_image(fake, repository: str, layer: bytes) -> None:
+    """`repository:1` on the fake: a manifest whose one layer is `layer`, and its config;
+    the layer's own route is the test's to set."""
+    image = single(repository, "1", [])
+    manifest = json.loads(image.manifest)
+    manifest["layers"] = [
+        {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+         "digest": "sha256:" + hashlib.sha256(layer).hexdigest(), "size": len(layer)}
+    ]  # fmt: skip
+    image.manifest = json.dumps(manifest).encode()
+    _manifest_routes(fake, repository, "1", image, {})
+    for digest, body in image.blobs.items():
+        fake.routes[f"/v2/{repository}/blobs/{digest}"] = Route(body=body)
+
+
 def test_an_outage_during_a_prefetch_leaves_no_partial_and_is_retried_next_interval(
     tmp_path, redis_server, redis_client, fake
 ):
     data = random.randbytes(1_500_000)
     layer = "sha256:" + hashlib.sha256(data).hexdigest()
-    image = single("outage/app", "1", [])
-    manifest = json.loads(image.manifest)
-    manifest["layers"] = [
-        {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer,
-         "size": len(data)}
-    ]  # fmt: skip
-    image.manifest = json.dumps(manifest).encode()
-    _manifest_routes(fake, "outage/app", "1", image, {})
-    for digest, body in image.blobs.items():
-        fake.routes[f"/v2/outage/app/blobs/{digest}"] = Route(body=body)
+    _serve_one_layer_image(fake, "outage/app", data)
     # Upstream breaks off the layer 600 kB in (the fill has stored its whole 256 KiB reads)
     # and is down from then on: the fill keeps what it got for a resume, its takeover gets
     # a 503.
@@ -229,16 +241,7 @@ def test_an_outage_during_a_prefetch_leaves_no_partial_and_is_retried_next_inter
 def test_a_client_pulling_during_a_prefetch_joins_it(tmp_path, redis_server, redis_client, fake):
     data = random.randbytes(1_500_000)
     layer = "sha256:" + hashlib.sha256(data).hexdigest()
-    image = single("join/app", "1", [])
-    manifest = json.loads(image.manifest)
-    manifest["layers"] = [
-        {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer,
-         "size": len(data)}
-    ]  # fmt: skip
-    image.manifest = json.dumps(manifest).encode()
-    _manifest_routes(fake, "join/app", "1", image, {})
-    for digest, body in image.blobs.items():
-        fake.routes[f"/v2/join/app/blobs/{digest}"] = Route(body=body)
+    _serve_one_layer_image(fake, "join/app", data)
     fake.routes[f"/v2/join/app/blobs/{layer}"] = Route(body=data, trickle=0.05)
     follow = FollowSettings(images=(FollowRule("join/app:1"),), interval=60)
     client, follower, pt = follower_for(tmp_path, redis_server, fake.url, follow)

@@ -71,6 +71,15 @@ class Blob:
     joined: bool = False  # a miss that streams another request's fill
 
 
+@dataclass(frozen=True, slots=True)
+class Prefetched:
+    """A blob brought into the cache with nobody to send it to (warm, the follower)."""
+
+    size: int
+    miss: bool  # it was not cached before this call
+    joined: bool  # a fill someone else started brought it
+
+
 class PullThrough:
     def __init__(
         self,
@@ -466,6 +475,29 @@ class PullThrough:
             ),
             joined=not started.fetcher,
         )
+
+    def prefetch_blob(
+        self,
+        target: Target,
+        digest: Digest,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Prefetched:
+        """Bring a blob into the cache as a client's pull would (the same fills, joined by
+        any client meanwhile), reading it to its verified end; progress(done, size)."""
+        found = self.blob(target, digest)
+        if found.stream is None:  # on disk: cached before, or a fill that finished at once
+            if found.open_file is not None:
+                found.open_file().close()
+            miss = found.cache == "miss"
+            if miss and progress is not None:
+                progress(found.size, found.size)
+            return Prefetched(found.size, miss, joined=False)
+        done = 0
+        for chunk in found.stream(0, found.size - 1):
+            done += len(chunk)
+            if progress is not None:
+                progress(done, found.size)
+        return Prefetched(found.size, miss=True, joined=found.joined)
 
     def _entitle(self, target: Target, digest: Digest, client: str | None) -> None:
         """Same bytes cached or being fetched for another repository: this one may have them

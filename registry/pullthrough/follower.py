@@ -321,32 +321,23 @@ class Follower:
     def _blob(self, member: str, target: Target, digest: Digest) -> int:
         """Fetch a blob through the cache's fills (joined by any client asking meanwhile);
         the bytes this fetch brought from upstream."""
-        found = self.pt.blob(target, digest)
-        if found.stream is None:  # on disk: cached before, or a fill that finished at once
-            if found.open_file is not None:
-                found.open_file().close()
-            if found.cache != "miss":
-                return 0
-            self.follows.count(target.registry.name, "blob")
-            self.follows.count(target.registry.name, "bytes", found.size)
-            if self.progress is not None:
-                self.progress(member, digest, found.size, found.size)
-            return found.size
-        if not found.joined:
-            self.follows.count(target.registry.name, "blob")
-        done = 0
+        progress = self.progress
+
+        def report(done: int, size: int) -> None:
+            if progress is not None:
+                progress(member, digest, done, size)
+
         try:
-            for chunk in found.stream(0, found.size - 1):
-                done += len(chunk)
-                if self.progress is not None:
-                    self.progress(member, digest, done, found.size)
+            got = self.pt.prefetch_blob(target, digest, report)
         except RegistryError:
+            self.follows.count(target.registry.name, "blob")  # a request that failed
             self._drop_partial(digest)
             raise
-        if found.joined:
+        if not got.miss or got.joined:
             return 0
-        self.follows.count(target.registry.name, "bytes", done)
-        return done
+        self.follows.count(target.registry.name, "blob")
+        self.follows.count(target.registry.name, "bytes", got.size)
+        return got.size
 
     def _drop_partial(self, digest: Digest) -> None:
         """A prefetch that upstream broke off leaves nothing behind: the next interval
