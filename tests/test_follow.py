@@ -263,6 +263,31 @@ def test_a_client_pulling_during_a_prefetch_joins_it(tmp_path, redis_server, red
     assert fake.count("GET", layer) - before == 1
 
 
+def test_a_check_that_breaks_does_not_stop_the_others(
+    tmp_path, redis_server, redis_client, upstream, pusher, monkeypatch
+):
+    seed = random.randrange(1 << 30)
+    for tag in ("a", "b"):
+        pusher.push(single("follow/two", tag, [make_layer(seed + ord(tag), 4096)], docker=True))
+    follow = FollowSettings(
+        images=(FollowRule("follow/two:a"), FollowRule("follow/two:b")), interval=60
+    )
+    _client, follower, pt = follower_for(tmp_path, redis_server, upstream.url, follow)
+    write_tag = pt.store.write_tag
+
+    def disk_full_for_a(target, tag, record):
+        if tag == "a":
+            raise OSError(28, "No space left on device")
+        return write_tag(target, tag, record)
+
+    monkeypatch.setattr(pt.store, "write_tag", disk_full_for_a)
+    report = follower.tick(force=True)
+    assert report.states == {"failed": 1, "current": 1}
+    a, b = pt.coord.follows.read(["docker.io/follow/two:a", "docker.io/follow/two:b"])
+    assert a.state == "failed" and "No space left" in a.message
+    assert b.state == "current" and pt.store.read_tag_of("docker.io/follow/two", "b")
+
+
 def test_one_tick_runs_at_a_time(tmp_path, redis_server, redis_client, upstream, pusher):
     pusher.push(single("follow/once", "1", [make_layer(random.randrange(1 << 30), 4096)]))
     follow = FollowSettings(images=(FollowRule("follow/once:1"),), interval=60)

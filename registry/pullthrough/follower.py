@@ -167,7 +167,15 @@ class Follower:
         self.follows.untrack(gone)
         due = list(wanted) if force else [m for m in self.follows.due(now) if m in wanted]
         for member in due:
-            state, fetched = self.check(member, wanted[member])
+            try:
+                state, fetched = self.check(member, wanted[member])
+            except Exception as exc:  # one tag's trouble (a full disk) must not stop the rest
+                log.exception("follow %s: check failed", member)
+                self.follows.update(
+                    member, now + self._interval(wanted[member]),
+                    state=FollowState.FAILED.value, message=str(exc)[:300], last_check=now,
+                )  # fmt: skip
+                state, fetched = FollowState.FAILED, 0
             report.checked += 1
             report.states[state.value] = report.states.get(state.value, 0) + 1
             report.fetched_bytes += fetched
