@@ -58,11 +58,12 @@ def test_redis_down_cached_images_pull_identical_uncached_fail_cleanly_then_reco
     tmp_path, upstream, images
 ):
     own_redis = RedisServer(tmp_path / "redis").start()
-    # tag_ttl 0: every tag request wants the (Redis) tag lease and asks upstream.
+    # tag_ttl and referrers_ttl 0: every tag or referrers request wants its (Redis) lease
+    # and asks upstream.
     cache = Gunicorn.with_config(
         tmp_path,
         own_redis.url,
-        [{"name": "docker.io", "url": upstream.url, "tag_ttl": 0}],
+        [{"name": "docker.io", "url": upstream.url, "tag_ttl": 0, "referrers_ttl": 0}],
         workers=2,
     )
     policy = skopeo_policy(tmp_path)
@@ -75,6 +76,11 @@ def test_redis_down_cached_images_pull_identical_uncached_fail_cleanly_then_reco
         during = pull_files(policy, ref, tmp_path / "during")
         assert during == before
         assert time.monotonic() - started < 10
+        # A referrers list is asked of upstream without its lease, as a tag is.
+        listed = requests.get(
+            f"{cache.url}/v2/{busybox.repository}/referrers/{busybox.digest}", timeout=30
+        )
+        assert listed.status_code == 200 and listed.json()["manifests"] == []
         # Content never cached needs a lease to fill: refused at once with an OCI error.
         layer = next(iter(alpine.children[0].blobs))
         url = f"{cache.url}/v2/library/alpine/blobs/{layer}"

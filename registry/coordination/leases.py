@@ -66,6 +66,12 @@ class Lease:
         holder = self.redis.get(self.key)
         return holder.decode() if holder is not None else None
 
+    def wait_released(self, seconds: float, step: float = 0.05) -> None:
+        """Wait (at most `seconds`) for whoever holds the lease to let it go."""
+        deadline = time.monotonic() + seconds
+        while self.holder() is not None and time.monotonic() < deadline:
+            time.sleep(step)
+
     def keep_alive(self, alive: Callable[[], bool]) -> threading.Thread:
         """Renew every ttl/3 while `alive()`; a failed renewal ends the keep-alive."""
 

@@ -108,6 +108,8 @@ class PullThrough:
             max_fills_per_client=settings.max_fills_per_client,
         )
         self.metrics = metrics
+        # How long a request waits for another's upstream ask of the same tag or list.
+        self.upstream_wait = settings.connect_timeout + 2 * settings.metadata_timeout
         self.referrers_cache = ReferrersCache(
             store,
             self.upstream,
@@ -118,7 +120,7 @@ class PullThrough:
             lease=lambda target, subject: coordination.leases.tag(
                 str(target), f"referrers@{subject}"
             ),
-            wait=settings.connect_timeout + 2 * settings.metadata_timeout,
+            wait=self.upstream_wait,
         )
         self.policy: SignaturePolicy | None = None
         if any(registry.verify for registry in settings.registries):
@@ -304,13 +306,7 @@ class PullThrough:
             lease, acquired = None, False  # no coordination: serve anyway, maybe ask twice
         if lease is not None and not acquired:
             # Another process is fetching this tag: wait for it rather than ask upstream twice.
-            deadline = (
-                time.monotonic()
-                + self.settings.connect_timeout
-                + 2 * self.settings.metadata_timeout
-            )
-            while lease.holder() is not None and time.monotonic() < deadline:
-                time.sleep(TAG_WAIT)
+            lease.wait_released(self.upstream_wait, TAG_WAIT)
             again = self._cached_tag(target, tag)
             if again is not None and (cached is None or again[1] != cached[1]):
                 return again[0]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -125,12 +124,11 @@ class ReferrersCache:
         lease = self.lease(target, subject)
         try:
             acquired = lease.acquire()
+            contended = not acquired
         except RegistryError:
-            acquired = False  # no coordination: ask anyway
-        if not acquired:
-            deadline = time.monotonic() + self.wait
-            while lease.holder() is not None and time.monotonic() < deadline:
-                time.sleep(0.05)
+            acquired = contended = False  # no coordination: ask anyway
+        if contended:
+            lease.wait_released(self.wait)
             again, again_age = self._cached(target, subject)
             if again is not None and again_age < ttl:
                 return Referrers(again, "hit")
