@@ -27,7 +27,6 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from redis.exceptions import RedisError
 
 from registry.coordination import Coordination
-from registry.coordination.hourly import hour_of
 
 TRANSFER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -179,12 +178,9 @@ class RedisState:
         )
         now = time.time()
         for name in self.registries:
-            week = self.coord.hourly.hours(name, now, 7 * 24)
-            today = hour_of(now)[:8]
-            saved.add_metric(
-                [name, "today"], float(sum(f.get("saved", 0) for h, f in week if h[:8] == today))
-            )
-            saved.add_metric([name, "7d"], float(sum(f.get("saved", 0) for _, f in week)))
+            week = self.coord.hourly.week(name, now)
+            saved.add_metric([name, "today"], float(week.saved_today))
+            saved.add_metric([name, "7d"], float(week.saved))
         yield saved
 
         # The follower runs in the worker, not here: its counts come through Redis.

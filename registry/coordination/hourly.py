@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis
 from redis.exceptions import RedisError
@@ -21,6 +22,18 @@ from registry.coordination.keys import PREFIX
 
 FLUSH_EVERY = 2.0
 KEEP = 8 * 86400
+
+
+@dataclass(frozen=True)
+class Week:
+    hours: list[tuple[str, dict[str, int]]]  # oldest first: (YYYYMMDDHH, figures)
+    saved_today: int  # today: the UTC day
+    saved: int
+    fetched: int
+
+    @property
+    def day(self) -> list[tuple[str, dict[str, int]]]:
+        return self.hours[-24:]
 
 
 def hour_of(when: float) -> str:
@@ -77,6 +90,17 @@ class Hourly:
                 if fields:
                     pipe.hset(hourly_key(registry, hour), mapping=fields)
             pipe.execute()
+
+    def week(self, registry: str, now: float) -> Week:
+        """The last 7 days' hours up to `now` with their sums, for the UI and /metrics."""
+        hours = self.hours(registry, now, 7 * 24)
+        today = hour_of(now)[:8]
+        return Week(
+            hours=hours,
+            saved_today=sum(f.get("saved", 0) for h, f in hours if h[:8] == today),
+            saved=sum(f.get("saved", 0) for _, f in hours),
+            fetched=sum(f.get("fetched", 0) for _, f in hours),
+        )
 
     def hours(self, registry: str, now: float, count: int) -> list[tuple[str, dict[str, int]]]:
         """The last `count` hours up to `now`, oldest first: (hour, figures)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from registry.config import VerifyMode, VerifyRule
@@ -43,15 +42,6 @@ log = logging.getLogger(__name__)
 
 # A good verdict holds while the keys do; it is still checked again once a day.
 SIGNED_TTL = 86400.0
-
-
-@dataclass(frozen=True)
-class Checked:
-    """A manifest as the policy saw it: its verdict, and whether the check was just made."""
-
-    verdict: Verdict
-    detail: str
-    via: str = ""
 
 
 class SignatureSource(Protocol):
@@ -84,15 +74,14 @@ class SignaturePolicy:
         if rule is None or attached_subject(reference) is not None or is_artifact(body):
             return
         try:
-            checked = self.verdict(rule, target, digest, body)
+            finding = self.verdict(rule, target, digest, body)
         except RegistryError as exc:
             if rule.mode is VerifyMode.ENFORCE:
                 raise  # cannot tell: not served (the error says why: upstream down, ...)
             log.warning("serving %s@%s unchecked (verify mode warn): %s", target, digest, exc)
             return
-        if checked.verdict is Verdict.SIGNED:
+        if finding.verdict is Verdict.SIGNED:
             return
-        finding = Finding(checked.verdict, checked.detail)
         message = f"{target}@{digest} is {finding.reason}: {finding.detail}"
         if rule.mode is VerifyMode.WARN:
             log.warning("serving %s (verify mode warn)", message)
@@ -108,11 +97,12 @@ class SignaturePolicy:
         """What was found for each digest (None: not checked lately), for people (the UI)."""
         return self.verdicts.read(rule.key_set, digests)
 
-    def verdict(self, rule: VerifyRule, target: Target, digest: Digest, body: bytes) -> Checked:
+    def verdict(self, rule: VerifyRule, target: Target, digest: Digest, body: bytes) -> Finding:
+        """What a check of `digest` found: the one shared in Redis, else a check made now."""
         stored = self.verdicts.read(rule.key_set, [digest])[0]
         if stored is not None:
             try:
-                return Checked(Verdict(stored.verdict), stored.detail, stored.via)
+                return Finding(Verdict(stored.verdict), stored.detail)
             except ValueError:
                 pass  # written by another version: check again
         finding = self._check(rule, target, digest)
@@ -130,7 +120,7 @@ class SignaturePolicy:
         self.verdicts.write(
             rule.key_set, digest, finding.verdict.value, finding.detail, ttl, children
         )
-        return Checked(finding.verdict, finding.detail)
+        return finding
 
     def _check(self, rule: VerifyRule, target: Target, digest: Digest) -> Finding:
         keys = [load_key(pem) for pem in rule.keys]

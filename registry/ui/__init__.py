@@ -10,7 +10,6 @@ import time
 from flask import Blueprint, abort, current_app, render_template, request
 from redis.exceptions import RedisError
 
-from registry.coordination.hourly import hour_of
 from registry.errors import RegistryError
 from registry.inventory import tag_rows
 from registry.metrics import totals
@@ -136,15 +135,13 @@ def overview():
 
 def _savings(pt: PullThrough, registry: str) -> dict:
     """Upstream pulls saved today (UTC) and over 7 days, and the last 24 h as charts."""
-    now = time.time()
-    week = pt.coord.hourly.hours(registry, now, 7 * 24)
-    today = hour_of(now)[:8]
-    day = week[-24:]
+    week = pt.coord.hourly.week(registry, time.time())
+    day = week.day
     return {
         "registry": registry,
-        "today": sum(f.get("saved", 0) for h, f in week if h.startswith(today)),
-        "week": sum(f.get("saved", 0) for _, f in week),
-        "fetched_week": sum(f.get("fetched", 0) for _, f in week),
+        "today": week.saved_today,
+        "week": week.saved,
+        "fetched_week": week.fetched,
         "pulls": charts.hourly_bars(
             [(h, f.get("saved", 0), f.get("fetched", 0)) for h, f in day],
             f"{registry}: manifest GETs per hour, last 24 h",
@@ -155,7 +152,7 @@ def _savings(pt: PullThrough, registry: str) -> dict:
             f"{registry}: upstream quota left, last 24 h",
         ),
         "has_quota": any("quota_remaining" in f for _, f in day),
-        "active": any(f for _, f in week),
+        "active": any(f for _, f in week.hours),
     }
 
 
