@@ -1,7 +1,9 @@
-"""`python -m workers worker|scheduler|gc`: the GC worker, its scheduler, and a sweep now.
+"""`python -m workers worker|scheduler|gc`: the background worker (GC sweeps, the follower's
+ticks), their scheduler, and a sweep now.
 
 worker [--burst]          run the rq worker for the `pullthrough` queue
-scheduler                 enqueue one sweep every gc.interval (safe to run several)
+scheduler                 enqueue one sweep every gc.interval and, when something is
+                          followed, one follower tick every follow.tick (safe to run several)
 gc [--dry-run] [--enqueue]
                           sweep now in this process and print the report (JSON), or hand
                           the sweep to the worker; --dry-run deletes nothing and reports
@@ -25,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run_worker = commands.add_parser("worker", help="run the rq worker")
     run_worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
-    commands.add_parser("scheduler", help="enqueue a sweep every gc.interval")
+    commands.add_parser(
+        "scheduler", help="enqueue a sweep every gc.interval and the follower's ticks"
+    )
     gc = commands.add_parser("gc", help="sweep now")
     gc.add_argument("--dry-run", action="store_true", help="delete nothing, report what would go")
     gc.add_argument("--enqueue", action="store_true", help="hand the sweep to the worker")
