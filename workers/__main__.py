@@ -1,5 +1,6 @@
-"""`python -m workers worker|scheduler|gc`: the background worker (GC sweeps, the follower's
-ticks), their scheduler, and a sweep now.
+"""`python -m workers worker|scheduler|gc`: the background jobs, their scheduler, a sweep now.
+
+The jobs are the GC's sweeps and the follower's ticks.
 
 worker [--burst]          run the rq worker for the `pullthrough` queue
 scheduler                 enqueue one sweep every gc.interval and, when something is
