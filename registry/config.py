@@ -189,6 +189,11 @@ class Settings:
     connect_timeout: float = 5.0
     # How long a blob download may stay silent mid-body.
     read_timeout: float = 30.0
+    # Blobs of at least range_min_size are fetched as up to parallel_ranges concurrent Range
+    # requests (when upstream honours Range): a CDN that limits each connection then gives a
+    # cold pull several connections' worth. 1: one stream per blob.
+    parallel_ranges: int = 4
+    range_min_size: int = 32 << 20
     # How long to wait for a small answer (manifest, HEAD, token, tag list): short, because
     # a cached tag is served stale when it runs out, and an uncached one should fail fast.
     metadata_timeout: float = 5.0
@@ -402,6 +407,8 @@ class RedisSchema(Schema):
 class UpstreamSchema(Schema):
     connect_timeout = fields.Float(load_default=5.0, validate=validate.Range(min=0.1))
     read_timeout = fields.Float(load_default=30.0, validate=validate.Range(min=0.1))
+    parallel_ranges = fields.Integer(load_default=4, validate=validate.Range(min=1, max=16))
+    range_min_size = ByteSize(load_default=32 << 20, validate=validate.Range(min=1 << 20))
     metadata_timeout = fields.Float(load_default=None, validate=validate.Range(min=0.1))
     lease_ttl = fields.Float(load_default=5.0, validate=validate.Range(min=1))
     negative_ttl = fields.Float(load_default=30.0, validate=validate.Range(min=0))
@@ -621,6 +628,8 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
         default_registry=data["default_registry"],
         connect_timeout=upstream["connect_timeout"],
         read_timeout=upstream["read_timeout"],
+        parallel_ranges=upstream["parallel_ranges"],
+        range_min_size=upstream["range_min_size"],
         metadata_timeout=upstream["metadata_timeout"] or min(5.0, upstream["read_timeout"]),
         lease_ttl=upstream["lease_ttl"],
         negative_ttl=upstream["negative_ttl"],

@@ -17,6 +17,7 @@ stored, and why a fill failed (its error class, message, status-line cause, Retr
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -73,6 +74,17 @@ class FailReason(StrEnum):
 _REASONS = frozenset(reason.value for reason in FailReason)
 
 
+def _ranges(raw: str) -> tuple[tuple[int, int, int], ...]:
+    """A parallel fill's segments as written by FillWriter.progress; () when malformed."""
+    if not raw:
+        return ()
+    try:
+        rows = json.loads(raw)
+        return tuple((int(a), int(b), int(c)) for a, b, c in rows)
+    except (ValueError, TypeError):
+        return ()
+
+
 class IllegalTransition(RuntimeError):
     """A fetcher tried to write a state the protocol does not allow after its current one."""
 
@@ -99,6 +111,7 @@ class FillRecord:
     error_reason: str = ""  # the status line's cause
     retry_after: str = ""
     updated: float | None = None
+    ranges: tuple[tuple[int, int, int], ...] = ()  # a parallel fill's (start, next, end)
 
     @classmethod
     def parse(cls, raw: dict[bytes, bytes]) -> FillRecord:
@@ -125,6 +138,7 @@ class FillRecord:
             error_reason=data.get("error_reason", ""),
             retry_after=data.get("retry_after", ""),
             updated=updated,
+            ranges=_ranges(data.get("ranges", "")),
         )
 
     @property
@@ -161,8 +175,13 @@ class FillWriter:
     def streaming(self, size: int, written: int, upstream: str) -> None:
         self._move(FillState.STREAMING, size=size, written=written, upstream=upstream)
 
-    def progress(self, written: int, stored: int) -> None:
-        self._move(FillState.STREAMING, written=written, stored=stored)
+    def progress(self, written: int, stored: int, ranges: str | None = None) -> None:
+        """`written`: bytes held in all; `stored`: the bytes in order followers can read;
+        `ranges`: a parallel fill's segments as JSON `[[start, next byte, end], ...]`."""
+        fields: dict[str, object] = {"written": written, "stored": stored}
+        if ranges is not None:
+            fields["ranges"] = ranges
+        self._move(FillState.STREAMING, **fields)
 
     def committing(self, size: int) -> None:
         self._move(FillState.COMMITTING, written=size, stored=size)

@@ -179,9 +179,11 @@ def test_broken_upstream_read_is_resumed_with_a_range_request(cache, fake, reset
         if hit[0] == "GET" and digest in hit[1]
     ]
     assert len(gets) == 2
-    assert gets[0][1] is None
+    # The first asks from byte 0 (as a range of a parallel fill: one, the blob is small),
+    # the second for what the first did not deliver.
+    assert gets[0][1] is not None and gets[0][1].startswith("bytes=0-")
     assert gets[1][1] is not None and gets[1][1].startswith("bytes=")
-    assert int(gets[1][1][6:].rstrip("-")) > 0
+    assert int(gets[1][1][6:].partition("-")[0]) > 0
     assert committed(cache, digest)
 
 

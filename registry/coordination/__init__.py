@@ -30,6 +30,8 @@ carries each owner.
                                         fill for followers in any process: owner, upstream,
                                         repository, size, written, stored (bytes other
                                         processes can read: on S3, the stored pieces),
+                                        ranges (a parallel fill's segments, JSON
+                                        [[start, next byte, end], ...]),
                                         state (starting | streaming | committing |
                                         committed | failed),
                                         reason, phase, error_class, error_message,

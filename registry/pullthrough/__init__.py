@@ -106,6 +106,8 @@ class PullThrough:
             metrics=metrics,
             max_fills=settings.max_fills,
             max_fills_per_client=settings.max_fills_per_client,
+            parallel_ranges=settings.parallel_ranges,
+            range_min_size=settings.range_min_size,
         )
         self.metrics = metrics
         # How long a request waits for another's upstream ask of the same tag or list.

@@ -40,6 +40,13 @@ from registry.errors import (
 from registry.fills import FailReason, FillPhase, FillRecord, FillState, FillWriter
 from registry.metrics import Metrics
 from registry.names import Target
+from registry.pullthrough.ranges import (
+    MIN_SEGMENT,
+    LeaseLost,
+    RangedCopy,
+    RangedUpload,
+    Segment,
+)
 from registry.store import ContentStore
 from registry.store.driver import Follower, PartialWriter
 from registry.upstream.client import BlobStream, UpstreamClient
@@ -67,10 +74,6 @@ _ERRORS: dict[str, type[RegistryError]] = {
 }
 
 
-class LeaseLost(Exception):
-    pass
-
-
 class _DigestMismatch(UpstreamError):
     """The bytes upstream sent do not hash to the digest (FailReason.DIGEST_MISMATCH)."""
 
@@ -91,10 +94,20 @@ class _Fill:
     fetched_from: int = 0  # where this fill's own upstream bytes began
     total: int = 0
     streaming: bool = False  # upstream answered with the blob's size
+    # A parallel fill (ranges.py): its upload and segments, and its first range's stream.
+    ranged: RangedUpload | None = None
+    first: Segment | None = None
 
     @property
     def registry(self) -> str:
         return self.upstream.registry.name
+
+    @property
+    def fetched(self) -> int:
+        """Bytes this fill got from upstream."""
+        if self.ranged is not None:
+            return self.ranged.fetched
+        return max(0, self.offset - self.fetched_from)
 
 
 @dataclass
@@ -118,6 +131,8 @@ class BlobFiller:
         metrics: Metrics | None = None,
         max_fills: int = 1 << 30,
         max_fills_per_client: int = 0,
+        parallel_ranges: int = 1,
+        range_min_size: int = 32 << 20,
     ) -> None:
         self.store = store
         self.coord = coordination
@@ -127,6 +142,8 @@ class BlobFiller:
         self.metrics = metrics
         self.max_fills = max_fills
         self.max_fills_per_client = max_fills_per_client
+        self.parallel_ranges = parallel_ranges
+        self.range_min_size = range_min_size
 
     # -- the fetcher ---------------------------------------------------------------------------
     def _try_fetch(
@@ -215,6 +232,9 @@ class BlobFiller:
     def _open_or_resume(self, fill: _Fill) -> None:
         """Open the upstream stream and the upload: from the bytes an earlier fill left when
         upstream honours Range (their hash recomputed), else from the start."""
+        if self.parallel_ranges > 1 and self.store.driver.supports_extents:
+            self._open_ranges(fill)
+            return
         digest, upstream = fill.digest, fill.upstream
         # The file is only created once upstream has answered, so refused fetches leave
         # nothing behind.
@@ -241,9 +261,104 @@ class BlobFiller:
         fill.writer.streaming(fill.total, held, fill.registry)
         fill.streaming = True
 
+    def _open_ranges(self, fill: _Fill) -> None:
+        """Open a parallel fill (ranges.py): the first range asked for is at most
+        `range_min_size` from the first byte not held, so a smaller blob is one request as
+        before and a 206 shows that upstream honours Range. A 200 is the whole blob in one
+        stream (nothing fetched twice); held bytes and extents are resumed from."""
+        digest, upstream, repository = fill.digest, fill.upstream, fill.target.repository
+        held = self.store.upload_size(digest) or 0
+        ranged = None
+        start, ahead = 0, None
+        if held or self.store.upload_extents(digest):
+            # The file exists already: open it now, rehash what it holds, take in extents.
+            fill.upload = self.store.open_upload(digest, None)
+            fill.hasher = digest.hasher()
+            held = _hash_prefix(fill.upload, fill.hasher, held)
+            ranged = RangedUpload(self.store, digest, fill.upload, fill.hasher, held, 0)
+            fill.ranged = ranged
+            ranged.adopt_extents()
+            start, ahead = ranged.prefix, ranged.next_extent(ranged.prefix)
+        end = (ahead if ahead is not None else start + self.range_min_size) - 1
+        fill.stream = stream = upstream.open_range(repository, str(digest), start, end)
+        if not stream.ranged:
+            # Upstream ignores Range: this one stream is the whole blob, from its first byte.
+            if ranged is not None:
+                ranged.discard_extents()
+                ranged.close()
+                fill.ranged = None
+            if fill.upload is None:
+                fill.upload = self.store.open_upload(digest, stream.total)
+            fill.upload.truncate(0)
+            fill.hasher = digest.hasher()
+            self._announce(fill, stream.total, 0)
+            return
+        total = stream.total or 0
+        if ranged is None:
+            fill.upload = self.store.open_upload(digest, total)
+            fill.hasher = digest.hasher()
+            ranged = fill.ranged = RangedUpload(self.store, digest, fill.upload, fill.hasher, 0, 0)
+        ranged.total = total
+        if stream.response is not None:
+            fill.first = Segment(start, min(end + 1, total), start, taken=True)
+            ranged.add(fill.first)
+        # Segments of at least 8 MiB (each is a request), less where range_min_size is set
+        # lower than that.
+        ranged.plan(start, self.parallel_ranges, min(MIN_SEGMENT, self.range_min_size // 4))
+        fill.offset = ranged.prefix
+        self._announce(fill, total, total - ranged.remaining())
+
+    def _announce(self, fill: _Fill, total: int | None, held: int) -> None:
+        """Upstream answered: the blob's size goes to the fill record (clients wait for it)."""
+        if fill.ranged is None:
+            fill.fetched_from = fill.offset = held
+        if total is None:
+            raise UpstreamError(
+                f"upstream {fill.registry} did not announce the size of {fill.digest}",
+                reason=f"{fill.registry} sent a blob without its size, not cached",
+            )
+        fill.total = total
+        fill.writer.streaming(fill.total, held, fill.registry)
+        fill.streaming = True
+
+    def _copy_ranges(self, fill: _Fill) -> None:
+        """A parallel fill's workers, until every segment is in (ranges.RangedCopy)."""
+        ranged = fill.ranged
+        assert ranged is not None and fill.stream is not None
+        untaken = sum(1 for s in ranged.segments if not s.taken and not s.done)
+        copy = RangedCopy(
+            ranged,
+            fill.upstream,
+            fill.target.repository,
+            workers=max(1, min(self.parallel_ranges, untaken + 1)),
+            lease_lost=lambda: fill.lease.lost,
+            report=lambda: fill.writer.progress(
+                ranged.total - ranged.remaining(), ranged.prefix, ranged.ranges()
+            ),
+            spawn=_spawn_range_thread,
+        )
+        first, fill.stream = fill.stream, None
+        try:
+            if fill.first is not None:
+                copy.run(first, fill.first)
+            else:
+                first.close()  # nothing past the bytes held (a 416): only extents to take in
+                copy.run(None, None)
+        finally:
+            fill.offset = ranged.prefix
+        if ranged.prefix != ranged.total:
+            raise UpstreamError(
+                f"the ranges of {fill.digest} from {fill.registry} left a gap at "
+                f"{ranged.prefix} of {ranged.total} bytes",
+                reason=f"{fill.registry} ranges left a gap, not cached",
+            )
+
     def _copy(self, fill: _Fill) -> None:
         """Upstream's bytes into the upload, in order, hashed as they pass; progress goes to
         the fill record for followers in other processes."""
+        if fill.ranged is not None:
+            self._copy_ranges(fill)
+            return
         assert fill.stream is not None and fill.upload is not None
         last_report = time.monotonic()
         remote = self.store.driver.lookups_are_requests
@@ -281,6 +396,8 @@ class BlobFiller:
         assert fill.upload is not None
         if fill.hasher.hexdigest() != fill.digest.hex:
             fill.upload.discard()
+            if fill.ranged is not None:
+                fill.ranged.discard_extents()
             raise _DigestMismatch(
                 f"upstream {fill.registry} served bytes that do not match {fill.digest}",
                 reason=f"{fill.registry} sent a blob that does not match its digest",
@@ -316,6 +433,8 @@ class BlobFiller:
             # the space (unless the lease, and so the file, is someone else's).
             if fill.upload is not None and not fill.lease.lost:
                 fill.upload.discard()
+                if fill.ranged is not None:
+                    fill.ranged.discard_extents()
             return FailReason.STORAGE_ERROR, error
         timed_out = "timeout" in type(exc).__name__.lower()
         return (
@@ -331,11 +450,11 @@ class BlobFiller:
         upload (dropped if it holds nothing to resume from) and, last, the lease."""
         self.coord.limits.end_fill(fill.digest, client)
         if self.metrics is not None and fill.streaming:
-            self.metrics.upstream_bytes.labels(fill.registry).inc(
-                max(0, fill.offset - fill.fetched_from)
-            )
+            self.metrics.upstream_bytes.labels(fill.registry).inc(fill.fetched)
         if fill.stream is not None:
             fill.stream.close()
+        if fill.ranged is not None:
+            fill.ranged.close()
         if fill.upload is not None:
             if fill.offset == 0 and not fill.lease.lost:
                 # Nothing to resume from (a no-op after a commit). Not once the lease is
@@ -527,6 +646,12 @@ def _error_from(record: FillRecord, message: str | None = None) -> RegistryError
         headers=headers,
         reason=record.error_reason or None,
     )
+
+
+def _spawn_range_thread(target: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=target, name="blob-range", daemon=True)
+    thread.start()
+    return thread
 
 
 def _spawn_thread(target: Callable[[], None]) -> threading.Thread:

@@ -116,6 +116,14 @@ class ContentStore:
     def open_upload(self, digest: Digest, size: int | None = None) -> PartialWriter:
         return self.driver.open_partial(self.upload_path(digest), size)
 
+    def open_upload_extent(self, digest: Digest, offset: int) -> PartialWriter:
+        return self.driver.open_extent(self.upload_path(digest), offset)
+
+    def upload_extents(self, digest: Digest) -> list[tuple[int, int]]:
+        if not self.driver.supports_extents:
+            return []
+        return self.driver.extents(self.upload_path(digest))
+
     def presign_blob(self, digest: Digest, expires: int) -> str | None:
         return self.driver.presign(self.blob_path(digest), expires)
 

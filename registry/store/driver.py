@@ -15,6 +15,7 @@ from typing import BinaryIO, Protocol
 class StorageDriver(Protocol):
     poll_interval: float  # how often a follower with nothing to send looks again, at most
     lookups_are_requests: bool  # a stat costs a network request: followers ask Redis first
+    supports_extents: bool  # a fill may store ranges ahead of its bytes in order (extents)
 
     def stat(self, path: str) -> int | None:
         """Size in bytes, or None when nothing is there."""
@@ -42,6 +43,14 @@ class StorageDriver(Protocol):
 
     def partial_size(self, path: str) -> int | None:
         """How many bytes of the partial at `path` a fill can resume from."""
+
+    def open_extent(self, path: str, offset: int) -> PartialWriter:
+        """Partial content of the fill at `path` from `offset` on (a range that arrived ahead
+        of the bytes in front of it); `pwrite(data, 0)` writes the byte at `offset`. Only
+        where `supports_extents`."""
+
+    def extents(self, path: str) -> list[tuple[int, int]]:
+        """(offset, size) of the extents of the fill at `path`, by offset."""
 
     def list_partials(self, path: str) -> Iterator[tuple[str, float]]:
         """(path, mtime) of every partial under `path`."""

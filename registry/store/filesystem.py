@@ -92,6 +92,7 @@ class FilesystemDriver:
     # How long a follower with nothing to send waits, at most, before it looks again.
     poll_interval = 0.02
     lookups_are_requests = False
+    supports_extents = True
 
     def __init__(self, root: Path, file_mode: int = 0o640) -> None:
         # Cached content may be private images: not for every local user (less the umask).
@@ -178,12 +179,37 @@ class FilesystemDriver:
     def partial_size(self, path: str) -> int | None:
         return self.stat(path)
 
+    def open_extent(self, path: str, offset: int) -> PartialFile:
+        """The side file of a range of the fill at `path` that starts at `offset`: its bytes
+        are written at their offset from there (`pwrite(data, 0)` is the byte at `offset`)."""
+        return PartialFile(self, paths.extent(path, offset))
+
+    def extents(self, path: str) -> list[tuple[int, int]]:
+        """(offset, size) of the side files of the fill at `path`, by offset."""
+        folder = path.rpartition("/")[0]
+        out = []
+        for entry in self.list(folder):
+            parsed = paths.extent_offset(f"{folder}/{entry}")
+            if parsed is not None and parsed[0] == path:
+                size = self.stat(f"{folder}/{entry}")
+                if size is not None:
+                    out.append((parsed[1], size))
+        return sorted(out)
+
     def list_partials(self, path: str) -> Iterator[tuple[str, float]]:
+        """(partial path, newest mtime) of every fill, its side files counted with it."""
+        partials: dict[str, float] = {}
         for rel, _size, mtime in self.walk_stat(path):
-            yield rel, mtime
+            parsed = paths.extent_offset(rel)
+            key = parsed[0] if parsed is not None else rel
+            partials[key] = max(partials.get(key, 0.0), mtime)
+        yield from partials.items()
 
     def delete_partial(self, path: str) -> bool:
-        return self.delete(path)
+        deleted = self.delete(path)
+        for offset, _size in self.extents(path):
+            deleted = self.delete(paths.extent(path, offset)) or deleted
+        return deleted
 
     def presign(self, path: str, expires: int) -> str | None:
         return None

@@ -9,6 +9,10 @@ Disk layout (the one place it is written down; `<root>` is `storage.root`):
     <root>/uploads/<algo>/<hex>
         The fill in progress for that digest. Followers read it as it grows; it is never
         served as complete. Left-overs with no live lease are removed at start-up.
+    <root>/uploads/<algo>/<hex>.<offset>
+        A range of a parallel fill (upstream.parallel_ranges) that arrived before the bytes
+        in front of it: its bytes from <offset> (16 digits) on, moved into the fill above
+        (and deleted) once that reaches them. A takeover fetches only what neither holds.
         On S3 this is a prefix: the fill's pieces, `uploads/<algo>/<hex>/<offset>` (16 digits),
         each `storage.s3.part_size` bytes but the last (store/s3.py).
     <root>/repositories/<registry>/<repository>/_manifests/revisions/<algo>/<hex>
@@ -43,6 +47,7 @@ BLOBS = "blobs"
 UPLOADS = "uploads"
 REPOSITORIES = "repositories"
 TMP = "tmp"
+EXTENT_DIGITS = 16
 
 # What follows `repositories/<registry>/<repository>` in each kind of repository file.
 REVISIONS_MARK = "/_manifests/revisions/"
@@ -61,6 +66,19 @@ def blob(digest: Digest) -> str:
 
 def upload(digest: Digest) -> str:
     return f"{UPLOADS}/{_by_digest(digest)}"
+
+
+def extent(upload_path: str, offset: int) -> str:
+    """The range of a fill (at `upload_path`) that starts at `offset`."""
+    return f"{upload_path}.{offset:0{EXTENT_DIGITS}d}"
+
+
+def extent_offset(path: str) -> tuple[str, int] | None:
+    """(upload path, offset) of an extent's path; None for anything else."""
+    base, dot, suffix = path.rpartition(".")
+    if not dot or len(suffix) != EXTENT_DIGITS or not suffix.isdigit():
+        return None
+    return base, int(suffix)
 
 
 def repository(repo: str) -> str:

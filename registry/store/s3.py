@@ -118,6 +118,9 @@ class S3Driver:
     poll_interval = 0.1
     lookups_are_requests = True
 
+    # A fill's ranges are fetched one after the other here: pieces are written in order.
+    supports_extents = False
+
     def __init__(
         self,
         client: Any,

@@ -91,11 +91,18 @@ class ManifestHead:
 class BlobStream:
     """An open upstream blob response: `offset` is where its bytes start in the blob."""
 
-    def __init__(self, response: requests.Response | None, offset: int, total: int | None) -> None:
+    def __init__(
+        self,
+        response: requests.Response | None,
+        offset: int,
+        total: int | None,
+        ranged: bool = False,
+    ) -> None:
         # No response: the bytes held from `offset` on are already the whole blob.
         self.response = response
         self.offset = offset
         self.total = total
+        self.ranged = ranged  # a 206 with exactly the range asked for
 
     def chunks(self) -> Iterator[bytes]:
         if self.response is None:
@@ -213,6 +220,40 @@ class UpstreamClient:
         length = response.headers.get("Content-Length")
         total = count_or_none(length)
         return BlobStream(response, 0, total)
+
+    def open_range(self, repository: str, digest: str, start: int, end: int) -> BlobStream:
+        """Bytes [start, end] of a blob (`end` past the blob's last byte is the rest of it).
+
+        `ranged` when upstream answered 206 with exactly that range (its total then known);
+        a 200 is upstream ignoring Range: the whole blob from 0, never fetched twice by the
+        caller. A 416 whose `bytes */SIZE` is `start` says nothing lies past `start` (no
+        response). A range upstream got wrong is asked for again without Range."""
+        response = self._request(
+            "GET",
+            repository,
+            f"blobs/{digest}",
+            headers={"Range": f"bytes={start}-{end}"},
+            stream=True,
+            follow=True,
+            blob=True,
+        )
+        if response.status_code == 206:
+            first, last, total = _content_range_bounds(response.headers.get("Content-Range"))
+            if first == start and total and last == min(end, total - 1):
+                return BlobStream(response, start, total, ranged=True)
+            response.close()
+            return self.open_blob(repository, digest, 0)
+        if response.status_code == 416:
+            total = _unsatisfiable_size(response.headers.get("Content-Range"))
+            response.close()
+            if total is not None and total == start:
+                return BlobStream(None, start, total, ranged=True)
+            return self.open_blob(repository, digest, 0)
+        if response.status_code != 200:
+            response.close()
+            self._raise_for_status(response, repository, BlobUnknown, f"blob {digest}")
+            raise self._failure(f"answered {response.status_code} for blob {digest}")
+        return BlobStream(response, 0, count_or_none(response.headers.get("Content-Length")))
 
     def list_referrers(self, repository: str, digest: str) -> list[bytes] | None:
         """Every page of upstream's referrers of `digest` (image index bodies, `Link` pages
@@ -602,6 +643,14 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
         return None, None
     total = match.group(2)
     return int(match.group(1)), count_or_none(total)
+
+
+def _content_range_bounds(value: str | None) -> tuple[int | None, int | None, int | None]:
+    """(start, end, total) of `bytes START-END/TOTAL`; None for what is missing or malformed."""
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", (value or "").strip())
+    if not match:
+        return None, None, None
+    return int(match.group(1)), int(match.group(2)), count_or_none(match.group(3))
 
 
 def _unsatisfiable_size(value: str | None) -> int | None:

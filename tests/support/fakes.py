@@ -27,6 +27,11 @@ class Route:
     honour_range: bool = True
     abort: bool = False  # reset the connection instead of answering at all
     faulty_requests: int = 1 << 30  # the fault knobs apply to this many requests, then stop
+    # Only requests whose bytes include this offset are faulty (one range of a parallel fill).
+    fault_at: int | None = None
+    # GETs answer 307 to a one-time URL on this server (a CDN's expiring, presigned URL),
+    # which serves the body without asking for Authorization; a second use is a 403.
+    cdn: bool = False
 
 
 class FakeRegistry(LoopbackHTTP):
@@ -40,6 +45,11 @@ class FakeRegistry(LoopbackHTTP):
         self.authorizations: list[str | None] = []
         # When set, requests without this exact Authorization get a Basic challenge.
         self.require_authorization: str | None = None
+        self.cdn_urls: dict[str, Route | None] = {}  # one-time path -> route (None: used)
+        self.body_bytes = 0  # body bytes written to clients, all routes
+        self.active = 0  # GETs answering now
+        self.max_active = 0
+        self._lock = threading.Lock()
 
     def count(self, method: str, path_part: str) -> int:
         return sum(1 for m, p in self.hits if m == method and path_part in p)
@@ -62,7 +72,14 @@ class FakeRegistry(LoopbackHTTP):
                 self._answer(head=True)
 
             def do_GET(self):
-                self._answer(head=False)
+                with fake._lock:
+                    fake.active += 1
+                    fake.max_active = max(fake.max_active, fake.active)
+                try:
+                    self._answer(head=False)
+                finally:
+                    with fake._lock:
+                        fake.active -= 1
 
             def _answer(self, head: bool) -> None:
                 path = self.path.split("?", 1)[0]
@@ -70,7 +87,8 @@ class FakeRegistry(LoopbackHTTP):
                 fake.ranges.append(self.headers.get("Range"))
                 fake.authorizations.append(self.headers.get("Authorization"))
                 wanted = fake.require_authorization
-                if wanted and self.headers.get("Authorization") != wanted:
+                from_cdn = path.startswith("/_cdn/")
+                if wanted and not from_cdn and self.headers.get("Authorization") != wanted:
                     self.send_response(401)
                     self.send_header("WWW-Authenticate", 'Basic realm="fake"')
                     self.send_header("Content-Length", "0")
@@ -80,10 +98,31 @@ class FakeRegistry(LoopbackHTTP):
                     return self._simple(200, b"{}")
                 # A route may name its query too (`...?last=x`, a page of a listing).
                 route = fake.routes.get(self.path) or fake.routes.get(path)
+                if from_cdn:
+                    route = fake.cdn_urls.get(path)
+                    if route is None:
+                        return self._simple(403, b"expired")
+                    if self.command == "GET":
+                        fake.cdn_urls[path] = None
+                elif route is not None and route.cdn and self.command == "GET":
+                    where = f"/_cdn/{len(fake.cdn_urls)}"
+                    fake.cdn_urls[where] = route
+                    self.send_response(307)
+                    self.send_header("Location", where)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if route is None:
                     return self._simple(404, b'{"errors":[{"code":"NOT_FOUND","message":"nope"}]}')
-                faulty = route.faulty_requests > 0
-                if self.command == "GET":
+                rng = self.headers.get("Range")
+                first, last = 0, len(route.body) - 1
+                if rng and route.honour_range and route.status == 200 and rng.startswith("bytes="):
+                    low, _, high = rng[6:].partition("-")
+                    first = int(low)
+                    last = min(int(high), last) if high else last
+                covers = route.fault_at is None or first <= route.fault_at <= last
+                faulty = route.faulty_requests > 0 and covers
+                if self.command == "GET" and covers:
                     route.faulty_requests -= 1
                 if route.abort and faulty:
                     self._reset()
@@ -93,13 +132,12 @@ class FakeRegistry(LoopbackHTTP):
                 body = route.body
                 status = route.status
                 start = 0
-                rng = self.headers.get("Range")
                 headers = dict(route.headers)
                 if rng and route.honour_range and status == 200 and rng.startswith("bytes="):
-                    start = int(rng[6:].split("-")[0])
-                    headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+                    start = first
+                    headers["Content-Range"] = f"bytes {first}-{last}/{len(body)}"
                     status = 206
-                    body = body[start:]
+                    body = body[first : last + 1]
                 self.send_response(status)
                 headers.setdefault("Content-Type", "application/octet-stream")
                 for name, value in headers.items():
@@ -120,6 +158,8 @@ class FakeRegistry(LoopbackHTTP):
                         self.wfile.write(chunk)
                         self.wfile.flush()
                         sent += len(chunk)
+                        with fake._lock:
+                            fake.body_bytes += len(chunk)
                         if route.trickle and faulty:
                             time.sleep(route.trickle)
                 except (BrokenPipeError, ConnectionResetError):

@@ -1,0 +1,367 @@
+"""Parallel range fills: one blob fetched as several concurrent upstream Range requests.
+
+A fill of at least `upstream.range_min_size` whose upstream honours Range is cut into
+segments; up to `upstream.parallel_ranges` workers fetch them, each taking the lowest one
+nobody has, so that the bytes in order (the *prefix*) grow as fast as the ranges arrive.
+
+Where the bytes land: the fill's upload (`uploads/<algo>/<hex>`) only ever holds the prefix,
+so followers in any process read it exactly as they read a one-stream fill. A segment whose
+next byte is the prefix's end writes into the upload directly; a segment ahead of it writes
+its own side file (an *extent*, `uploads/<algo>/<hex>.<offset>`), which is moved into the
+upload (read, hashed, written, deleted) when the prefix reaches it. The hash runs over the
+prefix as it grows, so the last byte still waits for the verified commit (fill.py).
+
+What a fill leaves on disk (the prefix and its extents) is what a takeover resumes from:
+only the bytes neither holds are asked for again. A range that breaks or stalls (the read
+timeout) is asked for again from its own next byte, a few times, before the fill fails; each
+request goes to the registry (a fresh redirect, without Authorization, as every blob GET).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from registry.digests import Digest
+from registry.errors import RegistryError, UpstreamError
+from registry.store import ContentStore
+from registry.store.driver import PartialWriter
+from registry.upstream.client import BlobStream, UpstreamClient
+
+log = logging.getLogger(__name__)
+
+COPY_CHUNK = 1024 * 1024
+# A segment is at most this, and at least MIN_SEGMENT (each one is a request, and a redirect).
+MIN_SEGMENT = 8 << 20
+MAX_SEGMENT = 64 << 20
+# Segments per worker: small enough that the prefix grows steadily, few enough to cost
+# little in requests.
+SEGMENTS_PER_WORKER = 4
+ALIGN = 64 << 10
+# How many times one range is asked for again after it broke off or stalled.
+RANGE_ATTEMPTS = 3
+PROGRESS_INTERVAL = 0.2
+
+
+class LeaseLost(Exception):
+    pass
+
+
+@dataclass
+class Segment:
+    """Bytes [start, end) of the blob: `pos` is the next one to fetch."""
+
+    start: int
+    end: int
+    pos: int
+    side: PartialWriter | None = None  # the extent holding bytes ahead of the prefix
+    side_start: int = 0  # the blob offset of the side file's first byte
+    taken: bool = False
+    attempts: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= self.end
+
+
+def plan_segments(start: int, total: int, workers: int, smallest: int = MIN_SEGMENT) -> list[int]:
+    """Segment boundaries of [start, total): offsets, the first `start`, the last `total`.
+    Inner boundaries fall on multiples of ALIGN."""
+    remaining = total - start
+    if remaining <= 0:
+        return [start]
+    size = -(-remaining // (workers * SEGMENTS_PER_WORKER))
+    size = max(smallest, min(MAX_SEGMENT, size))
+    size = -(-size // ALIGN) * ALIGN
+    bounds = [start]
+    at = (start // size + 1) * size
+    while at < total:
+        bounds.append(at)
+        at += size
+    return [*bounds, total]
+
+
+@dataclass
+class RangedUpload:
+    """The prefix of one fill (in its upload, hashed) and the segments around it. Every
+    write goes through `write` under one lock."""
+
+    store: ContentStore
+    digest: Digest
+    upload: PartialWriter
+    hasher: Any
+    prefix: int
+    total: int
+    segments: list[Segment] = field(default_factory=list)
+    fetched: int = 0  # bytes this fill got from upstream
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- resuming ------------------------------------------------------------------------------
+    def adopt_extents(self) -> None:
+        """Take in the extents an earlier fill left: those the prefix reaches are moved into
+        it, those past it are kept as finished segments; anything the prefix already holds
+        is deleted."""
+        for offset, size in self.store.upload_extents(self.digest):
+            end = offset + size
+            side = self.store.open_upload_extent(self.digest, offset)
+            seg = Segment(offset, end, end, side=side, side_start=offset, taken=True)
+            if end <= self.prefix:
+                side.discard()
+                side.close()
+                continue
+            self.segments.append(seg)
+        self.segments.sort(key=lambda s: s.start)
+        with self.lock:
+            self._absorb()
+
+    def gaps(self, start: int) -> list[tuple[int, int]]:
+        """The ranges from `start` to the blob's end that no segment covers."""
+        out, at = [], start
+        for seg in sorted(self.segments, key=lambda s: s.start):
+            if seg.end <= at:
+                continue
+            if seg.start > at:
+                out.append((at, seg.start))
+            at = max(at, seg.end)
+        if at < self.total:
+            out.append((at, self.total))
+        return out
+
+    def next_extent(self, start: int) -> int | None:
+        """Where the first stored segment past `start` begins, if one does."""
+        starts = [s.start for s in self.segments if s.start >= start]
+        return min(starts) if starts else None
+
+    # -- planning and taking -------------------------------------------------------------------
+    def plan(self, start: int, workers: int, smallest: int = MIN_SEGMENT) -> None:
+        """Segments for every byte from `start` on that no segment covers yet."""
+        for gap_start, gap_end in self.gaps(start):
+            bounds = plan_segments(gap_start, gap_end, workers, smallest)
+            for a, b in itertools.pairwise(bounds):
+                self.segments.append(Segment(a, b, a))
+        self.segments.sort(key=lambda s: s.start)
+
+    def take(self) -> Segment | None:
+        with self.lock:
+            for seg in self.segments:
+                if not seg.taken and not seg.done:
+                    seg.taken = True
+                    return seg
+        return None
+
+    def add(self, seg: Segment) -> None:
+        with self.lock:
+            self.segments.append(seg)
+            self.segments.sort(key=lambda s: s.start)
+
+    # -- writing -------------------------------------------------------------------------------
+    def write(self, seg: Segment, data: bytes) -> None:
+        """`data` is the segment's next bytes: into the upload when they continue the prefix,
+        else into the segment's extent; then whatever extents the prefix reaches move in."""
+        n = len(data)
+        if seg.pos + n > seg.end:
+            raise UpstreamError(
+                f"upstream sent more than the range {seg.start}-{seg.end - 1} of {self.digest}",
+                reason="upstream sent a range longer than asked for, not cached",
+            )
+        with self.lock:
+            if seg.pos == self.prefix:
+                self.upload.pwrite(data, self.prefix)
+                self.hasher.update(data)
+                self.prefix += n
+            else:
+                if seg.side is None:
+                    seg.side = self.store.open_upload_extent(self.digest, seg.pos)
+                    seg.side_start = seg.pos
+                seg.side.pwrite(data, seg.pos - seg.side_start)
+            seg.pos += n
+            self.fetched += n
+            self._absorb()
+
+    def _absorb(self) -> None:
+        """Move extents the prefix has reached into the upload, hashing them (lock held)."""
+        moved = True
+        while moved:
+            moved = False
+            for seg in self.segments:
+                if seg.side is None:
+                    continue
+                if seg.side_start <= self.prefix < seg.pos:
+                    while self.prefix < seg.pos:
+                        at = self.prefix - seg.side_start
+                        length = min(COPY_CHUNK, seg.pos - self.prefix)
+                        data = seg.side.read_range(at, length)
+                        if not data:
+                            raise OSError(f"the extent of {self.digest} at {seg.side_start} shrank")
+                        self.upload.pwrite(data, self.prefix)
+                        self.hasher.update(data)
+                        self.prefix += len(data)
+                    moved = True
+                if self.prefix >= seg.pos:
+                    # All its bytes are in the upload: the segment writes there from now on.
+                    seg.side.discard()
+                    seg.side.close()
+                    seg.side = None
+
+    def remaining(self) -> int:
+        """Bytes no segment holds yet."""
+        with self.lock:
+            return sum(s.end - s.pos for s in self.segments)
+
+    def ranges(self) -> str:
+        """Progress per segment for the fill record: `[[start, pos, end], ...]`."""
+        with self.lock:
+            return json.dumps([[s.start, s.pos, s.end] for s in self.segments])
+
+    def discard_extents(self) -> None:
+        with self.lock:
+            for seg in self.segments:
+                if seg.side is not None:
+                    seg.side.discard()
+                    seg.side.close()
+                    seg.side = None
+
+    def close(self) -> None:
+        with self.lock:
+            for seg in self.segments:
+                if seg.side is not None:
+                    seg.side.close()
+                    seg.side = None
+
+
+class RangedCopy:
+    """The workers of one parallel fill: each takes a segment, fetches it (asking again from
+    its own next byte when it breaks off), and takes the next, until none is left or one
+    fails for good; the first failure stops them all and is raised."""
+
+    def __init__(
+        self,
+        ranged: RangedUpload,
+        upstream: UpstreamClient,
+        repository: str,
+        *,
+        workers: int,
+        lease_lost: Callable[[], bool],
+        report: Callable[[], None],
+        spawn: Callable[[Callable[[], None]], threading.Thread],
+    ) -> None:
+        self.ranged = ranged
+        self.upstream = upstream
+        self.repository = repository
+        self.workers = workers
+        self.lease_lost = lease_lost
+        self.report = report
+        self.spawn = spawn
+        self.error: BaseException | None = None
+        self.requests = 0
+        self._last_report = 0.0
+        self._lock = threading.Lock()
+
+    def run(self, first: BlobStream | None, first_segment: Segment | None) -> None:
+        """Fetch every segment: the first through `first` (already open), in this thread
+        with the others in their own."""
+        threads = [self.spawn(self._worker) for _ in range(self.workers - 1)]
+        self._worker(first, first_segment)
+        for thread in threads:
+            thread.join()
+        if self.error is not None:
+            raise self.error
+        missing = [s for s in self.ranged.segments if not s.done]
+        if missing:  # a worker ended without an error, yet bytes are missing: never commit
+            raise UpstreamError(
+                f"ranges of {self.ranged.digest} are missing after the fill",
+                reason="upstream ranges went missing, not cached",
+            )
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = exc
+
+    def _worker(self, stream: BlobStream | None = None, seg: Segment | None = None) -> None:
+        try:
+            while self.error is None:
+                seg = seg or self.ranged.take()
+                if seg is None:
+                    return
+                self._fetch(seg, stream)
+                stream, seg = None, None
+        except BaseException as exc:  # the fill classifies it
+            self._fail(exc)
+        finally:
+            if stream is not None:
+                stream.close()
+
+    def _fetch(self, seg: Segment, stream: BlobStream | None) -> None:
+        """The segment's bytes, asked for again from its next byte when a read breaks."""
+        while not seg.done and self.error is None:
+            broke: BaseException | None = None
+            try:
+                if stream is None:
+                    stream = self._open(seg)
+                broke = self._copy(seg, stream)
+            except RegistryError as exc:  # the range's request was refused or failed
+                broke = exc
+            finally:
+                if stream is not None:
+                    stream.close()
+                stream = None
+            if not seg.done and self.error is None:
+                self._retry(seg, broke or UpstreamError(f"range {seg.start} ended short"))
+
+    def _retry(self, seg: Segment, exc: BaseException) -> None:
+        seg.attempts += 1
+        if seg.attempts > RANGE_ATTEMPTS:
+            raise exc
+        log.info(
+            "range %d-%d of %s broke off at %d (%s); asking for the rest again",
+            seg.start,
+            seg.end - 1,
+            self.ranged.digest,
+            seg.pos,
+            type(exc).__name__,
+        )
+        time.sleep(min(2.0, 0.25 * 2**seg.attempts))
+
+    def _open(self, seg: Segment) -> BlobStream:
+        self.requests += 1
+        stream = self.upstream.open_range(
+            self.repository, str(self.ranged.digest), seg.pos, seg.end - 1
+        )
+        if not stream.ranged or stream.offset != seg.pos or stream.total != self.ranged.total:
+            stream.close()
+            raise UpstreamError(
+                f"upstream {self.upstream.registry.name} stopped honouring Range for "
+                f"{self.ranged.digest}",
+                reason=f"{self.upstream.registry.name} stopped honouring Range, not cached",
+            )
+        return stream
+
+    def _copy(self, seg: Segment, stream: BlobStream) -> BaseException | None:
+        """The stream's bytes into the segment; what broke the read (a reset, a timeout), or
+        None when it ended. Our own failures (the disk, a lost lease) are raised."""
+        chunks = stream.chunks()
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return None
+            except Exception as exc:  # urllib3's resets, timeouts, protocol errors
+                return exc
+            if self.lease_lost():
+                raise LeaseLost()
+            if self.error is not None:
+                return None
+            self.ranged.write(seg, chunk)
+            # Let the clients streaming this fill from the same gevent worker have a turn.
+            time.sleep(0)
+            now = time.monotonic()
+            if now - self._last_report >= PROGRESS_INTERVAL:
+                self._last_report = now
+                self.report()

@@ -1,0 +1,247 @@
+"""Parallel range fills (registry/pullthrough/ranges.py) against real gunicorn and a fake
+upstream on loopback that records every Range it is asked for and every body byte it sends:
+ranges out of order, one range failing, an upstream that ignores Range, a redirect per range,
+a fetcher killed with ranges half done, a herd joining a parallel fill."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import hashlib
+import itertools
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+import redis as redis_lib
+
+from tests.support.clients import fetch
+from tests.support.fakes import FakeRegistry
+from tests.support.servers import Gunicorn
+
+pytestmark = pytest.mark.usefixtures("forget_upstream_health")
+
+MIB = 1 << 20
+FIRST = MIB  # range_min_size here: the first range asked for
+AUTH = "Basic " + base64.b64encode(b"puller:s3cret").decode()
+
+
+@pytest.fixture(scope="module")
+def fake():
+    server = FakeRegistry().start()
+    server.require_authorization = AUTH
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, redis_server, fake):
+    server = Gunicorn.with_config(
+        tmp_path_factory.mktemp("ranges"),
+        redis_server.url,
+        [{"name": "docker.io", "url": fake.url, "username": "puller", "password": "s3cret"}],
+        upstream={
+            "connect_timeout": 1,
+            "read_timeout": 2,
+            "lease_ttl": 2,
+            "parallel_ranges": 4,
+            "range_min_size": FIRST,
+        },
+    )
+    yield server
+    server.stop()
+
+
+def blob_gets(fake: FakeRegistry, digest: str, since: int = 0) -> list[str | None]:
+    """The Range header of every GET of the blob that was answered (with our credentials at
+    the registry, or at its CDN) since `since`."""
+    out = []
+    rows = zip(fake.hits[since:], fake.ranges[since:], fake.authorizations[since:], strict=True)
+    for (method, path), rng, auth in rows:
+        if method == "GET" and ((digest in path and auth == AUTH) or path.startswith("/_cdn/")):
+            out.append(rng)
+    return out
+
+
+def spans(ranges: list[str | None]) -> list[tuple[int, int]]:
+    """(first, last) byte of each `bytes=first-last`, in order of first."""
+    out = []
+    for rng in ranges:
+        assert rng is not None and rng.startswith("bytes="), rng
+        low, _, high = rng[6:].partition("-")
+        out.append((int(low), int(high)))
+    return sorted(out)
+
+
+def leftovers(cache) -> list[str]:
+    return sorted(p.name for p in (cache.data / "uploads").rglob("*") if p.is_file())
+
+
+def committed(cache, digest: str) -> bool:
+    hexpart = digest.split(":")[1]
+    return (cache.data / "blobs" / "sha256" / hexpart[:2] / hexpart).exists()
+
+
+def test_a_big_blob_is_fetched_as_concurrent_ranges_that_cover_it_once(cache, fake):
+    data = random.randbytes(6 * MIB)
+    digest = fake.add_blob("library/parallel", data, trickle=0.01)
+    mark, sent, fake.max_active = len(fake.hits), fake.body_bytes, 0
+    status, body, complete = fetch(f"{cache.url}/v2/library/parallel/blobs/{digest}")
+    assert status == 200 and complete and body == data
+    ranges = spans(blob_gets(fake, digest, mark))
+    # The first asks for range_min_size (a 206 shows Range is honoured), then the rest in
+    # segments that tile the blob: no byte asked for twice, none missing.
+    assert ranges[0] == (0, FIRST - 1)
+    assert len(ranges) > 4
+    assert ranges[-1][1] == len(data) - 1
+    for (_a, b), (c, _d) in itertools.pairwise(ranges):
+        assert c == b + 1, ranges
+    assert fake.body_bytes - sent == len(data)
+    assert fake.max_active == 4  # parallel_ranges at once, never more
+    assert committed(cache, digest) and leftovers(cache) == []
+
+
+def test_ranges_arriving_out_of_order_wait_in_extents_and_clients_get_bytes_in_order(
+    cache, fake, redis_server
+):
+    data = random.randbytes(6 * MIB)
+    # The first range (bytes 0-1 MiB) crawls: every later range lands before it.
+    digest = fake.add_blob("library/outoforder", data, fault_at=0, trickle=0.1)
+    url = f"{cache.url}/v2/library/outoforder/blobs/{digest}"
+    redis = redis_lib.Redis.from_url(redis_server.url)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(fetch, url) for _ in range(4)]
+        seen_extents: set[str] = set()
+        most_ahead = 0
+        while not all(f.done() for f in futures):
+            seen_extents.update(n for n in leftovers(cache) if "." in n)
+            record = redis.hgetall(f"pt:fill:{digest}")
+            if record.get(b"ranges"):
+                rows = json.loads(record[b"ranges"])
+                stored = int(record.get(b"stored") or 0)
+                ahead = sum(pos - start for start, pos, _end in rows if start >= FIRST)
+                if stored < FIRST:
+                    most_ahead = max(most_ahead, ahead)
+            time.sleep(0.05)
+        results = [f.result() for f in futures]
+    for status, body, complete in results:
+        assert status == 200 and complete and body == data
+    # Bytes past the slow first range were held in side files while the prefix lagged.
+    assert seen_extents and all(n.startswith(digest.split(":")[1] + ".") for n in seen_extents)
+    assert most_ahead > 2 * MIB
+    assert leftovers(cache) == []
+
+
+def test_a_range_that_breaks_is_asked_for_again_from_its_own_next_byte(cache, fake):
+    data = random.randbytes(6 * MIB)
+    # In the first range, past two of our 256 KiB reads (a reset loses the read under way).
+    cut = 700_000
+    digest = fake.add_blob(
+        "library/onebreaks", data, fault_at=cut, send_bytes=cut, reset=True, faulty_requests=1
+    )
+    mark, sent = len(fake.hits), fake.body_bytes
+    status, body, complete = fetch(f"{cache.url}/v2/library/onebreaks/blobs/{digest}")
+    assert status == 200 and complete and body == data
+    ranges = spans(blob_gets(fake, digest, mark))
+    broken = (0, FIRST - 1)
+    assert broken in ranges
+    again = [r for r in ranges if r[1] == broken[1] and r != broken]
+    # Asked again for the rest of that range only: from past its start, to its end.
+    assert len(again) == 1 and broken[0] < again[0][0] <= cut, ranges
+    overlap = cut - again[0][0]  # sent before the reset, lost with it
+    assert fake.body_bytes - sent == len(data) + overlap
+    assert leftovers(cache) == []
+
+
+def test_an_upstream_that_ignores_range_is_one_stream_and_nothing_twice(cache, fake):
+    data = random.randbytes(5 * MIB)
+    digest = fake.add_blob("library/norange", data, honour_range=False)
+    mark, sent = len(fake.hits), fake.body_bytes
+    status, body, complete = fetch(f"{cache.url}/v2/library/norange/blobs/{digest}")
+    assert status == 200 and complete and body == data
+    assert blob_gets(fake, digest, mark) == [f"bytes=0-{FIRST - 1}"]  # answered with a 200
+    assert fake.body_bytes - sent == len(data)
+
+
+def test_each_range_follows_its_own_redirect_without_credentials_and_a_dead_url_is_renewed(
+    cache, fake
+):
+    data = random.randbytes(6 * MIB)
+    cut = 3 * MIB + 400_000
+    # Every GET is sent to a one-time CDN URL; the range holding `cut` breaks there once, and
+    # its URL is then spent (403): finishing needs a new URL from the registry.
+    digest = fake.add_blob(
+        "library/cdn", data, cdn=True, fault_at=cut, send_bytes=cut, reset=True, faulty_requests=1
+    )
+    mark = len(fake.hits)
+    status, body, complete = fetch(f"{cache.url}/v2/library/cdn/blobs/{digest}")
+    assert status == 200 and complete and body == data
+    hits = list(zip(fake.hits[mark:], fake.authorizations[mark:], strict=True))
+    at_registry = [a for (m, p), a in hits if m == "GET" and digest in p and a is not None]
+    at_cdn = [(p, a) for (m, p), a in hits if m == "GET" and p.startswith("/_cdn/")]
+    assert len(at_registry) == len(at_cdn) > 4  # one redirect per range, the retry included
+    assert set(at_registry) == {AUTH}
+    assert {a for _p, a in at_cdn} == {None}  # the credentials never went to the CDN
+    assert len({p for p, _a in at_cdn}) == len(at_cdn)  # no URL used twice
+    assert committed(cache, digest)
+
+
+def test_a_fetcher_killed_with_ranges_half_done_is_taken_over_fetching_only_the_rest(
+    cache, fake, redis_server
+):
+    data = random.randbytes(8 * MIB)
+    digest = fake.add_blob("library/killranges", data, trickle=0.05)
+    url = f"{cache.url}/v2/library/killranges/blobs/{digest}"
+    redis = redis_lib.Redis.from_url(redis_server.url)
+    mark, sent = len(fake.hits), fake.body_bytes
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(fetch, url) for _ in range(6)]
+        deadline = time.monotonic() + 30
+        rows: list = []
+        while time.monotonic() < deadline:
+            record = redis.hgetall(f"pt:fill:{digest}")
+            rows = json.loads(record.get(b"ranges") or b"[]")
+            started = [r for r in rows if r[1] > r[0]]
+            held = sum(r[1] - r[0] for r in rows)
+            if len(started) >= 4 and held >= 3 * MIB:
+                break
+            time.sleep(0.05)
+        holder = redis.get(f"pt:lease:blob:{digest}")
+        assert holder is not None and len(started) >= 4, rows
+        half_done = [r for r in rows if r[0] < r[1] < r[2]]
+        assert half_done, rows  # ranges cut in their middle
+        os.kill(int(holder.decode().split(":")[1]), signal.SIGKILL)
+        held = sum(r[1] - r[0] for r in rows)
+        results = [f.result() for f in futures]
+    for status, body, complete in results:
+        assert status != 200 or not complete or body == data
+    status, body, complete = fetch(url)
+    assert status == 200 and complete and body == data
+    assert committed(cache, digest) and leftovers(cache) == []
+    # What the takeover asked for: no range from 0 again, and the bytes upstream sent are the
+    # blob plus only what was in flight when the fetcher died (far less than was held).
+    after_kill = spans(blob_gets(fake, digest, mark))
+    assert sum(1 for r in after_kill if r[0] == 0) == 1, after_kill
+    extra = fake.body_bytes - sent - len(data)
+    assert extra < held / 2, (extra, held)
+
+
+def test_a_herd_joining_a_parallel_fill_gets_the_blob_from_one_set_of_ranges(cache, fake):
+    data = random.randbytes(6 * MIB)
+    digest = fake.add_blob("library/rangeherd", data, trickle=0.01)
+    url = f"{cache.url}/v2/library/rangeherd/blobs/{digest}"
+    mark, sent = len(fake.hits), fake.body_bytes
+
+    def one(_):
+        status, body, complete = fetch(url)
+        return status, complete, hashlib.sha256(body).hexdigest()
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
+    assert set(results) == {(200, True, digest.split(":")[1])}
+    ranges = spans(blob_gets(fake, digest, mark))
+    assert ranges[0] == (0, FIRST - 1) and sum(b - a + 1 for a, b in ranges) == len(data)
+    assert fake.body_bytes - sent == len(data)
