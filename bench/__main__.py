@@ -36,10 +36,14 @@ from bench import gc as gc_bench
 from bench.load import (
     ACCEPT,
     BLOB_MIB,
+    CDN_CONNECTION_MIBPS,
+    CDN_TOTAL_MIBPS,
     HERD,
     HUGE_MIB,
+    RANGE_MIB,
     REPEATS,
     ROUNDS,
+    TOTAL_ONLY_MIBPS,
     WAN_MIBPS,
     WORKERS,
     ab_head,
@@ -158,6 +162,32 @@ def wan_scenarios(cache: Gunicorn, store: redis.Redis, relay: ThrottledRelay, im
     r["kill"] = killed_herd(f"{base}/kill/blobs/{kill_layer}", HERD, kill_layer[7:], kill_half_way)
     r["kill"]["upstream_mib"] = (relay.bytes_down - before) / (1 << 20)
     return r
+
+
+def range_scenarios(
+    cache: Gunicorn, relays: dict[str, ThrottledRelay], blobs: dict[str, tuple], token
+) -> dict:
+    """A cold RANGE_MIB blob with curl, straight from the upstream and then through the cache
+    (its first pull: parallel ranges), each through the same capped link; the link counts
+    what the upstream sent for the cache."""
+    out: dict = {}
+    for case, relay in relays.items():
+        repository, digest, size = blobs[case]
+        direct = curl_downloads(
+            f"{relay.url}/v2/{repository}/blobs/{digest}",
+            1,
+            size,
+            headers=(f"Authorization: Bearer {token(repository)}",),
+        )
+        before = relay.bytes_down
+        cached = curl_downloads(f"{cache.url}/v2/{case}.test/{repository}/blobs/{digest}", 1, size)
+        out[case] = {
+            "direct_s": size / direct / (1 << 20),
+            "cache_s": size / cached / (1 << 20),
+            "upstream_bytes": relay.bytes_down - before,
+            "size": size,
+        }
+    return out
 
 
 def timed_pull(policy: Path, ref: str, dest: Path) -> tuple[bool, float]:
@@ -347,6 +377,10 @@ def main() -> None:
         "pullthrough": ThrottledRelay(upstream.port, WAN_MIBPS).start(),
         "distribution": ThrottledRelay(upstream.port, WAN_MIBPS).start(),
     }
+    range_relays = {
+        "cdn": ThrottledRelay(upstream.port, CDN_TOTAL_MIBPS, CDN_CONNECTION_MIBPS).start(),
+        "total": ThrottledRelay(upstream.port, TOTAL_ONLY_MIBPS).start(),
+    }
     pusher = Pusher(upstream.url, token.realm, token.service)
     images: dict[str, tuple[str, int]] = {}
     for seed, name in enumerate(("bench", "single", "herd", "kill")):
@@ -357,6 +391,12 @@ def main() -> None:
         if name == "bench":
             bench_manifest = image.digest
     pusher.push(single("library/offline", "1", [make_layer(7, 1 << 20)], docker=True))
+    range_blobs = {}
+    for seed, case in enumerate(range_relays, start=20):
+        image = single(f"library/ranges-{case}", "1", [make_layer(seed, RANGE_MIB << 20)])
+        pusher.push(image)
+        blob = max(image.blobs, key=lambda d: len(image.blobs[d]))
+        range_blobs[case] = (image.repository, blob, len(image.blobs[blob]))
     the_set = image_set()
     for image in the_set:
         pusher.push(image)
@@ -377,6 +417,7 @@ def main() -> None:
                     {"name": "wan.test", "url": relay.url},
                     {"name": "stale.test", "url": upstream.url, "tag_ttl": 0},
                     {"name": "set.test", "url": set_relays["pullthrough"].url},
+                    *({"name": f"{case}.test", "url": r.url} for case, r in range_relays.items()),
                 ],
                 # Every simulated host is 127.0.0.1 here: no per-client limits.
                 "limits": {"max_fills_per_client": 0, "client_upstream_per_minute": 0},
@@ -394,6 +435,8 @@ def main() -> None:
         with scenario("WAN: cold download, herd, fetcher killed"):
             store = redis.Redis.from_url(redis_server.url)
             results["wan"] = wan_scenarios(cache, store, relay, images)
+        with scenario("cold blob in parallel ranges through capped links"):
+            results["ranges"] = range_scenarios(cache, range_relays, range_blobs, pusher._token)
         with scenario("image set pulled with skopeo through the capped link"):
             results["set"] = set_pulls(
                 {
@@ -421,6 +464,7 @@ def main() -> None:
             with scenario(f"loopback herd of {HERD} on a cold blob: {name}"):
                 herds[name] = herd(blob_url, HERD)
             herds[name]["upstream_gets"] = upstream_blob_gets(upstream, mark, layer)
+            herds[name]["upstream_bytes"] = upstream.body_bytes_since(mark, layer)
         results["herd"] = herds
         huge_urls = {}
         for name, base in servers.items():
@@ -447,7 +491,16 @@ def main() -> None:
         with scenario("upstream stopped or frozen"):
             results["offline"] = offline_scenarios(servers, upstream, work)
     finally:
-        for server in (cache, proxy, set_proxy, nginx, relay, *set_relays.values(), upstream):
+        for server in (
+            cache,
+            proxy,
+            set_proxy,
+            nginx,
+            relay,
+            *set_relays.values(),
+            *range_relays.values(),
+            upstream,
+        ):
             server.stop()
         token.stop()
         redis_server.stop()

@@ -21,6 +21,13 @@ WAN_MIBPS = float(os.environ.get("BENCH_WAN_MIBPS", "25"))
 # Manifest rates are the median of this many rounds, the servers taking turns.
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 HUGE_MIB = int(os.environ.get("BENCH_HUGE_MIB", "1024"))
+# Parallel ranges: a RANGE_MIB blob through a CDN-like link (each connection capped at
+# CDN_CONNECTION_MIBPS, all of them at CDN_TOTAL_MIBPS), and through a link with only a total
+# cap of TOTAL_ONLY_MIBPS.
+RANGE_MIB = int(os.environ.get("BENCH_RANGE_MIB", "256"))
+CDN_CONNECTION_MIBPS = float(os.environ.get("BENCH_CDN_CONNECTION_MIBPS", "8"))
+CDN_TOTAL_MIBPS = float(os.environ.get("BENCH_CDN_TOTAL_MIBPS", "64"))
+TOTAL_ONLY_MIBPS = float(os.environ.get("BENCH_TOTAL_ONLY_MIBPS", "32"))
 # Downloads per client in a throughput run, so that each run lasts a few seconds.
 REPEATS = int(os.environ.get("BENCH_REPEATS", "4"))
 # What Docker and containerd send; without it distribution rewrites manifests to schema 1.
@@ -72,13 +79,17 @@ def ab_head(url: str) -> dict:
     }
 
 
-def curl_downloads(url: str, clients: int, size: int, *, follow: bool = False) -> float:
+def curl_downloads(
+    url: str, clients: int, size: int, *, follow: bool = False, headers: tuple[str, ...] = ()
+) -> float:
     """Aggregate MiB/s of `clients` concurrent curl downloads of `url` (each checked to get
     `size` bytes); curl writes to /dev/null, so the client side costs little CPU. `follow`:
     follow redirects (the status checked is the last one's)."""
     command = [require("curl"), "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}"]
     if follow:
         command.append("-L")
+    for header in headers:
+        command += ["-H", header]
     started = time.monotonic()
     procs = [
         subprocess.Popen([*command, url], stdout=subprocess.PIPE, text=True) for _ in range(clients)

@@ -337,6 +337,8 @@ class TokenServer(LoopbackHTTP):
 
 # -- CNCF distribution --
 _ACCESS = re.compile(r'"(GET|HEAD|PUT|POST|PATCH|DELETE) (\S+) HTTP/[0-9.]+" (\d{3})')
+# The same lines with the body bytes distribution sent (combined log format).
+_ACCESS_BYTES = re.compile(r'"(GET|HEAD|PUT|POST|PATCH|DELETE) (\S+) HTTP/[0-9.]+" \d{3} (\d+|-)')
 
 
 class Distribution:
@@ -420,6 +422,12 @@ class Distribution:
 
     def mark(self) -> int:
         return len(self.requests_seen())
+
+    def body_bytes_since(self, mark: int, part: str) -> int:
+        """Body bytes distribution logged for the GETs since `mark` whose path has `part`."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        rows = _ACCESS_BYTES.findall(text)[mark:]
+        return sum(int(n) for m, p, n in rows if m == "GET" and part in p and n != "-")
 
     def requests_since(self, mark: int) -> list[tuple[str, str, int]]:
         return self.requests_seen()[mark:]
@@ -540,14 +548,32 @@ class Gunicorn:
         return self.log_path.read_text(errors="replace")
 
 
+class _Bucket:
+    """One token bucket: when `n` more bytes may pass."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.next_free = time.monotonic()
+
+    def reserve(self, n: int, now: float) -> float:
+        start = max(now, self.next_free)
+        self.next_free = start + n / self.rate
+        return self.next_free
+
+
 class ThrottledRelay:
     """A TCP relay on loopback in front of a real server, as a WAN link in front of Docker Hub:
     bytes flowing back to the client share one token bucket of `mib_per_s`, and are counted
-    (`bytes_down`) so a benchmark can prove how much an upstream really sent."""
+    (`bytes_down`) so a benchmark can prove how much an upstream really sent. With
+    `per_connection_mibps`, each connection also has a bucket of its own, as a CDN that
+    limits what one connection gets."""
 
-    def __init__(self, target_port: int, mib_per_s: float) -> None:
+    def __init__(
+        self, target_port: int, mib_per_s: float, per_connection_mibps: float | None = None
+    ) -> None:
         self.target_port = target_port
         self.rate = mib_per_s * (1 << 20)
+        self.per_connection = per_connection_mibps * (1 << 20) if per_connection_mibps else None
         self.port = free_port()
         self.bytes_down = 0
         self.connections = 0  # accepted: each is one attempt to reach the server behind
@@ -560,24 +586,27 @@ class ThrottledRelay:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _spend(self, n: int) -> None:
-        # Reserve a slot on the shared link, then sleep until it arrives.
+    def _spend(self, n: int, own: _Bucket | None) -> None:
+        # Reserve a slot on the shared link (and the connection's own), then sleep until then.
         with self._lock:
             now = time.monotonic()
             start = max(now, self._next_free)
             ready = self._next_free = start + n / self.rate
+            if own is not None:
+                ready = max(ready, own.reserve(n, now))
             self.bytes_down += n
         if ready > now:
             time.sleep(ready - now)
 
     def _pump(self, src: socket.socket, dst: socket.socket, throttle: bool) -> None:
+        own = _Bucket(self.per_connection) if throttle and self.per_connection else None
         try:
             while True:
                 data = src.recv(64 << 10)
                 if not data:
                     break
                 if throttle:
-                    self._spend(len(data))
+                    self._spend(len(data), own)
                 dst.sendall(data)
         except OSError:
             pass
