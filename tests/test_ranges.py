@@ -13,14 +13,18 @@ import json
 import os
 import random
 import signal
+import socket
 import time
+import uuid
 
 import pytest
 import redis as redis_lib
+from playwright.sync_api import sync_playwright
 
+from tests.conftest import s3_section
 from tests.support.clients import fetch
 from tests.support.fakes import FakeRegistry
-from tests.support.servers import Gunicorn
+from tests.support.servers import Gunicorn, require
 
 pytestmark = pytest.mark.usefixtures("forget_upstream_health")
 
@@ -193,7 +197,7 @@ def test_a_fetcher_killed_with_ranges_half_done_is_taken_over_fetching_only_the_
     cache, fake, redis_server
 ):
     data = random.randbytes(8 * MIB)
-    digest = fake.add_blob("library/killranges", data, trickle=0.05)
+    digest = fake.add_blob("library/killranges", data, trickle=0.1)
     url = f"{cache.url}/v2/library/killranges/blobs/{digest}"
     redis = redis_lib.Redis.from_url(redis_server.url)
     mark, sent = len(fake.hits), fake.body_bytes
@@ -205,14 +209,14 @@ def test_a_fetcher_killed_with_ranges_half_done_is_taken_over_fetching_only_the_
             record = redis.hgetall(f"pt:fill:{digest}")
             rows = json.loads(record.get(b"ranges") or b"[]")
             started = [r for r in rows if r[1] > r[0]]
+            half_done = [r for r in rows if r[0] < r[1] < r[2]]
             held = sum(r[1] - r[0] for r in rows)
-            if len(started) >= 4 and held >= 3 * MIB:
+            if len(started) >= 4 and len(half_done) >= 2 and held >= 2 * MIB:
                 break
             time.sleep(0.05)
         holder = redis.get(f"pt:lease:blob:{digest}")
         assert holder is not None and len(started) >= 4, rows
-        half_done = [r for r in rows if r[0] < r[1] < r[2]]
-        assert half_done, rows  # ranges cut in their middle
+        assert len(half_done) >= 2, rows  # ranges cut in their middle
         os.kill(int(holder.decode().split(":")[1]), signal.SIGKILL)
         held = sum(r[1] - r[0] for r in rows)
         results = [f.result() for f in futures]
@@ -245,3 +249,161 @@ def test_a_herd_joining_a_parallel_fill_gets_the_blob_from_one_set_of_ranges(cac
     ranges = spans(blob_gets(fake, digest, mark))
     assert ranges[0] == (0, FIRST - 1) and sum(b - a + 1 for a, b in ranges) == len(data)
     assert fake.body_bytes - sent == len(data)
+
+
+def test_the_fetching_page_shows_each_range_of_a_parallel_fill_as_it_runs(cache, fake):
+    data = random.randbytes(6 * MIB)
+    digest = fake.add_blob("library/uiranges", data, trickle=0.1)
+    mark = len(fake.hits)
+    shown: list[tuple[int, int, int]] = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pulled = pool.submit(fetch, f"{cache.url}/v2/library/uiranges/blobs/{digest}")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=require("chromium"), args=["--no-sandbox", "--disable-gpu"]
+            )
+            page = browser.new_page()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not pulled.done():
+                page.goto(f"{cache.url}/ui/fetching")
+                row = page.locator(f'#fetching tr[data-digest="{digest}"]')
+                if not row.count():
+                    continue
+                items = row.locator("ul.ranges li").all()
+                rows = [
+                    tuple(int(li.get_attribute(f"data-{k}") or -1) for k in ("start", "pos", "end"))
+                    for li in items
+                ]
+                if sum(1 for start, pos, end in rows if start < pos < end) >= 2:
+                    shown, node = rows, row.locator("td.node").inner_text()
+                    text = row.inner_text()
+                    break
+            browser.close()
+        status, body, complete = pulled.result()
+    assert status == 200 and complete and body == data
+    assert shown, "the page never showed two ranges under way"
+    # Each range shown is one that upstream was asked for, its progress inside it.
+    asked = spans(blob_gets(fake, digest, mark))
+    for start, pos, end in shown:
+        assert (start, end - 1) in asked, (start, end, asked)
+        assert start <= pos <= end
+    assert node == socket.gethostname()  # the node fetching it
+    assert "in order" in text and "%" in text
+
+
+PIECE = 5 * MIB  # storage.s3.part_size of s3_section, and range_min_size of the S3 node
+
+
+@pytest.fixture(scope="module")
+def s3_node(tmp_path_factory, redis_server, fake, swift):
+    prefix = f"ranges/{uuid.uuid4().hex}"
+    server = Gunicorn.with_config(
+        tmp_path_factory.mktemp("ranges-s3"),
+        redis_server.url,
+        [{"name": "docker.io", "url": fake.url, "username": "puller", "password": "s3cret"}],
+        storage=s3_section(swift, prefix),
+        upstream={
+            "connect_timeout": 1,
+            "read_timeout": 2,
+            "lease_ttl": 2,
+            "parallel_ranges": 4,
+            "range_min_size": PIECE,
+        },
+    )
+    server.prefix = prefix
+    yield server
+    server.stop()
+
+
+def bucket_keys(swift, prefix: str) -> list[tuple[str, int]]:
+    from tests.conftest import SWIFT_BUCKET
+
+    pages = swift.client().get_paginator("list_objects_v2")
+    return [
+        (item["Key"][len(prefix) + 1 :], item["Size"])
+        for page in pages.paginate(Bucket=SWIFT_BUCKET, Prefix=prefix + "/")
+        for item in page.get("Contents", [])
+    ]
+
+
+def test_on_s3_ranges_start_on_the_pieces_and_are_stored_as_the_fills_own_pieces(
+    s3_node, fake, swift
+):
+    data = random.randbytes(4 * PIECE + 123_457)
+    # The first range crawls: the others' pieces are stored before it has one.
+    digest = fake.add_blob("library/s3ranges", data, fault_at=0, trickle=0.12)
+    hexpart = digest.split(":")[1]
+    mark, sent = len(fake.hits), fake.body_bytes
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        pulls = [
+            pool.submit(fetch, f"{s3_node.url}/v2/library/s3ranges/blobs/{digest}")
+            for _ in range(2)
+        ]
+        ahead: set[int] = set()
+        while not all(p.done() for p in pulls):
+            pieces = {
+                int(key.rsplit("/", 1)[1]): size
+                for key, size in bucket_keys(swift, s3_node.prefix)
+                if key.startswith(f"uploads/sha256/{hexpart}/")
+            }
+            if 0 not in pieces:
+                ahead.update(pieces)
+            time.sleep(0.1)
+        results = [p.result() for p in pulls]
+    for status, body, complete in results:
+        assert status == 200 and complete and body == data
+    ranges = spans(blob_gets(fake, digest, mark))
+    assert ranges[0] == (0, PIECE - 1) and len(ranges) == 5
+    assert all(start % PIECE == 0 for start, _end in ranges)  # on the pieces' grid
+    assert ahead and all(offset % PIECE == 0 and offset > 0 for offset in ahead)
+    assert fake.body_bytes - sent == len(data)
+    keys = dict(bucket_keys(swift, s3_node.prefix))
+    assert keys[f"blobs/sha256/{hexpart[:2]}/{hexpart}"] == len(data)
+    assert not [k for k in keys if k.startswith("uploads/")]
+
+
+def test_on_s3_a_fetcher_killed_with_ranges_stored_ahead_is_taken_over_from_its_pieces(
+    s3_node, fake, swift, redis_server
+):
+    data = random.randbytes(4 * PIECE + 99_999)
+    # Slow enough that the pieces ahead are stored while the first range crawls.
+    digest = fake.add_blob("library/s3killed", data, trickle=0.03)
+    slow = fake.routes[f"/v2/library/s3killed/blobs/{digest}"]
+    slow.fault_at, slow.trickle = 0, 0.3
+    hexpart = digest.split(":")[1]
+    url = f"{s3_node.url}/v2/library/s3killed/blobs/{digest}"
+    redis = redis_lib.Redis.from_url(redis_server.url)
+    mark, sent = len(fake.hits), fake.body_bytes
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pulled = pool.submit(fetch, url)
+        deadline = time.monotonic() + 60
+        pieces: dict[int, int] = {}
+        while time.monotonic() < deadline:
+            pieces = {
+                int(key.rsplit("/", 1)[1]): size
+                for key, size in bucket_keys(swift, s3_node.prefix)
+                if key.startswith(f"uploads/sha256/{hexpart}/")
+            }
+            if len([o for o in pieces if o > 0]) >= 2:
+                break
+            time.sleep(0.1)
+        holder = redis.get(f"pt:lease:blob:{digest}")
+        assert holder is not None and len(pieces) >= 2, pieces
+        slow.trickle = 0.0  # the takeover's first range comes at full speed
+        os.kill(int(holder.decode().split(":")[1]), signal.SIGKILL)
+        at_kill = fake.body_bytes
+        pulled.result()
+    status, body, complete = fetch(url)
+    assert status == 200 and complete and body == data
+    after = spans(blob_gets(fake, digest, mark))
+    # No piece stored ahead was asked for again: each was skipped by the takeover.
+    for offset in (o for o in pieces if o > 0):
+        assert sum(1 for a, b in after if a <= offset <= b) == 1, (offset, after)
+    # After the kill upstream sent at most what the stored pieces did not hold (plus what
+    # was still on its way to the dead worker's sockets).
+    stored = sum(pieces.values())
+    assert fake.body_bytes - at_kill <= len(data) - stored + 256 * 1024, (stored, pieces)
+    assert at_kill > sent
+    keys = dict(bucket_keys(swift, s3_node.prefix))
+    assert keys[f"blobs/sha256/{hexpart[:2]}/{hexpart}"] == len(data)
+    assert not [k for k in keys if k.startswith("uploads/")]

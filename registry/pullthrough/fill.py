@@ -9,9 +9,14 @@ it grows (on any node, when the store is shared), so a client that disconnects c
 nothing. The final byte of every response is held back until
 the commit, so a client never mistakes a torn or poisoned download for a good one.
 
+A blob of at least `upstream.range_min_size` is fetched as several concurrent upstream
+Range requests (ranges.py); the upload still only ever holds its bytes in order (on disk),
+so followers read it alike.
+
 If the fetcher dies (its lease lapses within `lease_ttl`) or its upstream read breaks, a
-follower takes the lease and resumes from the bytes stored with an upstream Range request,
-or restarts cleanly when upstream ignores Range. The fill record `pt:fill:<digest>` carries
+follower takes the lease and resumes from the bytes stored with an upstream Range request
+(a parallel fill: only the ranges not stored), or restarts cleanly when upstream ignores
+Range. The fill record `pt:fill:<digest>` carries
 the size, progress (`stored`: what other processes can read) and failure reason for
 followers in any process.
 """
@@ -97,6 +102,7 @@ class _Fill:
     # A parallel fill (ranges.py): its upload and segments, and its first range's stream.
     ranged: RangedUpload | None = None
     first: Segment | None = None
+    workers: int = 1  # how many ranges a parallel fill fetches at once
 
     @property
     def registry(self) -> str:
@@ -275,6 +281,7 @@ class BlobFiller:
             fill.upload = self.store.open_upload(digest, None)
             fill.hasher = digest.hasher()
             held = _hash_prefix(fill.upload, fill.hasher, held)
+            fill.upload.settle(held)  # on S3: the pieces up to `held` are stored
             ranged = RangedUpload(self.store, digest, fill.upload, fill.hasher, held, 0)
             fill.ranged = ranged
             ranged.adopt_extents()
@@ -302,9 +309,18 @@ class BlobFiller:
         if stream.response is not None:
             fill.first = Segment(start, min(end + 1, total), start, taken=True)
             ranged.add(fill.first)
-        # Segments of at least 8 MiB (each is a request), less where range_min_size is set
-        # lower than that.
-        ranged.plan(start, self.parallel_ranges, min(MIN_SEGMENT, self.range_min_size // 4))
+        align = self.store.driver.extent_alignment(total)
+        if fill.first is not None and fill.first.end < total and fill.first.end % align:
+            # Ranges past the first would not start on the store's grid (S3's pieces of a
+            # huge blob): the first range's stream goes on alone, in one more request.
+            ranged.plan(start, 1, total, align)
+            fill.workers = 1
+        else:
+            # Segments of at least 8 MiB (each is a request), less where range_min_size is
+            # set lower than that.
+            smallest = min(MIN_SEGMENT, self.range_min_size // 4)
+            ranged.plan(start, self.parallel_ranges, smallest, align)
+            fill.workers = self.parallel_ranges
         fill.offset = ranged.prefix
         self._announce(fill, total, total - ranged.remaining())
 
@@ -330,10 +346,10 @@ class BlobFiller:
             ranged,
             fill.upstream,
             fill.target.repository,
-            workers=max(1, min(self.parallel_ranges, untaken + 1)),
+            workers=max(1, min(fill.workers, untaken + 1)),
             lease_lost=lambda: fill.lease.lost,
             report=lambda: fill.writer.progress(
-                ranged.total - ranged.remaining(), ranged.prefix, ranged.ranges()
+                ranged.total - ranged.remaining(), ranged.stored(), ranged.ranges()
             ),
             spawn=_spawn_range_thread,
         )
@@ -352,6 +368,7 @@ class BlobFiller:
                 f"{ranged.prefix} of {ranged.total} bytes",
                 reason=f"{fill.registry} ranges left a gap, not cached",
             )
+        ranged.settle()
 
     def _copy(self, fill: _Fill) -> None:
         """Upstream's bytes into the upload, in order, hashed as they pass; progress goes to
@@ -453,10 +470,11 @@ class BlobFiller:
             self.metrics.upstream_bytes.labels(fill.registry).inc(fill.fetched)
         if fill.stream is not None:
             fill.stream.close()
+        extents = fill.ranged is not None and fill.ranged.has_extents()
         if fill.ranged is not None:
             fill.ranged.close()
         if fill.upload is not None:
-            if fill.offset == 0 and not fill.lease.lost:
+            if fill.offset == 0 and not extents and not fill.lease.lost:
                 # Nothing to resume from (a no-op after a commit). Not once the lease is
                 # lost: the file may be another fetcher's by now.
                 fill.upload.discard()

@@ -60,8 +60,9 @@ class Segment:
     start: int
     end: int
     pos: int
-    side: PartialWriter | None = None  # the extent holding bytes ahead of the prefix
-    side_start: int = 0  # the blob offset of the side file's first byte
+    main: bool = False  # its bytes go into the fill's upload itself
+    side: Any = None  # else its extent (PartialWriter), holding its bytes from side_start
+    side_start: int = 0
     taken: bool = False
     attempts: int = 0
 
@@ -70,15 +71,17 @@ class Segment:
         return self.pos >= self.end
 
 
-def plan_segments(start: int, total: int, workers: int, smallest: int = MIN_SEGMENT) -> list[int]:
+def plan_segments(
+    start: int, total: int, workers: int, smallest: int = MIN_SEGMENT, align: int = ALIGN
+) -> list[int]:
     """Segment boundaries of [start, total): offsets, the first `start`, the last `total`.
-    Inner boundaries fall on multiples of ALIGN."""
+    Inner boundaries fall on multiples of `align`."""
     remaining = total - start
     if remaining <= 0:
         return [start]
     size = -(-remaining // (workers * SEGMENTS_PER_WORKER))
     size = max(smallest, min(MAX_SEGMENT, size))
-    size = -(-size // ALIGN) * ALIGN
+    size = -(-size // align) * align
     bounds = [start]
     at = (start // size + 1) * size
     while at < total:
@@ -89,8 +92,14 @@ def plan_segments(start: int, total: int, workers: int, smallest: int = MIN_SEGM
 
 @dataclass
 class RangedUpload:
-    """The prefix of one fill (in its upload, hashed) and the segments around it. Every
-    write goes through `write` under one lock."""
+    """The prefix of one fill (hashed, in order) and the segments around it. Every write
+    goes through `write` under one lock.
+
+    The upload itself is written in order from its start (`main_end`): by the segment at
+    its end. A segment ahead writes its extent: on disk a side file, copied into the upload
+    when the prefix reaches it (the segment then writes the upload itself); on S3 pieces of
+    the upload where they lie (`extents_in_place`), only hashed when the prefix reaches
+    them (from the extent's local spool)."""
 
     store: ContentStore
     digest: Digest
@@ -100,22 +109,29 @@ class RangedUpload:
     total: int
     segments: list[Segment] = field(default_factory=list)
     fetched: int = 0  # bytes this fill got from upstream
+    main_end: int = -1  # where the upload's own bytes end (the prefix, unless on S3)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.in_place = self.store.driver.extents_in_place
+        if self.main_end < 0:
+            self.main_end = self.prefix
 
     # -- resuming ------------------------------------------------------------------------------
     def adopt_extents(self) -> None:
         """Take in the extents an earlier fill left: those the prefix reaches are moved into
-        it, those past it are kept as finished segments; anything the prefix already holds
-        is deleted."""
+        it (hashed, and on disk copied), those past it are kept as finished segments; a side
+        file the prefix already holds is deleted."""
         for offset, size in self.store.upload_extents(self.digest):
             end = offset + size
-            side = self.store.open_upload_extent(self.digest, offset)
-            seg = Segment(offset, end, end, side=side, side_start=offset, taken=True)
+            side = self.store.open_upload_extent(self.digest, offset, None, size)
             if end <= self.prefix:
                 side.discard()
                 side.close()
                 continue
-            self.segments.append(seg)
+            self.segments.append(
+                Segment(offset, end, end, side=side, side_start=offset, taken=True)
+            )
         self.segments.sort(key=lambda s: s.start)
         with self.lock:
             self._absorb()
@@ -139,10 +155,10 @@ class RangedUpload:
         return min(starts) if starts else None
 
     # -- planning and taking -------------------------------------------------------------------
-    def plan(self, start: int, workers: int, smallest: int = MIN_SEGMENT) -> None:
+    def plan(self, start: int, workers: int, smallest: int, align: int) -> None:
         """Segments for every byte from `start` on that no segment covers yet."""
         for gap_start, gap_end in self.gaps(start):
-            bounds = plan_segments(gap_start, gap_end, workers, smallest)
+            bounds = plan_segments(gap_start, gap_end, workers, smallest, align)
             for a, b in itertools.pairwise(bounds):
                 self.segments.append(Segment(a, b, a))
         self.segments.sort(key=lambda s: s.start)
@@ -162,8 +178,9 @@ class RangedUpload:
 
     # -- writing -------------------------------------------------------------------------------
     def write(self, seg: Segment, data: bytes) -> None:
-        """`data` is the segment's next bytes: into the upload when they continue the prefix,
-        else into the segment's extent; then whatever extents the prefix reaches move in."""
+        """`data` is the segment's next bytes: into the upload when they continue it, else
+        into the segment's extent; hashed now when they continue the prefix; then whatever
+        extents the prefix reaches are taken in."""
         n = len(data)
         if seg.pos + n > seg.end:
             raise UpstreamError(
@@ -171,43 +188,86 @@ class RangedUpload:
                 reason="upstream sent a range longer than asked for, not cached",
             )
         with self.lock:
-            if seg.pos == self.prefix:
-                self.upload.pwrite(data, self.prefix)
+            if not seg.main and seg.side is None:
+                if seg.pos == self.main_end == self.prefix:
+                    seg.main = True
+                else:
+                    seg.side = self.store.open_upload_extent(self.digest, seg.pos, self.total)
+                    seg.side_start = seg.pos
+            at_prefix = seg.pos == self.prefix
+            if seg.main:
+                self.upload.pwrite(data, seg.pos)
+                self.main_end = seg.pos + n
+            elif self.in_place:
+                seg.side.pwrite(data, seg.pos - seg.side_start, keep=not at_prefix)
+            else:
+                seg.side.pwrite(data, seg.pos - seg.side_start)
+            if at_prefix:
                 self.hasher.update(data)
                 self.prefix += n
-            else:
-                if seg.side is None:
-                    seg.side = self.store.open_upload_extent(self.digest, seg.pos)
-                    seg.side_start = seg.pos
-                seg.side.pwrite(data, seg.pos - seg.side_start)
             seg.pos += n
             self.fetched += n
             self._absorb()
 
     def _absorb(self) -> None:
-        """Move extents the prefix has reached into the upload, hashing them (lock held)."""
+        """Take in the extents the prefix has reached: hash their bytes in order (on disk,
+        copying them into the upload, after which the segment writes the upload itself).
+        The lock is held."""
         moved = True
         while moved:
             moved = False
             for seg in self.segments:
-                if seg.side is None:
+                if seg.side is None or not seg.side_start <= self.prefix < seg.pos:
                     continue
-                if seg.side_start <= self.prefix < seg.pos:
-                    while self.prefix < seg.pos:
-                        at = self.prefix - seg.side_start
-                        length = min(COPY_CHUNK, seg.pos - self.prefix)
-                        data = seg.side.read_range(at, length)
-                        if not data:
-                            raise OSError(f"the extent of {self.digest} at {seg.side_start} shrank")
+                while self.prefix < seg.pos:
+                    at = self.prefix - seg.side_start
+                    data = seg.side.read_range(at, min(COPY_CHUNK, seg.pos - self.prefix))
+                    if not data:
+                        raise OSError(f"the extent of {self.digest} at {seg.side_start} shrank")
+                    if not self.in_place:
                         self.upload.pwrite(data, self.prefix)
-                        self.hasher.update(data)
-                        self.prefix += len(data)
-                    moved = True
-                if self.prefix >= seg.pos:
-                    # All its bytes are in the upload: the segment writes there from now on.
+                        self.main_end = self.prefix + len(data)
+                    self.hasher.update(data)
+                    self.prefix += len(data)
+                moved = True
+                if not self.in_place:
                     seg.side.discard()
                     seg.side.close()
                     seg.side = None
+                    seg.main = not seg.done
+
+    def stored(self) -> int:
+        """Bytes in order that other processes can read: the prefix on disk; on S3 the run
+        of pieces stored from the start."""
+        if not self.in_place:
+            return self.prefix
+        with self.lock:
+            at = self.upload.stored()
+            for seg in self.segments:
+                if seg.end <= at or seg.main:
+                    continue
+                if seg.side is None or seg.side_start > at:
+                    break
+                at = max(at, seg.side.stored())
+                if at < seg.end:
+                    break
+            return at
+
+    def has_extents(self) -> bool:
+        """Whether bytes ahead of the prefix are stored (a takeover resumes from them)."""
+        with self.lock:
+            return any(seg.side is not None and seg.pos > seg.side_start for seg in self.segments)
+
+    def settle(self) -> None:
+        """Every segment is in: store what extents hold back, and make the upload whole."""
+        with self.lock:
+            extents = False
+            for seg in self.segments:
+                if seg.side is not None:
+                    seg.side.flush()
+                    extents = True
+            if extents:
+                self.upload.settle(self.total)
 
     def remaining(self) -> int:
         """Bytes no segment holds yet."""

@@ -116,8 +116,10 @@ class ContentStore:
     def open_upload(self, digest: Digest, size: int | None = None) -> PartialWriter:
         return self.driver.open_partial(self.upload_path(digest), size)
 
-    def open_upload_extent(self, digest: Digest, offset: int) -> PartialWriter:
-        return self.driver.open_extent(self.upload_path(digest), offset)
+    def open_upload_extent(
+        self, digest: Digest, offset: int, size: int | None = None, held: int = 0
+    ) -> PartialWriter:
+        return self.driver.open_extent(self.upload_path(digest), offset, size, held)
 
     def upload_extents(self, digest: Digest) -> list[tuple[int, int]]:
         if not self.driver.supports_extents:

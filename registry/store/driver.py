@@ -16,6 +16,8 @@ class StorageDriver(Protocol):
     poll_interval: float  # how often a follower with nothing to send looks again, at most
     lookups_are_requests: bool  # a stat costs a network request: followers ask Redis first
     supports_extents: bool  # a fill may store ranges ahead of its bytes in order (extents)
+    # Extents are part of the fill where they lie (S3's pieces), not side files to copy in.
+    extents_in_place: bool
 
     def stat(self, path: str) -> int | None:
         """Size in bytes, or None when nothing is there."""
@@ -44,9 +46,15 @@ class StorageDriver(Protocol):
     def partial_size(self, path: str) -> int | None:
         """How many bytes of the partial at `path` a fill can resume from."""
 
-    def open_extent(self, path: str, offset: int) -> PartialWriter:
-        """Partial content of the fill at `path` from `offset` on (a range that arrived ahead
-        of the bytes in front of it); `pwrite(data, 0)` writes the byte at `offset`. Only
+    def extent_alignment(self, size: int) -> int:
+        """Where the ranges of a parallel fill of `size` bytes may start: multiples of this."""
+
+    def open_extent(
+        self, path: str, offset: int, size: int | None = None, held: int = 0
+    ) -> PartialWriter:
+        """Partial content of the fill at `path` (of `size` bytes) from `offset` on (a range
+        that arrived ahead of the bytes in front of it; `held` of its bytes are stored
+        already, by a fill that died); `pwrite(data, 0)` writes the byte at `offset`. Only
         where `supports_extents`."""
 
     def extents(self, path: str) -> list[tuple[int, int]]:
@@ -93,6 +101,12 @@ class PartialWriter(Protocol):
     def truncate(self, size: int = 0) -> None: ...
 
     def read_range(self, offset: int, length: int) -> bytes: ...
+
+    def flush(self) -> None:
+        """Store whatever is held back (S3: the last, short piece)."""
+
+    def settle(self, size: int) -> None:
+        """All `size` bytes are stored, some by extents: make the upload whole for commit."""
 
     def commit(self, dest: str) -> None: ...
 

@@ -64,6 +64,12 @@ class PartialFile:
     def read_range(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)
 
+    def flush(self) -> None:
+        """Nothing held back: every pwrite is in the file."""
+
+    def settle(self, size: int) -> None:
+        """Nothing to do: the fill's bytes were copied in here as it reached them."""
+
     def commit(self, dest: str) -> None:
         """Make the content durable and move it to `dest` in one step."""
         os.fdatasync(self.fd)
@@ -93,6 +99,7 @@ class FilesystemDriver:
     poll_interval = 0.02
     lookups_are_requests = False
     supports_extents = True
+    extents_in_place = False  # side files, copied into the fill when it reaches them
 
     def __init__(self, root: Path, file_mode: int = 0o640) -> None:
         # Cached content may be private images: not for every local user (less the umask).
@@ -179,7 +186,12 @@ class FilesystemDriver:
     def partial_size(self, path: str) -> int | None:
         return self.stat(path)
 
-    def open_extent(self, path: str, offset: int) -> PartialFile:
+    def extent_alignment(self, size: int) -> int:
+        return 64 << 10
+
+    def open_extent(
+        self, path: str, offset: int, size: int | None = None, held: int = 0
+    ) -> PartialFile:
         """The side file of a range of the fill at `path` that starts at `offset`: its bytes
         are written at their offset from there (`pwrite(data, 0)` is the byte at `offset`)."""
         return PartialFile(self, paths.extent(path, offset))

@@ -7,7 +7,10 @@ with a file that grows and a rename, S3 does with pieces:
   object of `part_size` bytes (the last one shorter), PUT with its Content-MD5 as soon as the
   fill has that many bytes. Any process on any node follows a fill by reading the pieces that
   exist, so a client of another node gets bytes long before the fill completes, and a fill
-  whose node died resumes from its last piece. Memory per fill is one piece.
+  whose node died resumes from its last piece. Memory per fill is one piece (one per range
+  of a parallel fill: a range ahead of the bytes in order writes its own pieces at its own
+  offsets, which line up with the pieces' grid, and keeps a local spool of its bytes so that
+  they are hashed in order without being read back; an `ExtentPieces`).
 - The commit, once the digest matched, is one multipart upload of the blob's key whose parts
   are server-side copies of the pieces (UploadPartCopy): no byte crosses the network twice,
   and readers see the old key (nothing) or the whole blob. Then the pieces are deleted.
@@ -26,6 +29,8 @@ import errno
 import hashlib
 import io
 import math
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -118,8 +123,9 @@ class S3Driver:
     poll_interval = 0.1
     lookups_are_requests = True
 
-    # A fill's ranges are fetched one after the other here: pieces are written in order.
-    supports_extents = False
+    # A parallel fill's ranges ahead of the bytes in order are pieces of the upload itself.
+    supports_extents = True
+    extents_in_place = True
 
     def __init__(
         self,
@@ -302,6 +308,30 @@ class S3Driver:
     def open_partial(self, path: str, size: int | None = None) -> PieceWriter:
         return PieceWriter(self, path, self._piece_size(size))
 
+    def extent_alignment(self, size: int) -> int:
+        """Ranges of a parallel fill start on the pieces' grid: every piece but the blob's
+        last is then whole (a multipart part may not be smaller than 5 MiB)."""
+        return self._piece_size(size)
+
+    def open_extent(
+        self, path: str, offset: int, size: int | None = None, held: int = 0
+    ) -> ExtentPieces:
+        return ExtentPieces(self, path, offset, self._piece_size(size), stored=held)
+
+    def extents(self, path: str) -> list[tuple[int, int]]:
+        """(offset, size) of each run of pieces past the run from offset 0 (ranges an earlier
+        parallel fill stored ahead of its bytes in order)."""
+        held = self.partial_size(path) or 0
+        runs: list[list[int]] = []
+        for offset, size, _mtime in self.pieces(path):
+            if offset < held:
+                continue
+            if runs and runs[-1][0] + runs[-1][1] == offset:
+                runs[-1][1] += size
+            else:
+                runs.append([offset, size])
+        return [(offset, size) for offset, size in runs]
+
     def _piece_size(self, size: int | None) -> int:
         if not size or size <= self.part_size * MAX_PARTS:
             return self.part_size
@@ -465,11 +495,11 @@ _WRITING: dict[tuple[str, str], PieceWriter] = {}
 class PieceReader:
     """A follower's view of a fill in progress on S3: the pieces that exist so far."""
 
-    def __init__(self, driver: S3Driver, path: str) -> None:
+    def __init__(self, driver: S3Driver, path: str, start: int = 0) -> None:
         self.driver = driver
         self.path = path
         self._known: list[tuple[int, int]] = []  # (offset, size) of pieces found, contiguous
-        self._end = 0
+        self._end = start
         self._looked = 0.0
         self._reader: ObjectReader | None = None
         self._reader_offset = -1
@@ -532,17 +562,25 @@ class PieceReader:
 class PieceWriter:
     """The fetcher's side of a fill on S3: bytes in order, a piece PUT whenever one is whole."""
 
-    def __init__(self, driver: S3Driver, path: str, piece_size: int) -> None:
+    def __init__(
+        self,
+        driver: S3Driver,
+        path: str,
+        piece_size: int,
+        start: int = 0,
+        register: bool = True,
+    ) -> None:
         self.driver = driver
         self.path = path
         self.piece_size = piece_size
         self._buffer = bytearray()
-        self._start = 0  # offset of the first byte in the buffer (all before it are pieces)
+        self._start = start  # offset of the first byte in the buffer (all before it are pieces)
         self._follower: PieceReader | None = None  # reads back stored pieces (resume)
         # Followers of this process read the buffer while a piece upload yields.
         self._lock = threading.Lock()
         self._local = (driver.bucket, driver.key(path))
-        _WRITING[self._local] = self
+        if register:  # the fill's own writer, not one of its ranges (ExtentPieces)
+            _WRITING[self._local] = self
 
     def end(self) -> int:
         with self._lock:
@@ -584,6 +622,18 @@ class PieceWriter:
             self._buffer.clear()
             self._start = 0
         self.driver.delete_partial(self.path)
+
+    def flush(self) -> None:
+        """Store what the buffer holds as a piece (the blob's last, shorter one)."""
+        if self._buffer:
+            self._put_piece(len(self._buffer))
+
+    def settle(self, size: int) -> None:
+        """Every piece up to `size` is stored, some by a parallel fill's ranges: commit
+        that many bytes."""
+        self.flush()
+        with self._lock:
+            self._start = size
 
     def read_range(self, offset: int, length: int) -> bytes:
         """Bytes of the pieces already stored (to hash the prefix when resuming)."""
@@ -667,3 +717,61 @@ class PieceWriter:
         self._forget()
         if self._follower is not None:
             self._follower.close()
+
+
+class ExtentPieces:
+    """A range of a parallel fill that arrived ahead of the bytes in order (ranges.py): its
+    bytes are pieces of the fill from `offset` on (on the pieces' grid, so nothing moves
+    when the fill reaches them), and are kept in a local spool file until they are hashed
+    in order. One adopted from a fetcher that died has no spool: its pieces are read back."""
+
+    def __init__(
+        self, driver: S3Driver, path: str, offset: int, piece_size: int, *, stored: int = 0
+    ) -> None:
+        self.path = path
+        self.offset = offset
+        # `stored`: bytes of this range already in the store (adopted from a dead fetcher).
+        self._writer = PieceWriter(driver, path, piece_size, start=offset + stored, register=False)
+        # Closed by close(); a temporary file is gone from the disk once closed.
+        self._spool: Any = None if stored else tempfile.TemporaryFile()  # noqa: SIM115
+        self._reader = PieceReader(driver, path, start=offset) if stored else None
+
+    def pwrite(self, data: bytes, offset: int, keep: bool = True) -> None:
+        """`data` at `offset` from the range's start; `keep`: spool it too (not yet hashed)."""
+        self._writer.pwrite(data, self.offset + offset)
+        if keep and self._spool is not None:
+            os.pwrite(self._spool.fileno(), data, offset)
+
+    def stored(self) -> int:
+        """The end of this range's bytes in the store (an offset in the blob)."""
+        return self._writer.stored()
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        if self._spool is not None:
+            return os.pread(self._spool.fileno(), length, offset)
+        assert self._reader is not None
+        at = self.offset + offset
+        if at >= self._reader.available():
+            return b""
+        return self._reader.read_at(at, length)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def truncate(self, size: int = 0) -> None:
+        raise ValueError("a range's pieces are dropped with the fill's")
+
+    def commit(self, dest: str) -> None:
+        raise ValueError("a range is committed with the fill it belongs to")
+
+    def discard(self) -> None:
+        """Drop what this range holds apart from the fill: its spool (its pieces are the
+        fill's, dropped with it)."""
+        self.close()
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        if self._reader is not None:
+            self._reader.close()

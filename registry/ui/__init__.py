@@ -201,6 +201,44 @@ def repository(name: str):
     )
 
 
+def _fetching(pt: PullThrough) -> list[dict]:
+    """The fills running now, in any process on any node: what, for whom, how far; a
+    parallel fill's ranges each with its own progress."""
+    rows = []
+    for client, digest in pt.coord.limits.running():
+        record = pt.coord.fills.read(digest)
+        if not record.active:
+            continue
+        rows.append(
+            {
+                "digest": digest,
+                "repository": record.repository,
+                "upstream": record.upstream,
+                "node": record.owner.split(":")[0],
+                "by": "background (follower, takeover)" if client == "-" else client,
+                "size": record.size,
+                "written": record.written,
+                "stored": record.stored,
+                "ranges": [
+                    {"start": start, "pos": pos, "end": end} for start, pos, end in record.ranges
+                ],
+            }
+        )
+    return rows
+
+
+@bp.get("/ui/fetching")
+def fetching():
+    """What is being fetched from upstream now (the page reloads itself while anything is)."""
+    pt = _pt()
+    rows, redis_ok = [], True
+    try:
+        rows = _fetching(pt)
+    except RedisError:
+        redis_ok = False
+    return render_template("fetching.html", fetching=rows, redis_ok=redis_ok)
+
+
 @bp.get("/ui/follow")
 def follow():
     """Followed tags, and the fetches in flight now (the page reloads itself while any is)."""
@@ -208,21 +246,7 @@ def follow():
     follows, fetching, redis_ok = [], [], True
     try:
         follows = pt.coord.follows.read(pt.coord.follows.followed())
-        for client, digest in pt.coord.limits.running():
-            record = pt.coord.fills.read(digest)
-            if not record.active:
-                continue
-            fetching.append(
-                {
-                    "digest": digest,
-                    "repository": record.repository,
-                    "upstream": record.upstream,
-                    "node": record.owner.split(":")[0],
-                    "by": "background (follower, takeover)" if client == "-" else client,
-                    "size": record.size,
-                    "written": record.written,
-                }
-            )
+        fetching = _fetching(pt)
     except RedisError:
         redis_ok = False
     return render_template(
