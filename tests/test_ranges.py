@@ -160,6 +160,26 @@ def test_a_range_that_breaks_is_asked_for_again_from_its_own_next_byte(cache, fa
     assert leftovers(cache) == []
 
 
+def test_a_range_that_stalls_is_given_up_after_the_read_timeout_and_asked_for_again(cache, fake):
+    data = random.randbytes(6 * MIB)
+    stall_at = 3 * MIB + 100_000
+    # The range holding `stall_at` sends its headers, then nothing for longer than the read
+    # timeout (2 s here); once.
+    digest = fake.add_blob(
+        "library/stalls", data, fault_at=stall_at, body_delay=5, faulty_requests=1
+    )
+    mark, sent = len(fake.hits), fake.body_bytes
+    status, body, complete = fetch(f"{cache.url}/v2/library/stalls/blobs/{digest}")
+    assert status == 200 and complete and body == data
+    ranges = spans(blob_gets(fake, digest, mark))
+    stalled = [r for r in ranges if r[0] <= stall_at <= r[1]]
+    # Asked twice, the second time from its own start (nothing had come), not the blob's.
+    assert len(stalled) == 2 and stalled[0] == stalled[1] and stalled[0][0] > 0, ranges
+    # The stalled answer's first write after its pause may still reach the closed socket's
+    # kernel buffer before the reset: at most one 64 KiB chunk.
+    assert 0 <= fake.body_bytes - sent - len(data) <= 64 * 1024
+
+
 def test_an_upstream_that_ignores_range_is_one_stream_and_nothing_twice(cache, fake):
     data = random.randbytes(5 * MIB)
     digest = fake.add_blob("library/norange", data, honour_range=False)

@@ -45,6 +45,7 @@ from registry.errors import (
 from registry.fills import FailReason, FillPhase, FillRecord, FillState, FillWriter
 from registry.metrics import Metrics
 from registry.names import Target
+from registry.offload import hash_update
 from registry.pullthrough.ranges import (
     MIN_SEGMENT,
     LeaseLost,
@@ -384,7 +385,7 @@ class BlobFiller:
             if fill.lease.lost:
                 raise LeaseLost()
             fill.upload.pwrite(chunk, fill.offset)
-            fill.hasher.update(chunk)
+            hash_update(fill.hasher, chunk)
             fill.offset += len(chunk)
             # A fast upstream never blocks the socket read: yield so that the clients
             # streaming this fill from the same gevent worker get their turn.
@@ -440,9 +441,9 @@ class BlobFiller:
         if isinstance(exc, RegistryError):
             return FailReason.UPSTREAM_ERROR, exc
         error: RegistryError | None = storage_failure(exc)
-        if error is None and isinstance(exc, OSError) and fill.stream is None:
-            # Upstream's failures arrive as RegistryErrors until the stream is open: this is
-            # our own file (permissions, a vanished directory).
+        if error is None and isinstance(exc, OSError) and not fill.streaming:
+            # Upstream's failures arrive as RegistryErrors until it has answered with the
+            # blob's size: this is our own file (permissions, a vanished directory).
             log.error("fill of %s failed on the storage: %s", fill.digest, exc)
             error = CacheUnavailable("the cache's storage failed", reason="cache storage failed")
         if error is not None:

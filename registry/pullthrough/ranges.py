@@ -30,6 +30,7 @@ from typing import Any
 
 from registry.digests import Digest
 from registry.errors import RegistryError, UpstreamError
+from registry.offload import hash_update, offload
 from registry.store import ContentStore
 from registry.store.driver import PartialWriter
 from registry.upstream.client import BlobStream, UpstreamClient
@@ -203,7 +204,7 @@ class RangedUpload:
             else:
                 seg.side.pwrite(data, seg.pos - seg.side_start)
             if at_prefix:
-                self.hasher.update(data)
+                hash_update(self.hasher, data)
                 self.prefix += n
             seg.pos += n
             self.fetched += n
@@ -219,22 +220,30 @@ class RangedUpload:
             for seg in self.segments:
                 if seg.side is None or not seg.side_start <= self.prefix < seg.pos:
                     continue
-                while self.prefix < seg.pos:
-                    at = self.prefix - seg.side_start
-                    data = seg.side.read_range(at, min(COPY_CHUNK, seg.pos - self.prefix))
-                    if not data:
-                        raise OSError(f"the extent of {self.digest} at {seg.side_start} shrank")
-                    if not self.in_place:
-                        self.upload.pwrite(data, self.prefix)
-                        self.main_end = self.prefix + len(data)
-                    self.hasher.update(data)
-                    self.prefix += len(data)
+                if self.in_place:
+                    self._take_in(seg)  # S3 reads (an adopted extent's) stay on the hub
+                else:
+                    offload(self._take_in, seg)
                 moved = True
                 if not self.in_place:
                     seg.side.discard()
                     seg.side.close()
                     seg.side = None
                     seg.main = not seg.done
+
+    def _take_in(self, seg: Segment) -> None:
+        """The extent's bytes from the prefix to its end: hashed, and on disk copied into the
+        upload (on a real thread under gevent: reads, writes and hashing release the GIL)."""
+        while self.prefix < seg.pos:
+            at = self.prefix - seg.side_start
+            data = seg.side.read_range(at, min(COPY_CHUNK, seg.pos - self.prefix))
+            if not data:
+                raise OSError(f"the extent of {self.digest} at {seg.side_start} shrank")
+            if not self.in_place:
+                self.upload.pwrite(data, self.prefix)
+                self.main_end = self.prefix + len(data)
+            self.hasher.update(data)
+            self.prefix += len(data)
 
     def stored(self) -> int:
         """Bytes in order that other processes can read: the prefix on disk; on S3 the run
