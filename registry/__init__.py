@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 
 import redis
@@ -19,6 +20,7 @@ from registry import accesslog, ui
 from registry.api import health, v2
 from registry.config import Settings, load_settings
 from registry.coordination import Coordination, connect
+from registry.digests import Digest, looks_like_digest
 from registry.errors import (
     NotFound,
     RegistryError,
@@ -32,6 +34,7 @@ from registry.metrics import Metrics, scrape
 from registry.names import catalog_name
 from registry.pullthrough import PullThrough
 from registry.store import ContentStore, FilesystemDriver, StorageDriver
+from registry.store.tier import LocalTier
 from registry.upstream.client import UpstreamClient
 from registry.upstream.health import UpstreamHealth
 from registry.upstream.tokens import SharedTokenCache
@@ -120,7 +123,40 @@ def build_pullthrough(
         )
         for registry in settings.registries
     }
-    return PullThrough(settings, store, coordination, upstreams, metrics=metrics)
+    tier = local_tier(settings, metrics)
+    return PullThrough(settings, store, coordination, upstreams, metrics=metrics, tier=tier)
+
+
+def listen_for_deletions(pullthrough: PullThrough) -> threading.Thread:
+    """The GC's deletions reach this process's node tier as they happen (a greenlet under
+    gunicorn's gevent workers; every worker listens, a deletion is idempotent)."""
+    tier = pullthrough.tier
+    assert tier is not None
+
+    def drop(digests: list[str]) -> None:
+        for text in digests:
+            if looks_like_digest(text) and tier.forget(Digest.parse(text)):
+                log.info("local tier dropped %s: the GC deleted it", text)
+
+    thread = threading.Thread(
+        target=lambda: pullthrough.coord.tiers.listen(drop), name="tier-deletions", daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def local_tier(settings: Settings, metrics: Metrics | None = None) -> LocalTier | None:
+    """The node's local tier of an S3 store (storage.s3.local_cache), when configured."""
+    if settings.s3 is None or settings.s3.local_cache is None:
+        return None
+    conf = settings.s3.local_cache
+    return LocalTier(
+        conf.path,
+        conf.max_size,
+        conf.low_watermark,
+        settings.storage_file_mode,
+        on_evict=(lambda _size: metrics.tier_evictions.inc()) if metrics is not None else None,
+    )
 
 
 def build_collector(settings: Settings, redis_client: redis.Redis | None = None) -> Collector:
@@ -188,10 +224,14 @@ def create_app(
 
     @app.get("/metrics")
     def _metrics() -> Response:
-        body = scrape(pullthrough.coord, registries, metrics_registry)
+        body = scrape(pullthrough.coord, registries, metrics_registry, pullthrough.tier)
         return Response(body, mimetype=CONTENT_TYPE_LATEST)
 
     clean_stale_uploads(pullthrough)
+    if pullthrough.tier is not None:
+        # Copies whose process died: nothing served from them, their space back.
+        pullthrough.tier.clean_partials()
+        listen_for_deletions(pullthrough)
 
     @app.errorhandler(RegistryError)
     def _registry_error(error: RegistryError) -> Response:

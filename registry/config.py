@@ -171,6 +171,17 @@ class S3Settings:
     part_size: int = 8 << 20
     # Answer blob GETs with a redirect to a presigned URL valid this long (0: serve them).
     redirect_ttl: int = 0
+    # Verified copies of blobs on this node's own disk (store/tier.py); None: off.
+    local_cache: LocalCacheSettings | None = None
+
+
+@dataclass(frozen=True)
+class LocalCacheSettings:
+    """`storage.s3.local_cache`: the node's local tier of an S3 store."""
+
+    path: Path
+    max_size: int
+    low_watermark: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -358,6 +369,12 @@ class ByteSize(fields.Field):
         return int(float(match.group(1)) * scale)
 
 
+class LocalCacheSchema(Schema):
+    path = fields.String(required=True, validate=validate.Length(min=1))
+    max_size = ByteSize(required=True, validate=validate.Range(min=1 << 20))
+    low_watermark = fields.Float(load_default=0.8, validate=validate.Range(min=0.1, max=1.0))
+
+
 class S3Schema(Schema):
     bucket = fields.String(required=True, validate=validate.Length(min=3, max=63))
     endpoint = fields.String(load_default=None, validate=_url)
@@ -371,11 +388,20 @@ class S3Schema(Schema):
     part_size = ByteSize(load_default=8 << 20, validate=validate.Range(min=5 << 20, max=5 << 30))
     redirect = fields.Boolean(load_default=False)
     redirect_ttl = Duration(load_default=300.0, validate=validate.Range(min=10, max=7 * 86400))
+    local_cache = fields.Nested(LocalCacheSchema, load_default=None)
 
     @validates_schema(skip_on_field_errors=False)
     def _credentials_pair(self, data: dict[str, Any], **_: Any) -> None:
         if (data.get("access_key") is None) != (data.get("secret_key") is None):
             raise ValidationError("access_key and secret_key go together.", "access_key")
+
+    @validates_schema(skip_on_field_errors=False)
+    def _redirect_or_local_cache(self, data: dict[str, Any], **_: Any) -> None:
+        # A redirected client reads the bucket itself: a local copy would serve nobody.
+        if data.get("redirect") and data.get("local_cache"):
+            raise ValidationError(
+                "redirect and local_cache are not combined: choose one.", "local_cache"
+            )
 
 
 class StorageSchema(Schema):
@@ -612,6 +638,7 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
             tls_verify=raw_s3["ca_bundle"] or raw_s3["tls_verify"],
             part_size=raw_s3["part_size"],
             redirect_ttl=int(raw_s3["redirect_ttl"]) if raw_s3["redirect"] else 0,
+            local_cache=_local_cache(raw_s3["local_cache"]),
         )
     return Settings(
         s3=s3,
@@ -686,3 +713,13 @@ def load_settings_or_report(env: dict[str, str] | None = None) -> Settings | Non
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return None
+
+
+def _local_cache(raw: dict | None) -> LocalCacheSettings | None:
+    if raw is None:
+        return None
+    return LocalCacheSettings(
+        path=Path(raw["path"]).resolve(),
+        max_size=raw["max_size"],
+        low_watermark=raw["low_watermark"],
+    )

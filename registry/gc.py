@@ -344,6 +344,7 @@ class Collector:
             store.delete_referrers(repo, subject)
 
         freed = deleted = skipped = 0
+        gone: list[str] = []
         for digest, size in plan.blobs:
             lease = coord.leases.blob(digest)
             if not lease.acquire():
@@ -357,8 +358,12 @@ class Collector:
                     deleted += 1
                     freed += size
                     coord.store.count(-size, -1)
+                    gone.append(str(digest))
             finally:
                 lease.release()
+        if gone:
+            # Nodes' local tiers (S3) drop their copies now rather than at their LRU's turn.
+            coord.tiers.deleted(gone)
 
         uploads = 0
         for item in plan.uploads:

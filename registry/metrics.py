@@ -14,6 +14,13 @@ Counters (all with the `pullthrough_` prefix; README lists them with their label
     fills_total{registry, role}                    role: fetcher (started) | follower (joined)
     fill_failures_total{registry, reason}          digest_mismatch | upstream_error | timeout |
                                                    storage_error
+    local_tier_hits_total                          blob requests served from the node's copy
+    local_tier_copied_bytes_total                  bytes copied into the node's tier
+    local_tier_evictions_total                     copies evicted past local_cache.max_size
+    s3_blob_reads_total{for}                       blob objects read from the bucket: local_tier
+                                                   (a copy into the node's tier) | client
+Gauges read at scrape time: local_tier_bytes, local_tier_max_bytes, local_tier_blobs (the
+node's local tier, of whichever worker answers: they share the disk).
 """
 
 from __future__ import annotations
@@ -89,6 +96,29 @@ class Metrics:
             "pullthrough_fill_failures",
             "Blob fills that failed, by reason.",
             ["registry", "reason"],
+            registry=reg,
+        )
+
+        self.tier_hits = Counter(
+            "pullthrough_local_tier_hits",
+            "Blob requests served from the node's verified local copy (storage.s3.local_cache).",
+            registry=reg,
+        )
+        self.tier_copied_bytes = Counter(
+            "pullthrough_local_tier_copied_bytes",
+            "Bytes copied from the bucket into the node's local tier.",
+            registry=reg,
+        )
+        self.tier_evictions = Counter(
+            "pullthrough_local_tier_evictions",
+            "Local copies evicted (least recently served first) past local_cache.max_size.",
+            registry=reg,
+        )
+        self.s3_blob_reads = Counter(
+            "pullthrough_s3_blob_reads",
+            "Blob objects read from the bucket, by what for (local_tier: a copy into the node's "
+            "tier; client: streamed to one client).",
+            ["for"],
             registry=reg,
         )
 
@@ -230,11 +260,38 @@ def totals(local: CollectorRegistry) -> list[tuple[str, dict[str, str], float]]:
     ]
 
 
-def scrape(coord: Coordination, registries: list[str], local: CollectorRegistry) -> bytes:
-    """The text exposition: every worker's counters (or this process's), plus Redis state."""
+def scrape(
+    coord: Coordination, registries: list[str], local: CollectorRegistry, tier=None
+) -> bytes:
+    """The text exposition: every worker's counters (or this process's), plus Redis state
+    and the node's local tier."""
     registry = _counters(local)
     registry.register(RedisState(coord, registries))
+    if tier is not None:
+        registry.register(TierState(tier))
     return generate_latest(registry)
+
+
+class TierState:
+    """The node's local tier as it is on disk now."""
+
+    def __init__(self, tier) -> None:
+        self.tier = tier
+
+    def collect(self):
+        blobs, size = self.tier.usage()
+        for name, doc, value in (
+            ("pullthrough_local_tier_bytes", "Bytes of verified copies in the local tier.", size),
+            (
+                "pullthrough_local_tier_max_bytes",
+                "storage.s3.local_cache.max_size.",
+                self.tier.max_size,
+            ),
+            ("pullthrough_local_tier_blobs", "Verified copies in the local tier.", blobs),
+        ):
+            gauge = GaugeMetricFamily(name, doc)
+            gauge.add_metric([], float(value))
+            yield gauge
 
 
 class _Forward:

@@ -160,6 +160,19 @@ def test_s3_storage_is_configured_with_its_key_paths_checked():
         settings_from_mapping({"storage": {"driver": "s3"}}, env={})
 
 
+def test_an_s3_nodes_local_tier_is_configured_and_not_combined_with_redirect(tmp_path):
+    s3 = {"bucket": "cache", "local_cache": {"path": str(tmp_path), "max_size": "10GiB"}}
+    settings = settings_from_mapping({"storage": {"driver": "s3", "s3": s3}}, env={})
+    tier = settings.s3.local_cache
+    assert (tier.path, tier.max_size, tier.low_watermark) == (tmp_path, 10 << 30, 0.8)
+    with pytest.raises(ConfigError, match=r"redirect and local_cache are not combined"):
+        settings_from_mapping({"storage": {"driver": "s3", "s3": {**s3, "redirect": True}}}, env={})
+    with pytest.raises(ConfigError, match=r"storage\.s3\.local_cache\.max_size"):
+        settings_from_mapping(
+            {"storage": {"driver": "s3", "s3": {**s3, "local_cache": {"path": "x"}}}}, env={}
+        )
+
+
 def test_redis_sentinels_are_host_port_pairs():
     settings = settings_from_mapping(
         {"redis": {"sentinels": ["10.0.0.1:26379", "sentinel-b:26380"], "master": "cache"}},

@@ -16,6 +16,7 @@ when missing. Each key has one owner module that alone reads and writes it:
 - registry/coordination/hourly.py: pt:hourly:*
 - registry/upstream/tokens.py: pt:token:*
 - registry/upstream/health.py: pt:upstream:*
+- registry/coordination/tiers.py: the channel pt:tier:deleted
 
 `Coordination` (below) is what the rest of the cache holds: one object per process that
 carries each owner.
@@ -142,6 +143,9 @@ carries each owner.
                                         (needed one), and quota_remaining / quota_limit as
                                         last seen in it. Written by each process every 2 s.
                                         Read by the UI's overview and /metrics.
+    pt:tier:deleted             channel pub/sub, nothing stored. Each GC sweep publishes the
+                                        digests it deleted (space-separated); every node's
+                                        local tier (storage.s3.local_cache) drops its copies.
     rq:*                                rq's own keys for the `pullthrough` queue and worker.
 """
 
@@ -162,6 +166,7 @@ from registry.coordination.leases import Lease, Leases, blob_lease_key, tag_leas
 from registry.coordination.limits import Limits
 from registry.coordination.missing import NegativeCache, missing_key
 from registry.coordination.pulls import Pulls
+from registry.coordination.tiers import TierNews
 from registry.coordination.verdicts import Verdicts
 from registry.fills import FillRecords
 from registry.upstream.health import upstream_status
@@ -193,6 +198,7 @@ class Coordination:
         self.verdicts = Verdicts(client)
         self.follows = Follows(client)
         self.hourly = Hourly(client, quota=lambda registry: upstream_status(client, registry))
+        self.tiers = TierNews(client)
 
     # For people: /readyz, /metrics, the UI, the admin CLI (these raise RedisError).
     def ping(self) -> None:

@@ -37,7 +37,9 @@ from registry.pullthrough.fill import BlobFiller
 from registry.pullthrough.manifests import InvalidManifest, accepts, parse_manifest
 from registry.pullthrough.policy import SignaturePolicy
 from registry.pullthrough.referrers import Referrers, ReferrersCache
+from registry.pullthrough.tiering import TierServing
 from registry.store import ContentStore, TagRecord
+from registry.store.tier import LocalTier
 from registry.upstream.client import UpstreamClient, UpstreamDenied
 
 log = logging.getLogger(__name__)
@@ -91,10 +93,22 @@ class PullThrough:
         clock: Callable[[], float] = time.time,
         filler: BlobFiller | None = None,
         metrics: Metrics | None = None,
+        tier: LocalTier | None = None,
     ) -> None:
         self.settings = settings
         self.redirect_ttl = settings.s3.redirect_ttl if settings.s3 else 0
         self.store = store
+        self.tier = tier
+        self.tiering = (
+            TierServing(
+                store,
+                tier,
+                stall_timeout=settings.read_timeout + 3 * settings.lease_ttl,
+                metrics=metrics,
+            )
+            if tier is not None
+            else None
+        )
         self.coord = coordination
         self.upstreams = upstreams
         self.clock = clock
@@ -431,6 +445,8 @@ class PullThrough:
                 url = self.store.presign_blob(digest, self.redirect_ttl)
                 if url is not None:
                     return Blob(digest, size, "hit", redirect=url)
+            if self.tiering is not None:
+                return self._from_tier(digest, size)
             # Open now: once open, the bytes stay readable even if a GC sweep unlinks the file.
             try:
                 handle = self.store.open_blob(digest)
@@ -474,6 +490,20 @@ class PullThrough:
             joined=not started.fetcher,
         )
 
+    def _from_tier(self, digest: Digest, size: int) -> Blob:
+        """A committed blob of an S3 store, through the node's local tier (tiering.py)."""
+        assert self.tiering is not None
+        local = self.tiering.open(digest, size)
+        if local is not None:
+            return Blob(digest, size, "hit", open_file=lambda: local)
+        tiering = self.tiering
+        return Blob(
+            digest,
+            size,
+            "hit",
+            stream=lambda start, end: tiering.stream(digest, size, start, end),
+        )
+
     def prefetch_blob(
         self,
         target: Target,
@@ -495,7 +525,8 @@ class PullThrough:
             done += len(chunk)
             if progress is not None:
                 progress(done, found.size)
-        return Prefetched(found.size, miss=True, joined=found.joined)
+        # A committed blob streamed through an S3 node's local tier is no miss.
+        return Prefetched(found.size, miss=found.cache == "miss", joined=found.joined)
 
     def _entitle(self, target: Target, digest: Digest, client: str | None) -> None:
         """Same bytes cached or being fetched for another repository: this one may have them

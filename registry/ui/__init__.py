@@ -119,8 +119,13 @@ def overview():
         savings = [_savings(pt, registry.name) for registry in pt.settings.registries]
     except RedisError:
         redis_ok, savings = False, []
+    tier = None
+    if pt.tier is not None:
+        blobs, size = pt.tier.usage()
+        tier = {"blobs": blobs, "bytes": size, "max": pt.tier.max_size}
     return render_template(
         "overview.html",
+        tier=tier,
         hit_ratio=from_cache / total if total else None,
         answered=answered,
         served=served,

@@ -10,9 +10,13 @@ tempauth's tokens and the proxy's caches. S3 credentials: `test:tester` / `testi
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import textwrap
+import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 from tests.support.servers import free_port, require, stop, wait_for_port
@@ -47,6 +51,11 @@ class Swift:
         self.dir = workdir / "swift"
         self.ports = {name: free_port() for name in (*_SERVERS, "proxy", "memcached")}
         self.procs: dict[str, subprocess.Popen] = {}
+        # The proxy's access log, as syslog lines over UDP: the truth of what was read.
+        self.access: list[str] = []
+        self._access_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._access_sock.bind(("127.0.0.1", 0))
+        self.access_port = self._access_sock.getsockname()[1]
 
     @property
     def endpoint(self) -> str:
@@ -119,6 +128,9 @@ class Swift:
                 use = egg:swift#gatekeeper
                 [filter:proxy-logging]
                 use = egg:swift#proxy_logging
+                access_log_udp_host = 127.0.0.1
+                access_log_udp_port = {self.access_port}
+                access_log_level = INFO
                 [filter:cache]
                 use = egg:swift#memcache
                 memcache_servers = 127.0.0.1:{self.ports["memcached"]}
@@ -139,8 +151,26 @@ class Swift:
                 """)
         )
 
+    def _receive_access_log(self) -> None:
+        while True:
+            try:
+                data = self._access_sock.recv(65536)
+            except OSError:
+                return
+            self.access.append(data.decode(errors="replace"))
+
+    def object_gets(self, key: str) -> int:
+        """Clients' GETs of the object whose key ends with `key` that sent its bytes (200 or
+        206, or 499: the client went away mid-body), as the proxy logged them so far (a
+        request logs when it ends; the proxy's own subrequests for a large object's segments
+        are not counted)."""
+        quoted = re.escape(urllib.parse.quote(key))
+        needle = re.compile(rf" GET /\S*/{quoted} HTTP/[0-9.]+ (?:200|206|499) ")
+        return sum(1 for line in self.access if needle.search(line))
+
     def start(self) -> Swift:
         self.dir.mkdir(parents=True, exist_ok=True)
+        threading.Thread(target=self._receive_access_log, daemon=True).start()
         self._configure()
         log = open(self.dir / "swift.log", "ab")  # noqa: SIM115 (the processes keep it)
         self.procs["memcached"] = subprocess.Popen(
@@ -215,6 +245,7 @@ class Swift:
     def stop(self) -> None:
         for proc in self.procs.values():
             stop(proc)
+        self._access_sock.close()
 
     def log(self) -> str:
         return (self.dir / "swift.log").read_text(errors="replace")

@@ -1,0 +1,265 @@
+"""The local tier of S3 nodes (storage.s3.local_cache, store/tier.py, pullthrough/tiering.py):
+two gunicorn nodes on one Swift bucket and one Redis, each with its own tier directory. What
+the bucket served is counted from Swift's own access log."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import random
+import re
+import signal
+import time
+import uuid
+
+import pytest
+import requests
+import yaml
+from playwright.sync_api import sync_playwright
+
+from registry import build_pullthrough
+from registry.config import settings_from_mapping
+from registry.gc import Collector
+from tests.conftest import s3_section
+from tests.support.clients import fetch
+from tests.support.servers import Gunicorn, ThrottledRelay, require
+
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def prefix():
+    return f"tier/{uuid.uuid4().hex}"
+
+
+def start_node(
+    workdir, redis_server, swift, fake, prefix, max_size="200MiB", low_watermark=0.5
+) -> Gunicorn:
+    node = Gunicorn.with_config(
+        workdir,
+        redis_server.url,
+        [{"name": "docker.io", "url": fake.url}],
+        workers=2,
+        storage=s3_section(
+            swift,
+            prefix,
+            local_cache={
+                "path": str(workdir / "tier"),
+                "max_size": max_size,
+                "low_watermark": low_watermark,
+            },
+        ),
+        upstream={"lease_ttl": 2},
+    )
+    node.tier = workdir / "tier"
+    return node
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory, redis_server, swift, fake, prefix):
+    a = start_node(tmp_path_factory.mktemp("tier-a"), redis_server, swift, fake, prefix)
+    b = start_node(tmp_path_factory.mktemp("tier-b"), redis_server, swift, fake, prefix)
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def blob_key(digest: str) -> str:
+    hexpart = digest.split(":")[1]
+    return f"blobs/sha256/{hexpart[:2]}/{hexpart}"
+
+
+def local_copy(node, digest: str):
+    hexpart = digest.split(":")[1]
+    return node.tier / "blobs" / "sha256" / hexpart[:2] / hexpart
+
+
+def in_bucket(node, fake, name: str, size: int) -> tuple[bytes, str]:
+    """A blob pulled once through `node`: in the bucket, in no tier yet."""
+    data = random.randbytes(size)
+    digest = fake.add_blob(f"library/{name}", data)
+    status, body, complete = fetch(f"{node.url}/v2/library/{name}/blobs/{digest}")
+    assert status == 200 and complete and body == data
+    return data, digest
+
+
+def metric(node, name: str) -> float:
+    text = requests.get(f"{node.url}/metrics", timeout=10).text
+    match = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, flags=re.MULTILINE)
+    assert match, name
+    return float(match.group(1))
+
+
+def wait_for(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_herd_on_two_nodes_reads_the_bucket_once_per_node_then_local_copies_serve(
+    nodes, fake, swift
+):
+    a, b = nodes
+    data, digest = in_bucket(a, fake, "tierherd", 24 * MIB)
+    read_before = swift.object_gets(blob_key(digest))
+    hits_before = metric(a, "pullthrough_local_tier_hits_total")
+
+    def one(node):
+        status, body, complete = fetch(f"{node.url}/v2/library/tierherd/blobs/{digest}")
+        return status, complete, hashlib.sha256(body).hexdigest()
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, [a, b] * 8))
+    assert set(results) == {(200, True, digest.split(":")[1])}
+    wait_for(lambda: local_copy(a, digest).exists() and local_copy(b, digest).exists())
+    assert local_copy(a, digest).read_bytes() == data == local_copy(b, digest).read_bytes()
+    time.sleep(0.5)  # Swift logs a request when it ends
+    assert swift.object_gets(blob_key(digest)) - read_before == 2  # one per node
+
+    # From now on the nodes serve their own copies: the bucket is not read again.
+    for node in (a, b, a, b):
+        status, body, complete = fetch(f"{node.url}/v2/library/tierherd/blobs/{digest}")
+        assert status == 200 and complete and body == data
+    ranged = requests.get(
+        f"{b.url}/v2/library/tierherd/blobs/{digest}",
+        headers={"Range": "bytes=1000-1999"},
+        timeout=10,
+    )
+    assert ranged.status_code == 206 and ranged.content == data[1000:2000]
+    time.sleep(0.5)
+    assert swift.object_gets(blob_key(digest)) - read_before == 2
+    assert metric(a, "pullthrough_local_tier_hits_total") - hits_before >= 2
+    on_disk = sum(p.stat().st_size for p in (a.tier / "blobs").rglob("*") if p.is_file())
+    assert metric(a, "pullthrough_local_tier_bytes") == on_disk >= len(data)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=require("chromium"), args=["--no-sandbox", "--disable-gpu"]
+        )
+        page = browser.new_page()
+        page.goto(f"{a.url}/")
+        card = page.locator("#tier").inner_text()
+        browser.close()
+    count = sum(1 for p in (a.tier / "blobs").rglob("*") if p.is_file())
+    assert f"{on_disk / MIB:.1f} MiB" in card and f"{count} verified copies" in card, card
+
+
+def test_a_blob_the_gc_deletes_is_dropped_from_every_nodes_tier_at_once(
+    nodes, fake, swift, redis_server, prefix
+):
+    a, b = nodes
+    data, digest = in_bucket(a, fake, "tiergc", 3 * MIB)
+    for node in (a, b):
+        status, body, _complete = fetch(f"{node.url}/v2/library/tiergc/blobs/{digest}")
+        assert status == 200 and body == data
+    wait_for(lambda: local_copy(a, digest).exists() and local_copy(b, digest).exists())
+
+    # The sweep runs elsewhere (its own process in production): the blob is an orphan.
+    config = {
+        "storage": s3_section(swift, prefix),
+        "redis": {"url": redis_server.url},
+        "registries": [{"name": "docker.io", "url": fake.url}],
+        "gc": {"delay": 0},
+    }
+    pt = build_pullthrough(settings_from_mapping(config, env={}))
+    # S3 stores round Last-Modified up to the second: look from a moment later.
+    report = Collector(pt.store, pt.coord, pt.settings.gc, clock=lambda: time.time() + 5).run()
+    assert report["deleted_blobs"] >= 1
+    assert pt.store.blob_size(digest_of(digest)) is None
+    # Neither node served anything since: the sweep's message removed both copies.
+    wait_for(lambda: not local_copy(a, digest).exists() and not local_copy(b, digest).exists(), 5)
+    response = requests.get(f"{b.url}/v2/library/tiergc/blobs/{digest}", timeout=10)
+    assert response.status_code == 200 and response.content == data  # fetched again
+
+
+def digest_of(text: str):
+    from registry.digests import Digest
+
+    return Digest.parse(text)
+
+
+def test_eviction_past_max_size_never_cuts_a_stream_in_progress(
+    tmp_path, redis_server, swift, fake, prefix
+):
+    node = start_node(
+        tmp_path / "small", redis_server, swift, fake, prefix, max_size="20MiB", low_watermark=0.9
+    )
+    try:
+        first, first_digest = in_bucket(node, fake, "evictfirst", 12 * MIB)
+        second, second_digest = in_bucket(node, fake, "evictsecond", 12 * MIB)
+        status, body, _complete = fetch(f"{node.url}/v2/library/evictfirst/blobs/{first_digest}")
+        assert status == 200 and body == first
+        wait_for(lambda: local_copy(node, first_digest).exists())
+
+        # A slow client of the first copy: it has read one chunk when the second lands.
+        url = f"{node.url}/v2/library/evictfirst/blobs/{first_digest}"
+        with requests.get(url, stream=True, timeout=30) as slow:
+            chunks = slow.iter_content(64 * 1024)
+            got = bytearray(next(chunks))
+            status, body, _complete = fetch(
+                f"{node.url}/v2/library/evictsecond/blobs/{second_digest}"
+            )
+            assert status == 200 and body == second
+            # 24 MiB > 20 MiB: the least recently served copy (the first) goes, which is
+            # enough to be under 90 % of 20 MiB.
+            wait_for(lambda: not local_copy(node, first_digest).exists())
+            assert local_copy(node, second_digest).exists()
+            for chunk in chunks:
+                got += chunk
+        assert bytes(got) == first  # the stream that was reading it went on to its end
+        assert metric(node, "pullthrough_local_tier_evictions_total") == 1
+    finally:
+        node.stop()
+
+
+def test_a_node_killed_mid_copy_serves_nothing_of_the_partial_after_restart(
+    tmp_path, redis_server, swift, fake, prefix
+):
+    # The node reaches the bucket through a 12 MiB/s link: its copy takes seconds.
+    link = ThrottledRelay(swift.ports["proxy"], 12).start()
+    workdir = tmp_path / "killed"
+    node = start_node(workdir, redis_server, swift, fake, prefix)
+    try:
+        data = random.randbytes(30 * MIB)
+        digest = fake.add_blob("library/tierkill", data)
+        # Into the bucket through a node on the plain endpoint (fast), then copied in slowly.
+        writer = start_node(tmp_path / "writer", redis_server, swift, fake, prefix)
+        try:
+            status, body, _complete = fetch(f"{writer.url}/v2/library/tierkill/blobs/{digest}")
+            assert status == 200 and body == data
+        finally:
+            writer.stop()
+        node.stop()
+        config = yaml.safe_load(node.config_path.read_text())
+        config["storage"]["s3"]["endpoint"] = link.url
+        node.config_path.write_text(yaml.safe_dump(config))
+        node = Gunicorn(node.config_path, workdir, workers=2).start()
+        node.tier = workdir / "tier"
+        hexpart = digest.split(":")[1]
+        partial = node.tier / "partial" / "sha256" / hexpart
+        reads = swift.object_gets(blob_key(digest))
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            cut = pool.submit(fetch, f"{node.url}/v2/library/tierkill/blobs/{digest}")
+            wait_for(lambda: partial.exists() and partial.stat().st_size > 8 * MIB, 20)
+            os.killpg(node.proc.pid, signal.SIGKILL)
+            node.proc.wait()
+            status, body, complete = cut.result()
+        assert not (status == 200 and complete)  # the client was cut, not told it had it all
+        assert partial.exists() and not local_copy(node, digest).exists()
+
+        # Restarted: the dead copy is removed, never served; the blob is copied in again.
+        node = Gunicorn(node.config_path, workdir, workers=2).start()
+        node.tier = workdir / "tier"
+        wait_for(lambda: not partial.exists(), 20)  # each worker cleans up as it starts
+        assert not local_copy(node, digest).exists()
+        status, body, complete = fetch(f"{node.url}/v2/library/tierkill/blobs/{digest}")
+        assert status == 200 and complete and body == data
+        wait_for(lambda: local_copy(node, digest).exists())
+        assert local_copy(node, digest).read_bytes() == data
+        time.sleep(0.5)
+        assert swift.object_gets(blob_key(digest)) - reads == 2  # the cut copy, and this one
+    finally:
+        node.stop()
+        link.stop()
