@@ -287,7 +287,11 @@ class BlobFiller:
             fill.ranged = ranged
             ranged.adopt_extents()
             start, ahead = ranged.prefix, ranged.next_extent(ranged.prefix)
-        end = (ahead if ahead is not None else start + self.range_min_size) - 1
+        # The first range ends on the store's grid (S3: a multiple of part_size, the pieces of
+        # all but huge blobs), so that the ranges after it can start on it too.
+        grid = self.store.driver.extent_alignment(0)
+        first = max(grid, self.range_min_size - self.range_min_size % grid)
+        end = (ahead if ahead is not None else start + first) - 1
         fill.stream = stream = upstream.open_range(repository, str(digest), start, end)
         if not stream.ranged:
             # Upstream ignores Range: this one stream is the whole blob, from its first byte.

@@ -72,14 +72,7 @@ class FakeRegistry(LoopbackHTTP):
                 self._answer(head=True)
 
             def do_GET(self):
-                with fake._lock:
-                    fake.active += 1
-                    fake.max_active = max(fake.max_active, fake.active)
-                try:
-                    self._answer(head=False)
-                finally:
-                    with fake._lock:
-                        fake.active -= 1
+                self._answer(head=False)
 
             def _answer(self, head: bool) -> None:
                 path = self.path.split("?", 1)[0]
@@ -96,6 +89,19 @@ class FakeRegistry(LoopbackHTTP):
                     return
                 if path == "/v2/":
                     return self._simple(200, b"{}")
+                if self.command == "GET":
+                    # Only answers that go past the credentials check count as active.
+                    with fake._lock:
+                        fake.active += 1
+                        fake.max_active = max(fake.max_active, fake.active)
+                    try:
+                        return self._route(head, path, from_cdn)
+                    finally:
+                        with fake._lock:
+                            fake.active -= 1
+                return self._route(head, path, from_cdn)
+
+            def _route(self, head: bool, path: str, from_cdn: bool) -> None:
                 # A route may name its query too (`...?last=x`, a page of a listing).
                 route = fake.routes.get(self.path) or fake.routes.get(path)
                 if from_cdn:
