@@ -10,6 +10,9 @@ link). Two pullthrough nodes share the bucket and one Redis.
   follows pullthrough's 307 to the presigned URL). Median of REPEATS rounds, taking turns.
 - A cold herd spread over both nodes: upstream GETs and bytes, time to first byte on each
   node, and wall time against one download through the link.
+- A node with a local tier (storage.s3.local_cache): a committed blob's herd on it (bucket
+  reads, from Swift's access log), then the blob from its local copy against nginx serving
+  that same file, and the node's CPU per GiB.
 
 Writes its section of docs/benchmarks.md (after `<!-- s3 -->`).
 """
@@ -26,6 +29,7 @@ from statistics import median
 
 from bench.__main__ import download
 from bench.load import BLOB_MIB, HERD, REPEATS, WAN_MIBPS, curl_downloads
+from bench.nginx import Nginx
 from bench.proc import timed_cpu, tree
 from bench.report import S3_MARKER, table, write_section
 from tests.conftest import SWIFT_BUCKET, s3_section
@@ -109,10 +113,14 @@ def main() -> None:
 
         a, b = node("node-a"), node("node-b")
         redirecting = node("node-r", redirect=True)
+        tiered = node("node-t", local_cache={"path": str(work / "node-t-tier"), "max_size": "8GiB"})
+        nginx = Nginx(work / "nginx", work / "node-t-tier", NODE_WORKERS).start()
+        started.append(nginx)
         results = {
             "warm": warm(a, redirecting, swift, prefix, layers),
             "herd": cross_node_herd(a, b, upstream, relay, layers),
         }
+        results["tier"] = tier_scenarios(tiered, nginx, swift, prefix, layers)
         write(results, layers)
     finally:
         for server in reversed(started):
@@ -188,6 +196,46 @@ def cross_node_herd(a: Gunicorn, b: Gunicorn, upstream, relay, layers) -> dict:
     }
 
 
+def tier_scenarios(node: Gunicorn, nginx: Nginx, swift: Swift, prefix: str, layers) -> dict:
+    """The committed herd blob through a node with a local tier: a herd on it (what the bucket
+    served, from its access log), then warm from the local copy against nginx on that file."""
+    layer, size = layers["herd"], layers["herd_size"]
+    path = f"/v2/s3bench/herd/blobs/{layer}"
+    key = f"{prefix}/blobs/sha256/{layer[7:9]}/{layer[7:]}"
+    reads = swift.object_gets(key)
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(download, [node.url + path] * 16))
+    herd_wall = time.monotonic() - started
+    ok = sum(1 for s, d, _t in results if s == 200 and f"sha256:{d}" == layer)
+    time.sleep(1)  # Swift logs a request when it ends
+    out: dict = {
+        "herd_ok": ok,
+        "herd_wall": herd_wall,
+        "bucket_reads": swift.object_gets(key) - reads,
+    }
+    ways = {
+        "pullthrough, local tier": lambda n: curl_downloads(node.url + path, n, size),
+        "nginx on the same file": lambda n: curl_downloads(nginx.blob_url(layer), n, size),
+    }
+    for clients in (1, 8):
+        runs: dict[str, list[float]] = {name: [] for name in ways}
+        cpu: list[float] = []
+        for _ in range(REPEATS):
+            for name, way in ways.items():
+                if name.startswith("pullthrough"):
+                    _wall, seconds, rate = timed_cpu(
+                        tree(node.proc.pid), lambda w=way, n=clients: w(n)
+                    )
+                    cpu.append(seconds / (clients * size / (1 << 30)))
+                else:
+                    rate = way(clients)
+                runs[name].append(rate)
+        out[clients] = {name: median(rates) for name, rates in runs.items()}
+        out[clients]["cpu_per_gib"] = median(cpu)
+    return out
+
+
 def write(results: dict, layers: dict) -> None:
     warm_rows = []
     for clients, rates in results["warm"].items():
@@ -241,9 +289,36 @@ def write(results: dict, layers: dict) -> None:
         "",
         HERD_NOTE,
         "",
+        *tier_lines(results["tier"]),
     ]
     write_section(ROOT / "docs" / "benchmarks.md", S3_MARKER, lines)
     print("\n".join(lines))
+
+
+def tier_lines(tier: dict) -> list[str]:
+    rows = []
+    for clients in (1, 8):
+        ours = tier[clients]["pullthrough, local tier"]
+        nginx = tier[clients]["nginx on the same file"]
+        rows.append(
+            [
+                str(clients),
+                f"{ours:.0f}",
+                f"{nginx:.0f}",
+                f"{ours / nginx:.2f}x",
+                f"{tier[clients]['cpu_per_gib']:.2f}",
+            ]
+        )
+    return [
+        "A third node with a local tier (`storage.s3.local_cache`): the herd blob, committed "
+        f"in the bucket, asked by 16 clients at once: {tier['herd_ok']} of 16 verified in "
+        f"{tier['herd_wall']:.1f} s, {tier['bucket_reads']} read(s) of it from the bucket "
+        "(Swift's access log). Then served from the node's local copy, against nginx "
+        "serving that same file (median of the rounds):",
+        "",
+        *table(["clients", "pullthrough MiB/s", "nginx MiB/s", "ratio", "CPU s per GiB"], rows),
+        "",
+    ]
 
 
 if __name__ == "__main__":
