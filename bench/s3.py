@@ -13,6 +13,8 @@ link). Two pullthrough nodes share the bucket and one Redis.
 - A node with a local tier (storage.s3.local_cache): a committed blob's herd on it (bucket
   reads, from Swift's access log), then the blob from its local copy against nginx serving
   that same file, and the node's CPU per GiB.
+- A cold herd over two nodes that both have a local tier: the same figures as the first
+  herd, plus the bucket's reads of the fill's pieces (at most one per node is the goal).
 
 Writes its section of docs/benchmarks.md (after `<!-- s3 -->`).
 """
@@ -46,7 +48,7 @@ from tests.support.swift import Swift
 
 NODE_WORKERS = 2
 HERD_NOTE = (
-    "Every client's bytes come from the store (a node keeps no copy), so the herd reads the "
+    "Without a local tier every client's bytes come from the store, so the herd reads the "
     "blob once per client through Swift's one proxy worker: that, not the link, is its wall "
     "time. A cold download through an S3 node also waits for the commit (a server-side copy of "
     "the whole blob) before its last byte."
@@ -89,7 +91,13 @@ def main() -> None:
         pusher = Pusher(upstream.url, token.realm, token.service)
         size = BLOB_MIB << 20
         layers = {}
-        for name, seed in (("warm", 101), ("herd", 102), ("single", 103)):
+        for name, seed in (
+            ("warm", 101),
+            ("herd", 102),
+            ("single", 103),
+            ("tierherd", 104),
+            ("tiersingle", 105),
+        ):
             image = single(f"s3bench/{name}", "1", [make_layer(seed, size)], docker=True)
             pusher.push(image)
             layers[name] = max(image.blobs, key=lambda d: len(image.blobs[d]))
@@ -113,7 +121,10 @@ def main() -> None:
 
         a, b = node("node-a"), node("node-b")
         redirecting = node("node-r", redirect=True)
-        tiered = node("node-t", local_cache={"path": str(work / "node-t-tier"), "max_size": "8GiB"})
+        tiered, tiered_b = (
+            node(name, local_cache={"path": str(work / f"{name}-tier"), "max_size": "8GiB"})
+            for name in ("node-t", "node-u")
+        )
         nginx = Nginx(work / "nginx", work / "node-t-tier", NODE_WORKERS).start()
         started.append(nginx)
         results = {
@@ -121,6 +132,10 @@ def main() -> None:
             "herd": cross_node_herd(a, b, upstream, relay, layers),
         }
         results["tier"] = tier_scenarios(tiered, nginx, swift, prefix, layers)
+        results["tier_herd"] = cross_node_herd(
+            tiered, tiered_b, upstream, relay, layers, "tierherd", "tiersingle"
+        )
+        results["tier_herd"]["piece_reads"] = piece_reads(swift, layers["tierherd"])
         write(results, layers)
     finally:
         for server in reversed(started):
@@ -165,17 +180,19 @@ def warm(node: Gunicorn, redirecting: Gunicorn, swift: Swift, prefix: str, layer
     return out
 
 
-def cross_node_herd(a: Gunicorn, b: Gunicorn, upstream, relay, layers) -> dict:
-    single_layer, size = layers["single"], layers["single_size"]
+def cross_node_herd(
+    a: Gunicorn, b: Gunicorn, upstream, relay, layers, herd="herd", single="single"
+) -> dict:
+    single_layer, size = layers[single], layers[single + "_size"]
     started = time.monotonic()
-    status, _digest, _ = download(f"{a.url}/v2/s3bench/single/blobs/{single_layer}")
+    status, _digest, _ = download(f"{a.url}/v2/s3bench/{single}/blobs/{single_layer}")
     single_wall = time.monotonic() - started
     assert status == 200
 
-    layer = layers["herd"]
+    layer = layers[herd]
     mark = upstream.mark()
     before = relay.bytes_down
-    urls = [f"{(a, b)[i % 2].url}/v2/s3bench/herd/blobs/{layer}" for i in range(HERD)]
+    urls = [f"{(a, b)[i % 2].url}/v2/s3bench/{herd}/blobs/{layer}" for i in range(HERD)]
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(HERD) as pool:
         results = list(pool.map(download, urls))
@@ -193,6 +210,22 @@ def cross_node_herd(a: Gunicorn, b: Gunicorn, upstream, relay, layers) -> dict:
         "ttfb_b": median(t for _s, _d, t in results[1::2]),
         "wall": wall,
         "single_wall": single_wall,
+    }
+
+
+def piece_reads(swift: Swift, layer: str) -> dict:
+    """Clients' GETs of the fill's pieces and of the committed object, from Swift's log."""
+    time.sleep(1)  # Swift logs a request when it ends
+    hexpart = layer[7:]
+    needle = f"/uploads/sha256/{hexpart}/"
+    lines = [line for line in swift.access if needle in line]
+    offsets = {line.split(needle)[1].split(" ")[0] for line in lines}
+    reads = [swift.object_gets(f"uploads/sha256/{hexpart}/{offset}") for offset in offsets]
+    return {
+        "pieces": len(offsets),
+        "max_per_piece": max(reads, default=0),
+        "total": sum(reads),
+        "object": swift.object_gets(f"blobs/sha256/{hexpart[:2]}/{hexpart}"),
     }
 
 
@@ -290,9 +323,46 @@ def write(results: dict, layers: dict) -> None:
         HERD_NOTE,
         "",
         *tier_lines(results["tier"]),
+        *tier_herd_lines(results["tier_herd"]),
     ]
     write_section(ROOT / "docs" / "benchmarks.md", S3_MARKER, lines)
     print("\n".join(lines))
+
+
+def tier_herd_lines(herd: dict) -> list[str]:
+    reads = herd["piece_reads"]
+    return [
+        f"Cold herd over two nodes that both have a local tier ({herd['clients']} clients, "
+        "half on each): each node follows the fill once into its tier and its clients stream "
+        "that copy.",
+        "",
+        *table(
+            ["measure", "value"],
+            [
+                ["verified downloads", f"{herd['ok']} of {herd['clients']}"],
+                [
+                    "upstream GETs of the blob / MiB sent",
+                    f"{herd['upstream_gets']} / "
+                    f"{herd['upstream_mib']:.0f} ({herd['size_mib']:.0f})",
+                ],
+                [
+                    "bucket reads of the fill's pieces: pieces, most reads of one, all reads",
+                    f"{reads['pieces']}, {reads['max_per_piece']}, {reads['total']}",
+                ],
+                ["bucket reads of the committed object", str(reads["object"])],
+                [
+                    "median time to first byte, node a / node b (s)",
+                    f"{herd['ttfb_a']:.2f} / {herd['ttfb_b']:.2f}",
+                ],
+                [
+                    "herd wall / one cold download (s)",
+                    f"{herd['wall']:.1f} / {herd['single_wall']:.1f} "
+                    f"({herd['wall'] / herd['single_wall']:.2f}x)",
+                ],
+            ],
+        ),
+        "",
+    ]
 
 
 def tier_lines(tier: dict) -> list[str]:

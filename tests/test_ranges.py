@@ -272,8 +272,8 @@ def test_a_herd_joining_a_parallel_fill_gets_the_blob_from_one_set_of_ranges(cac
 
 
 def test_the_fetching_page_shows_each_range_of_a_parallel_fill_as_it_runs(cache, fake):
-    data = random.randbytes(6 * MIB)
-    digest = fake.add_blob("library/uiranges", data, trickle=0.1)
+    data = random.randbytes(8 * MIB)
+    digest = fake.add_blob("library/uiranges", data, trickle=0.15)  # a fill of about 5 s
     mark = len(fake.hits)
     shown: list[tuple[int, int, int]] = []
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -283,7 +283,7 @@ def test_the_fetching_page_shows_each_range_of_a_parallel_fill_as_it_runs(cache,
                 executable_path=require("chromium"), args=["--no-sandbox", "--disable-gpu"]
             )
             page = browser.new_page()
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not pulled.done():
                 page.goto(f"{cache.url}/ui/fetching")
                 row = page.locator(f'#fetching tr[data-digest="{digest}"]')

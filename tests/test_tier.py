@@ -57,6 +57,20 @@ def start_node(
 
 
 @pytest.fixture(scope="module")
+def writer(tmp_path_factory, redis_server, swift, fake, prefix):
+    """A node of the same bucket without a tier: it fills the bucket for the tests."""
+    node = Gunicorn.with_config(
+        tmp_path_factory.mktemp("tier-writer"),
+        redis_server.url,
+        [{"name": "docker.io", "url": fake.url}],
+        workers=1,
+        storage=s3_section(swift, prefix),
+    )
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="module")
 def nodes(tmp_path_factory, redis_server, swift, fake, prefix):
     a = start_node(tmp_path_factory.mktemp("tier-a"), redis_server, swift, fake, prefix)
     b = start_node(tmp_path_factory.mktemp("tier-b"), redis_server, swift, fake, prefix)
@@ -99,10 +113,10 @@ def wait_for(condition, timeout: float = 10) -> None:
 
 
 def test_a_herd_on_two_nodes_reads_the_bucket_once_per_node_then_local_copies_serve(
-    nodes, fake, swift
+    nodes, writer, fake, swift
 ):
     a, b = nodes
-    data, digest = in_bucket(a, fake, "tierherd", 24 * MIB)
+    data, digest = in_bucket(writer, fake, "tierherd", 24 * MIB)
     read_before = swift.object_gets(blob_key(digest))
     hits_before = metric(a, "pullthrough_local_tier_hits_total")
 
@@ -145,11 +159,37 @@ def test_a_herd_on_two_nodes_reads_the_bucket_once_per_node_then_local_copies_se
     assert f"{on_disk / MIB:.1f} MiB" in card and f"{count} verified copies" in card, card
 
 
+def test_a_cold_herd_over_two_nodes_reads_each_stored_piece_once_per_node(nodes, fake, swift):
+    a, b = nodes
+    data = random.randbytes(24 * MIB)  # five pieces of 5 MiB, the last shorter
+    digest = fake.add_blob("library/tiercold", data, trickle=0.01)  # a fill of about 4 s
+    hexpart = digest.split(":")[1]
+
+    def one(node):
+        status, body, complete = fetch(f"{node.url}/v2/library/tiercold/blobs/{digest}")
+        return status, complete, hashlib.sha256(body).hexdigest()
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, [a, b] * 8))
+    assert set(results) == {(200, True, hexpart)}
+    wait_for(lambda: local_copy(a, digest).exists() and local_copy(b, digest).exists())
+    assert local_copy(a, digest).read_bytes() == data == local_copy(b, digest).read_bytes()
+    time.sleep(1)  # Swift logs a request when it ends
+    pieces = range(0, len(data), 5 * MIB)
+    reads = {o: swift.object_gets(f"uploads/sha256/{hexpart}/{o:016d}") for o in pieces}
+    # Each node followed the fill once (into its tier), not once per client: at most one read
+    # of each piece per node (the fetching process reads what it still holds from memory).
+    assert max(reads.values()) <= 2 and sum(reads.values()) >= 1, reads
+    # The last bytes come after the bucket's commit, from the committed object: once per node,
+    # after an open of it at its first byte that is cut at once (ObjectReader opens at 0).
+    assert swift.object_gets(blob_key(digest)) <= 4
+
+
 def test_a_blob_the_gc_deletes_is_dropped_from_every_nodes_tier_at_once(
-    nodes, fake, swift, redis_server, prefix
+    nodes, writer, fake, swift, redis_server, prefix
 ):
     a, b = nodes
-    data, digest = in_bucket(a, fake, "tiergc", 3 * MIB)
+    data, digest = in_bucket(writer, fake, "tiergc", 3 * MIB)
     for node in (a, b):
         status, body, _complete = fetch(f"{node.url}/v2/library/tiergc/blobs/{digest}")
         assert status == 200 and body == data
@@ -180,14 +220,14 @@ def digest_of(text: str):
 
 
 def test_eviction_past_max_size_never_cuts_a_stream_in_progress(
-    tmp_path, redis_server, swift, fake, prefix
+    tmp_path, redis_server, swift, fake, prefix, writer
 ):
     node = start_node(
         tmp_path / "small", redis_server, swift, fake, prefix, max_size="20MiB", low_watermark=0.9
     )
     try:
-        first, first_digest = in_bucket(node, fake, "evictfirst", 12 * MIB)
-        second, second_digest = in_bucket(node, fake, "evictsecond", 12 * MIB)
+        first, first_digest = in_bucket(writer, fake, "evictfirst", 12 * MIB)
+        second, second_digest = in_bucket(writer, fake, "evictsecond", 12 * MIB)
         status, body, _complete = fetch(f"{node.url}/v2/library/evictfirst/blobs/{first_digest}")
         assert status == 200 and body == first
         wait_for(lambda: local_copy(node, first_digest).exists())

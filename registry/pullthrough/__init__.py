@@ -480,12 +480,28 @@ class PullThrough:
             # Joining a fill another repository's request started: only what upstream
             # confirms this repository has (checked before a single byte is streamed).
             self._entitle(target, digest, client)
+        size = started.size
+        if self.tiering is not None:
+            # One follower of the fill per node (a copy into the node's tier), which every
+            # client of the node streams, rather than one read of the pieces per client.
+            tiering = self.tiering
+
+            def source(offset: int) -> Iterator[bytes]:
+                return self.filler.stream(target, upstream, digest, size, offset, size - 1)
+
+            return Blob(
+                digest,
+                size,
+                "miss",
+                stream=lambda start, end: tiering.stream(digest, size, start, end, source),
+                joined=not started.fetcher,
+            )
         return Blob(
             digest,
-            started.size,
+            size,
             "miss",
             stream=lambda start, end: self.filler.stream(
-                target, upstream, digest, started.size, start, end
+                target, upstream, digest, size, start, end
             ),
             joined=not started.fetcher,
         )

@@ -1,11 +1,13 @@
-"""Committed blobs of an S3 store served through the node's local tier
-(`storage.s3.local_cache`, store/tier.py).
+"""Blobs of an S3 store served through the node's local tier (`storage.s3.local_cache`,
+store/tier.py): committed ones, and fills in progress.
 
 A blob with a verified local copy is served from it (sendfile, as from the filesystem
 driver). Otherwise the first request of the node copies it in from the bucket, in the
 background, one read of the bucket for the node whatever the number of its clients, and
 every client of the node streams that copy as it grows; its last byte waits for the copy's
-verified rename. A copy whose process died is taken over by the next client that finds no
+verified rename. A fill still in progress is copied in the same way by following it (one
+follower of the fill per node instead of one per client), and a failure of that fill
+reaches the node's clients. A copy whose process died is taken over by the next client that finds no
 live writer (resuming from its bytes).
 
 The bucket stays the truth: a blob is served from the tier only after the bucket said it has
@@ -22,12 +24,15 @@ from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from registry.digests import Digest
-from registry.errors import CacheUnavailable
+from registry.errors import CacheUnavailable, RegistryError
 from registry.metrics import Metrics
 from registry.store import ContentStore
 from registry.store.tier import LocalTier, TierCopy
 
 log = logging.getLogger(__name__)
+
+# The blob's bytes from an offset: a fill's stream (BlobFiller.stream), or the bucket's object.
+Source = Callable[[int], Iterator[bytes]]
 
 COPY_CHUNK = 1024 * 1024
 READ_CHUNK = 1024 * 1024
@@ -51,6 +56,8 @@ class TierServing:
         self.metrics = metrics
         self.spawn = spawn or _spawn_thread
         self._broke: dict[Digest, float] = {}  # when a copy of this process last broke off
+        # Why a copy that followed a fill ended without the blob (this process's clients).
+        self._errors: dict[Digest, RegistryError] = {}
 
     def open(self, digest: Digest, size: int) -> BinaryIO | None:
         """The verified local copy, counted as a tier hit; None when there is none."""
@@ -65,32 +72,45 @@ class TierServing:
             log.info("local tier dropped %s: the bucket no longer has it", digest)
 
     # -- copying in --------------------------------------------------------------------------
-    def ensure_copy(self, digest: Digest, size: int) -> bool:
+    def ensure_copy(self, digest: Digest, size: int, source: Source | None = None) -> bool:
         """Start copying the blob in unless a live process of the node does; True when this
-        call started it."""
+        call started it. `source(offset)`: the blob's bytes from `offset` (a fill's stream);
+        None: the committed object in the bucket."""
         broke = self._broke.get(digest)
         if broke is not None and time.monotonic() - broke < RETRY_AFTER:
             return False
         copy = self.tier.claim(digest, size)
         if copy is None:
             return False
-        self.spawn(lambda: self._copy(copy))
+        self._errors.pop(digest, None)
+        self.spawn(lambda: self._copy(copy, source or self._from_bucket(copy.digest)))
         return True
 
-    def _copy(self, copy: TierCopy) -> None:
-        started = time.monotonic()
-        try:
+    def _from_bucket(self, digest: Digest) -> Source:
+        def read(offset: int) -> Iterator[bytes]:
             if self.metrics is not None:
                 self.metrics.s3_blob_reads.labels("local_tier").inc()
-            with self.store.open_blob(copy.digest) as source:
-                source.seek(copy.offset)
-                while copy.offset < copy.size:
-                    data = source.read(min(COPY_CHUNK, copy.size - copy.offset))
+            with self.store.open_blob(digest) as source:
+                source.seek(offset)
+                while True:
+                    data = source.read(COPY_CHUNK)
                     if not data:
-                        break
-                    copy.write(data)
-                    if self.metrics is not None:
-                        self.metrics.tier_copied_bytes.inc(len(data))
+                        return
+                    yield data
+
+        return read
+
+    def _copy(self, copy: TierCopy, source: Source) -> None:
+        started = time.monotonic()
+        try:
+            for data in source(copy.offset):
+                if copy.offset + len(data) > copy.size:
+                    break  # more than the blob: the commit below refuses it
+                copy.write(data)
+                if self.metrics is not None:
+                    self.metrics.tier_copied_bytes.inc(len(data))
+                if copy.offset >= copy.size:
+                    break
             if copy.commit():
                 self._broke.pop(copy.digest, None)
                 log.info(
@@ -101,6 +121,10 @@ class TierServing:
                 )
             else:
                 log.warning("local tier copy of %s did not match its digest; dropped", copy.digest)
+        except RegistryError as exc:  # the fill it followed failed: its clients hear why
+            self._errors[copy.digest] = exc
+            self._broke[copy.digest] = time.monotonic()
+            log.warning("local tier copy of %s ended with its fill: %s", copy.digest, exc)
         except Exception as exc:  # the bucket failed: what was copied stays to resume from
             self._broke[copy.digest] = time.monotonic()
             log.warning("local tier copy of %s broke off: %s", copy.digest, exc)
@@ -108,9 +132,12 @@ class TierServing:
             copy.close()
 
     # -- every client ----------------------------------------------------------------------------
-    def stream(self, digest: Digest, size: int, start: int, end: int) -> Iterator[bytes]:
-        """Bytes [start, end] of the node's copy as it grows (copied in by whoever holds it)."""
-        self.ensure_copy(digest, size)
+    def stream(
+        self, digest: Digest, size: int, start: int, end: int, source: Source | None = None
+    ) -> Iterator[bytes]:
+        """Bytes [start, end] of the node's copy as it grows (copied in by whoever holds it:
+        from the bucket, or with `source`, following a fill still in progress)."""
+        self.ensure_copy(digest, size, source)
         handle = self.tier.follow(digest)
         pos = start
         last_progress = time.monotonic()
@@ -133,10 +160,13 @@ class TierServing:
                 if not complete and self.tier.complete(digest):
                     complete = True
                     continue
+                error = self._errors.get(digest)
+                if error is not None and not complete and not self.tier.copying(digest):
+                    raise error
                 if handle is None or (not complete and not self.tier.copying(digest)):
                     # Nobody copies it now (the copy broke off, or its process died): this
                     # client resumes it, and follows whatever file holds it now.
-                    self.ensure_copy(digest, size)
+                    self.ensure_copy(digest, size, source)
                     if handle is not None:
                         handle.close()
                     handle = self.tier.follow(digest)

@@ -162,10 +162,12 @@ class Swift:
     def object_gets(self, key: str) -> int:
         """Clients' GETs of the object whose key ends with `key` that sent its bytes (200 or
         206, or 499: the client went away mid-body), as the proxy logged them so far (a
-        request logs when it ends; the proxy's own subrequests for a large object's segments
-        are not counted)."""
+        request logs when it ends; the proxy's own subrequests, which log no client address,
+        are not counted: a large object's segments, the source of a server-side copy)."""
         quoted = re.escape(urllib.parse.quote(key))
-        needle = re.compile(rf" GET /\S*/{quoted} HTTP/[0-9.]+ (?:200|206|499) ")
+        needle = re.compile(
+            rf"proxy-server: \d\S* .* GET /\S*/{quoted} HTTP/[0-9.]+ (?:200|206|499) "
+        )
         return sum(1 for line in self.access if needle.search(line))
 
     def start(self) -> Swift:
