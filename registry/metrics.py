@@ -17,8 +17,9 @@ Counters (all with the `pullthrough_` prefix; README lists them with their label
     local_tier_hits_total                          blob requests served from the node's copy
     local_tier_copied_bytes_total                  bytes copied into the node's tier
     local_tier_evictions_total                     copies evicted past local_cache.max_size
-    s3_blob_reads_total{for}                       blob objects read from the bucket: local_tier
-                                                   (a copy into the node's tier) | client
+    s3_blob_reads_total{for}                       blobs read from the bucket: local_tier (a
+                                                   node's copy into its tier, of a committed
+                                                   blob or a fill) | client (one client's GET)
 Gauges read at scrape time: local_tier_bytes, local_tier_max_bytes, local_tier_blobs (the
 node's local tier, of whichever worker answers: they share the disk).
 """
@@ -116,8 +117,9 @@ class Metrics:
         )
         self.s3_blob_reads = Counter(
             "pullthrough_s3_blob_reads",
-            "Blob objects read from the bucket, by what for (local_tier: a copy into the node's "
-            "tier; client: streamed to one client).",
+            "Blobs read from the bucket, by what for (local_tier: a node's one copy into its "
+            "tier, of a committed blob or of a fill; client: one client's GET of a committed "
+            "blob).",
             ["for"],
             registry=reg,
         )

@@ -23,6 +23,7 @@ from registry.config import settings_from_mapping
 from registry.gc import Collector
 from tests.conftest import s3_section
 from tests.support.clients import fetch
+from tests.support.fakes import Route
 from tests.support.servers import Gunicorn, ThrottledRelay, require
 
 MIB = 1 << 20
@@ -105,6 +106,14 @@ def metric(node, name: str) -> float:
     return float(match.group(1))
 
 
+def reads_metric(node) -> float:
+    text = requests.get(f"{node.url}/metrics", timeout=10).text
+    match = re.search(
+        r'^pullthrough_s3_blob_reads_total\{for="local_tier"\} (\S+)$', text, flags=re.MULTILINE
+    )
+    return float(match.group(1)) if match else 0.0
+
+
 def wait_for(condition, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -119,6 +128,7 @@ def test_a_herd_on_two_nodes_reads_the_bucket_once_per_node_then_local_copies_se
     data, digest = in_bucket(writer, fake, "tierherd", 24 * MIB)
     read_before = swift.object_gets(blob_key(digest))
     hits_before = metric(a, "pullthrough_local_tier_hits_total")
+    copies_before = [reads_metric(node) for node in (a, b)]
 
     def one(node):
         status, body, complete = fetch(f"{node.url}/v2/library/tierherd/blobs/{digest}")
@@ -131,6 +141,8 @@ def test_a_herd_on_two_nodes_reads_the_bucket_once_per_node_then_local_copies_se
     assert local_copy(a, digest).read_bytes() == data == local_copy(b, digest).read_bytes()
     time.sleep(0.5)  # Swift logs a request when it ends
     assert swift.object_gets(blob_key(digest)) - read_before == 2  # one per node
+    # What each node counted: one read of the bucket each (the figure of that truth).
+    assert [reads_metric(n) - c for n, c in zip((a, b), copies_before, strict=True)] == [1, 1]
 
     # From now on the nodes serve their own copies: the bucket is not read again.
     for node in (a, b, a, b):
@@ -183,6 +195,22 @@ def test_a_cold_herd_over_two_nodes_reads_each_stored_piece_once_per_node(nodes,
     # The last bytes come after the bucket's commit, from the committed object: once per node,
     # after an open of it at its first byte that is cut at once (ObjectReader opens at 0).
     assert swift.object_gets(blob_key(digest)) <= 4
+
+
+def test_a_fill_that_fails_on_its_digest_ends_its_tier_clients_and_leaves_no_copy(nodes, fake):
+    a, _b = nodes
+    good = random.randbytes(3 * MIB)
+    digest = "sha256:" + hashlib.sha256(good).hexdigest()
+    poisoned = bytearray(good)
+    poisoned[2 * MIB] ^= 0xFF
+    fake.routes[f"/v2/library/tierpoison/blobs/{digest}"] = Route(body=bytes(poisoned))
+    status, body, complete = fetch(f"{a.url}/v2/library/tierpoison/blobs/{digest}")
+    # An error, or a 200 cut short: never the whole body (its last byte waits for the copy).
+    assert status != 200 or not complete
+    assert len(body) < len(good)
+    hexpart = digest.split(":")[1]
+    wait_for(lambda: not (a.tier / "partial" / "sha256" / hexpart).exists())
+    assert not local_copy(a, digest).exists()
 
 
 def test_a_blob_the_gc_deletes_is_dropped_from_every_nodes_tier_at_once(

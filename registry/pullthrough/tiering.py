@@ -83,13 +83,13 @@ class TierServing:
         if copy is None:
             return False
         self._errors.pop(digest, None)
+        if self.metrics is not None:  # the node's one read of the blob (its pieces, or object)
+            self.metrics.s3_blob_reads.labels("local_tier").inc()
         self.spawn(lambda: self._copy(copy, source or self._from_bucket(copy.digest)))
         return True
 
     def _from_bucket(self, digest: Digest) -> Source:
         def read(offset: int) -> Iterator[bytes]:
-            if self.metrics is not None:
-                self.metrics.s3_blob_reads.labels("local_tier").inc()
             with self.store.open_blob(digest) as source:
                 source.seek(offset)
                 while True:
@@ -122,6 +122,8 @@ class TierServing:
             else:
                 log.warning("local tier copy of %s did not match its digest; dropped", copy.digest)
         except RegistryError as exc:  # the fill it followed failed: its clients hear why
+            # Its bytes are that fill's (maybe a poisoned one's): nothing to resume from.
+            copy.discard()
             self._errors[copy.digest] = exc
             self._broke[copy.digest] = time.monotonic()
             log.warning("local tier copy of %s ended with its fill: %s", copy.digest, exc)
