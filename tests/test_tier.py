@@ -241,6 +241,25 @@ def test_a_blob_the_gc_deletes_is_dropped_from_every_nodes_tier_at_once(
     assert response.status_code == 200 and response.content == data  # fetched again
 
 
+def test_a_copy_of_a_blob_the_bucket_lost_is_never_served_and_is_dropped(
+    nodes, writer, fake, swift, prefix
+):
+    from tests.conftest import SWIFT_BUCKET
+
+    a, _b = nodes
+    data, digest = in_bucket(writer, fake, "tierlost", 2 * MIB)
+    status, body, _complete = fetch(f"{a.url}/v2/library/tierlost/blobs/{digest}")
+    assert status == 200 and body == data
+    wait_for(lambda: local_copy(a, digest).exists())
+    # Gone from the bucket with no message to the nodes (as if this node missed the sweep's),
+    # and from upstream too.
+    swift.client().delete_object(Bucket=SWIFT_BUCKET, Key=f"{prefix}/{blob_key(digest)}")
+    del fake.routes[f"/v2/library/tierlost/blobs/{digest}"]
+    response = requests.get(f"{a.url}/v2/library/tierlost/blobs/{digest}", timeout=10)
+    assert response.status_code == 404  # the bucket is the truth, not the local copy
+    assert not local_copy(a, digest).exists()
+
+
 def digest_of(text: str):
     from registry.digests import Digest
 

@@ -436,6 +436,9 @@ class PullThrough:
         self, target: Target, digest: Digest, *, head: bool = False, client: str | None = None
     ) -> Blob:
         size = self.store.blob_size(digest)
+        if size is None and self.tiering is not None:
+            # The bucket lost it (a sweep whose message this node missed): so has the tier.
+            self.tiering.forget(digest)
         if size is not None:
             if not self.store.is_linked(target, digest):
                 self._entitle(target, digest, client)
