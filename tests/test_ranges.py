@@ -180,6 +180,22 @@ def test_a_range_that_stalls_is_given_up_after_the_read_timeout_and_asked_for_ag
     assert 0 <= fake.body_bytes - sent - len(data) <= 64 * 1024
 
 
+def test_later_ranges_answered_with_other_bytes_end_in_one_stream_not_whole_gets_per_range(
+    cache, fake
+):
+    data = random.randbytes(6 * MIB)
+    # The first range (from 0) is right; every later one comes back as the blob's start.
+    digest = fake.add_blob("library/misplaced", data, misplaced_ranges=True)
+    mark = len(fake.hits)
+    status, body, complete = fetch(f"{cache.url}/v2/library/misplaced/blobs/{digest}")
+    assert status == 200 and complete and body == data
+    gets = blob_gets(fake, digest, mark)
+    # The parallel fill failed on its later ranges without asking for the whole blob in
+    # their place; its takeover, whose first range came back wrong too, fell back to one
+    # stream of the whole blob: once.
+    assert gets.count(None) == 1, gets
+
+
 def test_an_upstream_that_ignores_range_is_one_stream_and_nothing_twice(cache, fake):
     data = random.randbytes(5 * MIB)
     digest = fake.add_blob("library/norange", data, honour_range=False)

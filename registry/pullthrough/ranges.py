@@ -401,7 +401,7 @@ class RangedCopy:
     def _open(self, seg: Segment) -> BlobStream:
         self.requests += 1
         stream = self.upstream.open_range(
-            self.repository, str(self.ranged.digest), seg.pos, seg.end - 1
+            self.repository, str(self.ranged.digest), seg.pos, seg.end - 1, fallback=False
         )
         if not stream.ranged or stream.offset != seg.pos or stream.total != self.ranged.total:
             stream.close()

@@ -221,13 +221,16 @@ class UpstreamClient:
         total = count_or_none(length)
         return BlobStream(response, 0, total)
 
-    def open_range(self, repository: str, digest: str, start: int, end: int) -> BlobStream:
+    def open_range(
+        self, repository: str, digest: str, start: int, end: int, *, fallback: bool = True
+    ) -> BlobStream:
         """Bytes [start, end] of a blob (`end` past the blob's last byte is the rest of it).
 
         `ranged` when upstream answered 206 with exactly that range (its total then known);
         a 200 is upstream ignoring Range: the whole blob from 0, never fetched twice by the
         caller. A 416 whose `bytes */SIZE` is `start` says nothing lies past `start` (no
-        response). A range upstream got wrong is asked for again without Range."""
+        response). A range upstream got wrong is asked for again without Range, unless not
+        `fallback` (a later range of a parallel fill: that is an error, not a whole blob)."""
         response = self._request(
             "GET",
             repository,
@@ -242,12 +245,16 @@ class UpstreamClient:
             if first == start and total and last == min(end, total - 1):
                 return BlobStream(response, start, total, ranged=True)
             response.close()
+            if not fallback:
+                raise self._failure(f"answered the range {start}-{end} of {digest} with another")
             return self.open_blob(repository, digest, 0)
         if response.status_code == 416:
             total = _unsatisfiable_size(response.headers.get("Content-Range"))
             response.close()
             if total is not None and total == start:
                 return BlobStream(None, start, total, ranged=True)
+            if not fallback:
+                raise self._failure(f"refused the range {start}-{end} of {digest}")
             return self.open_blob(repository, digest, 0)
         if response.status_code != 200:
             response.close()

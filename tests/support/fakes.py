@@ -32,6 +32,9 @@ class Route:
     # GETs answer 307 to a one-time URL on this server (a CDN's expiring, presigned URL),
     # which serves the body without asking for Authorization; a second use is a 403.
     cdn: bool = False
+    # A range that does not start at 0 is answered with the blob's start instead (a broken
+    # CDN): the Content-Range says so.
+    misplaced_ranges: bool = False
 
 
 class FakeRegistry(LoopbackHTTP):
@@ -140,6 +143,8 @@ class FakeRegistry(LoopbackHTTP):
                 start = 0
                 headers = dict(route.headers)
                 if rng and route.honour_range and status == 200 and rng.startswith("bytes="):
+                    if route.misplaced_ranges and first > 0:
+                        first, last = 0, last - first
                     start = first
                     headers["Content-Range"] = f"bytes {first}-{last}/{len(body)}"
                     status = 206
