@@ -161,13 +161,19 @@ def warm(node: Gunicorn, redirecting: Gunicorn, swift: Swift, prefix: str, layer
         "curl on a presigned URL (Swift itself)": lambda n: curl_downloads(presigned, n, size),
         "boto3 get_object (the limit)": lambda n: boto3_downloads(client, key, n, size),
     }
+    return take_turns(ways, "pullthrough (S3 driver, streamed)", node, size)
+
+
+def take_turns(ways: dict, ours: str, node: Gunicorn, size: int) -> dict:
+    """MiB/s of each way with 1 and 8 clients, REPEATS rounds with the ways taking turns
+    (medians), and the CPU per GiB of `node` while way `ours` ran."""
     out: dict = {}
     for clients in (1, 8):
         runs: dict[str, list[float]] = {name: [] for name in ways}
         cpu: list[float] = []
         for _ in range(REPEATS):
             for name, way in ways.items():
-                if name.startswith("pullthrough (S3"):
+                if name == ours:
                     _wall, seconds, rate = timed_cpu(
                         tree(node.proc.pid), lambda w=way, n=clients: w(n)
                     )
@@ -251,22 +257,7 @@ def tier_scenarios(node: Gunicorn, nginx: Nginx, swift: Swift, prefix: str, laye
         "pullthrough, local tier": lambda n: curl_downloads(node.url + path, n, size),
         "nginx on the same file": lambda n: curl_downloads(nginx.blob_url(layer), n, size),
     }
-    for clients in (1, 8):
-        runs: dict[str, list[float]] = {name: [] for name in ways}
-        cpu: list[float] = []
-        for _ in range(REPEATS):
-            for name, way in ways.items():
-                if name.startswith("pullthrough"):
-                    _wall, seconds, rate = timed_cpu(
-                        tree(node.proc.pid), lambda w=way, n=clients: w(n)
-                    )
-                    cpu.append(seconds / (clients * size / (1 << 30)))
-                else:
-                    rate = way(clients)
-                runs[name].append(rate)
-        out[clients] = {name: median(rates) for name, rates in runs.items()}
-        out[clients]["cpu_per_gib"] = median(cpu)
-    return out
+    return {**out, **take_turns(ways, "pullthrough, local tier", node, size)}
 
 
 def write(results: dict, layers: dict) -> None:

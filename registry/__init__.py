@@ -130,13 +130,13 @@ def build_pullthrough(
 def listen_for_deletions(pullthrough: PullThrough) -> threading.Thread:
     """The GC's deletions reach this process's node tier as they happen (a greenlet under
     gunicorn's gevent workers; every worker listens, a deletion is idempotent)."""
-    tier = pullthrough.tier
-    assert tier is not None
+    tiering = pullthrough.tiering
+    assert tiering is not None
 
     def drop(digests: list[str]) -> None:
         for text in digests:
-            if looks_like_digest(text) and tier.forget(Digest.parse(text)):
-                log.info("local tier dropped %s: the GC deleted it", text)
+            if looks_like_digest(text):
+                tiering.forget(Digest.parse(text))
 
     thread = threading.Thread(
         target=lambda: pullthrough.coord.tiers.listen(drop), name="tier-deletions", daemon=True

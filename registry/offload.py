@@ -10,6 +10,7 @@ fill from the same worker wait.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -45,3 +46,11 @@ def hash_update(hasher, data: bytes) -> None:
         hasher.update(data)
     else:
         offload(hasher.update, data)
+
+
+def spawn(target: Callable[[], None], name: str) -> threading.Thread:
+    """Run `target` in the background: a daemon thread, a greenlet under gevent (where a
+    real thread is what offload() is for)."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread

@@ -34,8 +34,8 @@ class TierNews:
         """Call on_deleted with each message's digests, forever; after a Redis failure,
         subscribe again (what was published meanwhile is missed: the check on serve)."""
         while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(CHANNEL)
                 while True:
                     # A short wait rather than listen(): the client's socket timeout would
@@ -48,4 +48,6 @@ class TierNews:
                 log.info("local tier: listening for deletions failed (%s); again soon", exc)
             except Exception:
                 log.exception("local tier: a deletion could not be applied")
+            finally:
+                pubsub.close()
             time.sleep(retry)

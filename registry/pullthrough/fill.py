@@ -23,6 +23,7 @@ followers in any process.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -46,6 +47,7 @@ from registry.fills import FailReason, FillPhase, FillRecord, FillState, FillWri
 from registry.metrics import Metrics
 from registry.names import Target
 from registry.offload import hash_update
+from registry.offload import spawn as spawn_thread
 from registry.pullthrough.ranges import (
     MIN_SEGMENT,
     LeaseLost,
@@ -145,7 +147,7 @@ class BlobFiller:
         self.coord = coordination
         self.start_timeout = start_timeout
         self.stall_timeout = stall_timeout
-        self.spawn = spawn or _spawn_thread
+        self.spawn = spawn or functools.partial(spawn_thread, name="blob-fill")
         self.metrics = metrics
         self.max_fills = max_fills
         self.max_fills_per_client = max_fills_per_client
@@ -356,7 +358,7 @@ class BlobFiller:
             report=lambda: fill.writer.progress(
                 ranged.total - ranged.remaining(), ranged.stored(), ranged.ranges()
             ),
-            spawn=_spawn_range_thread,
+            spawn=functools.partial(spawn_thread, name="blob-range"),
         )
         first, fill.stream = fill.stream, None
         try:
@@ -669,15 +671,3 @@ def _error_from(record: FillRecord, message: str | None = None) -> RegistryError
         headers=headers,
         reason=record.error_reason or None,
     )
-
-
-def _spawn_range_thread(target: Callable[[], None]) -> threading.Thread:
-    thread = threading.Thread(target=target, name="blob-range", daemon=True)
-    thread.start()
-    return thread
-
-
-def _spawn_thread(target: Callable[[], None]) -> threading.Thread:
-    thread = threading.Thread(target=target, name="blob-fill", daemon=True)
-    thread.start()
-    return thread

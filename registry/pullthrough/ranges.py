@@ -19,6 +19,7 @@ request goes to the registry (a fresh redirect, without Authorization, as every 
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
@@ -238,7 +239,8 @@ class RangedUpload:
             at = self.prefix - seg.side_start
             data = seg.side.read_range(at, min(COPY_CHUNK, seg.pos - self.prefix))
             if not data:
-                raise OSError(f"the extent of {self.digest} at {seg.side_start} shrank")
+                # Our own file lost bytes: a storage failure (a 503 naming it), not upstream's.
+                raise OSError(errno.EIO, f"the extent of {self.digest} at {seg.side_start} shrank")
             if not self.in_place:
                 self.upload.pwrite(data, self.prefix)
                 self.main_end = self.prefix + len(data)
@@ -328,7 +330,6 @@ class RangedCopy:
         self.report = report
         self.spawn = spawn
         self.error: BaseException | None = None
-        self.requests = 0
         self._last_report = 0.0
         self._lock = threading.Lock()
 
@@ -399,7 +400,6 @@ class RangedCopy:
         time.sleep(min(2.0, 0.25 * 2**seg.attempts))
 
     def _open(self, seg: Segment) -> BlobStream:
-        self.requests += 1
         stream = self.upstream.open_range(
             self.repository, str(self.ranged.digest), seg.pos, seg.end - 1, fallback=False
         )

@@ -17,15 +17,16 @@ deletions reach every node's tier at once through coordination/tiers.py.
 
 from __future__ import annotations
 
+import functools
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from registry.digests import Digest
-from registry.errors import CacheUnavailable, RegistryError
+from registry.errors import CacheUnavailable, RegistryError, storage_failure
 from registry.metrics import Metrics
+from registry.offload import spawn as spawn_thread
 from registry.store import ContentStore
 from registry.store.tier import LocalTier, TierCopy
 
@@ -54,10 +55,12 @@ class TierServing:
         self.tier = tier
         self.stall_timeout = stall_timeout
         self.metrics = metrics
-        self.spawn = spawn or _spawn_thread
+        self.spawn = spawn or functools.partial(spawn_thread, name="tier-copy")
         self._broke: dict[Digest, float] = {}  # when a copy of this process last broke off
         # Why a copy that followed a fill ended without the blob (this process's clients).
         self._errors: dict[Digest, RegistryError] = {}
+        # What a copy from the bucket last broke on (told to a client whose copy stalls).
+        self._broken_by: dict[Digest, RegistryError] = {}
 
     def open(self, digest: Digest, size: int) -> BinaryIO | None:
         """The verified local copy, counted as a tier hit; None when there is none."""
@@ -67,7 +70,7 @@ class TierServing:
         return handle
 
     def forget(self, digest: Digest) -> None:
-        """The bucket has no such blob (any more): neither has the tier."""
+        """The bucket has no such blob (any more, a GC deleted it): neither has the tier."""
         if self.tier.forget(digest):
             log.info("local tier dropped %s: the bucket no longer has it", digest)
 
@@ -113,6 +116,7 @@ class TierServing:
                     break
             if copy.commit():
                 self._broke.pop(copy.digest, None)
+                self._broken_by.pop(copy.digest, None)
                 log.info(
                     "local tier copied %s bytes=%d seconds=%.3f",
                     copy.digest,
@@ -129,6 +133,10 @@ class TierServing:
             log.warning("local tier copy of %s ended with its fill: %s", copy.digest, exc)
         except Exception as exc:  # the bucket failed: what was copied stays to resume from
             self._broke[copy.digest] = time.monotonic()
+            self._broken_by[copy.digest] = storage_failure(exc) or CacheUnavailable(
+                f"the local copy of {copy.digest} broke off: {type(exc).__name__}",
+                reason=f"the local tier's copy broke off ({type(exc).__name__})",
+            )
             log.warning("local tier copy of %s broke off: %s", copy.digest, exc)
         finally:
             copy.close()
@@ -162,10 +170,11 @@ class TierServing:
                 if not complete and self.tier.complete(digest):
                     complete = True
                     continue
+                nobody = not complete and not self.tier.copying(digest)
                 error = self._errors.get(digest)
-                if error is not None and not complete and not self.tier.copying(digest):
+                if error is not None and nobody:
                     raise error
-                if handle is None or (not complete and not self.tier.copying(digest)):
+                if handle is None or nobody:
                     # Nobody copies it now (the copy broke off, or its process died): this
                     # client resumes it, and follows whatever file holds it now.
                     self.ensure_copy(digest, size, source)
@@ -173,7 +182,8 @@ class TierServing:
                         handle.close()
                     handle = self.tier.follow(digest)
                 if time.monotonic() - last_progress > self.stall_timeout:
-                    raise CacheUnavailable(
+                    # The bucket's last failure when there was one, not only "stalled".
+                    raise self._broken_by.get(digest) or CacheUnavailable(
                         f"the local copy of {digest} stopped growing",
                         reason="the local tier's copy stalled",
                     )
@@ -182,9 +192,3 @@ class TierServing:
         finally:
             if handle is not None:
                 handle.close()
-
-
-def _spawn_thread(target: Callable[[], None]) -> threading.Thread:
-    thread = threading.Thread(target=target, name="tier-copy", daemon=True)
-    thread.start()
-    return thread

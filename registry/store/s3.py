@@ -278,15 +278,7 @@ class S3Driver:
     def partial_size(self, path: str) -> int | None:
         """Bytes a fill can resume from: the run of whole pieces from offset 0."""
         pieces = self.pieces(path)
-        if not pieces:
-            return None
-        size = 0
-        whole = pieces[0][1]
-        for offset, length, _mtime in pieces:
-            if offset != size or length != whole:
-                break  # a gap, or the short last piece (rewritten by whoever resumes)
-            size += length
-        return size
+        return _leading_run(pieces) if pieces else None
 
     def list_partials(self, path: str) -> Iterator[tuple[str, float]]:
         """(partial path, newest piece's mtime) of every fill's pieces under `path`."""
@@ -321,9 +313,10 @@ class S3Driver:
     def extents(self, path: str) -> list[tuple[int, int]]:
         """(offset, size) of each run of pieces past the run from offset 0 (ranges an earlier
         parallel fill stored ahead of its bytes in order)."""
-        held = self.partial_size(path) or 0
+        pieces = self.pieces(path)  # one listing for both
+        held = _leading_run(pieces)
         runs: list[list[int]] = []
-        for offset, size, _mtime in self.pieces(path):
+        for offset, size, _mtime in pieces:
             if offset < held:
                 continue
             if runs and runs[-1][0] + runs[-1][1] == offset:
@@ -481,6 +474,17 @@ class ObjectReader(io.RawIOBase):
     def close(self) -> None:
         self._drop()
         super().close()
+
+
+def _leading_run(pieces: list[tuple[int, int, float]]) -> int:
+    """Bytes of the run of whole pieces from offset 0 (`pieces` by offset)."""
+    size = 0
+    whole = pieces[0][1] if pieces else 0
+    for offset, length, _mtime in pieces:
+        if offset != size or length != whole:
+            break  # a gap, or the short last piece (rewritten by whoever resumes)
+        size += length
+    return size
 
 
 def _invalid_range(exc: OSError) -> bool:

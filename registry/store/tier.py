@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from registry.digests import Digest
+from registry.store import paths
 from registry.store.filesystem import FilesystemDriver, LocalFollower
 
 log = logging.getLogger(__name__)
 
-BLOBS = "blobs"
+BLOBS = paths.BLOBS
 PARTIAL = "partial"
 # A served copy's mtime is moved forward at most this often (the LRU needs no finer order).
 TOUCH_EVERY = 60.0
@@ -54,7 +55,7 @@ class LocalTier:
 
     @staticmethod
     def blob_path(digest: Digest) -> str:
-        return f"{BLOBS}/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+        return paths.blob(digest)  # the filesystem store's own layout
 
     @staticmethod
     def partial_path(digest: Digest) -> str:

@@ -196,7 +196,7 @@ class UpstreamClient:
             blob=True,
         )
         if offset and response.status_code == 206:
-            start, total = _content_range(response.headers.get("Content-Range"))
+            start, _end, total = _content_range(response.headers.get("Content-Range"))
             if start == offset:
                 return BlobStream(response, offset, total)
             response.close()
@@ -213,13 +213,15 @@ class UpstreamClient:
             response = self._request(
                 "GET", repository, f"blobs/{digest}", stream=True, follow=True, blob=True
             )
+        return self._whole_blob(response, repository, digest)
+
+    def _whole_blob(self, response: requests.Response, repository: str, digest: str) -> BlobStream:
+        """A `200`'s whole blob from its first byte; any other answer is an error."""
         if response.status_code != 200:
             response.close()
             self._raise_for_status(response, repository, BlobUnknown, f"blob {digest}")
             raise self._failure(f"answered {response.status_code} for blob {digest}")
-        length = response.headers.get("Content-Length")
-        total = count_or_none(length)
-        return BlobStream(response, 0, total)
+        return BlobStream(response, 0, count_or_none(response.headers.get("Content-Length")))
 
     def open_range(
         self, repository: str, digest: str, start: int, end: int, *, fallback: bool = True
@@ -241,7 +243,7 @@ class UpstreamClient:
             blob=True,
         )
         if response.status_code == 206:
-            first, last, total = _content_range_bounds(response.headers.get("Content-Range"))
+            first, last, total = _content_range(response.headers.get("Content-Range"))
             if first == start and total and last == min(end, total - 1):
                 return BlobStream(response, start, total, ranged=True)
             response.close()
@@ -256,11 +258,7 @@ class UpstreamClient:
             if not fallback:
                 raise self._failure(f"refused the range {start}-{end} of {digest}")
             return self.open_blob(repository, digest, 0)
-        if response.status_code != 200:
-            response.close()
-            self._raise_for_status(response, repository, BlobUnknown, f"blob {digest}")
-            raise self._failure(f"answered {response.status_code} for blob {digest}")
-        return BlobStream(response, 0, count_or_none(response.headers.get("Content-Length")))
+        return self._whole_blob(response, repository, digest)
 
     def list_referrers(self, repository: str, digest: str) -> list[bytes] | None:
         """Every page of upstream's referrers of `digest` (image index bodies, `Link` pages
@@ -643,16 +641,7 @@ def _media_type(response: requests.Response) -> str:
     return response.headers.get("Content-Type", "application/octet-stream").split(";")[0].strip()
 
 
-def _content_range(value: str | None) -> tuple[int | None, int | None]:
-    """(start, total) of `bytes START-END/TOTAL`; None for what is missing or malformed."""
-    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", (value or "").strip())
-    if not match:
-        return None, None
-    total = match.group(2)
-    return int(match.group(1)), count_or_none(total)
-
-
-def _content_range_bounds(value: str | None) -> tuple[int | None, int | None, int | None]:
+def _content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
     """(start, end, total) of `bytes START-END/TOTAL`; None for what is missing or malformed."""
     match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", (value or "").strip())
     if not match:
