@@ -19,6 +19,7 @@ import uuid
 
 import pytest
 import redis as redis_lib
+import yaml
 from playwright.sync_api import sync_playwright
 
 from tests.conftest import s3_section
@@ -443,3 +444,35 @@ def test_on_s3_a_fetcher_killed_with_ranges_stored_ahead_is_taken_over_from_its_
     keys = dict(bucket_keys(swift, s3_node.prefix))
     assert keys[f"blobs/sha256/{hexpart[:2]}/{hexpart}"] == len(data)
     assert not [k for k in keys if k.startswith("uploads/")]
+
+
+def test_a_node_waits_out_a_slow_first_piece_while_the_ranges_ahead_still_arrive(
+    s3_node, fake, swift, tmp_path, redis_server
+):
+    # A second node on the same bucket: its client reads the fill piece by piece, and the
+    # first piece (5 MiB at about 0.5 MiB/s) takes longer than a follower waits for bytes in
+    # front of it (read_timeout + 3 lease_ttl: 8 s here); the ranges ahead arrive all along.
+    config = yaml.safe_load(s3_node.config_path.read_text())
+    other = Gunicorn.with_config(
+        tmp_path / "other-node",
+        redis_server.url,
+        config["registries"],
+        storage=config["storage"],
+        upstream=config["upstream"],
+    )
+    try:
+        data = random.randbytes(4 * PIECE + 77_777)
+        digest = fake.add_blob(
+            "library/slowpiece", data, fault_at=0, trickle=0.12, rest_trickle=0.1
+        )
+        path = f"/v2/library/slowpiece/blobs/{digest}"
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            # One node fetches, the other follows it from the pieces (whichever is first).
+            results = list(pool.map(fetch, [s3_node.url + path, other.url + path]))
+        waited = time.monotonic() - started
+        for status, body, complete in results:
+            assert status == 200 and complete and body == data
+        assert waited > 8  # longer than the stall timeout, yet the fill was alive
+    finally:
+        other.stop()

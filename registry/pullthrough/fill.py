@@ -587,6 +587,7 @@ class BlobFiller:
         takeovers = 0
         last_progress = time.monotonic()
         last_check = 0.0
+        fill_written = 0
         sleep = 0.001
         try:
             while pos <= end:
@@ -639,6 +640,11 @@ class BlobFiller:
                             last_progress = now
                     if record.state is FillState.COMMITTING and held:
                         last_progress = now  # the fetcher is alive, storing the blob
+                    if held and record.active and record.written > fill_written:
+                        # The fill is getting bytes, if not yet the ones in front of ours (a
+                        # parallel fill's first range, slower than those ahead of it).
+                        fill_written = record.written
+                        last_progress = now
                     if now - last_progress > self.stall_timeout:
                         raise UpstreamUnavailable(
                             f"fill of {digest} from upstream {upstream.registry.name} stalled",

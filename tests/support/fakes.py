@@ -29,6 +29,7 @@ class Route:
     faulty_requests: int = 1 << 30  # the fault knobs apply to this many requests, then stop
     # Only requests whose bytes include this offset are faulty (one range of a parallel fill).
     fault_at: int | None = None
+    rest_trickle: float = 0.0  # seconds between 64 KiB chunks of the requests not faulty
     # GETs answer 307 to a one-time URL on this server (a CDN's expiring, presigned URL),
     # which serves the body without asking for Authorization; a second use is a 403.
     cdn: bool = False
@@ -173,6 +174,8 @@ class FakeRegistry(LoopbackHTTP):
                             fake.body_bytes += len(chunk)
                         if route.trickle and faulty:
                             time.sleep(route.trickle)
+                        elif route.rest_trickle and not faulty:
+                            time.sleep(route.rest_trickle)
                 except (BrokenPipeError, ConnectionResetError):
                     return
                 if cut is not None:
