@@ -1,23 +1,26 @@
 """A model of a parallel fill's storage (registry/pullthrough/ranges.py RangedUpload): a
 hypothesis state machine writes the segments' chunks in any interleaving (the order in which
 concurrent ranges happen to arrive), and kills the fetcher at any point (its RangedUpload is
-dropped with whatever it had on disk, and a new one resumes from the upload and its side
-files, as a takeover does), on the real filesystem store.
+dropped with whatever it had on disk, and a new one resumes from the upload and its extents,
+as a takeover does), on the real filesystem store, with extents written into the upload in
+place (user attributes mark its bytes in order) and as side files (a filesystem without them).
 
 Checked after every step:
-- the upload holds exactly the blob's first `prefix` bytes, and the running hash is the hash
-  of those bytes (what clients are sent, and what is verified, is always the blob's prefix);
-- every side file holds the blob's bytes at its offset, and none lies wholly in the prefix;
+- what a follower of the upload may read (and a takeover resumes from) is the blob's first
+  bytes, at least `prefix` of them, and the running hash is the hash of the first `prefix`
+  (what clients are sent, and what is verified, is always the blob's prefix);
+- every extent holds the blob's bytes at its offset, and none lies wholly in the prefix;
 - no byte is asked of upstream twice (a resumed fill fetches only what nothing stored);
-and at the end of the blob, after settle(), the digest matches and no side file is left.
+and at the end of the blob, after settle(), the digest matches and no extent is left.
 
-Mutation-checked (test_the_model_catches_*): side bytes hashed but not copied into the upload,
-and a resume that ignores the side files.
+Mutation-checked (test_the_model_catches): side bytes hashed but not copied into the upload,
+a resume that ignores the extents, and a range written in place before the upload is marked.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 
 import pytest
@@ -33,10 +36,10 @@ from hypothesis.stateful import (
 )
 
 from registry.digests import Digest
-from registry.pullthrough import ranges as ranges_module
 from registry.pullthrough.fill import _hash_prefix
 from registry.pullthrough.ranges import RangedUpload
 from registry.store import ContentStore, FilesystemDriver
+from registry.store.filesystem import UploadExtent
 
 SIZE = 200_000
 ALIGN = 4096
@@ -46,13 +49,14 @@ WORKERS = 3
 
 class RangedModel(RuleBasedStateMachine):
     workdir = None  # set by run_model
+    in_place = True
     runs = 0
 
     @initialize(seed=st.integers(0, 2**16))
     def start(self, seed: int) -> None:
         RangedModel.runs += 1
         root = self.workdir / f"run-{RangedModel.runs}"
-        self.store = ContentStore(FilesystemDriver(root))
+        self.store = ContentStore(FilesystemDriver(root, extents_in_place=self.in_place))
         self.data = random.Random(seed).randbytes(SIZE)
         self.digest = Digest.parse("sha256:" + hashlib.sha256(self.data).hexdigest())
         self.fetched = bytearray(SIZE)  # times each byte was asked of upstream
@@ -86,23 +90,36 @@ class RangedModel(RuleBasedStateMachine):
         self.ranged.plan(self.ranged.prefix, WORKERS, SMALLEST, ALIGN)
 
     # -- what must hold ---------------------------------------------------------------------------
-    @invariant()
-    def the_upload_is_the_blobs_prefix_and_so_is_the_hash(self) -> None:
-        prefix = self.ranged.prefix
+    def _upload_bytes(self) -> bytes:
         path = self.store.driver.local_path(self.store.upload_path(self.digest))
-        on_disk = path.read_bytes() if path.exists() else b""
-        assert on_disk == self.data[:prefix], "the upload is not the blob's prefix"
+        return path.read_bytes() if path.exists() else b""
+
+    @invariant()
+    def followers_read_the_blobs_prefix_and_the_hash_is_the_prefixs(self) -> None:
+        prefix = self.ranged.prefix
+        on_disk = self._upload_bytes()
+        follower = self.store.follow(self.digest, None)
+        readable = follower.available() if follower else 0
+        if follower:
+            follower.close()
+        assert readable == (self.store.upload_size(self.digest) or 0)
+        assert readable >= prefix, "followers cannot read the bytes in order"
+        assert on_disk[:readable] == self.data[:readable], "followers may read other bytes"
+        if not self.in_place:
+            assert len(on_disk) == prefix, "a side file's bytes are in the upload"
         expected = hashlib.sha256(self.data[:prefix]).hexdigest()
         assert self.ranged.hasher.copy().hexdigest() == expected, "the hash is not the prefix's"
 
     @invariant()
-    def side_files_hold_the_blobs_bytes_ahead_of_the_prefix(self) -> None:
+    def extents_hold_the_blobs_bytes_ahead_of_the_prefix(self) -> None:
+        upload = self.store.upload_path(self.digest)
         for offset, size in self.store.upload_extents(self.digest):
-            path = self.store.driver.local_path(
-                f"{self.store.upload_path(self.digest)}.{offset:016d}"
-            )
-            assert path.read_bytes() == self.data[offset : offset + size], "a wrong side file"
-            assert offset + size > self.ranged.prefix, "a side file the prefix already holds"
+            if self.in_place:
+                held = self._upload_bytes()[offset : offset + size]
+            else:
+                held = self.store.driver.local_path(f"{upload}.{offset:016d}").read_bytes()
+            assert held == self.data[offset : offset + size], "a wrong extent"
+            assert offset + size > self.ranged.prefix, "an extent the prefix already holds"
 
     @invariant()
     def no_byte_is_asked_for_twice(self) -> None:
@@ -122,8 +139,9 @@ class RangedModel(RuleBasedStateMachine):
             self.ranged.upload.close()
 
 
-def run_model(tmp_path, examples: int) -> None:
+def run_model(tmp_path, examples: int, in_place: bool) -> None:
     RangedModel.workdir = tmp_path
+    RangedModel.in_place = in_place
     RangedModel.runs = 0
     run_state_machine_as_test(
         RangedModel,
@@ -140,8 +158,9 @@ def run_model(tmp_path, examples: int) -> None:
     )
 
 
-def test_a_parallel_fills_storage_keeps_its_invariants(tmp_path):
-    run_model(tmp_path, examples=150)
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "side-files"])
+def test_a_parallel_fills_storage_keeps_its_invariants(tmp_path, in_place):
+    run_model(tmp_path, examples=100, in_place=in_place)
 
 
 # -- mutants the model must catch ---------------------------------------------------------------
@@ -160,16 +179,26 @@ def _absorb_without_copying(self) -> None:
         seg.main = not seg.done
 
 
-def _resume_ignoring_side_files(self) -> None:
+def _resume_ignoring_extents(self) -> None:
     """ranges.RangedUpload.adopt_extents, but the extents are forgotten (not deleted)."""
 
 
+def _write_in_place_unmarked(self, data: bytes, offset: int, keep: bool = True) -> None:
+    """filesystem.UploadExtent.pwrite, but the upload is not marked first."""
+    os.pwrite(self.fd, data, self.offset + offset)
+    self._end = max(self._end, self.offset + offset + len(data))
+
+
 @pytest.mark.parametrize(
-    ("name", "mutant"),
-    [("_absorb", _absorb_without_copying), ("adopt_extents", _resume_ignoring_side_files)],
-    ids=["side-bytes-not-copied", "resume-ignores-side-files"],
+    ("owner", "name", "mutant", "in_place"),
+    [
+        (RangedUpload, "_absorb", _absorb_without_copying, False),
+        (RangedUpload, "adopt_extents", _resume_ignoring_extents, True),
+        (UploadExtent, "pwrite", _write_in_place_unmarked, True),
+    ],
+    ids=["side-bytes-not-copied", "resume-ignores-extents", "in-place-write-unmarked"],
 )
-def test_the_model_catches(tmp_path, monkeypatch, name, mutant):
-    monkeypatch.setattr(ranges_module.RangedUpload, name, mutant)
+def test_the_model_catches(tmp_path, monkeypatch, owner, name, mutant, in_place):
+    monkeypatch.setattr(owner, name, mutant)
     with pytest.raises(AssertionError):
-        run_model(tmp_path, examples=150)
+        run_model(tmp_path, examples=100, in_place=in_place)

@@ -4,12 +4,15 @@ A fill of at least `upstream.range_min_size` whose upstream honours Range is cut
 segments; up to `upstream.parallel_ranges` workers fetch them, each taking the lowest one
 nobody has, so that the bytes in order (the *prefix*) grow as fast as the ranges arrive.
 
-Where the bytes land: the fill's upload (`uploads/<algo>/<hex>`) only ever holds the prefix,
-so followers in any process read it exactly as they read a one-stream fill. A segment whose
-next byte is the prefix's end writes into the upload directly; a segment ahead of it writes
-its own side file (an *extent*, `uploads/<algo>/<hex>.<offset>`), which is moved into the
-upload (read, hashed, written, deleted) when the prefix reaches it. The hash runs over the
-prefix as it grows, so the last byte still waits for the verified commit (fill.py).
+Where the bytes land: a segment whose next byte is the prefix's end writes into the fill's
+upload (`uploads/<algo>/<hex>`); a segment ahead of it writes an *extent*. Where the store
+writes extents in place (the filesystem with user attributes, S3's pieces), that is the
+upload itself at the segment's offset, and the store records how far the upload's bytes
+run in order, which is what followers in any process read up to (store/filesystem.py); the
+bytes are only hashed when the prefix reaches them. Elsewhere an extent is a side file
+(`uploads/<algo>/<hex>.<offset>`), moved into the upload (read, hashed, written, deleted)
+when the prefix reaches it. The hash runs over the prefix as it grows, so the last byte
+still waits for the verified commit (fill.py).
 
 What a fill leaves on disk (the prefix and its extents) is what a takeover resumes from:
 only the bytes neither holds are asked for again. A range that breaks or stalls (the read
@@ -98,10 +101,12 @@ class RangedUpload:
     goes through `write` under one lock.
 
     The upload itself is written in order from its start (`main_end`): by the segment at
-    its end. A segment ahead writes its extent: on disk a side file, copied into the upload
-    when the prefix reaches it (the segment then writes the upload itself); on S3 pieces of
-    the upload where they lie (`extents_in_place`), only hashed when the prefix reaches
-    them (from the extent's local spool)."""
+    its end. A segment ahead writes its extent: where the store has them in place
+    (`extents_in_place`) the upload's bytes where they lie (S3: its pieces, with a local
+    spool to hash from), only hashed when the prefix reaches them; else a side file, copied
+    into the upload when the prefix reaches it (the segment then writes the upload
+    itself). In place, every write also tells the upload how far its bytes run in order and
+    which ranges lie past that (`publish`: what followers and a takeover read on disk)."""
 
     store: ContentStore
     digest: Digest
@@ -116,6 +121,9 @@ class RangedUpload:
 
     def __post_init__(self) -> None:
         self.in_place = self.store.driver.extents_in_place
+        # Writing, and taking an extent in (reads and hashing), go off the gevent hub where
+        # the store is a local disk; a request (S3) stays on it.
+        self._local = not self.store.driver.lookups_are_requests
         if self.main_end < 0:
             self.main_end = self.prefix
 
@@ -196,20 +204,46 @@ class RangedUpload:
                 else:
                     seg.side = self.store.open_upload_extent(self.digest, seg.pos, self.total)
                     seg.side_start = seg.pos
-            at_prefix = seg.pos == self.prefix
-            if seg.main:
-                self.upload.pwrite(data, seg.pos)
-                self.main_end = seg.pos + n
-            elif self.in_place:
-                seg.side.pwrite(data, seg.pos - seg.side_start, keep=not at_prefix)
+            if self.in_place and self._local:
+                target, offset = (
+                    (self.upload, seg.pos) if seg.main else (seg.side, seg.pos - seg.side_start)
+                )
             else:
-                seg.side.pwrite(data, seg.pos - seg.side_start)
-            if at_prefix:
+                self._write_locked(seg, data)
+                return
+        # In place on a local disk every segment writes its own bytes of the file: outside
+        # the lock, and off the gevent hub (the page cache's copy is most of a fill's CPU),
+        # so the ranges write at once while the worker's clients are served.
+        offload(target.pwrite, data, offset)
+        with self.lock:
+            if seg.pos == self.prefix:
                 hash_update(self.hasher, data)
                 self.prefix += n
             seg.pos += n
+            if seg.main:
+                self.main_end = seg.pos
             self.fetched += n
             self._absorb()
+            self.upload.publish(self._stored(), self._ahead())
+
+    def _write_locked(self, seg: Segment, data: bytes) -> None:
+        """write(), where the extents are side files or S3's pieces: all of it under the
+        lock (a side file's bytes are copied in, and S3's pieces stored, in order)."""
+        n = len(data)
+        at_prefix = seg.pos == self.prefix
+        if seg.main:
+            self.upload.pwrite(data, seg.pos)
+            self.main_end = seg.pos + n
+        elif self.in_place:
+            seg.side.pwrite(data, seg.pos - seg.side_start, keep=not at_prefix)
+        else:
+            seg.side.pwrite(data, seg.pos - seg.side_start)
+        if at_prefix:
+            hash_update(self.hasher, data)
+            self.prefix += n
+        seg.pos += n
+        self.fetched += n
+        self._absorb()
 
     def _absorb(self) -> None:
         """Take in the extents the prefix has reached: hash their bytes in order (on disk,
@@ -221,10 +255,10 @@ class RangedUpload:
             for seg in self.segments:
                 if seg.side is None or not seg.side_start <= self.prefix < seg.pos:
                     continue
-                if self.in_place:
-                    self._take_in(seg)  # S3 reads (an adopted extent's) stay on the hub
-                else:
+                if self._local:
                     offload(self._take_in, seg)
+                else:
+                    self._take_in(seg)
                 moved = True
                 if not self.in_place:
                     seg.side.discard()
@@ -253,16 +287,30 @@ class RangedUpload:
         if not self.in_place:
             return self.prefix
         with self.lock:
-            at = self.upload.stored()
-            for seg in self.segments:
-                if seg.end <= at or seg.main:
-                    continue
-                if seg.side is None or seg.side_start > at:
-                    break
-                at = max(at, seg.side.stored())
-                if at < seg.end:
-                    break
-            return at
+            return self._stored()
+
+    def _stored(self) -> int:
+        """stored(), in place, with the lock held."""
+        at = self.upload.stored()
+        for seg in self.segments:
+            if seg.end <= at or seg.main:
+                continue
+            if seg.side is None or seg.side_start > at:
+                break
+            at = max(at, seg.side.stored())
+            if at < seg.end:
+                break
+        return at
+
+    def _ahead(self) -> list[tuple[int, int]]:
+        """[start, end) of the bytes extents hold past the run in order, nearest first (the
+        lock is held)."""
+        at = self._stored()
+        return [
+            (max(seg.side_start, at), seg.side.stored())
+            for seg in self.segments
+            if seg.side is not None and seg.side.stored() > max(seg.side_start, at)
+        ]
 
     def has_extents(self) -> bool:
         """Whether bytes ahead of the prefix are stored (a takeover resumes from them)."""

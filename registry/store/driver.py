@@ -8,6 +8,7 @@ validated names and digests.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import BinaryIO, Protocol
 
@@ -108,6 +109,11 @@ class PartialWriter(Protocol):
     def settle(self, size: int) -> None:
         """All `size` bytes are stored, some by extents: make the upload whole for commit."""
 
+    def publish(self, stored: int, extents: list[tuple[int, int]]) -> None:
+        """A parallel fill's ranges are written in place: its bytes in order (`stored`) and
+        the [start, end) of those past them, where followers and a takeover read them from
+        the store (the filesystem); nothing to do where they are told otherwise (S3)."""
+
     def commit(self, dest: str) -> None: ...
 
     def discard(self) -> None: ...
@@ -115,8 +121,29 @@ class PartialWriter(Protocol):
     def close(self) -> None: ...
 
 
+class FileSpan:
+    """Bytes of a local file to send as they are (sendfile), not read into memory: `length`
+    bytes at `offset` of the open descriptor `fd`. Whoever sends them sets `sent` (fewer
+    when the file turned out shorter)."""
+
+    __slots__ = ("fd", "length", "offset", "sent")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+        self.sent = 0
+
+    def read(self) -> bytes:
+        """The bytes themselves, for a sender that has no sendfile."""
+        data = os.pread(self.fd, self.length, self.offset)
+        self.sent = len(data)
+        return data
+
+
 class Follower(Protocol):
-    """Content read while it may still grow: a fill in progress, or a committed blob."""
+    """Content read while it may still grow: a fill in progress, or a committed blob. One
+    with a descriptor (`fd`, a local file) can be sent as FileSpans."""
 
     path: str
 

@@ -2,11 +2,24 @@
 
 Every path is checked again to resolve under the root, so no request can touch a file
 outside it. A commit is an atomic rename after the content is synced.
+
+A parallel fill (pullthrough/ranges.py) writes its ranges into the upload at their offsets
+where the filesystem keeps user extended attributes (ext4, xfs, btrfs, tmpfs): an upload
+that has bytes past a gap carries `user.pullthrough.prefix` (how many bytes from its start
+are the blob's, written in order) and `user.pullthrough.extents` (JSON `[[start, end], ...]`:
+ranges past that which are written too, for a takeover). Without the attribute the file's
+size is its bytes in order, as for every one-stream fill. The attribute is set before the
+first byte past a gap is written, and removed only once the file is whole, so a follower
+that reads the size first and the attribute second never reads a hole. Elsewhere a range
+ahead goes to a side file (paths.extent), copied in when the bytes in order reach it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -15,9 +28,51 @@ from typing import BinaryIO
 
 from registry.store import paths
 
+log = logging.getLogger(__name__)
+
+PREFIX_XATTR = "user.pullthrough.prefix"
+EXTENTS_XATTR = "user.pullthrough.extents"
+# Room left for the extents in the attribute (ext4 keeps all of a file's in one 4 KiB block):
+# the ranges nearest the bytes in order are kept; one left out is only fetched again by a
+# takeover.
+EXTENTS_XATTR_MAX = 2048
+# No mark: none set, no such file, or a filesystem without user attributes (side files).
+_NO_MARK = (errno.ENODATA, errno.ENOENT, errno.ENOTDIR, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+def _marked_prefix(target: int | str) -> int | None:
+    """The bytes in order of an upload written past a gap (by descriptor or path), or None
+    when it has none: then its size is its bytes in order."""
+    try:
+        return int(os.getxattr(target, PREFIX_XATTR))
+    except OSError as exc:
+        if exc.errno in _NO_MARK:
+            return None
+        raise
+
+
+def _unmark(fd: int) -> None:
+    for name in (PREFIX_XATTR, EXTENTS_XATTR):
+        try:
+            os.removexattr(fd, name)
+        except OSError as exc:
+            if exc.errno not in _NO_MARK:
+                raise
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
+    """All of `data` at `offset`; where it ends."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+    return offset
+
 
 class LocalFollower:
-    """A file followed by descriptor: its size is whatever it has grown to."""
+    """A file followed by descriptor: what it has grown to, or, while a parallel fill has
+    written it past a gap, its bytes in order."""
 
     def __init__(self, path: str, handle: BinaryIO) -> None:
         self.path = path
@@ -25,7 +80,10 @@ class LocalFollower:
         self.fd = handle.fileno()
 
     def available(self) -> int:
-        return os.fstat(self.fd).st_size
+        # The size before the mark: a mark read after it covers every byte past a gap.
+        size = os.fstat(self.fd).st_size
+        prefix = _marked_prefix(self.fd)
+        return size if prefix is None else min(size, prefix)
 
     def read_at(self, pos: int, length: int) -> bytes:
         return os.pread(self.fd, length, pos)
@@ -44,15 +102,13 @@ class PartialFile:
         self._driver = driver
         self.path = path
         self.fd = os.open(driver.local_path(path), os.O_RDWR | os.O_CREAT, driver.file_mode)
-        self._end = 0
+        # A fill resumed: what it holds in order (its size, or its mark).
+        size = os.fstat(self.fd).st_size
+        prefix = _marked_prefix(self.fd)
+        self._end = size if prefix is None else min(size, prefix)
 
     def pwrite(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self.fd, view, offset)
-            view = view[written:]
-            offset += written
-        self._end = max(self._end, offset)
+        self._end = max(self._end, _pwrite_all(self.fd, data, offset))
 
     def stored(self) -> int:
         return self._end
@@ -60,6 +116,25 @@ class PartialFile:
     def truncate(self, size: int = 0) -> None:
         os.ftruncate(self.fd, size)
         self._end = min(self._end, size)
+        if size == 0:
+            _unmark(self.fd)  # nothing left past a gap
+        elif (prefix := _marked_prefix(self.fd)) is not None and prefix > size:
+            os.setxattr(self.fd, PREFIX_XATTR, str(size).encode())
+
+    def publish(self, stored: int, extents: list[tuple[int, int]]) -> None:
+        """Where the fill's ranges are written in place: its bytes in order and the ranges
+        written past them, for followers and a takeover (once the first range past a gap
+        marked the file)."""
+        if _marked_prefix(self.fd) is None:
+            return
+        os.setxattr(self.fd, PREFIX_XATTR, str(stored).encode())
+        value = b""
+        for start, end in extents:
+            item = f"[{start},{end}]".encode()
+            if len(value) + len(item) + 3 > EXTENTS_XATTR_MAX:
+                break
+            value += (b"," if value else b"") + item
+        os.setxattr(self.fd, EXTENTS_XATTR, b"[" + value + b"]")
 
     def read_range(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)
@@ -68,10 +143,15 @@ class PartialFile:
         """Nothing held back: every pwrite is in the file."""
 
     def settle(self, size: int) -> None:
-        """Nothing to do: the fill's bytes were copied in here as it reached them."""
+        """The first `size` bytes are the blob's: when that is the whole file, it has no gap
+        left and loses its mark (side files were copied in as the bytes in order reached
+        them)."""
+        if os.fstat(self.fd).st_size == size:
+            _unmark(self.fd)
 
     def commit(self, dest: str) -> None:
         """Make the content durable and move it to `dest` in one step."""
+        _unmark(self.fd)
         os.fdatasync(self.fd)
         target = self._driver.local_path(dest)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +172,47 @@ class PartialFile:
             os.close(self.fd)
 
 
+class UploadExtent:
+    """A range of a parallel fill written into the upload itself at its offset (the
+    filesystem keeps user attributes): `pwrite(data, 0)` is the byte at `offset`."""
+
+    def __init__(self, driver: FilesystemDriver, path: str, offset: int, held: int) -> None:
+        self.path = path
+        self.offset = offset
+        self.fd = os.open(driver.local_path(path), os.O_RDWR)
+        self._end = offset + held
+        self._marked = False
+
+    def pwrite(self, data: bytes, offset: int, keep: bool = True) -> None:
+        if not self._marked:
+            # Before the first byte past a gap: from here on the file's size is not its
+            # bytes in order. Until now it was (nothing was written past a gap).
+            try:
+                size = os.fstat(self.fd).st_size
+                os.setxattr(self.fd, PREFIX_XATTR, str(size).encode(), os.XATTR_CREATE)
+            except FileExistsError:
+                pass
+            self._marked = True
+        self._end = max(self._end, _pwrite_all(self.fd, data, self.offset + offset))
+
+    def stored(self) -> int:
+        """The end of this range's bytes (an offset in the blob)."""
+        return self._end
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, self.offset + offset)
+
+    def flush(self) -> None:
+        """Nothing held back."""
+
+    def discard(self) -> None:
+        """Nothing apart from the upload: its bytes go with it."""
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
 class FilesystemDriver:
     """Files under one root directory."""
 
@@ -99,9 +220,10 @@ class FilesystemDriver:
     poll_interval = 0.02
     lookups_are_requests = False
     supports_extents = True
-    extents_in_place = False  # side files, copied into the fill when it reaches them
 
-    def __init__(self, root: Path, file_mode: int = 0o640) -> None:
+    def __init__(
+        self, root: Path, file_mode: int = 0o640, extents_in_place: bool | None = None
+    ) -> None:
         # Cached content may be private images: not for every local user (less the umask).
         self.file_mode = file_mode
         self.dir_mode = file_mode | ((file_mode & 0o444) >> 2)  # x wherever r: 0640 -> 0750
@@ -111,6 +233,30 @@ class FilesystemDriver:
         if not self.root.exists():
             # The root closes the tree to other users; what is below inherits nothing.
             self.root.mkdir(self.dir_mode, parents=True, exist_ok=True)
+        # Ranges ahead are written into the fill where the filesystem keeps the attribute
+        # that marks its bytes in order; else side files, copied in (twice the writes).
+        if extents_in_place is None:
+            extents_in_place = self._keeps_user_xattrs()
+        self.extents_in_place = extents_in_place
+
+    def _keeps_user_xattrs(self) -> bool:
+        probe = self.local_path(paths.temporary(f"xattr-{uuid.uuid4().hex}"))
+        try:
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(probe, os.O_RDWR | os.O_CREAT, self.file_mode)
+            try:
+                os.setxattr(fd, PREFIX_XATTR, b"0")
+                return True
+            finally:
+                os.close(fd)
+                probe.unlink()
+        except OSError as exc:
+            log.info(
+                "%s keeps no user attributes (%s): parallel ranges use side files",
+                self.root,
+                exc.strerror,
+            )
+            return False
 
     def local_path(self, path: str) -> Path:
         return Path(self._local(path))
@@ -184,20 +330,40 @@ class FilesystemDriver:
             return None
 
     def partial_size(self, path: str) -> int | None:
-        return self.stat(path)
+        local = self._local(path)
+        try:
+            size = os.stat(local).st_size
+            prefix = _marked_prefix(local)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return size if prefix is None else min(size, prefix)
 
     def extent_alignment(self, size: int) -> int:
         return 64 << 10
 
     def open_extent(
         self, path: str, offset: int, size: int | None = None, held: int = 0
-    ) -> PartialFile:
-        """The side file of a range of the fill at `path` that starts at `offset`: its bytes
-        are written at their offset from there (`pwrite(data, 0)` is the byte at `offset`)."""
+    ) -> PartialFile | UploadExtent:
+        """A range of the fill at `path` that starts at `offset`: the upload itself from
+        there, or its side file (`pwrite(data, 0)` is the byte at `offset` either way)."""
+        if self.extents_in_place:
+            return UploadExtent(self, path, offset, held)
         return PartialFile(self, paths.extent(path, offset))
 
     def extents(self, path: str) -> list[tuple[int, int]]:
-        """(offset, size) of the side files of the fill at `path`, by offset."""
+        """(offset, size) of the ranges of the fill at `path` written past its bytes in
+        order (its attribute, or its side files), by offset."""
+        if self.extents_in_place:
+            try:
+                value = os.getxattr(self._local(path), EXTENTS_XATTR)
+            except OSError as exc:
+                if exc.errno in _NO_MARK:
+                    return []
+                raise
+            return sorted((start, end - start) for start, end in json.loads(value))
+        return self._side_files(path)
+
+    def _side_files(self, path: str) -> list[tuple[int, int]]:
         folder = path.rpartition("/")[0]
         out = []
         for entry in self.list(folder):
@@ -219,7 +385,7 @@ class FilesystemDriver:
 
     def delete_partial(self, path: str) -> bool:
         deleted = self.delete(path)
-        for offset, _size in self.extents(path):
+        for offset, _size in self._side_files(path):
             deleted = self.delete(paths.extent(path, offset)) or deleted
         return deleted
 

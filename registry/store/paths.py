@@ -9,12 +9,18 @@ Disk layout (the one place it is written down; `<root>` is `storage.root`):
     <root>/uploads/<algo>/<hex>
         The fill in progress for that digest. Followers read it as it grows; it is never
         served as complete. Left-overs with no live lease are removed at start-up.
+        A parallel fill (upstream.parallel_ranges) writes ranges that arrive before the bytes
+        in front of them here too, at their offsets; while it has bytes past a gap the file
+        carries the user attributes `user.pullthrough.prefix` (its bytes in order: what
+        followers read) and `user.pullthrough.extents` (JSON [[start, end], ...] written past
+        them: what a takeover does not fetch again), removed once it is whole (store/
+        filesystem.py). On S3 this is a prefix: the fill's pieces,
+        `uploads/<algo>/<hex>/<offset>` (16 digits), each `storage.s3.part_size` bytes but
+        the last (store/s3.py).
     <root>/uploads/<algo>/<hex>.<offset>
-        A range of a parallel fill (upstream.parallel_ranges) that arrived before the bytes
-        in front of it: its bytes from <offset> (16 digits) on, moved into the fill above
-        (and deleted) once that reaches them. A takeover fetches only what neither holds.
-        On S3 this is a prefix: the fill's pieces, `uploads/<algo>/<hex>/<offset>` (16 digits),
-        each `storage.s3.part_size` bytes but the last (store/s3.py).
+        Only on a filesystem without user attributes: a range of a parallel fill that arrived
+        before the bytes in front of it, its bytes from <offset> (16 digits) on, moved into
+        the fill above (and deleted) once that reaches them.
     <root>/repositories/<registry>/<repository>/_manifests/revisions/<algo>/<hex>
         This repository has this manifest; the file holds the media type upstream served.
     <root>/repositories/<registry>/<repository>/_manifests/tags/<tag>

@@ -593,6 +593,9 @@ class PieceWriter:
     def stored(self) -> int:
         return self._start
 
+    def publish(self, stored: int, extents: list[tuple[int, int]]) -> None:
+        """Nothing to do: followers learn of new pieces from the fill record."""
+
     def read_buffered(self, pos: int, length: int) -> bytes:
         """Bytes at `pos` not yet stored as a piece; empty when `pos` is not in the buffer."""
         with self._lock:
