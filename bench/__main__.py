@@ -51,7 +51,7 @@ from bench.load import (
     wrk,
 )
 from bench.nginx import Nginx
-from bench.proc import RssSampler, timed_cpu, tree
+from bench.proc import RssSampler, cpu_seconds, quiet, timed_cpu, tree
 from bench.progress import say, scenario
 from bench.report import OFFLINE_PATIENCE, write_report
 from tests.support.clients import skopeo_copy, skopeo_policy
@@ -350,12 +350,22 @@ def manifest_rates(
 
 
 def huge_blob_memory(servers: dict[str, tuple[str, list[int]]], size: int) -> dict:
-    """Peak RSS of each server process while a cold HUGE_MIB blob streams to 8 clients."""
+    """Peak RSS of each server process while a cold HUGE_MIB blob streams to 8 clients, the
+    aggregate rate, and the CPU seconds the server still spends after the clients' last byte
+    (each run starts on an idle machine)."""
     out: dict = {}
     for name, (url, pids) in servers.items():
+        quiet()
         with RssSampler(pids) as sampler:
             mibps = curl_downloads(url, 8, size)
-        out[name] = {"before": sampler.before, "peak": sampler.peak, "mibps": mibps}
+        cpu = cpu_seconds(pids)
+        quiet()
+        out[name] = {
+            "before": sampler.before,
+            "peak": sampler.peak,
+            "mibps": mibps,
+            "cpu_after": cpu_seconds(pids) - cpu,
+        }
     return out
 
 
@@ -461,6 +471,7 @@ def main() -> None:
             manifest_url = f"{base}/v2/library/bench/manifests/1"
             requests.get(manifest_url, headers={"Accept": ACCEPT}, timeout=60).raise_for_status()
             mark = upstream.mark()
+            quiet()
             with scenario(f"loopback herd of {HERD} on a cold blob: {name}"):
                 herds[name] = herd(blob_url, HERD)
             herds[name]["upstream_gets"] = upstream_blob_gets(upstream, mark, layer)

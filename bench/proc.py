@@ -71,3 +71,24 @@ def timed_cpu(pids: list[int], work) -> tuple[float, float, object]:
     started = time.monotonic()
     result = work()
     return time.monotonic() - started, cpu_seconds(pids) - cpu, result
+
+
+def _busy_and_total() -> tuple[int, int]:
+    # The first line of /proc/stat: every CPU's jiffies; idle and iowait are not busy.
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4], sum(fields)
+
+
+def quiet(threshold: float = 0.1, window: float = 0.5, timeout: float = 60.0) -> float:
+    """Wait until the machine is idle (under `threshold` of its CPUs busy over two windows
+    in a row), so that a measurement does not share the cores with what the one before left
+    running (distribution's proxy stores and verifies a blob after its clients are done);
+    the seconds waited."""
+    started = time.monotonic()
+    calm = 0
+    while calm < 2 and time.monotonic() - started < timeout:
+        busy, total = _busy_and_total()
+        time.sleep(window)
+        busy2, total2 = _busy_and_total()
+        calm = calm + 1 if (busy2 - busy) < threshold * max(1, total2 - total) else 0
+    return time.monotonic() - started

@@ -490,3 +490,42 @@ def test_a_node_waits_out_a_slow_first_piece_while_the_ranges_ahead_still_arrive
         assert waited > 8  # longer than the stall timeout, yet the fill was alive
     finally:
         other.stop()
+
+
+def test_where_sendfile_is_off_followers_are_sent_the_fills_bytes_read_from_the_file(
+    tmp_path, redis_server, fake
+):
+    # gunicorn sends a follower's FileSpans with sendfile; with sendfile off (as under TLS)
+    # its body reads them itself. Four clients join one parallel fill, one with a Range.
+    server = Gunicorn.with_config(
+        tmp_path,
+        redis_server.url,
+        [{"name": "docker.io", "url": fake.url, "username": "puller", "password": "s3cret"}],
+        env={"GUNICORN_CMD_ARGS": "--no-sendfile"},
+        upstream={"parallel_ranges": 4, "range_min_size": FIRST, "read_timeout": 2},
+    )
+    try:
+        data = random.randbytes(6 * MIB)
+        digest = fake.add_blob("library/nosendfile", data, trickle=0.02)
+        url = f"{server.url}/v2/library/nosendfile/blobs/{digest}"
+        mark = len(server.log())
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            whole = [pool.submit(fetch, url) for _ in range(3)]
+            part = pool.submit(fetch, url, headers={"Range": f"bytes={MIB}-{3 * MIB - 1}"})
+            results = [f.result() for f in whole]
+            status, body, complete = part.result()
+        assert all(r == (200, data, True) for r in results)
+        assert (status, body, complete) == (206, data[MIB : 3 * MIB], True)
+        # Each response is logged with the bytes that went, once its last byte has gone.
+        deadline = time.monotonic() + 10
+        sent: list[int] = []
+        while time.monotonic() < deadline and len(sent) < 4:
+            sent = [
+                int(line.split(" bytes=", 1)[1].split()[0])
+                for line in server.log()[mark:].splitlines()
+                if " registry.access request " in line and digest in line
+            ]
+            time.sleep(0.05)
+        assert sorted(sent) == [2 * MIB] + [len(data)] * 3
+    finally:
+        server.stop()
