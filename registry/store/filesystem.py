@@ -116,10 +116,9 @@ class PartialFile:
     def truncate(self, size: int = 0) -> None:
         os.ftruncate(self.fd, size)
         self._end = min(self._end, size)
-        if size == 0:
-            _unmark(self.fd)  # nothing left past a gap
-        elif (prefix := _marked_prefix(self.fd)) is not None and prefix > size:
-            os.setxattr(self.fd, PREFIX_XATTR, str(size).encode())
+        prefix = _marked_prefix(self.fd)
+        if prefix is not None and prefix >= size:
+            _unmark(self.fd)  # no gap left: its bytes are its bytes in order again
 
     def publish(self, stored: int, extents: list[tuple[int, int]]) -> None:
         """Where the fill's ranges are written in place: its bytes in order and the ranges
