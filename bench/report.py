@@ -461,8 +461,8 @@ GAP_REASONS = {
     ),
     "cold 1024 MiB blob to 8 clients on loopback": (
         "The 8 clients wait on the fill, and every client's last byte on its verified "
-        "commit: the blob arrives as fast as one gevent worker receives its four ranges "
-        "(its writes and hashing on threads beside it), 4-6 s for 1 GiB alone here and "
+        "commit: the blob arrives as fast as one gevent worker receives and writes its "
+        "four ranges (hashing on a thread beside it), 4-6 s for 1 GiB alone here and "
         "8-10 s beside the 8 clients, most of it the kernel's: this machine's page cache "
         "costs 1.4-3.4 s of system time per new GiB (a balloon driver hands freed memory "
         "back to the host). distribution's proxy opens one upstream stream per client in Go "

@@ -39,7 +39,6 @@ from registry.pullthrough.policy import SignaturePolicy
 from registry.pullthrough.referrers import Referrers, ReferrersCache
 from registry.pullthrough.tiering import TierServing
 from registry.store import ContentStore, TagRecord
-from registry.store.driver import FileSpan
 from registry.store.tier import LocalTier
 from registry.upstream.client import UpstreamClient, UpstreamDenied
 
@@ -70,8 +69,6 @@ class Blob:
     cache: str  # "hit" or "miss"
     open_file: Callable[[], BinaryIO] | None = None
     stream: Callable[[int, int], Iterator[bytes]] | None = None
-    # The stream with a local file's bytes as FileSpans (a sender with sendfile).
-    spans: Callable[[int, int], Iterator[bytes | FileSpan]] | None = None
     redirect: str | None = None  # a presigned URL of the store that serves the bytes
     joined: bool = False  # a miss that streams another request's fill
 
@@ -510,9 +507,6 @@ class PullThrough:
             "miss",
             stream=lambda start, end: self.filler.stream(
                 target, upstream, digest, size, start, end
-            ),
-            spans=lambda start, end: self.filler.stream(
-                target, upstream, digest, size, start, end, spans=True
             ),
             joined=not started.fetcher,
         )

@@ -56,7 +56,7 @@ from registry.pullthrough.ranges import (
     Segment,
 )
 from registry.store import ContentStore
-from registry.store.driver import FileSpan, Follower, PartialWriter
+from registry.store.driver import Follower, PartialWriter
 from registry.upstream.client import BlobStream, UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -577,11 +577,8 @@ class BlobFiller:
         size: int,
         start: int,
         end: int,
-        spans: bool = False,
-    ) -> Iterator[bytes | FileSpan]:
-        """Yield bytes [start, end] of the blob as the fill writes them; cut short on failure.
-        `spans`: a local file's bytes as FileSpans of it, for the sender to sendfile (each
-        span's `sent` says how far it got; the rest is offered again)."""
+    ) -> Iterator[bytes]:
+        """Yield bytes [start, end] of the blob as the fill writes them; cut short on failure."""
         handle = self.store.follow(digest, None)
         poll = self.store.driver.poll_interval
         remote = self.store.driver.lookups_are_requests
@@ -598,14 +595,6 @@ class BlobFiller:
                 limit = end + 1 if committed else min(end + 1, size - 1)
                 available = handle.available() if handle else 0
                 if pos < min(available, limit):
-                    if spans and (fd := getattr(handle, "fd", None)) is not None:
-                        span = FileSpan(fd, pos, min(available, limit) - pos)
-                        yield span
-                        if span.sent:
-                            pos += span.sent
-                            last_progress = time.monotonic()
-                            sleep = 0.001
-                            continue
                     data = handle.read_at(pos, min(READ_CHUNK, min(available, limit) - pos))
                     if data:
                         pos += len(data)

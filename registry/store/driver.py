@@ -8,7 +8,6 @@ validated names and digests.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import BinaryIO, Protocol
 
@@ -121,29 +120,8 @@ class PartialWriter(Protocol):
     def close(self) -> None: ...
 
 
-class FileSpan:
-    """Bytes of a local file to send as they are (sendfile), not read into memory: `length`
-    bytes at `offset` of the open descriptor `fd`. Whoever sends them sets `sent` (fewer
-    when the file turned out shorter)."""
-
-    __slots__ = ("fd", "length", "offset", "sent")
-
-    def __init__(self, fd: int, offset: int, length: int) -> None:
-        self.fd = fd
-        self.offset = offset
-        self.length = length
-        self.sent = 0
-
-    def read(self) -> bytes:
-        """The bytes themselves, for a sender that has no sendfile."""
-        data = os.pread(self.fd, self.length, self.offset)
-        self.sent = len(data)
-        return data
-
-
 class Follower(Protocol):
-    """Content read while it may still grow: a fill in progress, or a committed blob. One
-    with a descriptor (`fd`, a local file) can be sent as FileSpans."""
+    """Content read while it may still grow: a fill in progress, or a committed blob."""
 
     path: str
 
