@@ -221,7 +221,8 @@ class RangedUpload:
             self.fetched += n
             self._absorb()
             if self.in_place:
-                self.upload.publish(self._stored(), self._ahead())
+                at = self._stored()
+                self.upload.publish(at, self._ahead(at))
 
     def _absorb(self) -> None:
         """Take in the extents the prefix has reached: hash their bytes in order (on disk,
@@ -280,10 +281,9 @@ class RangedUpload:
                 break
         return at
 
-    def _ahead(self) -> list[tuple[int, int]]:
-        """[start, end) of the bytes extents hold past the run in order, nearest first (the
-        lock is held)."""
-        at = self._stored()
+    def _ahead(self, at: int) -> list[tuple[int, int]]:
+        """[start, end) of the bytes extents hold past `at` (the run in order), nearest
+        first (the lock is held)."""
         return [
             (max(seg.side_start, at), seg.side.stored())
             for seg in self.segments

@@ -51,6 +51,12 @@ def _marked_prefix(target: int | str) -> int | None:
         raise
 
 
+def _in_order(size: int, target: int | str) -> int:
+    """Bytes in order of a file of `size` bytes: its size, or its mark where it has one."""
+    prefix = _marked_prefix(target)
+    return size if prefix is None else min(size, prefix)
+
+
 def _unmark(fd: int) -> None:
     for name in (PREFIX_XATTR, EXTENTS_XATTR):
         try:
@@ -81,9 +87,7 @@ class LocalFollower:
 
     def available(self) -> int:
         # The size before the mark: a mark read after it covers every byte past a gap.
-        size = os.fstat(self.fd).st_size
-        prefix = _marked_prefix(self.fd)
-        return size if prefix is None else min(size, prefix)
+        return _in_order(os.fstat(self.fd).st_size, self.fd)
 
     def read_at(self, pos: int, length: int) -> bytes:
         return os.pread(self.fd, length, pos)
@@ -103,9 +107,10 @@ class PartialFile:
         self.path = path
         self.fd = os.open(driver.local_path(path), os.O_RDWR | os.O_CREAT, driver.file_mode)
         # A fill resumed: what it holds in order (its size, or its mark).
-        size = os.fstat(self.fd).st_size
-        prefix = _marked_prefix(self.fd)
-        self._end = size if prefix is None else min(size, prefix)
+        self._end = _in_order(os.fstat(self.fd).st_size, self.fd)
+        # Whether a range past a gap marked the file (set by another descriptor: looked up
+        # until it has, then known until this file unmarks itself).
+        self._marked = False
 
     def pwrite(self, data: bytes, offset: int) -> None:
         self._end = max(self._end, _pwrite_all(self.fd, data, offset))
@@ -118,14 +123,20 @@ class PartialFile:
         self._end = min(self._end, size)
         prefix = _marked_prefix(self.fd)
         if prefix is not None and prefix >= size:
-            _unmark(self.fd)  # no gap left: its bytes are its bytes in order again
+            self._unmark()  # no gap left: its bytes are its bytes in order again
+
+    def _unmark(self) -> None:
+        _unmark(self.fd)
+        self._marked = False
 
     def publish(self, stored: int, extents: list[tuple[int, int]]) -> None:
         """Where the fill's ranges are written in place: its bytes in order and the ranges
         written past them, for followers and a takeover (once the first range past a gap
         marked the file)."""
-        if _marked_prefix(self.fd) is None:
-            return
+        if not self._marked:
+            self._marked = _marked_prefix(self.fd) is not None
+            if not self._marked:
+                return
         os.setxattr(self.fd, PREFIX_XATTR, str(stored).encode())
         value = b""
         for start, end in extents:
@@ -146,11 +157,11 @@ class PartialFile:
         left and loses its mark (side files were copied in as the bytes in order reached
         them)."""
         if os.fstat(self.fd).st_size == size:
-            _unmark(self.fd)
+            self._unmark()
 
     def commit(self, dest: str) -> None:
         """Make the content durable and move it to `dest` in one step."""
-        _unmark(self.fd)
+        self._unmark()
         os.fdatasync(self.fd)
         target = self._driver.local_path(dest)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -232,11 +243,17 @@ class FilesystemDriver:
         if not self.root.exists():
             # The root closes the tree to other users; what is below inherits nothing.
             self.root.mkdir(self.dir_mode, parents=True, exist_ok=True)
-        # Ranges ahead are written into the fill where the filesystem keeps the attribute
-        # that marks its bytes in order; else side files, copied in (twice the writes).
-        if extents_in_place is None:
-            extents_in_place = self._keeps_user_xattrs()
-        self.extents_in_place = extents_in_place
+        self._extents_in_place = extents_in_place
+
+    @property
+    def extents_in_place(self) -> bool:
+        """Ranges ahead are written into the fill where the filesystem keeps the attribute
+        that marks its bytes in order; else side files, copied in (twice the writes). Asked
+        of the filesystem at the first parallel fill, not by every process that opens the
+        store (the GC, a node's tier)."""
+        if self._extents_in_place is None:
+            self._extents_in_place = self._keeps_user_xattrs()
+        return self._extents_in_place
 
     def _keeps_user_xattrs(self) -> bool:
         probe = self.local_path(paths.temporary(f"xattr-{uuid.uuid4().hex}"))
@@ -331,11 +348,9 @@ class FilesystemDriver:
     def partial_size(self, path: str) -> int | None:
         local = self._local(path)
         try:
-            size = os.stat(local).st_size
-            prefix = _marked_prefix(local)
+            return _in_order(os.stat(local).st_size, local)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return size if prefix is None else min(size, prefix)
 
     def extent_alignment(self, size: int) -> int:
         return 64 << 10
