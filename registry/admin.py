@@ -118,6 +118,7 @@ def evict(pt: PullThrough, ref: str) -> str:
         pt.store.delete_revision(repo, record.digest)
     pt.store.prune_repository(repo)
     try:
+        pt.coord.deletions.happened()  # no process reuses what it knew of this revision
         pt.coord.pulls.forget([f"{repo}:{tag}"])
         if not pt.store.has_manifests(repo):
             pt.coord.catalog.remove([pt.catalog_name(repo)])
@@ -144,6 +145,8 @@ def verify(pt: PullThrough, delete: bool, out: TextIO = sys.stdout) -> int:
             if lease.acquire():
                 try:
                     pt.store.delete_blob(digest)
+                    pt.coord.deletions.happened()
+                    pt.coord.tiers.deleted([str(digest)])
                     action = "removed (the next pull fetches it again)"
                 finally:
                     lease.release()

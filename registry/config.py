@@ -173,6 +173,10 @@ class S3Settings:
     redirect_ttl: int = 0
     # Verified copies of blobs on this node's own disk (store/tier.py); None: off.
     local_cache: LocalCacheSettings | None = None
+    # How long a process reuses the bucket's word that a blob (or a repository's link to it)
+    # exists while nothing was deleted from the store (pullthrough/presence.py); 0: ask
+    # the bucket on every request.
+    lookup_ttl: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -389,6 +393,7 @@ class S3Schema(Schema):
     redirect = fields.Boolean(load_default=False)
     redirect_ttl = Duration(load_default=300.0, validate=validate.Range(min=10, max=7 * 86400))
     local_cache = fields.Nested(LocalCacheSchema, load_default=None)
+    lookup_ttl = Duration(load_default=30.0, validate=validate.Range(min=0, max=3600))
 
     @validates_schema(skip_on_field_errors=False)
     def _credentials_pair(self, data: dict[str, Any], **_: Any) -> None:
@@ -639,6 +644,7 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
             part_size=raw_s3["part_size"],
             redirect_ttl=int(raw_s3["redirect_ttl"]) if raw_s3["redirect"] else 0,
             local_cache=_local_cache(raw_s3["local_cache"]),
+            lookup_ttl=raw_s3["lookup_ttl"],
         )
     return Settings(
         s3=s3,

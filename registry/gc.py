@@ -36,6 +36,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from redis.exceptions import RedisError
+
 from registry.config import GcSettings
 from registry.coordination import Coordination
 from registry.cosign import attached_subject
@@ -331,36 +333,45 @@ class Collector:
     # -- sweep -----------------------------------------------------------------------------------
     def sweep(self, plan: Plan, repos: dict[str, RepositoryScan]) -> dict:
         store, coord = self.store, self.coord
-        deleted_tags = [f"{repo}:{tag}" for repo, tag in plan.drop_tags]
-        for repo, tag in plan.drop_tags:
-            store.delete_tag(repo, tag)
-        coord.pulls.forget(deleted_tags)
-        for repo, digest in plan.revisions:
-            store.delete_revision(repo, digest)
-        coord.pulls.forget([f"{repo}@{digest}" for repo, digest in plan.revisions])
-        for repo, digest in plan.links:
-            store.delete_link(repo, digest)
-        for repo, subject in plan.referrers:
-            store.delete_referrers(repo, subject)
-
         freed = deleted = skipped = 0
         gone: list[str] = []
-        for digest, size in plan.blobs:
-            lease = coord.leases.blob(digest)
-            if not lease.acquire():
-                skipped += 1  # a fill of this digest is running
-                continue
-            try:
-                if coord.gc.is_live(digest):
-                    skipped += 1  # a pull referenced it since the sweep started
+        try:
+            deleted_tags = [f"{repo}:{tag}" for repo, tag in plan.drop_tags]
+            for repo, tag in plan.drop_tags:
+                store.delete_tag(repo, tag)
+            coord.pulls.forget(deleted_tags)
+            for repo, digest in plan.revisions:
+                store.delete_revision(repo, digest)
+            coord.pulls.forget([f"{repo}@{digest}" for repo, digest in plan.revisions])
+            for repo, digest in plan.links:
+                store.delete_link(repo, digest)
+            for repo, subject in plan.referrers:
+                store.delete_referrers(repo, subject)
+
+            for digest, size in plan.blobs:
+                lease = coord.leases.blob(digest)
+                if not lease.acquire():
+                    skipped += 1  # a fill of this digest is running
                     continue
-                if store.delete_blob(digest):
-                    deleted += 1
-                    freed += size
-                    coord.store.count(-size, -1)
-                    gone.append(str(digest))
-            finally:
-                lease.release()
+                try:
+                    if coord.gc.is_live(digest):
+                        skipped += 1  # a pull referenced it since the sweep started
+                        continue
+                    if store.delete_blob(digest):
+                        deleted += 1
+                        freed += size
+                        coord.store.count(-size, -1)
+                        gone.append(str(digest))
+                finally:
+                    lease.release()
+        finally:
+            if plan.drop_tags or plan.revisions or plan.links or plan.referrers or gone:
+                # What processes remember the bucket said exists is stale now
+                # (pullthrough/presence.py), after a sweep that failed half-way too.
+                try:
+                    coord.deletions.happened()
+                except RedisError as exc:
+                    log.warning("gc: could not tell nodes of its deletions (%s)", exc)
         if gone:
             # Nodes' local tiers (S3) drop their copies now rather than at their LRU's turn.
             coord.tiers.deleted(gone)

@@ -35,7 +35,7 @@ def prefix():
 
 
 def start_node(
-    workdir, redis_server, swift, fake, prefix, max_size="200MiB", low_watermark=0.5
+    workdir, redis_server, swift, fake, prefix, max_size="200MiB", low_watermark=0.5, **s3
 ) -> Gunicorn:
     node = Gunicorn.with_config(
         workdir,
@@ -50,6 +50,7 @@ def start_node(
                 "max_size": max_size,
                 "low_watermark": low_watermark,
             },
+            **s3,
         ),
         upstream={"lease_ttl": 2},
     )
@@ -223,7 +224,17 @@ def test_a_blob_the_gc_deletes_is_dropped_from_every_nodes_tier_at_once(
         assert status == 200 and body == data
     wait_for(lambda: local_copy(a, digest).exists() and local_copy(b, digest).exists())
 
-    # The sweep runs elsewhere (its own process in production): the blob is an orphan.
+    report = sweep(swift, prefix, redis_server, fake)  # the blob is an orphan
+    assert report["deleted_blobs"] >= 1
+    # Neither node served anything since: the sweep's message removed both copies.
+    wait_for(lambda: not local_copy(a, digest).exists() and not local_copy(b, digest).exists(), 5)
+    response = requests.get(f"{b.url}/v2/library/tiergc/blobs/{digest}", timeout=10)
+    assert response.status_code == 200 and response.content == data  # fetched again
+
+
+def sweep(swift, prefix, redis_server, fake, *, tell_tiers: bool = True) -> dict:
+    """A GC sweep of the bucket from this process (its own process in production), with
+    delay 0; `tell_tiers=False`: its message to the nodes' tiers is lost on the way."""
     config = {
         "storage": s3_section(swift, prefix),
         "redis": {"url": redis_server.url},
@@ -231,39 +242,79 @@ def test_a_blob_the_gc_deletes_is_dropped_from_every_nodes_tier_at_once(
         "gc": {"delay": 0},
     }
     pt = build_pullthrough(settings_from_mapping(config, env={}))
+    if not tell_tiers:
+        pt.coord.tiers.deleted = lambda digests: None
     # S3 stores round Last-Modified up to the second: look from a moment later.
-    report = Collector(pt.store, pt.coord, pt.settings.gc, clock=lambda: time.time() + 5).run()
-    assert report["deleted_blobs"] >= 1
-    assert pt.store.blob_size(digest_of(digest)) is None
-    # Neither node served anything since: the sweep's message removed both copies.
-    wait_for(lambda: not local_copy(a, digest).exists() and not local_copy(b, digest).exists(), 5)
-    response = requests.get(f"{b.url}/v2/library/tiergc/blobs/{digest}", timeout=10)
-    assert response.status_code == 200 and response.content == data  # fetched again
+    return Collector(pt.store, pt.coord, pt.settings.gc, clock=lambda: time.time() + 5).run()
 
 
-def test_a_copy_of_a_blob_the_bucket_lost_is_never_served_and_is_dropped(
-    nodes, writer, fake, swift, prefix
+def link_key(digest: str, repo: str) -> str:
+    hexpart = digest.split(":")[1]
+    return f"repositories/docker.io/{repo}/_layers/sha256/{hexpart}"
+
+
+def test_warm_gets_from_a_tier_ask_the_bucket_once_per_process_while_nothing_is_deleted(
+    nodes, writer, fake, swift
 ):
-    from tests.conftest import SWIFT_BUCKET
-
     a, _b = nodes
-    data, digest = in_bucket(writer, fake, "tierlost", 2 * MIB)
-    status, body, _complete = fetch(f"{a.url}/v2/library/tierlost/blobs/{digest}")
-    assert status == 200 and body == data
+    data, digest = in_bucket(writer, fake, "tierwarm", 2 * MIB)
+    url = f"{a.url}/v2/library/tierwarm/blobs/{digest}"
+    heads = swift.object_heads(blob_key(digest))
+    link_heads = swift.object_heads(link_key(digest, "library/tierwarm"))
+    for _ in range(12):
+        status, body, _complete = fetch(url)
+        assert status == 200 and body == data
+    time.sleep(1)  # Swift logs a request when it ends
+    # Each of the node's 2 workers asked once whether the blob exists (12 without reuse).
+    assert 1 <= swift.object_heads(blob_key(digest)) - heads <= 2
+    assert 1 <= swift.object_heads(link_key(digest, "library/tierwarm")) - link_heads <= 2
+
+
+def test_a_copy_the_gc_deleted_is_never_served_by_a_node_that_missed_the_message(
+    nodes, writer, fake, swift, redis_server, prefix
+):
+    a, _b = nodes
+    data, digest = in_bucket(writer, fake, "tiermissed", 2 * MIB)
+    url = f"{a.url}/v2/library/tiermissed/blobs/{digest}"
+    for _ in range(8):  # both workers of the node have seen the bucket say it has it
+        status, body, _complete = fetch(url)
+        assert status == 200 and body == data
     wait_for(lambda: local_copy(a, digest).exists())
-    # Gone from the bucket with no message to the nodes (as if this node missed the sweep's),
-    # and from upstream too.
-    swift.client().delete_object(Bucket=SWIFT_BUCKET, Key=f"{prefix}/{blob_key(digest)}")
-    del fake.routes[f"/v2/library/tierlost/blobs/{digest}"]
-    response = requests.get(f"{a.url}/v2/library/tierlost/blobs/{digest}", timeout=10)
-    assert response.status_code == 404  # the bucket is the truth, not the local copy
+    del fake.routes[f"/v2/library/tiermissed/blobs/{digest}"]  # and upstream lost it too
+    report = sweep(swift, prefix, redis_server, fake, tell_tiers=False)
+    assert report["deleted_blobs"] >= 1
+    time.sleep(0.5)
+    assert local_copy(a, digest).exists()  # no message came
+    # The sweep's deletions changed what the workers remembered: the bucket is asked again.
+    for _ in range(4):
+        response = requests.get(url, timeout=10)
+        assert response.status_code == 404  # the bucket is the truth, not the local copy
     assert not local_copy(a, digest).exists()
 
 
-def digest_of(text: str):
-    from registry.digests import Digest
+def test_a_deletion_behind_the_caches_back_is_seen_within_lookup_ttl(
+    tmp_path, redis_server, swift, fake, prefix, writer
+):
+    from tests.conftest import SWIFT_BUCKET
 
-    return Digest.parse(text)
+    node = start_node(tmp_path / "ttl", redis_server, swift, fake, prefix, lookup_ttl="2s")
+    try:
+        data, digest = in_bucket(writer, fake, "tierlost", 2 * MIB)
+        url = f"{node.url}/v2/library/tierlost/blobs/{digest}"
+        status, body, _complete = fetch(url)
+        assert status == 200 and body == data
+        wait_for(lambda: local_copy(node, digest).exists())
+        # Gone from the bucket with no sweep (an operator, a lifecycle rule), and upstream.
+        swift.client().delete_object(Bucket=SWIFT_BUCKET, Key=f"{prefix}/{blob_key(digest)}")
+        del fake.routes[f"/v2/library/tierlost/blobs/{digest}"]
+        deleted = time.monotonic()
+        while (status := requests.get(url, timeout=10).status_code) == 200:
+            assert time.monotonic() - deleted < 2 + 1, "served past lookup_ttl"
+            time.sleep(0.1)
+        assert status == 404
+        assert not local_copy(node, digest).exists()
+    finally:
+        node.stop()
 
 
 def test_eviction_past_max_size_never_cuts_a_stream_in_progress(

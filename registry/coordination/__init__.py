@@ -17,6 +17,7 @@ when missing. Each key has one owner module that alone reads and writes it:
 - registry/upstream/tokens.py: pt:token:*
 - registry/upstream/health.py: pt:upstream:*
 - registry/coordination/tiers.py: the channel pt:tier:deleted
+- registry/coordination/deletions.py: pt:deletions
 
 `Coordination` (below) is what the rest of the cache holds: one object per process that
 carries each owner.
@@ -146,6 +147,12 @@ carries each owner.
     pt:tier:deleted             channel pub/sub, nothing stored. Each GC sweep publishes the
                                         digests it deleted (space-separated); every node's
                                         local tier (storage.s3.local_cache) drops its copies.
+    pt:deletions                string  no TTL. A random token, rewritten after anything is
+                                        deleted from the store (GC sweep, admin evict, admin
+                                        verify --delete). A node reuses the store's word that
+                                        a blob or a repository's link to it exists
+                                        (storage.s3.lookup_ttl) only while the token is the
+                                        one it read before asking.
     rq:*                                rq's own keys for the `pullthrough` queue and worker.
 """
 
@@ -159,6 +166,7 @@ import redis
 
 from registry.config import Settings
 from registry.coordination.catalog import CatalogIndex
+from registry.coordination.deletions import Deletions
 from registry.coordination.follows import Follows
 from registry.coordination.gcstate import GcState, StoreTotals
 from registry.coordination.hourly import Hourly
@@ -199,6 +207,7 @@ class Coordination:
         self.follows = Follows(client)
         self.hourly = Hourly(client, quota=lambda registry: upstream_status(client, registry))
         self.tiers = TierNews(client)
+        self.deletions = Deletions(client)
 
     # For people: /readyz, /metrics, the UI, the admin CLI (these raise RedisError).
     def ping(self) -> None:

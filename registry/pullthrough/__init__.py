@@ -36,6 +36,7 @@ from registry.names import Target, catalog_name, validate_tag
 from registry.pullthrough.fill import BlobFiller
 from registry.pullthrough.manifests import InvalidManifest, accepts, parse_manifest
 from registry.pullthrough.policy import SignaturePolicy
+from registry.pullthrough.presence import Presence
 from registry.pullthrough.referrers import Referrers, ReferrersCache
 from registry.pullthrough.tiering import TierServing
 from registry.store import ContentStore, TagRecord
@@ -110,6 +111,13 @@ class PullThrough:
             else None
         )
         self.coord = coordination
+        # On S3 a lookup is a bucket request: its answers are reused (presence.py). A stat of
+        # the disk costs less than the Redis read that would decide whether to reuse one.
+        self.presence = Presence(
+            store,
+            coordination.deletions,
+            settings.s3.lookup_ttl if settings.s3 and store.driver.lookups_are_requests else 0,
+        )
         self.upstreams = upstreams
         self.clock = clock
         self.filler = filler or BlobFiller(
@@ -435,12 +443,13 @@ class PullThrough:
     def blob(
         self, target: Target, digest: Digest, *, head: bool = False, client: str | None = None
     ) -> Blob:
-        size = self.store.blob_size(digest)
+        asking = self.presence.asking()
+        size = asking.blob_size(digest)
         if size is None and self.tiering is not None:
             # The bucket lost it (a sweep whose message this node missed): so has the tier.
             self.tiering.forget(digest)
         if size is not None:
-            if not self.store.is_linked(target, digest):
+            if not asking.is_linked(target, digest):
                 self._entitle(target, digest, client)
             if head:
                 return Blob(digest, size, "hit")

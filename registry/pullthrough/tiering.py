@@ -11,8 +11,9 @@ reaches the node's clients. A copy whose process died is taken over by the next 
 live writer (resuming from its bytes).
 
 The bucket stays the truth: a blob is served from the tier only after the bucket said it has
-it (the caller's stat), and a copy of a blob the bucket lost is forgotten then; the GC's
-deletions reach every node's tier at once through coordination/tiers.py.
+it (the caller's stat, an answer reused while nothing was deleted: pullthrough/presence.py),
+and a copy of a blob the bucket lost is forgotten then; the GC's deletions reach every node's
+tier at once through coordination/tiers.py.
 """
 
 from __future__ import annotations

@@ -170,6 +170,13 @@ class Swift:
         )
         return sum(1 for line in self.access if needle.search(line))
 
+    def object_heads(self, key: str) -> int:
+        """Clients' HEADs of the object whose key ends with `key`, found or not, as logged
+        so far."""
+        quoted = re.escape(urllib.parse.quote(key))
+        needle = re.compile(rf"proxy-server: \d\S* .* HEAD /\S*/{quoted} HTTP/[0-9.]+ \d{{3}} ")
+        return sum(1 for line in self.access if needle.search(line))
+
     def start(self) -> Swift:
         self.dir.mkdir(parents=True, exist_ok=True)
         threading.Thread(target=self._receive_access_log, daemon=True).start()

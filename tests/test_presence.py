@@ -1,0 +1,114 @@
+"""What a process remembers the store said exists (pullthrough/presence.py), on a real store
+on disk with a real Redis and the real GC: reused while nothing was deleted, asked again after
+a sweep deleted anything, including a sweep that ran while the question was being answered."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import redis as redis_lib
+
+from registry.config import GcSettings, RegistrySettings
+from registry.coordination import Coordination
+from registry.digests import Digest
+from registry.gc import Collector
+from registry.names import Target
+from registry.pullthrough.presence import Presence
+from registry.store import ContentStore, FilesystemDriver
+
+TARGET = Target(RegistrySettings("docker.io", "https://docker.io"), "library/p")
+
+
+class CountingStore(ContentStore):
+    """A real store on disk that counts the questions put to it, and can run something
+    just after it answered one (a sweep racing the question)."""
+
+    def __init__(self, root) -> None:
+        super().__init__(FilesystemDriver(root))
+        self.asked = 0
+        self.after_answer = None
+
+    def blob_size(self, digest: Digest) -> int | None:
+        self.asked += 1
+        size = super().blob_size(digest)
+        if self.after_answer is not None:
+            run, self.after_answer = self.after_answer, None
+            run()
+        return size
+
+
+def orphan(store: ContentStore, data: bytes) -> Digest:
+    """A blob no manifest names, written two days ago: the next sweep deletes it."""
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    store.put_verified_bytes(digest, data)
+    path = store.driver.root / store.blob_path(digest)
+    old = time.time() - 2 * 86400
+    os.utime(path, (old, old))
+    return digest
+
+
+def sweep(store, coord) -> dict:
+    return Collector(store, coord, GcSettings(delay=3600)).run()
+
+
+def test_an_answer_is_reused_until_a_sweep_deletes_anything(tmp_path, redis_client):
+    store = CountingStore(tmp_path / "data")
+    coord = Coordination(redis_client, 5.0)
+    presence = Presence(store, coord.deletions, ttl=60)
+    kept = Digest.parse("sha256:" + hashlib.sha256(b"kept").hexdigest())
+    store.put_verified_bytes(kept, b"kept")
+    for _ in range(3):
+        assert presence.asking().blob_size(kept) == 4
+    assert store.asked == 1
+
+    orphan(store, b"an orphan")  # another blob: the sweep deletes that one
+    store.driver.touch(store.blob_path(kept))  # (and spares this one: it is recent)
+    assert sweep(store, coord)["deleted_blobs"] == 1
+    assert presence.asking().blob_size(kept) == 4
+    assert store.asked == 2  # asked again: a deletion happened since
+
+
+def test_a_sweep_racing_the_question_makes_the_answer_asked_again(tmp_path, redis_client):
+    store = CountingStore(tmp_path / "data")
+    coord = Coordination(redis_client, 5.0)
+    presence = Presence(store, coord.deletions, ttl=60)
+    digest = orphan(store, b"deleted while the store answered")
+    # The store answers "it exists", then the sweep deletes it before the answer is kept.
+    store.after_answer = lambda: sweep(store, coord)
+    assert presence.asking().blob_size(digest) == len(b"deleted while the store answered")
+    assert store.blob_size(digest) is None  # the sweep did delete it
+    assert presence.asking().blob_size(digest) is None  # not the remembered answer
+
+
+def test_an_answer_lasts_at_most_ttl_and_nothing_is_reused_without_redis(tmp_path, redis_client):
+    store = CountingStore(tmp_path / "data")
+    coord = Coordination(redis_client, 5.0)
+    now = [1000.0]
+    presence = Presence(store, coord.deletions, ttl=30, clock=lambda: now[0])
+    digest = Digest.parse("sha256:" + hashlib.sha256(b"x").hexdigest())
+    store.put_verified_bytes(digest, b"x")
+    store.link_blob(TARGET, digest)
+    assert presence.asking().blob_size(digest) == 1
+    assert presence.asking().is_linked(TARGET, digest)
+    now[0] += 29
+    assert presence.asking().blob_size(digest) == 1 and store.asked == 1
+    now[0] += 1
+    assert presence.asking().blob_size(digest) == 1 and store.asked == 2
+
+    # Redis away: no token to check an answer against, so the store answers each time.
+    away = Coordination(redis_lib.Redis(port=1, socket_connect_timeout=0.2), 5.0)
+    blind = Presence(store, away.deletions, ttl=30)
+    for _ in range(2):
+        assert blind.asking().blob_size(digest) == 1
+    assert store.asked == 4
+
+
+def test_a_missing_blob_is_never_remembered(tmp_path, redis_client):
+    store = CountingStore(tmp_path / "data")
+    presence = Presence(store, Coordination(redis_client, 5.0).deletions, ttl=60)
+    digest = Digest.parse("sha256:" + hashlib.sha256(b"later").hexdigest())
+    assert presence.asking().blob_size(digest) is None
+    store.put_verified_bytes(digest, b"later")  # a fill committed it
+    assert presence.asking().blob_size(digest) == 5
