@@ -108,7 +108,9 @@ def zero_copy_sendfile() -> None:
     gunicorn's sendfile path for cached blobs ran at about half the speed of a plain sendfile.
     This sends straight from the page cache on the socket's non-blocking descriptor, waits for
     writability through the gevent hub, and yields between chunks so one fast client cannot
-    starve the worker's other connections.
+    starve the worker's other connections. A local copy still growing (an S3 node's tier)
+    is sent the same way: its body (api/v2.py _SpanBody) offers `spans()`, FileSpans of the
+    file as it grows.
     """
     import contextlib
     import os
@@ -118,9 +120,41 @@ def zero_copy_sendfile() -> None:
     from gevent import _socket3
     from gevent.socket import wait_write
 
+    from registry.store.driver import FileSpan
+
     chunk = 4 << 20
 
+    def send_spans(self, items) -> int:
+        """A growing copy's items as they come: bytes sent as they are, FileSpans of its
+        file from the page cache; each span learns how much of it went."""
+        out_fd, total = self.fileno(), 0
+        for item in items:
+            if not isinstance(item, FileSpan):
+                self.sendall(item)
+                total += len(item)
+                continue
+            while item.sent < item.length:
+                try:
+                    sent = os.sendfile(
+                        out_fd,
+                        item.fd,
+                        item.offset + item.sent,
+                        min(chunk, item.length - item.sent),
+                    )
+                except BlockingIOError:
+                    wait_write(out_fd, timeout=self.gettimeout())
+                    continue
+                if sent == 0:
+                    break  # the file is shorter than it said: the stream offers it again
+                item.sent += sent
+                gevent.sleep(0)
+            total += item.sent
+        return total
+
     def sendfile(self, file, offset=0, count=None):
+        spans = getattr(file, "spans", None)
+        if spans is not None:
+            return send_spans(self, spans())
         out_fd, in_fd = self.fileno(), file.fileno()
         if count is None:
             count = os.fstat(in_fd).st_size - offset

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import json
+import os
 import time
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -21,6 +21,7 @@ from registry.names import Target, resolve
 from registry.numbers import is_count
 from registry.pullthrough import Blob, PullThrough
 from registry.pullthrough.manifests import parse_accept
+from registry.store.driver import FileSpan
 
 bp = Blueprint("v2", __name__)
 
@@ -138,9 +139,16 @@ def blob(name: str, digest: str) -> Response:
         )
         return response
     chunks = None
+    wrapper = request.environ.get("wsgi.file_wrapper")
     if found.stream is not None:
         # Wait for the first byte here, where a failed fill is still an OCI error with its
         # status: once the headers are out it can only cut the connection short.
+        if found.spans is not None and wrapper is not None and "gunicorn.socket" in request.environ:
+            sent = _Sent(_metrics(), target.registry.name, status)
+            body = _SpanBody(_primed(found.spans(start, end)), sent, _source(found))
+            return Response(
+                wrapper(body, FILE_CHUNK), status=status, headers=headers, direct_passthrough=True
+            )
         chunks = _primed(found.stream(start, end))
     sent = _Sent(_metrics(), target.registry.name, status)
     return Response(
@@ -151,10 +159,67 @@ def blob(name: str, digest: str) -> Response:
     )
 
 
-def _primed(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """`chunks` with its first item already produced (its errors raised now)."""
+def _primed(chunks: Iterator) -> Iterator:
+    """`chunks` with its first item already produced (its errors raised now); closing it
+    closes `chunks` (the stream's open file goes then, not when collected)."""
     first = next(chunks, None)
-    return chunks if first is None else itertools.chain((first,), chunks)
+    if first is None:
+        return chunks
+
+    def rest() -> Iterator:
+        try:
+            yield first
+            yield from chunks
+        finally:
+            chunks.close()  # type: ignore[attr-defined]
+
+    return rest()
+
+
+def _source(found: Blob) -> str:
+    # A miss counts as upstream bytes even when a fast fill committed before we sent them.
+    return "upstream" if found.cache == "miss" else "cache"
+
+
+class _SpanBody:
+    """A growing local copy's bytes as gunicorn's file wrapper sends them: with sendfile,
+    its `spans()` as they come (serving.zero_copy_sendfile), never read into memory; else
+    `read()`. Counts and logs what went when gunicorn closes it."""
+
+    def __init__(self, items: Iterator[bytes | FileSpan], sent: _Sent, source: str) -> None:
+        self._items = items
+        self._sent = sent
+        self._source = source
+        self.count = 0
+        # gunicorn seeks the descriptor it is given before and after sendfile.
+        self._null = os.open(os.devnull, os.O_RDONLY)
+
+    def fileno(self) -> int:
+        return self._null
+
+    def spans(self) -> Iterator[bytes | FileSpan]:
+        for item in self._items:
+            yield item
+            self.count += item.sent if isinstance(item, FileSpan) else len(item)
+
+    def read(self, size: int = FILE_CHUNK) -> bytes:
+        for item in self._items:
+            if not isinstance(item, FileSpan):
+                self.count += len(item)
+                return item
+            data = os.pread(item.fd, min(size, item.length), item.offset)
+            item.sent = len(data)
+            if data:
+                self.count += len(data)
+                return data
+        return b""
+
+    def close(self) -> None:
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
+        os.close(self._null)
+        self._sent.done(self._source, self.count)
 
 
 class _Sent:
@@ -175,8 +240,7 @@ class _Sent:
 
 
 def _body(found: Blob, start: int, end: int, sent: _Sent, chunks: Iterator[bytes] | None):
-    # A miss counts as upstream bytes even when a fast fill committed before we sent them.
-    source = "upstream" if found.cache == "miss" else "cache"
+    source = _source(found)
     if chunks is not None:
         return _counted(chunks, sent, source)
     assert found.open_file is not None

@@ -40,6 +40,7 @@ from registry.pullthrough.presence import Presence
 from registry.pullthrough.referrers import Referrers, ReferrersCache
 from registry.pullthrough.tiering import TierServing
 from registry.store import ContentStore, TagRecord
+from registry.store.driver import FileSpan
 from registry.store.tier import LocalTier
 from registry.upstream.client import UpstreamClient, UpstreamDenied
 
@@ -70,6 +71,8 @@ class Blob:
     cache: str  # "hit" or "miss"
     open_file: Callable[[], BinaryIO] | None = None
     stream: Callable[[int, int], Iterator[bytes]] | None = None
+    # The stream with a local file's bytes as FileSpans (for a sender with sendfile).
+    spans: Callable[[int, int], Iterator[bytes | FileSpan]] | None = None
     redirect: str | None = None  # a presigned URL of the store that serves the bytes
     joined: bool = False  # a miss that streams another request's fill
 
@@ -130,6 +133,7 @@ class PullThrough:
             max_fills_per_client=settings.max_fills_per_client,
             parallel_ranges=settings.parallel_ranges,
             range_min_size=settings.range_min_size,
+            node_copy=self.tiering.tap if self.tiering is not None else None,
         )
         self.metrics = metrics
         # How long a request waits for another's upstream ask of the same tag or list.
@@ -501,13 +505,20 @@ class PullThrough:
             tiering = self.tiering
 
             def source(offset: int) -> Iterator[bytes]:
-                return self.filler.stream(target, upstream, digest, size, offset, size - 1)
+                # The node's copy verifies the digest before its clients' last byte: it need
+                # not wait for the bucket's copy of the blob too.
+                return self.filler.stream(
+                    target, upstream, digest, size, offset, size - 1, until_verified=True
+                )
 
             return Blob(
                 digest,
                 size,
                 "miss",
                 stream=lambda start, end: tiering.stream(digest, size, start, end, source),
+                spans=lambda start, end: tiering.stream(
+                    digest, size, start, end, source, spans=True
+                ),
                 joined=not started.fetcher,
             )
         return Blob(
@@ -532,6 +543,7 @@ class PullThrough:
             size,
             "hit",
             stream=lambda start, end: tiering.stream(digest, size, start, end),
+            spans=lambda start, end: tiering.stream(digest, size, start, end, spans=True),
         )
 
     def prefetch_blob(

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from registry.coordination import Coordination, Lease
 from registry.digests import Digest
@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 1024 * 1024
 PROGRESS_INTERVAL = 0.2
 STATE_CHECK_INTERVAL = 0.1
+# A fill in these states has all its bytes, and they hash to the digest.
+VERIFIED = frozenset({FillState.COMMITTING, FillState.COMMITTED})
 MAX_TAKEOVERS = 3
 # Retry-After of a fill refused because the cache runs as many as it may.
 BUSY_RETRY = 5
@@ -86,6 +88,41 @@ class _DigestMismatch(UpstreamError):
     """The bytes upstream sent do not hash to the digest (FailReason.DIGEST_MISMATCH)."""
 
 
+class NodeCopy(Protocol):
+    """A copy of the blob the node keeps for itself (an S3 node's local tier,
+    pullthrough/tiering.py), written by the fill from the bytes it hashes."""
+
+    def write(self, pos: int, data: bytes) -> None: ...
+
+    def verified(self) -> None:
+        """The fill's bytes hash to the digest (before the store's commit)."""
+
+    def failed(self, error: RegistryError) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Tee:
+    """A fill's hasher that also hands what it hashes (in order, from the blob's first
+    byte) to the node's own copy, once one is attached."""
+
+    __slots__ = ("copy", "hasher", "pos")
+
+    def __init__(self, hasher: Any) -> None:
+        self.hasher = hasher
+        self.pos = 0
+        self.copy: NodeCopy | None = None
+
+    def update(self, data: bytes) -> None:
+        self.hasher.update(data)
+        if self.copy is not None:
+            self.copy.write(self.pos, data)
+        self.pos += len(data)
+
+    def hexdigest(self) -> str:
+        return self.hasher.hexdigest()
+
+
 @dataclass
 class _Fill:
     """One fill's moving parts, as its steps leave them."""
@@ -106,6 +143,7 @@ class _Fill:
     ranged: RangedUpload | None = None
     first: Segment | None = None
     workers: int = 1  # how many ranges a parallel fill fetches at once
+    copy: NodeCopy | None = None  # the node's own copy, written as the fill hashes
 
     @property
     def registry(self) -> str:
@@ -142,6 +180,7 @@ class BlobFiller:
         max_fills_per_client: int = 0,
         parallel_ranges: int = 1,
         range_min_size: int = 32 << 20,
+        node_copy: Callable[[Digest, int, int], NodeCopy | None] | None = None,
     ) -> None:
         self.store = store
         self.coord = coordination
@@ -153,6 +192,9 @@ class BlobFiller:
         self.max_fills_per_client = max_fills_per_client
         self.parallel_ranges = parallel_ranges
         self.range_min_size = range_min_size
+        # A copy of each blob this process fetches for the node itself (S3's local tier):
+        # node_copy(digest, size, at) with `at` bytes already hashed; None: none.
+        self.node_copy = node_copy
 
     # -- the fetcher ---------------------------------------------------------------------------
     def _try_fetch(
@@ -233,6 +275,8 @@ class BlobFiller:
             log.warning("fill of %s lost its lease; another process continues it", digest)
         except Exception as exc:  # upstream's answers, mid-stream resets, timeouts, disk full
             reason, error = self._classify(fill, exc)
+            if fill.copy is not None:
+                fill.copy.failed(error)
             self._fail(writer, reason, error, fill.streaming, fill.registry)
         finally:
             done.set()
@@ -250,7 +294,7 @@ class BlobFiller:
         held = self.store.upload_size(digest) or 0
         fill.stream = upstream.open_blob(fill.target.repository, str(digest), held)
         fill.upload = self.store.open_upload(digest, fill.stream.total)
-        fill.hasher = digest.hasher()
+        fill.hasher = self._hasher(digest)
         if fill.stream.offset == held and held:
             held = _hash_prefix(fill.upload, fill.hasher, held)
         if fill.stream.offset != held:  # upstream ignored Range (or the prefix shrank)
@@ -258,17 +302,9 @@ class BlobFiller:
                 fill.stream.close()
                 fill.stream = upstream.open_blob(fill.target.repository, str(digest), 0)
             fill.upload.truncate(0)
-            fill.hasher = digest.hasher()
+            fill.hasher = self._hasher(digest)
             held = 0
-        fill.offset = fill.fetched_from = held
-        if fill.stream.total is None:
-            raise UpstreamError(
-                f"upstream {fill.registry} did not announce the size of {digest}",
-                reason=f"{fill.registry} sent a blob without its size, not cached",
-            )
-        fill.total = fill.stream.total
-        fill.writer.streaming(fill.total, held, fill.registry)
-        fill.streaming = True
+        self._announce(fill, fill.stream.total, held)
 
     def _open_ranges(self, fill: _Fill) -> None:
         """Open a parallel fill (ranges.py): the first range asked for is at most
@@ -282,7 +318,7 @@ class BlobFiller:
         if held or self.store.upload_extents(digest):
             # The file exists already: open it now, rehash what it holds, take in extents.
             fill.upload = self.store.open_upload(digest, None)
-            fill.hasher = digest.hasher()
+            fill.hasher = self._hasher(digest)
             held = _hash_prefix(fill.upload, fill.hasher, held)
             fill.upload.settle(held)  # on S3: the pieces up to `held` are stored
             ranged = RangedUpload(self.store, digest, fill.upload, fill.hasher, held, 0)
@@ -304,13 +340,13 @@ class BlobFiller:
             if fill.upload is None:
                 fill.upload = self.store.open_upload(digest, stream.total)
             fill.upload.truncate(0)
-            fill.hasher = digest.hasher()
+            fill.hasher = self._hasher(digest)
             self._announce(fill, stream.total, 0)
             return
         total = stream.total or 0
         if ranged is None:
             fill.upload = self.store.open_upload(digest, total)
-            fill.hasher = digest.hasher()
+            fill.hasher = self._hasher(digest)
             ranged = fill.ranged = RangedUpload(self.store, digest, fill.upload, fill.hasher, 0, 0)
         ranged.total = total
         if stream.response is not None:
@@ -341,8 +377,16 @@ class BlobFiller:
                 reason=f"{fill.registry} sent a blob without its size, not cached",
             )
         fill.total = total
+        if self.node_copy is not None and isinstance(fill.hasher, _Tee):
+            copy = self.node_copy(fill.digest, total, fill.hasher.pos)
+            if copy is not None:
+                fill.copy = fill.hasher.copy = copy
         fill.writer.streaming(fill.total, held, fill.registry)
         fill.streaming = True
+
+    def _hasher(self, digest: Digest) -> Any:
+        hasher = digest.hasher()
+        return _Tee(hasher) if self.node_copy is not None else hasher
 
     def _copy_ranges(self, fill: _Fill) -> None:
         """A parallel fill's workers, until every segment is in (ranges.RangedCopy)."""
@@ -428,6 +472,11 @@ class BlobFiller:
             )
         if fill.lease.lost:
             raise LeaseLost()
+        if fill.copy is not None:
+            fill.copy.verified()  # the node's clients have their last byte
+        # The last, short piece (S3) is stored before the record says every byte is: a
+        # follower that only waits for the bytes to be verified (a node's tier) reads it.
+        fill.upload.flush()
         # A rename on disk, but on S3 a multipart copy that takes seconds: followers
         # waiting for the last byte must not take that for a stall.
         fill.writer.committing(fill.offset)
@@ -477,6 +526,8 @@ class BlobFiller:
             self.metrics.upstream_bytes.labels(fill.registry).inc(fill.fetched)
         if fill.stream is not None:
             fill.stream.close()
+        if fill.copy is not None:
+            fill.copy.close()
         extents = fill.ranged is not None and fill.ranged.has_extents()
         if fill.ranged is not None:
             fill.ranged.close()
@@ -577,8 +628,13 @@ class BlobFiller:
         size: int,
         start: int,
         end: int,
+        *,
+        until_verified: bool = False,
     ) -> Iterator[bytes]:
-        """Yield bytes [start, end] of the blob as the fill writes them; cut short on failure."""
+        """Yield bytes [start, end] of the blob as the fill writes them; cut short on failure.
+        The last byte waits for the commit; with `until_verified`, only for the fetcher to
+        find that the bytes hash to the digest (for a reader that verifies and commits a copy
+        of its own: a node's local tier, while the bucket's copy of the blob takes seconds)."""
         handle = self.store.follow(digest, None)
         poll = self.store.driver.poll_interval
         remote = self.store.driver.lookups_are_requests
@@ -626,6 +682,9 @@ class BlobFiller:
                     failed = record.state is FillState.FAILED
                     if failed and record.reason is FailReason.DIGEST_MISMATCH:
                         raise _error_from(record)
+                    if until_verified and not committed and record.state in VERIFIED:
+                        committed = True  # the bytes are the digest's; the commit may follow
+                        continue
                     if not committed and not held:
                         if takeovers >= MAX_TAKEOVERS:
                             raise _error_from(

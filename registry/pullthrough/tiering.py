@@ -4,11 +4,13 @@ store/tier.py): committed ones, and fills in progress.
 A blob with a verified local copy is served from it (sendfile, as from the filesystem
 driver). Otherwise the first request of the node copies it in from the bucket, in the
 background, one read of the bucket for the node whatever the number of its clients, and
-every client of the node streams that copy as it grows; its last byte waits for the copy's
-verified rename. A fill still in progress is copied in the same way by following it (one
-follower of the fill per node instead of one per client), and a failure of that fill
-reaches the node's clients. A copy whose process died is taken over by the next client that finds no
-live writer (resuming from its bytes).
+every client of the node streams that copy as it grows (FileSpans, sent with sendfile); its
+last byte waits for the copy's verified rename. A fill still in progress is copied in the
+same way by following it (one follower of the fill per node instead of one per client),
+except on the node whose process fetches it: there the fill writes the copy itself
+(FillTap, from the bytes it hashes). A failure of that fill reaches the node's clients. A
+copy whose process died is taken over by the next client that finds no live writer
+(resuming from its bytes).
 
 The bucket stays the truth: a blob is served from the tier only after the bucket said it has
 it (the caller's stat, an answer reused while nothing was deleted: pullthrough/presence.py),
@@ -29,6 +31,7 @@ from registry.errors import CacheUnavailable, RegistryError, storage_failure
 from registry.metrics import Metrics
 from registry.offload import spawn as spawn_thread
 from registry.store import ContentStore
+from registry.store.driver import FileSpan
 from registry.store.tier import LocalTier, TierCopy
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,9 @@ Source = Callable[[int], Iterator[bytes]]
 
 COPY_CHUNK = 1024 * 1024
 READ_CHUNK = 1024 * 1024
+# A client following a growing copy is sent at least this much at a time (or all there is
+# to send): see stream().
+MIN_SEND = 1024 * 1024
 # After a copy broke off (the bucket failing), the node's next attempt waits this long.
 RETRY_AFTER = 1.0
 
@@ -76,6 +82,20 @@ class TierServing:
             log.info("local tier dropped %s: the bucket no longer has it", digest)
 
     # -- copying in --------------------------------------------------------------------------
+    def tap(self, digest: Digest, size: int, at: int) -> FillTap | None:
+        """The node's copy, for a fill this process runs to write from the bytes it hashes
+        (`at` of them hashed already); None when a live process of the node holds the copy,
+        it is in already, or it lacks bytes before `at` (a fill resumed mid-way: the copy
+        is then made from the fill's stream as it is when nobody fetches on the node)."""
+        copy = self.tier.claim(digest, size)
+        if copy is None:
+            return None
+        if copy.offset < at:
+            copy.close()
+            return None
+        self._errors.pop(digest, None)
+        return FillTap(self, copy)
+
     def ensure_copy(self, digest: Digest, size: int, source: Source | None = None) -> bool:
         """Start copying the blob in unless a live process of the node does; True when this
         call started it. `source(offset)`: the blob's bytes from `offset` (a fill's stream);
@@ -144,13 +164,22 @@ class TierServing:
 
     # -- every client ----------------------------------------------------------------------------
     def stream(
-        self, digest: Digest, size: int, start: int, end: int, source: Source | None = None
-    ) -> Iterator[bytes]:
+        self,
+        digest: Digest,
+        size: int,
+        start: int,
+        end: int,
+        source: Source | None = None,
+        *,
+        spans: bool = False,
+    ) -> Iterator[bytes | FileSpan]:
         """Bytes [start, end] of the node's copy as it grows (copied in by whoever holds it:
-        from the bucket, or with `source`, following a fill still in progress)."""
+        from the bucket, or with `source`, following a fill still in progress). `spans`:
+        as FileSpans of the copy's file, for the sender to sendfile (each span's `sent` says
+        how far it got; the rest is offered again)."""
         self.ensure_copy(digest, size, source)
         handle = self.tier.follow(digest)
-        pos = start
+        pos = seen = start
         last_progress = time.monotonic()
         sleep = 0.001
         complete = self.tier.complete(digest)
@@ -158,12 +187,23 @@ class TierServing:
             while pos <= end:
                 # The last byte waits for the copy's verified rename.
                 limit = end + 1 if complete else min(end + 1, size - 1)
-                available = handle.available() if handle is not None else 0
-                if pos < min(available, limit):
-                    data = handle.read_at(pos, min(READ_CHUNK, min(available, limit) - pos))
+                ready = min(handle.available() if handle is not None else 0, limit)
+                if ready > seen:
+                    seen, last_progress = ready, time.monotonic()
+                # A copy growing in small writes is sent in batches: sends of what just
+                # arrived cost every client a wake-up and a read per few KiB (50 Python
+                # clients spent 15 % more CPU so, and were slower).
+                if pos < ready and (ready - pos >= MIN_SEND or ready == limit):
+                    if spans and handle is not None:
+                        span = FileSpan(handle.fd, pos, ready - pos)
+                        yield span
+                        if span.sent:
+                            pos += span.sent
+                            sleep = 0.001
+                            continue
+                    data = handle.read_at(pos, min(READ_CHUNK, ready - pos))
                     if data:
                         pos += len(data)
-                        last_progress = time.monotonic()
                         sleep = 0.001
                         yield data
                         continue
@@ -193,3 +233,71 @@ class TierServing:
         finally:
             if handle is not None:
                 handle.close()
+
+
+class FillTap:
+    """The node's copy of a blob written by the fill that fetches it, in this process: the
+    bytes the fill hashes, in order from the blob's first (pullthrough/fill.py), go to the
+    copy too. The node's clients stream it as they would a copy from the bucket, with no
+    read of the bucket's pieces and no lag behind the fill. The copy hashes for itself: it
+    may have resumed what a dead process left."""
+
+    def __init__(self, serving: TierServing, copy: TierCopy) -> None:
+        self.serving = serving
+        self.copy = copy
+        self.broken = False
+        self.started = time.monotonic()
+
+    def write(self, pos: int, data: bytes) -> None:
+        """The fill's bytes at `pos`; what the copy holds already is skipped."""
+        copy = self.copy
+        if self.broken or pos + len(data) <= copy.offset:
+            return
+        try:
+            if pos > copy.offset:  # never: the fill hashes from the blob's first byte
+                raise ValueError(f"a gap at {copy.offset} in the local copy of {copy.digest}")
+            copy.write(data[copy.offset - pos :] if pos < copy.offset else data)
+        except (OSError, ValueError) as exc:
+            # The node's disk, not the fill's: the fill goes on; the node's clients follow
+            # the fill by way of a copy another request starts (tiering.stream).
+            self.broken = True
+            copy.discard()
+            copy.close()
+            log.warning("local tier copy of %s written by its fill failed: %s", copy.digest, exc)
+            return
+        if self.serving.metrics is not None:
+            self.serving.metrics.tier_copied_bytes.inc(len(data))
+
+    def verified(self) -> None:
+        """The fill's bytes hash to the digest: the copy goes into place (its clients' last
+        byte) before the bucket's copy of the blob, which takes seconds."""
+        if self.broken:
+            return
+        copy = self.copy
+        try:
+            done = copy.commit()
+        except OSError as exc:  # the node's disk: the fill and its commit go on
+            log.warning("local tier copy of %s could not be put in place: %s", copy.digest, exc)
+            copy.discard()
+            return
+        if done:
+            log.info(
+                "local tier copied %s bytes=%d seconds=%.3f (written by its fill)",
+                copy.digest,
+                copy.size,
+                time.monotonic() - self.started,
+            )
+        else:
+            log.warning("local tier copy of %s did not match its digest; dropped", copy.digest)
+
+    def failed(self, error: RegistryError) -> None:
+        """The fill failed: its bytes may be a poisoned upstream's, nothing to resume from;
+        the node's clients hear why."""
+        if not self.broken:
+            self.copy.discard()
+        self.serving._errors[self.copy.digest] = error
+        self.serving._broke[self.copy.digest] = time.monotonic()
+
+    def close(self) -> None:
+        """Lets the copy go (a fill that lost its lease leaves it to be resumed)."""
+        self.copy.close()

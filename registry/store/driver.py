@@ -120,6 +120,20 @@ class PartialWriter(Protocol):
     def close(self) -> None: ...
 
 
+class FileSpan:
+    """Bytes of a local file to send as they are (sendfile), never read into memory:
+    `length` bytes at `offset` of the open descriptor `fd`. Whoever sends them sets `sent`
+    (fewer when the file turned out shorter, or the client went away)."""
+
+    __slots__ = ("fd", "length", "offset", "sent")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+        self.sent = 0
+
+
 class Follower(Protocol):
     """Content read while it may still grow: a fill in progress, or a committed blob."""
 
