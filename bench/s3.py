@@ -144,10 +144,11 @@ def main() -> None:
 
 
 TIER_HERD_NOTE = (
-    "The clients' last byte waits for their node's verified copy, not for the bucket's commit "
-    "of the blob (which follows), so one cold download is shorter than the first herd's. The "
-    "herd keeps both cores busy: its wall time is bounded by the CPU seconds above (their sum "
-    "over 2 cores), the clients' share included."
+    "A tier client's last byte waits for its node's verified copy, not for the bucket's commit "
+    "of the blob (which follows): so the one cold download here, through a tier node, is "
+    "shorter than the one through a node without a tier above. The herd keeps both cores "
+    "busy: its wall time is bounded by the CPU seconds above (their sum over 2 cores), the "
+    "clients' share included."
 )
 
 
