@@ -239,6 +239,29 @@ def test_a_cold_pull_on_a_tier_node_is_copied_by_its_fill_reading_nothing_from_t
     assert metric(a, "pullthrough_local_tier_copied_bytes_total") - copied == len(data)
 
 
+def test_a_herd_waiting_for_upstreams_first_answer_does_not_poll_the_bucket(nodes, fake, swift):
+    a, b = nodes
+    data = random.randbytes(2 * MIB)
+    digest = fake.add_blob("library/tierwait", data, delay=2.0)  # upstream answers in 2 s
+    heads = swift.object_heads(blob_key(digest))
+
+    def one(node):
+        return fetch(f"{node.url}/v2/library/tierwait/blobs/{digest}")
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, [a, b] * 8))
+    assert all(status == 200 and complete and body == data for status, body, complete in results)
+    time.sleep(1)  # Swift logs a request when it ends
+    # Each request's own look, one more where it found no fill yet, and a few of the
+    # fetcher's and the copies': not one per request every 2-50 ms for 2 s (570 when every
+    # waiting request polled the bucket).
+    assert swift.object_heads(blob_key(digest)) - heads <= 2 * 16 + 4
+    # Smaller than a piece: stored in one PUT at the commit, no piece first.
+    hexpart = digest.split(":")[1]
+    pieces = [line for line in swift.access if f"/uploads/sha256/{hexpart}/" in line]
+    assert not [line for line in pieces if " PUT " in line]
+
+
 def test_a_fill_that_fails_on_its_digest_ends_its_tier_clients_and_leaves_no_copy(nodes, fake):
     a, _b = nodes
     good = random.randbytes(3 * MIB)

@@ -66,6 +66,8 @@ PROGRESS_INTERVAL = 0.2
 STATE_CHECK_INTERVAL = 0.1
 # A fill in these states has all its bytes, and they hash to the digest.
 VERIFIED = frozenset({FillState.COMMITTING, FillState.COMMITTED})
+# A fill in these states, its lease held, has not committed the blob (or is about to say so).
+RUNNING = frozenset({FillState.STARTING, FillState.STREAMING, FillState.COMMITTING})
 MAX_TAKEOVERS = 3
 # Retry-After of a fill refused because the cache runs as many as it may.
 BUSY_RETRY = 5
@@ -474,9 +476,11 @@ class BlobFiller:
             raise LeaseLost()
         if fill.copy is not None:
             fill.copy.verified()  # the node's clients have their last byte
-        # The last, short piece (S3) is stored before the record says every byte is: a
-        # follower that only waits for the bytes to be verified (a node's tier) reads it.
-        fill.upload.flush()
+        if fill.upload.stored():
+            # The last, short piece (S3) is stored before the record says every byte is: a
+            # follower that only waits for the bytes to be verified (a node's tier) reads
+            # it. A blob smaller than a piece stays one PUT at the commit.
+            fill.upload.flush()
         # A rename on disk, but on S3 a multipart copy that takes seconds: followers
         # waiting for the last byte must not take that for a stall.
         fill.writer.committing(fill.offset)
@@ -576,13 +580,23 @@ class BlobFiller:
         takeovers = 0
         fetcher = False
         sleep = 0.002
+        remote = self.store.driver.lookups_are_requests
         while True:
-            if self.store.blob_size(digest) is not None:
-                return FillStart(0, fetcher=fetcher, committed=True)
             # The lease before the state, as in stream(): a free lease is then never read
             # with a record that predates its fetcher's failure.
             holder = self.coord.leases.blob_holder(digest)
             record = self.coord.fills.read(digest)
+            # Where a look at the store is a request (S3), a fill whose lease is held is not
+            # asked about on every poll (a herd waiting for upstream's first answer sent the
+            # bucket hundreds of HEADs): its record says when it is committed, and a holder
+            # yet to write its record either will or lets the lease go.
+            running = (
+                remote
+                and holder is not None
+                and (record.owner != holder or record.state in RUNNING)
+            )
+            if not running and self.store.blob_size(digest) is not None:
+                return FillStart(0, fetcher=fetcher, committed=True)
             if holder is not None:
                 seen_owner = holder
             if record.owner and record.owner in (holder, seen_owner):
