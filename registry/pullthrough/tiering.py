@@ -256,13 +256,14 @@ class FillTap:
         try:
             if pos > copy.offset:  # never: the fill hashes from the blob's first byte
                 raise ValueError(f"a gap at {copy.offset} in the local copy of {copy.digest}")
-            copy.write(data[copy.offset - pos :] if pos < copy.offset else data)
+            data = data[copy.offset - pos :] if pos < copy.offset else data
+            copy.write(data)
         except (OSError, ValueError) as exc:
             # The node's disk, not the fill's: the fill goes on; the node's clients follow
             # the fill by way of a copy another request starts (tiering.stream).
             self.broken = True
             copy.discard()
-            copy.close()
+            copy.close()  # its flock goes: a request of the node may start a copy anew
             log.warning("local tier copy of %s written by its fill failed: %s", copy.digest, exc)
             return
         if self.serving.metrics is not None:

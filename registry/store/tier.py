@@ -226,5 +226,9 @@ class TierCopy:
             os.unlink(self.tier.disk.local_path(self.tier.partial_path(self.digest)))
 
     def close(self) -> None:
+        """Lets the flock go; once (a descriptor closed twice may be someone else's)."""
+        if self.fd < 0:
+            return
+        fd, self.fd = self.fd, -1
         with contextlib.suppress(OSError):
-            os.close(self.fd)
+            os.close(fd)
