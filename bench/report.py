@@ -84,12 +84,17 @@ def table(header: list[str], rows: list) -> list[str]:
     ]
 
 
+def commit_id() -> str:
+    """The commit the figures are of (each part of docs/benchmarks.md says its own)."""
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+
+
 def write_report(results: dict, *, size: int, huge_size: int) -> None:
     wan, herds, blob = results["wan"], results["herd"], results["blob"]
     pt_herd, dist_herd = herds["pullthrough"], herds["distribution"]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    commit = commit_id()
     mib, huge_mib = size / MIB, huge_size / MIB
     chart: list[tuple[str, float, float]] = []  # (label, ratio, target; 0 when none)
 

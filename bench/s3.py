@@ -33,7 +33,7 @@ from bench.__main__ import download
 from bench.load import BLOB_MIB, HERD, REPEATS, WAN_MIBPS, curl_downloads
 from bench.nginx import Nginx
 from bench.proc import cpu_seconds, timed_cpu, tree
-from bench.report import S3_MARKER, table, write_section
+from bench.report import S3_MARKER, commit_id, table, write_section
 from tests.conftest import SWIFT_BUCKET, s3_section
 from tests.support.images import Pusher, make_layer, single
 from tests.support.servers import (
@@ -294,7 +294,7 @@ def write(results: dict, layers: dict) -> None:
         "workers each) on one bucket of OpenStack Swift 2.30 (s3api, one object server, "
         f"loopback) and one Redis; upstream through a {WAN_MIBPS:.0f} MiB/s link. "
         f"Blob {layers['warm_size'] / (1 << 20):.0f} MiB; median of {REPEATS} rounds, the ways "
-        "taking turns.",
+        f"taking turns. Commit {commit_id()}.",
         "",
         "Warm blob, MiB/s (ratio against boto3 reading the same object from the same store):",
         "",
