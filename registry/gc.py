@@ -333,37 +333,9 @@ class Collector:
     # -- sweep -----------------------------------------------------------------------------------
     def sweep(self, plan: Plan, repos: dict[str, RepositoryScan]) -> dict:
         store, coord = self.store, self.coord
-        freed = deleted = skipped = 0
         gone: list[str] = []
         try:
-            deleted_tags = [f"{repo}:{tag}" for repo, tag in plan.drop_tags]
-            for repo, tag in plan.drop_tags:
-                store.delete_tag(repo, tag)
-            coord.pulls.forget(deleted_tags)
-            for repo, digest in plan.revisions:
-                store.delete_revision(repo, digest)
-            coord.pulls.forget([f"{repo}@{digest}" for repo, digest in plan.revisions])
-            for repo, digest in plan.links:
-                store.delete_link(repo, digest)
-            for repo, subject in plan.referrers:
-                store.delete_referrers(repo, subject)
-
-            for digest, size in plan.blobs:
-                lease = coord.leases.blob(digest)
-                if not lease.acquire():
-                    skipped += 1  # a fill of this digest is running
-                    continue
-                try:
-                    if coord.gc.is_live(digest):
-                        skipped += 1  # a pull referenced it since the sweep started
-                        continue
-                    if store.delete_blob(digest):
-                        deleted += 1
-                        freed += size
-                        coord.store.count(-size, -1)
-                        gone.append(str(digest))
-                finally:
-                    lease.release()
+            deleted, freed, skipped = self._delete(plan, gone)
         finally:
             if plan.drop_tags or plan.revisions or plan.links or plan.referrers or gone:
                 # What processes remember the bucket said exists is stale now
@@ -404,6 +376,41 @@ class Collector:
         uploads += store.driver.abort_stale_multipart(max(self.policy.delay, STALE_MULTIPART))
         report.update(deleted_blobs=deleted, freed_bytes=freed, deleted_uploads=uploads)
         return report
+
+    def _delete(self, plan: Plan, gone: list[str]) -> tuple[int, int, int]:
+        """The plan's deletions from the store: (blobs deleted, bytes freed, blobs skipped);
+        `gone` gets each deleted blob as it goes."""
+        store, coord = self.store, self.coord
+        freed = deleted = skipped = 0
+        deleted_tags = [f"{repo}:{tag}" for repo, tag in plan.drop_tags]
+        for repo, tag in plan.drop_tags:
+            store.delete_tag(repo, tag)
+        coord.pulls.forget(deleted_tags)
+        for repo, digest in plan.revisions:
+            store.delete_revision(repo, digest)
+        coord.pulls.forget([f"{repo}@{digest}" for repo, digest in plan.revisions])
+        for repo, digest in plan.links:
+            store.delete_link(repo, digest)
+        for repo, subject in plan.referrers:
+            store.delete_referrers(repo, subject)
+
+        for digest, size in plan.blobs:
+            lease = coord.leases.blob(digest)
+            if not lease.acquire():
+                skipped += 1  # a fill of this digest is running
+                continue
+            try:
+                if coord.gc.is_live(digest):
+                    skipped += 1  # a pull referenced it since the sweep started
+                    continue
+                if store.delete_blob(digest):
+                    deleted += 1
+                    freed += size
+                    coord.store.count(-size, -1)
+                    gone.append(str(digest))
+            finally:
+                lease.release()
+        return deleted, freed, skipped
 
     @staticmethod
     def _counts(plan: Plan, skipped: int) -> dict:

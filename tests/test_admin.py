@@ -16,6 +16,7 @@ import time
 import pytest
 import redis as redis_lib
 import requests
+import yaml
 
 from registry.mediatypes import MANIFEST_TYPES
 from tests.support.servers import Gunicorn, RedisServer, run_module
@@ -46,6 +47,12 @@ def cache(tmp_path_factory, redis_server, upstream, images):
 
 def cli(cache, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return run_module("registry", cache.config_path, *args, check=check)
+
+
+def deletions_token(cache) -> str | None:
+    """The token each deletion from the store rewrites (read, never written, here)."""
+    config = yaml.safe_load(cache.config_path.read_text())
+    return redis_lib.Redis.from_url(config["redis"]["url"]).get("pt:deletions")
 
 
 def blob_file(cache, digest: str):
@@ -88,8 +95,11 @@ def test_evict_drops_the_tag_and_the_next_pull_fetches_again(cache, images):
     url = f"{cache.url}/v2/{image.repository}/manifests/{image.tag}"
     requests.get(url, headers=ACCEPT).raise_for_status()
     assert requests.get(url, headers=ACCEPT).headers["X-Cache"] == "HIT"
+    token = deletions_token(cache)
     out = cli(cache, "evict", f"{image.repository}:{image.tag}").stdout
     assert image.digest in out
+    # What S3 nodes remember the store said exists is stale now (pullthrough/presence.py).
+    assert deletions_token(cache) not in (token, None)
     assert requests.get(url, headers=ACCEPT).headers["X-Cache"] == "MISS"
     missing = cli(cache, "evict", "library/never:1", check=False)
     assert missing.returncode == 1 and "not cached" in missing.stderr
@@ -104,8 +114,10 @@ def test_verify_finds_a_flipped_byte_and_removes_it_on_request(cache, images):
     path.write_bytes(bytes(data))
     found = cli(cache, "verify", check=False)
     assert found.returncode == 1 and f"corrupt {digest}: found" in found.stdout
+    token = deletions_token(cache)
     removed = cli(cache, "verify", "--delete", check=False)
     assert "removed" in removed.stdout and not path.exists()
+    assert deletions_token(cache) not in (token, None)
     assert cli(cache, "verify").returncode == 0
     # The next pull fetches it again, verified.
     body = requests.get(f"{cache.url}/v2/{image.repository}/blobs/{digest}").content

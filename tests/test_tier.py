@@ -35,13 +35,22 @@ def prefix():
 
 
 def start_node(
-    workdir, redis_server, swift, fake, prefix, max_size="200MiB", low_watermark=0.5, **s3
+    workdir,
+    redis_server,
+    swift,
+    fake,
+    prefix,
+    max_size="200MiB",
+    low_watermark=0.5,
+    env=None,
+    **s3,
 ) -> Gunicorn:
     node = Gunicorn.with_config(
         workdir,
         redis_server.url,
         [{"name": "docker.io", "url": fake.url}],
         workers=2,
+        env=env,
         storage=s3_section(
             swift,
             prefix,
@@ -237,6 +246,46 @@ def test_a_cold_pull_on_a_tier_node_is_copied_by_its_fill_reading_nothing_from_t
     reads = [swift.object_gets(f"uploads/sha256/{hexpart}/{o:016d}") for o in pieces]
     assert reads == [0, 0, 0] and swift.object_gets(blob_key(digest)) == 0
     assert metric(a, "pullthrough_local_tier_copied_bytes_total") - copied == len(data)
+
+
+def test_where_sendfile_is_off_a_growing_copy_is_read_and_sent_and_logged_whole(
+    tmp_path, redis_server, swift, fake, prefix
+):
+    # gunicorn sends a tier client's FileSpans with sendfile; with sendfile off (as under
+    # TLS) the body reads them itself. Four clients of one cold fill, one with a Range.
+    node = start_node(
+        tmp_path / "nosendfile",
+        redis_server,
+        swift,
+        fake,
+        prefix,
+        env={"GUNICORN_CMD_ARGS": "--no-sendfile"},
+    )
+    try:
+        data = random.randbytes(6 * MIB)
+        digest = fake.add_blob("library/tiernosendfile", data, trickle=0.01)
+        url = f"{node.url}/v2/library/tiernosendfile/blobs/{digest}"
+        mark = len(node.log())
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            whole = [pool.submit(fetch, url) for _ in range(3)]
+            part = pool.submit(fetch, url, headers={"Range": f"bytes={MIB}-{3 * MIB - 1}"})
+            results = [f.result() for f in whole]
+            status, body, complete = part.result()
+        assert all(r == (200, data, True) for r in results)
+        assert (status, body, complete) == (206, data[MIB : 3 * MIB], True)
+        # Each response is logged with the bytes that went, once its last byte has gone.
+        sent: list[int] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(sent) < 4:
+            sent = [
+                int(line.split(" bytes=", 1)[1].split()[0])
+                for line in node.log()[mark:].splitlines()
+                if " registry.access request " in line and digest in line
+            ]
+            time.sleep(0.05)
+        assert sorted(sent) == [2 * MIB] + [len(data)] * 3
+    finally:
+        node.stop()
 
 
 def test_a_herd_waiting_for_upstreams_first_answer_does_not_poll_the_bucket(nodes, fake, swift):

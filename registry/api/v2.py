@@ -140,10 +140,11 @@ def blob(name: str, digest: str) -> Response:
         return response
     chunks = None
     wrapper = request.environ.get("wsgi.file_wrapper")
+    sendfile = wrapper is not None and "gunicorn.socket" in request.environ
     if found.stream is not None:
         # Wait for the first byte here, where a failed fill is still an OCI error with its
         # status: once the headers are out it can only cut the connection short.
-        if found.spans is not None and wrapper is not None and "gunicorn.socket" in request.environ:
+        if sendfile and found.spans is not None:
             sent = _Sent(_metrics(), target.registry.name, status)
             body = _SpanBody(_primed(found.spans(start, end)), sent, _source(found))
             return Response(
@@ -174,6 +175,23 @@ def _primed(chunks: Iterator) -> Iterator:
             chunks.close()  # type: ignore[attr-defined]
 
     return rest()
+
+
+class _Sent:
+    """Counts and logs a blob response's bytes and time when its last byte has gone (or it
+    broke off). Runs after the request context: it carries what the log line needs."""
+
+    def __init__(self, metrics: Metrics, registry: str, status: int) -> None:
+        self.metrics = metrics
+        self.registry = registry
+        self.status = status
+        self.pending = accesslog.Pending()
+        g.log_when_sent = True
+
+    def done(self, source: str, size: int) -> None:
+        seconds = time.monotonic() - self.pending.started
+        self.metrics.blob_sent(self.registry, source, size, seconds)
+        self.pending.write(self.status, size)
 
 
 def _source(found: Blob) -> str:
@@ -217,26 +235,9 @@ class _SpanBody:
     def close(self) -> None:
         close = getattr(self._items, "close", None)
         if close is not None:
-            close()
+            close()  # the stream's own clean-up (its open file) now
         os.close(self._null)
         self._sent.done(self._source, self.count)
-
-
-class _Sent:
-    """Counts and logs a blob response's bytes and time when its last byte has gone (or it
-    broke off). Runs after the request context: it carries what the log line needs."""
-
-    def __init__(self, metrics: Metrics, registry: str, status: int) -> None:
-        self.metrics = metrics
-        self.registry = registry
-        self.status = status
-        self.pending = accesslog.Pending()
-        g.log_when_sent = True
-
-    def done(self, source: str, size: int) -> None:
-        seconds = time.monotonic() - self.pending.started
-        self.metrics.blob_sent(self.registry, source, size, seconds)
-        self.pending.write(self.status, size)
 
 
 def _body(found: Blob, start: int, end: int, sent: _Sent, chunks: Iterator[bytes] | None):

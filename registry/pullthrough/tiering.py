@@ -135,23 +135,9 @@ class TierServing:
                     self.metrics.tier_copied_bytes.inc(len(data))
                 if copy.offset >= copy.size:
                     break
-            if copy.commit():
-                self._broke.pop(copy.digest, None)
-                self._broken_by.pop(copy.digest, None)
-                log.info(
-                    "local tier copied %s bytes=%d seconds=%.3f",
-                    copy.digest,
-                    copy.size,
-                    time.monotonic() - started,
-                )
-            else:
-                log.warning("local tier copy of %s did not match its digest; dropped", copy.digest)
+            self._into_place(copy, started)
         except RegistryError as exc:  # the fill it followed failed: its clients hear why
-            # Its bytes are that fill's (maybe a poisoned one's): nothing to resume from.
-            copy.discard()
-            self._errors[copy.digest] = exc
-            self._broke[copy.digest] = time.monotonic()
-            log.warning("local tier copy of %s ended with its fill: %s", copy.digest, exc)
+            self._ended_with_fill(copy, exc)
         except Exception as exc:  # the bucket failed: what was copied stays to resume from
             self._broke[copy.digest] = time.monotonic()
             self._broken_by[copy.digest] = storage_failure(exc) or CacheUnavailable(
@@ -161,6 +147,29 @@ class TierServing:
             log.warning("local tier copy of %s broke off: %s", copy.digest, exc)
         finally:
             copy.close()
+
+    def _into_place(self, copy: TierCopy, started: float, how: str = "") -> None:
+        """A whole copy renamed into place if its digest matches, else dropped."""
+        if copy.commit():
+            self._broke.pop(copy.digest, None)
+            self._broken_by.pop(copy.digest, None)
+            log.info(
+                "local tier copied %s bytes=%d seconds=%.3f%s",
+                copy.digest,
+                copy.size,
+                time.monotonic() - started,
+                how,
+            )
+        else:
+            log.warning("local tier copy of %s did not match its digest; dropped", copy.digest)
+
+    def _ended_with_fill(self, copy: TierCopy, error: RegistryError) -> None:
+        """The fill a copy was made from failed: its bytes are that fill's (maybe a poisoned
+        upstream's), nothing to resume from; the node's clients hear why."""
+        copy.discard()
+        self._errors[copy.digest] = error
+        self._broke[copy.digest] = time.monotonic()
+        log.warning("local tier copy of %s ended with its fill: %s", copy.digest, error)
 
     # -- every client ----------------------------------------------------------------------------
     def stream(
@@ -274,30 +283,19 @@ class FillTap:
         byte) before the bucket's copy of the blob, which takes seconds."""
         if self.broken:
             return
-        copy = self.copy
         try:
-            done = copy.commit()
+            self.serving._into_place(self.copy, self.started, " (written by its fill)")
         except OSError as exc:  # the node's disk: the fill and its commit go on
-            log.warning("local tier copy of %s could not be put in place: %s", copy.digest, exc)
-            copy.discard()
-            return
-        if done:
-            log.info(
-                "local tier copied %s bytes=%d seconds=%.3f (written by its fill)",
-                copy.digest,
-                copy.size,
-                time.monotonic() - self.started,
+            log.warning(
+                "local tier copy of %s could not be put in place: %s", self.copy.digest, exc
             )
-        else:
-            log.warning("local tier copy of %s did not match its digest; dropped", copy.digest)
+            self.copy.discard()
 
     def failed(self, error: RegistryError) -> None:
-        """The fill failed: its bytes may be a poisoned upstream's, nothing to resume from;
-        the node's clients hear why."""
+        """The fill failed: the node's clients hear why. A copy that broke is left alone: its
+        file may be another copy's by now, which hears of the failure from the fill."""
         if not self.broken:
-            self.copy.discard()
-        self.serving._errors[self.copy.digest] = error
-        self.serving._broke[self.copy.digest] = time.monotonic()
+            self.serving._ended_with_fill(self.copy, error)
 
     def close(self) -> None:
         """Lets the copy go (a fill that lost its lease leaves it to be resumed)."""
