@@ -17,7 +17,7 @@ Reported as ratios because these machines are noisy.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
+import http.client
 import os
 import random
 import shutil
@@ -33,6 +33,8 @@ import requests
 import yaml
 
 from bench import gc as gc_bench
+from bench.clients import download
+from bench.clients import herd as herd_clients
 from bench.load import (
     ACCEPT,
     BLOB_MIB,
@@ -66,29 +68,16 @@ from tests.support.servers import (
 )
 
 
-def download(url: str) -> tuple[int, str, float]:
-    """(status, sha256 hex, time to first byte) of one streamed GET."""
-    started = time.monotonic()
-    with requests.get(url, stream=True, timeout=300) as response:
-        chunks = response.iter_content(1 << 20)
-        first = next(chunks, b"")
-        ttfb = time.monotonic() - started
-        hasher = hashlib.sha256(first)
-        for chunk in chunks:
-            hasher.update(chunk)
-    return response.status_code, hasher.hexdigest(), ttfb
-
-
 def herd(url: str, clients: int) -> dict:
-    started = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda _: download(url), range(clients)))
+    run = herd_clients([url] * clients)
+    results = run["results"]
     ttfbs = sorted(r[2] for r in results)
     return {
-        "wall": time.monotonic() - started,
+        "wall": run["wall"],
         "ttfb_p50": ttfbs[len(ttfbs) // 2],
         "ok": sum(1 for r in results if r[0] == 200),
         "digests": {r[1] for r in results},
+        "client_cpu": run["cpu"],
     }
 
 
@@ -100,7 +89,7 @@ def killed_herd(url: str, clients: int, expected: str, kill_when) -> dict:
         for attempt in range(1, 6):
             try:
                 status, digest, _ = download(url)
-            except requests.RequestException:
+            except (OSError, http.client.HTTPException):
                 continue
             if status == 200 and digest == expected:
                 return attempt

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 from statistics import median
 
+from bench.clients import CLIENTS_PER_PROCESS
 from bench.load import (
     CDN_CONNECTION_MIBPS,
     CDN_TOTAL_MIBPS,
@@ -370,7 +371,8 @@ def write_report(results: dict, *, size: int, huge_size: int) -> None:
         "sends (about a 200 Mbit/s home link) and counts the bytes. distribution is not run "
         f"here: it sends one upstream GET per client, so its herd would take about {HERD}x the "
         f"single download through the same link. Blobs {mib:.0f} MiB, herd {HERD} Python "
-        "clients hashing every byte.",
+        f"clients hashing every byte ({CLIENTS_PER_PROCESS} threads per process, in processes "
+        "apart from the relay's: bench/clients.py).",
         "",
         *table(["figure", "pullthrough"], wan_rows),
         "",
@@ -401,7 +403,8 @@ def write_report(results: dict, *, size: int, huge_size: int) -> None:
         "",
         "## Loopback, side by side",
         "",
-        f"Herd: {HERD} Python clients hashing every byte of a cold {mib:.0f} MiB blob. Warm blob "
+        f"Herd: {HERD} Python clients hashing every byte of a cold {mib:.0f} MiB blob "
+        f"({CLIENTS_PER_PROCESS} threads per process). Warm blob "
         f"throughput: curl to /dev/null, {REPEATS} runs per server with the servers taking "
         "turns (median run), CPU of the server's processes over all runs. Manifest rates: GET "
         "with wrk (2 threads, 32 connections), HEAD with ApacheBench (32 keep-alive "
