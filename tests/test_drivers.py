@@ -19,6 +19,7 @@ import requests
 from registry.store import FilesystemDriver
 from registry.store.s3 import S3Driver, s3_client
 from tests.conftest import SWIFT_BUCKET
+from tests.support.fakes import TamperingRelay
 from tests.support.swift import ACCESS_KEY, REGION, SECRET_KEY
 
 PIECE = 5 << 20
@@ -203,6 +204,26 @@ def test_batch_delete_carries_content_md5_for_older_stores(swift):
 
     driver.delete_many(["a", "b"])
     assert driver.stat("a") is None and driver.stat("b") is None
+
+
+def test_a_body_changed_on_its_way_to_the_bucket_is_refused_not_stored(swift):
+    """A fill's pieces (and every small object) are PUT by write_atomic with their SHA-256
+    signed, which the store checks against the bytes it got: one flipped bit on the way is a
+    failed write, never a stored piece that a commit would make part of a blob."""
+    relay = TamperingRelay(swift.ports["proxy"]).start()
+    try:
+        prefix = f"tamper/{uuid.uuid4().hex}"
+        through_relay = S3Driver(
+            s3_client(relay.url, ACCESS_KEY, SECRET_KEY, REGION), SWIFT_BUCKET, prefix=prefix
+        )
+        piece = "uploads/sha256/abc/0000000000000000"
+        with pytest.raises(OSError, match="write"):
+            through_relay.write_atomic(piece, os.urandom(PIECE))
+        assert relay.tampered >= 1
+        direct = S3Driver(swift.client(), SWIFT_BUCKET, prefix=prefix)
+        assert direct.stat(piece) is None
+    finally:
+        relay.stop()
 
 
 def test_presigned_url_serves_the_object_with_range(swift):

@@ -448,10 +448,15 @@ class PullThrough:
         self, target: Target, digest: Digest, *, head: bool = False, client: str | None = None
     ) -> Blob:
         asking = self.presence.asking()
-        size = asking.blob_size(digest)
-        if size is None and self.tiering is not None:
-            # The bucket lost it (a sweep whose message this node missed): so has the tier.
-            self.tiering.forget(digest)
+        size = asking.remembered_size(digest)
+        # A GET of a blob being fetched joins its fill without asking the bucket (where that
+        # is a request), whose answer could only be "not yet".
+        asked = size is None and (head or not self.filler.in_flight(digest))
+        if asked:
+            size = asking.blob_size(digest)
+            if size is None and self.tiering is not None:
+                # The bucket lost it (a sweep whose message this node missed): so has the tier.
+                self.tiering.forget(digest)
         if size is not None:
             if not asking.is_linked(target, digest):
                 self._entitle(target, digest, client)
@@ -482,7 +487,7 @@ class PullThrough:
             started = self._ask(
                 target,
                 str(digest),
-                lambda: self.filler.start(target, upstream, digest, client),
+                lambda: self.filler.start(target, upstream, digest, client, asked=asked),
                 client,
                 BlobUnknown,
             )

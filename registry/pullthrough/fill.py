@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from redis.exceptions import RedisError
+
 from registry.coordination import Coordination, Lease
 from registry.digests import Digest
 from registry.errors import (
@@ -88,6 +90,19 @@ _ERRORS: dict[str, type[RegistryError]] = {
 
 class _DigestMismatch(UpstreamError):
     """The bytes upstream sent do not hash to the digest (FailReason.DIGEST_MISMATCH)."""
+
+
+def _held_and_running(holder: str | None, record: FillRecord) -> bool:
+    # A holder yet to write its record (an older record names another owner) will write it
+    # or let the lease go.
+    return holder is not None and (record.owner != holder or record.state in RUNNING)
+
+
+def _stored(record: FillRecord) -> int | None:
+    # What a follower may read of a fill's upload, as its record says: nothing yet until
+    # its first progress report; None (the follower looks for itself) when it is not
+    # streaming or being committed.
+    return (record.stored or 0) if record.active else None
 
 
 class NodeCopy(Protocol):
@@ -568,12 +583,19 @@ class BlobFiller:
 
     # -- every client ----------------------------------------------------------------------------
     def start(
-        self, target: Target, upstream: UpstreamClient, digest: Digest, client: str | None = None
+        self,
+        target: Target,
+        upstream: UpstreamClient,
+        digest: Digest,
+        client: str | None = None,
+        *,
+        asked: bool = False,
     ) -> FillStart:
         """Join or start the fill of `digest`; return its size once known.
 
         `committed` means the blob is in the store now (a fast fill may finish before this
-        returns): serve it from there.
+        returns): serve it from there. `asked`: the caller has just found it missing from the
+        store, which (where that is a request) is not asked again at once.
         """
         deadline = time.monotonic() + self.start_timeout
         seen_owner = None
@@ -590,12 +612,12 @@ class BlobFiller:
             # asked about on every poll (a herd waiting for upstream's first answer sent the
             # bucket hundreds of HEADs): its record says when it is committed, and a holder
             # yet to write its record either will or lets the lease go.
-            running = (
-                remote
-                and holder is not None
-                and (record.owner != holder or record.state in RUNNING)
-            )
-            if not running and self.store.blob_size(digest) is not None:
+            running = remote and _held_and_running(holder, record)
+            # A fill that committed since the caller asked has said so in its record (before
+            # its lease goes): only then is the caller's "missing" out of date.
+            fresh = remote and asked and record.state is not FillState.COMMITTED
+            asked = False
+            if not running and not fresh and self.store.blob_size(digest) is not None:
                 return FillStart(0, fetcher=fetcher, committed=True)
             if holder is not None:
                 seen_owner = holder
@@ -629,9 +651,29 @@ class BlobFiller:
             time.sleep(sleep)
             sleep = min(sleep * 2, 0.05)
 
+    def in_flight(self, digest: Digest) -> bool:
+        """Whether a fill of `digest` holds its lease and has not committed, where a look at
+        the store is a request (S3): a request for it then joins the fill without asking the
+        bucket first (a herd of 50 sent 50 HEADs that could only say 404). False when Redis
+        does not answer: the store is asked, as without a fill."""
+        return self._flight(digest) is not None
+
+    def _flight(self, digest: Digest) -> FillRecord | None:
+        """The record of the fill `in_flight` finds, or None."""
+        if not self.store.driver.lookups_are_requests:
+            return None
+        try:
+            holder = self.coord.leases.blob_holder(digest)
+            if holder is None:
+                return None
+            record = self.coord.fills.read(digest)
+        except RedisError:
+            return None
+        return record if _held_and_running(holder, record) else None
+
     def _moved_on(self, digest: Digest, handle: Follower) -> bool:
         record = self.coord.fills.read(digest)
-        handle.expect(record.stored)
+        handle.expect(_stored(record))
         return not record.active or not self.coord.leases.blob_held(digest)
 
     def stream(
@@ -652,7 +694,15 @@ class BlobFiller:
         handle = self.store.follow(digest, None)
         poll = self.store.driver.poll_interval
         remote = self.store.driver.lookups_are_requests
-        committed = self.store.blob_size(digest) is not None
+        flight = self._flight(digest)
+        if flight is not None:
+            # Not in the bucket yet (the record says when it is), and the pieces the record
+            # says are stored need no HEAD to be found.
+            committed = False
+            if handle is not None:
+                handle.expect(_stored(flight))
+        else:
+            committed = self.store.blob_size(digest) is not None
         pos = start
         takeovers = 0
         last_progress = time.monotonic()
@@ -682,6 +732,8 @@ class BlobFiller:
                     followed = self.store.follow(digest, handle)
                     if followed is not handle:
                         handle = followed
+                        if remote and handle is not None:
+                            handle.expect(_stored(self.coord.fills.read(digest)))
                         continue
                 now = time.monotonic()
                 if now - last_check >= STATE_CHECK_INTERVAL:

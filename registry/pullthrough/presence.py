@@ -78,6 +78,10 @@ class Asking:
         self.presence = presence
         self.token = token
 
+    def remembered_size(self, digest: Digest) -> int | None:
+        """The blob's size if the store's word for it may be reused; the store is not asked."""
+        return self.presence.recall(("blob", digest), self.token)
+
     def blob_size(self, digest: Digest) -> int | None:
         key = ("blob", digest)
         known = self.presence.recall(key, self.token)

@@ -194,10 +194,10 @@ class S3Driver:
             raise self.failure("read", path, exc) from None
 
     def write_atomic(self, path: str, data: bytes) -> None:
-        # A PUT is atomic on S3: readers see the old object or the new one.
-        self._call(
-            "write", path, "put_object", Key=self.key(path), Body=data, ContentMD5=_md5_b64(data)
-        )
+        # A PUT is atomic on S3: readers see the old object or the new one. The store checks
+        # the body against the SHA-256 that botocore signs (it signs the body of a PUT without
+        # Content-MD5, over HTTPS too): a Content-MD5 as well hashed every piece twice.
+        self._call("write", path, "put_object", Key=self.key(path), Body=data)
 
     def touch(self, path: str) -> None:
         if self.head(path) is None:
@@ -509,20 +509,43 @@ class PieceReader:
         self._reader_offset = -1
         self._local = (driver.bucket, driver.key(path))
         self._expected: int | None = None  # what the writer says it stored (via Redis)
+        self._missed = -math.inf  # when a piece the writer said was stored was not there
 
     def available(self) -> int:
-        """Bytes readable now: the contiguous pieces found, and in the fetcher's own process
-        the bytes it holds for the next piece. Looks for the next piece (one HEAD) at most
-        every `poll_interval`."""
+        """Bytes readable now: the contiguous pieces found, or as many as the fill record says
+        are stored, and in the fetcher's own process the bytes it holds for the next piece.
+        Without a word from the record, looks for the next piece (one HEAD) at most every
+        `poll_interval`."""
         now = time.monotonic()
-        hopeful = self._expected is None or self._expected > self._end
-        if hopeful and now - self._looked >= self.driver.poll_interval:
-            self._find_pieces(now)
+        recent_miss = now - self._missed < self.driver.poll_interval
+        if self._expected is not None and self._expected > self._end and not recent_miss:
+            # Stored, says the writer: each piece is found by the GET that reads it.
+            stored = self._expected
+        else:
+            if self._expected is None and now - self._looked >= self.driver.poll_interval:
+                self._find_pieces(now)
+            stored = self._end
         writer = _WRITING.get(self._local)
-        return max(self._end, writer.end()) if writer is not None else self._end
+        return max(stored, writer.end()) if writer is not None else stored
 
     def expect(self, stored: int | None) -> None:
         self._expected = stored
+
+    def _open_next(self) -> None:
+        """Open the piece at the end of those found; its size comes with its GET."""
+        offset = self._end
+        try:
+            reader = ObjectReader(self.driver, self.driver.piece_path(self.path, offset))
+        except FileNotFoundError:
+            # Deleted under us (committed or discarded: the caller follows the blob), or a
+            # blob smaller than a piece, stored whole at its commit: asked again after a poll.
+            self._missed = time.monotonic()
+            return
+        if self._reader is not None:
+            self._reader.close()
+        self._reader, self._reader_offset = reader, offset
+        self._known.append((offset, reader.size()))
+        self._end += reader.size()
 
     def _find_pieces(self, now: float) -> None:
         self._looked = now
@@ -539,7 +562,13 @@ class PieceReader:
             data = writer.read_buffered(pos, length) if writer is not None else b""
             if data:
                 return data
-            self._find_pieces(time.monotonic())  # stored since we last looked
+            stored = self._expected
+            if writer is not None:  # the fetcher's own process: its word is the latest
+                stored = max(stored or 0, writer.stored())
+            if pos == self._end and stored is not None and pos < stored:
+                self._open_next()  # the writer says it is stored: one GET, no HEAD
+            else:
+                self._find_pieces(time.monotonic())  # stored since we last looked
         for offset, size in reversed(self._known):
             if offset <= pos < offset + size:
                 break

@@ -7,10 +7,11 @@ import hashlib
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 
-from tests.support.servers import LoopbackHTTP, free_port, send_json
+from tests.support.servers import LoopbackHTTP, ThrottledRelay, free_port, send_json
 
 
 @dataclass
@@ -235,3 +236,36 @@ class FrozenServer:
         self._sock.close()
         for conn in self._conns:
             conn.close()
+
+
+class TamperingRelay(ThrottledRelay):
+    """A relay on loopback in front of a real server that changes one byte of a request body
+    on its way (the first byte of the body of each connection's first request, if a PUT):
+    what a faulty NIC or middlebox does to an upload, which no real store does on demand."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port, mib_per_s=1 << 20)  # no cap worth the name
+        self.tampered = 0
+
+    def _request_editor(self) -> Callable[[bytes], bytes]:
+        # The headers pass as they come (a client that sends Expect: 100-continue waits
+        # for the server's answer to them); everything after the flipped byte is untouched.
+        head = bytearray()
+        state = "headers"
+
+        def edit(data: bytes) -> bytes:
+            nonlocal state
+            body_at = 0
+            if state == "headers":
+                head.extend(data)
+                end = head.find(b"\r\n\r\n")
+                if end >= 0:
+                    state = "body" if head.startswith(b"PUT ") else "done"
+                    body_at = end + 4 - (len(head) - len(data))
+            if state == "body" and body_at < len(data):
+                state = "done"
+                self.tampered += 1
+                return data[:body_at] + bytes([data[body_at] ^ 0x01]) + data[body_at + 1 :]
+            return data
+
+        return edit

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -598,8 +599,13 @@ class ThrottledRelay:
         if ready > now:
             time.sleep(ready - now)
 
+    def _request_editor(self) -> Callable[[bytes], bytes] | None:
+        """What changes the bytes a connection's client sends (none: a faithful link)."""
+        return None
+
     def _pump(self, src: socket.socket, dst: socket.socket, throttle: bool) -> None:
         own = _Bucket(self.per_connection) if throttle and self.per_connection else None
+        edit = None if throttle else self._request_editor()
         try:
             while True:
                 data = src.recv(64 << 10)
@@ -607,6 +613,8 @@ class ThrottledRelay:
                     break
                 if throttle:
                     self._spend(len(data), own)
+                elif edit is not None:
+                    data = edit(data)
                 dst.sendall(data)
         except OSError:
             pass
