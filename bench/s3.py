@@ -35,6 +35,7 @@ from bench.load import BLOB_MIB, HERD, REPEATS, WAN_MIBPS, curl_downloads
 from bench.nginx import Nginx
 from bench.proc import cpu_seconds, timed_cpu, tree
 from bench.report import S3_MARKER, commit_id, table, write_section
+from registry.config import S3Settings
 from tests.conftest import SWIFT_BUCKET, s3_section
 from tests.support.images import Pusher, make_layer, single
 from tests.support.servers import (
@@ -48,6 +49,7 @@ from tests.support.servers import (
 from tests.support.swift import Swift
 
 NODE_WORKERS = 2
+PART_SIZE = S3Settings.part_size  # the default
 HERD_NOTE = (
     "Without a local tier every client's bytes come from the store, so the herd reads the "
     "blob once per client through Swift's one proxy worker: that, not the link, is its wall "
@@ -113,7 +115,10 @@ def main() -> None:
                 redis_server.url,
                 registries,
                 workers=NODE_WORKERS,
-                storage=s3_section(swift, prefix, **s3),
+                # The product's default piece size (the tests' 5 MiB gives small blobs
+                # several pieces): each piece is four bucket requests (PUT, GET by the
+                # other node, its copy into the blob, its deletion).
+                storage=s3_section(swift, prefix, part_size=PART_SIZE, **s3),
                 # Every simulated host is 127.0.0.1 here: no per-client limits.
                 limits={"max_fills_per_client": 0, "client_upstream_per_minute": 0},
             )
@@ -320,7 +325,8 @@ def write(results: dict, layers: dict) -> None:
         "",
         f"`make bench` (or `make bench-s3` alone): two pullthrough nodes ({NODE_WORKERS} gunicorn "
         "workers each) on one bucket of OpenStack Swift 2.30 (s3api, one object server, "
-        f"loopback) and one Redis; upstream through a {WAN_MIBPS:.0f} MiB/s link. "
+        f"loopback) and one Redis; upstream through a {WAN_MIBPS:.0f} MiB/s link; pieces of "
+        f"{PART_SIZE >> 20} MiB (the default `part_size`). "
         f"Blob {layers['warm_size'] / (1 << 20):.0f} MiB; median of {REPEATS} rounds, the ways "
         f"taking turns. Commit {commit_id()}.",
         "",
