@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 
 import redis as redis_lib
@@ -29,9 +30,13 @@ class CountingStore(ContentStore):
         super().__init__(FilesystemDriver(root))
         self.asked = 0
         self.after_answer = None
+        self.while_asking = None
 
     def blob_size(self, digest: Digest) -> int | None:
         self.asked += 1
+        if self.while_asking is not None:
+            run, self.while_asking = self.while_asking, None
+            run()
         size = super().blob_size(digest)
         if self.after_answer is not None:
             run, self.after_answer = self.after_answer, None
@@ -112,3 +117,37 @@ def test_a_missing_blob_is_never_remembered(tmp_path, redis_client):
     assert presence.asking().blob_size(digest) is None
     store.put_verified_bytes(digest, b"later")  # a fill committed it
     assert presence.asking().blob_size(digest) == 5
+
+
+def test_requests_that_come_while_a_question_is_out_wait_for_its_answer(tmp_path, redis_client):
+    store = CountingStore(tmp_path / "data")
+    coord = Coordination(redis_client, 5.0)
+    presence = Presence(store, coord.deletions, ttl=60)
+    kept = Digest.parse("sha256:" + hashlib.sha256(b"kept").hexdigest())
+    store.put_verified_bytes(kept, b"kept")
+    orphan(store, b"an orphan")
+    store.driver.touch(store.blob_path(kept))
+    answers: list = []
+
+    def later_request():
+        answers.append(presence.asking().blob_size(kept))
+
+    late = [threading.Thread(target=later_request) for _ in range(5)]
+
+    def meanwhile():
+        # While the first request's question is out: a sweep deletes something, then five
+        # more requests (under the newer token) ask the same.
+        assert sweep(store, coord)["deleted_blobs"] == 1
+        for thread in late:
+            thread.start()
+        time.sleep(0.5)
+
+    store.while_asking = meanwhile
+    assert presence.asking().blob_size(kept) == 4
+    for thread in late:
+        thread.join()
+    assert answers == [4] * 5 and store.asked == 1  # one question for the six requests
+    # The answer predates the sweep: the five that waited for it did not remember it under
+    # the token the sweep wrote, so the next request asks again.
+    assert presence.asking().blob_size(kept) == 4
+    assert store.asked == 2

@@ -9,13 +9,20 @@ question rewrites it afterwards) and for at most `ttl` seconds, which bounds wha
 behind the cache's back (an operator, a bucket lifecycle rule) goes unseen. Only "it
 exists" is remembered: a miss is a fill, whose commit must be seen at once. With `ttl` 0, or
 when Redis does not answer, every question goes to the store.
+
+With `ttl` above 0 a question is also put once at a time per process: requests that come
+while the same one is out wait for its answer (a herd of 50 on a cold blob sent 50 HEADs of
+it, each asked before the fill it then joined held its lease). Only the request that asked
+remembers the answer, under its own token.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from typing import TypeVar, cast
 
 from registry.coordination.deletions import Deletions
 from registry.digests import Digest
@@ -23,6 +30,17 @@ from registry.names import Target
 from registry.store import ContentStore
 
 CAPACITY = 4096
+
+T = TypeVar("T")
+
+
+class _Question:
+    """A question to the store that one request is asking for every request of the process."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.answered = False
+        self.answer: object = None
 
 
 class Presence:
@@ -42,11 +60,39 @@ class Presence:
         self.clock = clock
         # key -> (token, until, answer)
         self._known: OrderedDict[Hashable, tuple[str, float, int]] = OrderedDict()
+        self._out: dict[Hashable, _Question] = {}  # questions being asked now
+        self._lock = threading.Lock()
 
     def asking(self) -> Asking:
         """The questions of one request: the token is read now, before any of them is put
         to the store."""
         return Asking(self, self.deletions.token() if self.ttl > 0 else None)
+
+    def ask(self, key: Hashable, question: Callable[[], T]) -> tuple[T, bool]:
+        """The store's answer to `question`, and whether this call asked it: a call made
+        while the same question is out waits for that answer instead (ttl above 0). Asks
+        itself if the one asking fails."""
+        if self.ttl <= 0:
+            return question(), True
+        with self._lock:
+            out = self._out.get(key)
+            mine = out is None
+            if mine:
+                out = self._out[key] = _Question()
+        assert out is not None
+        if not mine:
+            out.done.wait()
+            if out.answered:
+                return cast(T, out.answer), False
+            return question(), True
+        try:
+            answer = question()
+            out.answer, out.answered = answer, True
+            return answer, True
+        finally:
+            with self._lock:
+                del self._out[key]
+            out.done.set()
 
     def recall(self, key: Hashable, token: str | None) -> int | None:
         if token is None:
@@ -87,8 +133,8 @@ class Asking:
         known = self.presence.recall(key, self.token)
         if known is not None:
             return known
-        size = self.presence.store.blob_size(digest)
-        if size is not None:
+        size, asked = self.presence.ask(key, lambda: self.presence.store.blob_size(digest))
+        if size is not None and asked:
             self.presence.remember(key, self.token, size)
         return size
 
@@ -96,7 +142,9 @@ class Asking:
         key = ("link", str(target), digest)
         if self.presence.recall(key, self.token) is not None:
             return True
-        linked = self.presence.store.is_linked(target, digest)
-        if linked:
+        linked, asked = self.presence.ask(
+            key, lambda: self.presence.store.is_linked(target, digest)
+        )
+        if linked and asked:
             self.presence.remember(key, self.token, 1)
         return linked
