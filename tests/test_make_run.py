@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import redis as redis_lib
@@ -13,6 +14,16 @@ import requests
 import yaml
 
 from tests.support.servers import ROOT, free_port, wait_for_port
+
+# `make run` as a terminal starts it, with SIGINT at its default: a test run started in the
+# background by a shell without job control (`cmd &` in a script) inherits SIGINT ignored, and
+# bash cannot trap a signal ignored when it started, so scripts/run would never pass Ctrl-C on.
+SIGINT_AT_DEFAULT = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execvp(sys.argv[1], sys.argv[1:])",
+]
 
 
 def test_make_run_serves_and_ctrl_c_stops_everything(tmp_path):
@@ -29,7 +40,12 @@ def test_make_run_serves_and_ctrl_c_stops_everything(tmp_path):
     )
     log = open(tmp_path / "make-run.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        ["make", "run"], cwd=ROOT, env=env, start_new_session=True, stdout=log, stderr=log
+        [*SIGINT_AT_DEFAULT, "make", "run"],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=log,
+        stderr=log,
     )
     try:
         wait_for_port(port, timeout=60, proc=proc)
