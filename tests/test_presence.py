@@ -58,12 +58,17 @@ def sweep(store, coord) -> dict:
     return Collector(store, coord, GcSettings(delay=3600)).run()
 
 
-def test_an_answer_is_reused_until_a_sweep_deletes_anything(tmp_path, redis_client):
+def with_kept_blob(tmp_path, redis_client):
+    """A counting store holding the 4-byte blob `kept`, and a Presence reusing for 60 s."""
     store = CountingStore(tmp_path / "data")
     coord = Coordination(redis_client, 5.0)
-    presence = Presence(store, coord.deletions, ttl=60)
     kept = Digest.parse("sha256:" + hashlib.sha256(b"kept").hexdigest())
     store.put_verified_bytes(kept, b"kept")
+    return store, coord, Presence(store, coord.deletions, ttl=60), kept
+
+
+def test_an_answer_is_reused_until_a_sweep_deletes_anything(tmp_path, redis_client):
+    store, coord, presence, kept = with_kept_blob(tmp_path, redis_client)
     for _ in range(3):
         assert presence.asking().blob_size(kept) == 4
     assert store.asked == 1
@@ -120,11 +125,7 @@ def test_a_missing_blob_is_never_remembered(tmp_path, redis_client):
 
 
 def test_requests_that_come_while_a_question_is_out_wait_for_its_answer(tmp_path, redis_client):
-    store = CountingStore(tmp_path / "data")
-    coord = Coordination(redis_client, 5.0)
-    presence = Presence(store, coord.deletions, ttl=60)
-    kept = Digest.parse("sha256:" + hashlib.sha256(b"kept").hexdigest())
-    store.put_verified_bytes(kept, b"kept")
+    store, coord, presence, kept = with_kept_blob(tmp_path, redis_client)
     orphan(store, b"an orphan")
     store.driver.touch(store.blob_path(kept))
     answers: list = []
