@@ -226,6 +226,106 @@ def test_a_body_changed_on_its_way_to_the_bucket_is_refused_not_stored(swift):
         relay.stop()
 
 
+def _open_uploads(driver, dest: str) -> list[str]:
+    key = driver.key(dest)
+    found = driver.client.list_multipart_uploads(Bucket=SWIFT_BUCKET, Prefix=key)
+    return [u["UploadId"] for u in found.get("Uploads", []) if u["Key"] == key]
+
+
+def _uploads_once_settled(driver, dest: str, timeout: float = 10.0) -> list[str]:
+    """The open uploads of `dest` once none is left, or after `timeout` (an abort is made
+    by the copier thread once it stops)."""
+    deadline = time.monotonic() + timeout
+    while (uploads := _open_uploads(driver, dest)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return uploads
+
+
+def _copied_parts(driver, dest: str, timeout: float = 10.0, want: int = 0) -> list[int]:
+    """The parts of the one open upload of `dest`, once there are `want` of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        numbers = []
+        for upload in _open_uploads(driver, dest):
+            listed = driver.client.list_parts(
+                Bucket=SWIFT_BUCKET, Key=driver.key(dest), UploadId=upload
+            )
+            numbers += [p["PartNumber"] for p in listed.get("Parts", [])]
+        if len(numbers) >= want or time.monotonic() > deadline:
+            return sorted(numbers)
+        time.sleep(0.1)
+
+
+def _s3(swift, name: str) -> S3Driver:
+    return S3Driver(
+        swift.client(), SWIFT_BUCKET, prefix=f"{name}/{uuid.uuid4().hex}", part_size=PIECE
+    )
+
+
+def test_a_commit_is_assembled_as_the_pieces_are_stored(swift):
+    """Each piece is copied into the blob's multipart upload once stored, ranges ahead
+    included: after the last byte the commit copies only the last piece, and completes."""
+    driver = _s3(swift, "early")
+    data = os.urandom(4 * PIECE + 1234)
+    dest, path = "blobs/sha256/ea/early", "uploads/sha256/early"
+    writer = driver.open_partial(path, len(data), commit_to=dest)
+    _write(writer, data[: 2 * PIECE])
+    ahead = driver.open_extent(path, 3 * PIECE, len(data))  # a range of a parallel fill
+    ahead.pwrite(data[3 * PIECE : 4 * PIECE], 0)
+    assert _copied_parts(driver, dest, want=3) == [1, 2, 4]
+    _write(writer, data[: 3 * PIECE], start=2 * PIECE)
+    ahead.pwrite(data[4 * PIECE :], PIECE)
+    ahead.flush()
+    writer.settle(len(data))
+    time.sleep(1)  # Swift logs a request when it ends
+    before = len(swift.part_puts(driver.key(dest)))
+    writer.commit(dest)
+    time.sleep(1)
+    assert driver.read(dest) == data
+    # Part 3 (copied as its piece was stored, maybe still going) and 5 (the last piece, stored
+    # by the range's flush) at most: the commit does not copy the whole blob again.
+    assert len(swift.part_puts(driver.key(dest))[before:]) <= 2
+    assert sorted(set(swift.part_puts(driver.key(dest)))) == [1, 2, 3, 4, 5]
+    assert _open_uploads(driver, dest) == []
+    assert driver.partial_size(path) is None
+
+
+def test_a_fill_that_ends_without_its_commit_aborts_its_upload(swift):
+    driver = _s3(swift, "abort")
+    data = os.urandom(2 * PIECE + 10)
+    dest, path = "blobs/sha256/ab/abort", "uploads/sha256/abort"
+    writer = driver.open_partial(path, len(data), commit_to=dest)
+    _write(writer, data)
+    assert _copied_parts(driver, dest, want=2) == [1, 2]
+    writer.truncate(0)  # upstream ignored a Range: the pieces are written again from 0
+    assert _copied_parts(driver, dest, want=99, timeout=2) == []
+    _write(writer, data[: PIECE + 5])
+    assert _copied_parts(driver, dest, want=1) == [1]
+    writer.close()  # the fill failed: its pieces stay for whoever resumes it
+    assert _uploads_once_settled(driver, dest) == []
+    assert driver.partial_size(path) == PIECE
+
+    again = driver.open_partial(path, len(data), commit_to=dest)
+    _write(again, data, start=PIECE)
+    again.discard()
+    assert _uploads_once_settled(driver, dest) == []
+    assert driver.partial_size(path) is None
+
+
+def test_a_commit_whose_upload_the_gc_aborted_begins_another(swift):
+    """The GC aborts multipart uploads an hour old: a fill that long still commits."""
+    driver = _s3(swift, "long")
+    data = os.urandom(2 * PIECE + 99)
+    dest, path = "blobs/sha256/lo/long", "uploads/sha256/long"
+    writer = driver.open_partial(path, len(data), commit_to=dest)
+    _write(writer, data)
+    assert _copied_parts(driver, dest, want=2) == [1, 2]
+    assert driver.abort_stale_multipart(0) == 1
+    writer.commit(dest)
+    assert driver.read(dest) == data
+    assert _open_uploads(driver, dest) == []
+
+
 def test_presigned_url_serves_the_object_with_range(swift):
     driver = S3Driver(swift.client(), SWIFT_BUCKET, prefix=f"presign/{uuid.uuid4().hex}")
     data = os.urandom(100_000)

@@ -114,7 +114,9 @@ class ContentStore:
         return self.driver.partial_size(self.upload_path(digest))
 
     def open_upload(self, digest: Digest, size: int | None = None) -> PartialWriter:
-        return self.driver.open_partial(self.upload_path(digest), size)
+        return self.driver.open_partial(
+            self.upload_path(digest), size, commit_to=self.blob_path(digest)
+        )
 
     def open_upload_extent(
         self, digest: Digest, offset: int, size: int | None = None, held: int = 0

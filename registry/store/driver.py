@@ -33,9 +33,12 @@ class StorageDriver(Protocol):
 
     def touch(self, path: str) -> None: ...
 
-    def open_partial(self, path: str, size: int | None = None) -> PartialWriter:
+    def open_partial(
+        self, path: str, size: int | None = None, commit_to: str | None = None
+    ) -> PartialWriter:
         """Open (creating) the partial content of a fill of `size` bytes, which readers may
-        follow while it grows; committed to its final path in one step."""
+        follow while it grows; committed to its final path (`commit_to`, where known: S3
+        assembles the commit there as the fill goes) in one step."""
 
     def open_partial_read(self, path: str) -> Follower | None:
         """Follow what is at `path` (a partial or a committed blob); None when nothing is."""

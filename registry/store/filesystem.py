@@ -328,7 +328,9 @@ class FilesystemDriver:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.touch(self.file_mode)
 
-    def open_partial(self, path: str, size: int | None = None) -> PartialFile:
+    def open_partial(
+        self, path: str, size: int | None = None, commit_to: str | None = None
+    ) -> PartialFile:
         self.local_path(path).parent.mkdir(parents=True, exist_ok=True)
         return PartialFile(self, path)
 

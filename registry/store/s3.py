@@ -4,18 +4,23 @@ Every path of store/paths.py is a key (under an optional prefix). What the files
 with a file that grows and a rename, S3 does with pieces:
 
 - A fill in progress is a row of **pieces**, `uploads/<algo>/<hex>/<offset>`: each one a plain
-  object of `part_size` bytes (the last one shorter), PUT with its Content-MD5 as soon as the
-  fill has that many bytes. Any process on any node follows a fill by reading the pieces that
-  exist, so a client of another node gets bytes long before the fill completes, and a fill
-  whose node died resumes from its last piece. Memory per fill is one piece (one per range
-  of a parallel fill: a range ahead of the bytes in order writes its own pieces at its own
-  offsets, which line up with the pieces' grid, and keeps a local spool of its bytes so that
-  they are hashed in order without being read back; an `ExtentPieces`).
+  object of `part_size` bytes (the last one shorter), PUT (its body's SHA-256 signed, which
+  the store checks) as soon as the fill has that many bytes. Any process on any node follows
+  a fill by reading the pieces that exist, so a client of another node gets bytes long
+  before the fill completes, and a fill whose node died resumes from its last piece. Memory
+  per fill is one piece (one per range of a parallel fill: a range ahead of the bytes in
+  order writes its own pieces at its own offsets, which line up with the pieces' grid, and
+  keeps a local spool of its bytes so that they are hashed in order without being read
+  back; an `ExtentPieces`).
 - The commit, once the digest matched, is one multipart upload of the blob's key whose parts
   are server-side copies of the pieces (UploadPartCopy): no byte crosses the network twice,
   and readers see the old key (nothing) or the whole blob. Then the pieces are deleted.
   S3 multipart parts cannot be read before the upload completes, which is why the pieces are
-  objects of their own.
+  objects of their own. The upload is begun as the fill goes (`PartCopies`): each piece is
+  copied into its part once stored, so that after the last byte only the last piece is
+  copied before the upload completes. A fill that ends otherwise aborts its upload; one
+  whose process died leaves it to the GC (`abort_stale_multipart`), and whoever resumes the
+  fill begins another.
 
 Failures of the store reach the rest of the registry as `OSError(EIO, "<what> on S3 ...")`,
 which it answers with a 503 naming the storage, as for a failing disk.
@@ -30,6 +35,7 @@ import hashlib
 import io
 import math
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -297,8 +303,10 @@ class S3Driver:
             self.delete_many(paths)
         return bool(paths)
 
-    def open_partial(self, path: str, size: int | None = None) -> PieceWriter:
-        return PieceWriter(self, path, self._piece_size(size))
+    def open_partial(
+        self, path: str, size: int | None = None, commit_to: str | None = None
+    ) -> PieceWriter:
+        return PieceWriter(self, path, self._piece_size(size), commit_to=commit_to)
 
     def extent_alignment(self, size: int) -> int:
         """Ranges of a parallel fill start on the pieces' grid: every piece but the blob's
@@ -494,6 +502,9 @@ def _invalid_range(exc: OSError) -> bool:
 # The fills this process is writing, by (bucket, key): followers in the fetcher's own process
 # (its first client, usually) read the bytes not yet stored as a piece from its memory.
 _WRITING: dict[tuple[str, str], PieceWriter] = {}
+# The commits this process is assembling as their fills go, by (bucket, key of the pieces):
+# the pieces a parallel fill's ranges store join their fill's.
+_ASSEMBLING: dict[tuple[str, str], PartCopies] = {}
 
 
 class PieceReader:
@@ -602,6 +613,7 @@ class PieceWriter:
         piece_size: int,
         start: int = 0,
         register: bool = True,
+        commit_to: str | None = None,
     ) -> None:
         self.driver = driver
         self.path = path
@@ -612,8 +624,12 @@ class PieceWriter:
         # Followers of this process read the buffer while a piece upload yields.
         self._lock = threading.Lock()
         self._local = (driver.bucket, driver.key(path))
+        self._register = register
         if register:  # the fill's own writer, not one of its ranges (ExtentPieces)
             _WRITING[self._local] = self
+        self._parts = (
+            PartCopies(driver, path, commit_to, piece_size) if register and commit_to else None
+        )
 
     def end(self) -> int:
         with self._lock:
@@ -646,10 +662,15 @@ class PieceWriter:
 
     def _put_piece(self, size: int) -> None:
         piece = bytes(self._buffer[:size])
-        self.driver.write_atomic(self.driver.piece_path(self.path, self._start), piece)
+        offset = self._start
+        self.driver.write_atomic(self.driver.piece_path(self.path, offset), piece)
         with self._lock:
             del self._buffer[:size]
             self._start += size
+        # A range's pieces go into the commit its fill's writer began in this process.
+        parts = self._parts if self._register else _ASSEMBLING.get(self._local)
+        if parts is not None:
+            parts.stored(offset, size)
 
     def truncate(self, size: int = 0) -> None:
         if size:
@@ -657,6 +678,9 @@ class PieceWriter:
         with self._lock:
             self._buffer.clear()
             self._start = 0
+        if self._parts is not None:  # the pieces are written again: so is their commit
+            self._parts.cancel()
+            self._parts = PartCopies(self.driver, self.path, self._parts.dest, self.piece_size)
         self.driver.delete_partial(self.path)
 
     def flush(self) -> None:
@@ -690,11 +714,11 @@ class PieceWriter:
             return
         if self._buffer:
             self._put_piece(len(self._buffer))
-        offsets, total = [], 0
+        pieces, total = [], 0
         for offset, size, _mtime in driver.pieces(self.path):
             if offset != total:
                 break  # a gap: not whole
-            offsets.append(offset)
+            pieces.append((offset, size))
             total += size
         if total != self._start:
             if driver.stat(dest) == self._start:
@@ -703,38 +727,13 @@ class PieceWriter:
                 self.discard()
                 return
             raise OSError(errno.EIO, f"the pieces of {self.path} on {driver.name} are not whole")
-        key = driver.key(dest)
-        upload = driver._call("commit", dest, "create_multipart_upload", slow=True, Key=key)[
-            "UploadId"
-        ]
-        try:
-            parts = []
-            for number, offset in enumerate(offsets, start=1):
-                piece = driver.key(driver.piece_path(self.path, offset))
-                result = driver._call(
-                    "commit",
-                    dest,
-                    "upload_part_copy",
-                    slow=True,
-                    Key=key,
-                    UploadId=upload,
-                    PartNumber=number,
-                    CopySource=f"{driver.bucket}/{piece}",
-                )
-                parts.append({"PartNumber": number, "ETag": result["CopyPartResult"]["ETag"]})
-            driver._call(
-                "commit",
-                dest,
-                "complete_multipart_upload",
-                slow=True,
-                Key=key,
-                UploadId=upload,
-                MultipartUpload={"Parts": parts},
-            )
-        except BaseException:
-            with contextlib.suppress(Exception):
-                driver.client.abort_multipart_upload(Bucket=driver.bucket, Key=key, UploadId=upload)
-            raise
+        parts = self._parts
+        if parts is None or parts.dest != dest:
+            if parts is not None:
+                parts.cancel()
+            parts = PartCopies(driver, self.path, dest, self.piece_size, register=False)
+        self._parts = None
+        parts.complete(pieces)
         if driver.stat(dest) != total:
             raise OSError(errno.EIO, f"{dest} on {driver.name} is not {total} bytes after commit")
         self.discard()
@@ -748,11 +747,156 @@ class PieceWriter:
             del _WRITING[self._local]
         with self._lock:
             self._buffer = bytearray()
+        if self._parts is not None:  # the fill ends without this commit
+            self._parts.cancel()
+            self._parts = None
 
     def close(self) -> None:
         self._forget()
         if self._follower is not None:
             self._follower.close()
+
+
+class PartCopies:
+    """A fill's commit, assembled as the fill goes: the multipart upload of the blob's key,
+    begun with the first piece stored, each piece copied (server-side) into its part on a
+    thread of its own as soon as it is stored. The commit after the last byte then copies
+    what is left (the last piece, and any a resumed fill found stored) and completes, where it
+    copied every piece. A copy that fails early is made again by the commit."""
+
+    def __init__(
+        self, driver: S3Driver, path: str, dest: str, piece_size: int, register: bool = True
+    ) -> None:
+        self.driver = driver
+        self.dest = dest
+        self.piece_size = piece_size
+        self._path = path
+        self._key = driver.key(dest)
+        self._local = (driver.bucket, driver.key(path))
+        self._upload: str | None = None
+        # part number -> (offset, size, ETag) of each piece copied early
+        self._parts: dict[int, tuple[int, int, str]] = {}
+        self._queue: queue.Queue[tuple[int, int] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._ended = False  # no piece joins any more
+        self._abandoned = False  # and the upload is aborted, not completed
+        if register:
+            _ASSEMBLING[self._local] = self
+
+    def stored(self, offset: int, size: int) -> None:
+        """The piece at `offset` is in the bucket: copy it into its part. Only pieces on
+        this fill's grid (a resumed fill's may lie on another) whose part number is then
+        known before the commit."""
+        if offset % self.piece_size or size > self.piece_size:
+            return
+        with self._lock:
+            if self._ended:
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._copy_stored, name="s3-part-copies", daemon=True
+                )
+                self._thread.start()
+        self._queue.put((offset, size))
+
+    def _copy_stored(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._abandoned:
+                continue
+            offset, size = item
+            number = offset // self.piece_size + 1
+            try:
+                etag = self._copy(number, offset)
+            except OSError:
+                continue  # the commit copies this one itself
+            self._parts[number] = (offset, size, etag)
+        if self._abandoned:
+            self._abort()
+
+    def _begin(self) -> str:
+        if self._upload is None:
+            driver = self.driver
+            self._upload = driver._call(
+                "commit", self.dest, "create_multipart_upload", slow=True, Key=self._key
+            )["UploadId"]
+        return self._upload
+
+    def _copy(self, number: int, offset: int) -> str:
+        driver = self.driver
+        piece = driver.key(driver.piece_path(self._path, offset))
+        result = driver._call(
+            "commit",
+            self.dest,
+            "upload_part_copy",
+            slow=True,
+            Key=self._key,
+            UploadId=self._begin(),
+            PartNumber=number,
+            CopySource=f"{driver.bucket}/{piece}",
+        )
+        return result["CopyPartResult"]["ETag"]
+
+    def _end(self) -> threading.Thread | None:
+        """No more pieces: the copier stops after the one it is copying."""
+        with self._lock:
+            self._ended = True
+            thread, self._thread = self._thread, None
+        if _ASSEMBLING.get(self._local) is self:
+            del _ASSEMBLING[self._local]
+        if thread is not None:
+            self._queue.put(None)
+        return thread
+
+    def cancel(self) -> None:
+        """The fill ends without this commit: abort the upload (the copier does once it has
+        stopped; nobody waits for it)."""
+        self._abandoned = True
+        if self._end() is None:
+            self._abort()
+
+    def _abort(self) -> None:
+        upload, self._upload = self._upload, None
+        if upload is None:
+            return
+        with contextlib.suppress(Exception):
+            self.driver.client.abort_multipart_upload(
+                Bucket=self.driver.bucket, Key=self._key, UploadId=upload
+            )
+
+    def complete(self, pieces: list[tuple[int, int]]) -> None:
+        """The blob from `pieces` ((offset, size), whole and in order): each part copied
+        early that holds the same piece, the others copied now. An upload that is gone (the
+        GC aborts those it finds an hour old) is begun again."""
+        thread = self._end()
+        if thread is not None:
+            thread.join()  # the piece it was copying
+        try:
+            try:
+                self._complete(pieces)
+            except FileNotFoundError:  # NoSuchUpload: aborted under a long fill
+                self._upload, self._parts = None, {}
+                self._complete(pieces)
+        except BaseException:
+            self._abort()
+            raise
+
+    def _complete(self, pieces: list[tuple[int, int]]) -> None:
+        parts = []
+        for number, (offset, size) in enumerate(pieces, start=1):
+            early = self._parts.get(number)
+            etag = early[2] if early and early[:2] == (offset, size) else self._copy(number, offset)
+            parts.append({"PartNumber": number, "ETag": etag})
+        self.driver._call(
+            "commit",
+            self.dest,
+            "complete_multipart_upload",
+            slow=True,
+            Key=self._key,
+            UploadId=self._begin(),
+            MultipartUpload={"Parts": parts},
+        )
+        self._upload = None
 
 
 class ExtentPieces:

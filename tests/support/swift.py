@@ -177,6 +177,15 @@ class Swift:
         needle = re.compile(rf"proxy-server: \d\S* .* HEAD /\S*/{quoted} HTTP/[0-9.]+ \d{{3}} ")
         return sum(1 for line in self.access if needle.search(line))
 
+    def part_puts(self, key: str) -> list[int]:
+        """The part numbers of clients' part uploads and copies into a multipart upload of
+        the object whose key ends with `key`, in the order logged so far."""
+        quoted = re.escape(urllib.parse.quote(key))
+        needle = re.compile(
+            rf"proxy-server: \d\S* .* PUT /\S*/{quoted}%3FuploadId%3D\S*?partNumber%3D(\d+) HTTP/"
+        )
+        return [int(m.group(1)) for line in self.access if (m := needle.search(line))]
+
     def start(self) -> Swift:
         self.dir.mkdir(parents=True, exist_ok=True)
         threading.Thread(target=self._receive_access_log, daemon=True).start()
