@@ -19,7 +19,7 @@ import requests
 from registry.store import FilesystemDriver
 from registry.store.s3 import S3Driver, s3_client
 from tests.conftest import SWIFT_BUCKET
-from tests.support.fakes import TamperingRelay
+from tests.support.fakes import StallingRelay, TamperingRelay
 from tests.support.swift import ACCESS_KEY, REGION, SECRET_KEY
 
 PIECE = 5 << 20
@@ -324,6 +324,52 @@ def test_a_commit_whose_upload_the_gc_aborted_begins_another(swift):
     writer.commit(dest)
     assert driver.read(dest) == data
     assert _open_uploads(driver, dest) == []
+
+
+def test_a_piece_is_stored_while_the_fill_goes_on(swift):
+    """A piece's PUT runs beside the writes that follow (a parallel fill writes under one
+    lock: a PUT in place held every range still); its bytes stay readable in the writer's
+    process until stored, and a failed PUT is the writer's next call's error."""
+    relay = StallingRelay(swift.ports["proxy"]).start()
+    try:
+        prefix = f"stall/{uuid.uuid4().hex}"
+        client = s3_client(relay.url, ACCESS_KEY, SECRET_KEY, REGION)
+        driver = S3Driver(client, SWIFT_BUCKET, prefix=prefix, part_size=PIECE)
+        data = os.urandom(2 * PIECE + 100)
+        path, dest = "uploads/sha256/stall", "blobs/sha256/st/stall"
+        writer = driver.open_partial(path, len(data))
+        _write(writer, data[: PIECE + 1000])
+        # The first piece is whole, its PUT held at the store: pwrite came back all the same.
+        deadline = time.monotonic() + 5
+        while not relay.held and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert relay.held == 1
+        assert writer.stored() == 0
+        follower = driver.open_partial_read(path)
+        assert follower.available() == PIECE + 1000
+        assert follower.read_at(100, 1000) == data[100:1100]
+        assert follower.read_at(PIECE, 500) == data[PIECE : PIECE + 500]
+        relay.gate.set()
+        _write(writer, data, start=PIECE + 1000)
+        writer.commit(dest)
+        follower.close()
+        assert driver.read(dest) == data
+    finally:
+        relay.stop()
+
+    tampering = TamperingRelay(swift.ports["proxy"]).start()
+    try:
+        client = s3_client(tampering.url, ACCESS_KEY, SECRET_KEY, REGION)
+        driver = S3Driver(client, SWIFT_BUCKET, prefix=f"stall/{uuid.uuid4().hex}", part_size=PIECE)
+        writer = driver.open_partial("uploads/sha256/bad", 2 * PIECE)
+        _write(writer, data[:PIECE])  # its PUT fails at the store, after pwrite came back
+        with pytest.raises(OSError, match="write"):
+            _write(writer, data[:PIECE], start=PIECE)
+            writer.flush()
+        assert tampering.tampered >= 1
+        writer.close()
+    finally:
+        tampering.stop()
 
 
 def test_presigned_url_serves_the_object_with_range(swift):

@@ -604,7 +604,12 @@ class PieceReader:
 
 
 class PieceWriter:
-    """The fetcher's side of a fill on S3: bytes in order, a piece PUT whenever one is whole."""
+    """The fetcher's side of a fill on S3: bytes in order, a piece PUT whenever one is whole.
+
+    The PUT runs in the background (a thread, a greenlet under gevent) while the next piece
+    is received: a parallel fill writes under its one lock (ranges.py), so a PUT made in
+    place held every range of the fill still while it went. A piece whole before the one
+    before it is stored waits for that one: at most two pieces per writer in memory."""
 
     def __init__(
         self,
@@ -618,8 +623,11 @@ class PieceWriter:
         self.driver = driver
         self.path = path
         self.piece_size = piece_size
-        self._buffer = bytearray()
-        self._start = start  # offset of the first byte in the buffer (all before it are pieces)
+        self._start = start  # the first byte not stored (all before it are pieces)
+        self._sending = b""  # the piece being PUT, from _start
+        self._buffer = bytearray()  # the bytes after it
+        self._putting: threading.Thread | None = None
+        self._put_failed: BaseException | None = None
         self._follower: PieceReader | None = None  # reads back stored pieces (resume)
         # Followers of this process read the buffer while a piece upload yields.
         self._lock = threading.Lock()
@@ -633,7 +641,7 @@ class PieceWriter:
 
     def end(self) -> int:
         with self._lock:
-            return self._start + len(self._buffer)
+            return self._start + len(self._sending) + len(self._buffer)
 
     def stored(self) -> int:
         return self._start
@@ -642,15 +650,20 @@ class PieceWriter:
         """Nothing to do: followers learn of new pieces from the fill record."""
 
     def read_buffered(self, pos: int, length: int) -> bytes:
-        """Bytes at `pos` not yet stored as a piece; empty when `pos` is not in the buffer."""
+        """Bytes at `pos` not yet stored as a piece (some of them: those of the piece being
+        PUT, or of the buffer); empty when `pos` is not held."""
         with self._lock:
             at = pos - self._start
+            if 0 <= at < len(self._sending):
+                return self._sending[at : at + length]
+            at -= len(self._sending)
             if at < 0 or at >= len(self._buffer):
                 return b""
             return bytes(self._buffer[at : at + length])
 
     def pwrite(self, data: bytes, offset: int) -> None:
-        if offset != self._start + len(self._buffer):
+        if offset != self.end():
+            self._sent()
             if offset != self.driver.partial_size(self.path) or self._buffer:
                 raise ValueError(f"pieces are written in order: {offset} is not the next byte")
             with self._lock:
@@ -658,26 +671,50 @@ class PieceWriter:
         with self._lock:
             self._buffer += data
         while len(self._buffer) >= self.piece_size:
-            self._put_piece(self.piece_size)
+            self._sent()
+            with self._lock:
+                self._sending = bytes(self._buffer[: self.piece_size])
+                del self._buffer[: self.piece_size]
+            self._putting = threading.Thread(target=self._put_sending, name="s3-piece", daemon=True)
+            self._putting.start()
 
-    def _put_piece(self, size: int) -> None:
-        piece = bytes(self._buffer[:size])
+    def _put_sending(self) -> None:
+        try:
+            self._put(self._sending)
+        except BaseException as exc:  # the writer's next call raises it
+            self._put_failed = exc
+
+    def _put(self, piece: bytes) -> None:
+        """PUT the piece at _start (the one being sent, or the buffer's when none is)."""
         offset = self._start
         self.driver.write_atomic(self.driver.piece_path(self.path, offset), piece)
         with self._lock:
-            del self._buffer[:size]
-            self._start += size
+            if self._sending is piece:
+                self._sending = b""
+            else:
+                del self._buffer[: len(piece)]
+            self._start += len(piece)
         # A range's pieces go into the commit its fill's writer began in this process.
         parts = self._parts if self._register else _ASSEMBLING.get(self._local)
         if parts is not None:
-            parts.stored(offset, size)
+            parts.stored(offset, len(piece))
+
+    def _sent(self, raising: bool = True) -> None:
+        """Wait for the piece being PUT; its failure is raised by the writer's next call."""
+        thread, self._putting = self._putting, None
+        if thread is not None:
+            thread.join()
+        if raising and self._put_failed is not None:
+            raise self._put_failed
 
     def truncate(self, size: int = 0) -> None:
         if size:
             raise ValueError("pieces are only ever dropped whole")
+        self._sent(raising=False)
         with self._lock:
             self._buffer.clear()
             self._start = 0
+            self._put_failed = None
         if self._parts is not None:  # the pieces are written again: so is their commit
             self._parts.cancel()
             self._parts = PartCopies(self.driver, self.path, self._parts.dest, self.piece_size)
@@ -685,8 +722,9 @@ class PieceWriter:
 
     def flush(self) -> None:
         """Store what the buffer holds as a piece (the blob's last, shorter one)."""
+        self._sent()
         if self._buffer:
-            self._put_piece(len(self._buffer))
+            self._put(bytes(self._buffer))
 
     def settle(self, size: int) -> None:
         """Every piece up to `size` is stored, some by a parallel fill's ranges: commit
@@ -706,14 +744,14 @@ class PieceWriter:
     def commit(self, dest: str) -> None:
         """Store the whole blob at `dest` in one step, then drop the pieces."""
         driver = self.driver
+        self._sent()
         if self._start == 0:
             # Smaller than a piece: all in memory, one PUT. No piece was stored (each one
             # moves _start), so there is nothing to delete.
             driver.write_atomic(dest, bytes(self._buffer))
             self._forget()
             return
-        if self._buffer:
-            self._put_piece(len(self._buffer))
+        self.flush()
         pieces, total = [], 0
         for offset, size, _mtime in driver.pieces(self.path):
             if offset != total:
@@ -743,6 +781,8 @@ class PieceWriter:
         self.driver.delete_partial(self.path)
 
     def _forget(self) -> None:
+        # A piece PUT after its fill's pieces were deleted would be left behind.
+        self._sent(raising=False)
         if _WRITING.get(self._local) is self:
             del _WRITING[self._local]
         with self._lock:
@@ -950,6 +990,7 @@ class ExtentPieces:
         self.close()
 
     def close(self) -> None:
+        self._writer.close()  # waits for the piece it is storing
         if self._spool is not None:
             self._spool.close()
             self._spool = None

@@ -269,3 +269,25 @@ class TamperingRelay(ThrottledRelay):
             return data
 
         return edit
+
+
+class StallingRelay(ThrottledRelay):
+    """A relay on loopback in front of a real store that holds each PUT of a fill's piece
+    (a request line `PUT .../uploads/...`) until `gate` is set, or `hold` seconds: a store
+    slow to take a write, which Swift on loopback is not on demand."""
+
+    def __init__(self, target_port: int, hold: float = 5.0) -> None:
+        super().__init__(target_port, mib_per_s=1 << 20)  # no cap worth the name
+        self.gate = threading.Event()
+        self.hold = hold
+        self.held = 0
+
+    def _request_editor(self) -> Callable[[bytes], bytes]:
+        def edit(data: bytes) -> bytes:
+            line = data.split(b"\r\n", 1)[0]
+            if line.startswith(b"PUT ") and b"/uploads/" in line:
+                self.held += 1
+                self.gate.wait(self.hold)
+            return data
+
+        return edit
