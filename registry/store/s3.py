@@ -848,7 +848,7 @@ class PartCopies:
             number = offset // self.piece_size + 1
             try:
                 etag = self._copy(number, offset)
-            except OSError:
+            except Exception:  # the store's failure, or an answer without an ETag
                 continue  # the commit copies this one itself
             self._parts[number] = (offset, size, etag)
         if self._abandoned:
