@@ -53,8 +53,9 @@ PART_SIZE = S3Settings.part_size  # the default
 HERD_NOTE = (
     "Without a local tier every client's bytes come from the store, so the herd reads the "
     "blob once per client through Swift's one proxy worker: that, not the link, is its wall "
-    "time. A cold download through an S3 node also waits for the commit (a server-side copy of "
-    "the whole blob) before its last byte."
+    "time. A cold download through an S3 node also waits for the commit before its last byte: "
+    "the server-side copy of its last piece into the blob's multipart upload, and the upload's "
+    "completion (the other pieces were copied as they were stored)."
 )
 
 
@@ -219,9 +220,9 @@ def cross_node_herd(
     status, _digest, _ = download(f"{a.url}/v2/s3bench/{single}/blobs/{single_layer}")
     single_wall = time.monotonic() - started
     assert status == 200
-    # A tier client has its last byte before the bucket's commit of the blob (a server-side
-    # copy, seconds of Swift's CPU): the herd starts once that commit is done, so that it is
-    # not charged with the single download's work.
+    # A tier client has its last byte before the bucket's commit of the blob (its last
+    # piece's copy and the upload's completion): the herd starts once that commit is done,
+    # so that it is not charged with the single download's work.
     hexpart = single_layer[7:]
     commit_after = bucket_has(swift, f"{prefix}/blobs/sha256/{hexpart[:2]}/{hexpart}")
 
