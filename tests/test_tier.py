@@ -215,8 +215,9 @@ def test_a_cold_herd_over_two_nodes_reads_each_stored_piece_once_per_node(nodes,
     heads = {o: swift.object_heads(f"uploads/sha256/{hexpart}/{o:016d}") for o in pieces}
     assert heads == dict.fromkeys(pieces, 0), heads
     # Its last bytes came from the last piece, stored before the fill's bytes were verified,
-    # not from the bucket's commit of the blob.
-    assert swift.object_gets(blob_key(digest)) == 0
+    # not from the bucket's commit of the blob; and it did not look for the blob first (the
+    # fill's record said it was not committed: a GET then could only say 404).
+    assert swift.object_requests("GET", blob_key(digest)) == 0
 
 
 def test_a_cold_pull_on_a_tier_node_is_copied_by_its_fill_reading_nothing_from_the_bucket(

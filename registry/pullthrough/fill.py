@@ -691,10 +691,10 @@ class BlobFiller:
         The last byte waits for the commit; with `until_verified`, only for the fetcher to
         find that the bytes hash to the digest (for a reader that verifies and commits a copy
         of its own: a node's local tier, while the bucket's copy of the blob takes seconds)."""
-        handle = self.store.follow(digest, None)
+        flight = self._flight(digest)
+        handle = self.store.follow(digest, None, in_flight=flight is not None)
         poll = self.store.driver.poll_interval
         remote = self.store.driver.lookups_are_requests
-        flight = self._flight(digest)
         if flight is not None:
             # Not in the bucket yet (the record says when it is), and the pieces the record
             # says are stored need no HEAD to be found.

@@ -131,10 +131,16 @@ class ContentStore:
     def presign_blob(self, digest: Digest, expires: int) -> str | None:
         return self.driver.presign(self.blob_path(digest), expires)
 
-    def follow(self, digest: Digest, handle: Follower | None) -> Follower | None:
+    def follow(
+        self, digest: Digest, handle: Follower | None, *, in_flight: bool = False
+    ) -> Follower | None:
         """The open file that holds the digest's bytes now: `handle` itself, or a newly
-        opened one after a commit (the blob) or a restarted fill (a new upload file)."""
-        for path in (self.blob_path(digest), self.upload_path(digest)):
+        opened one after a commit (the blob) or a restarted fill (a new upload file).
+        `in_flight`: a fill's record says it has not committed, so its upload is followed
+        without looking for the blob first (on S3 a GET that could only say 404); a commit
+        since then is found as the upload's pieces go."""
+        where = (self.blob_path(digest), self.upload_path(digest))
+        for path in where[1:] if in_flight else where:
             if handle is not None:
                 same = self.driver.is_same_file(handle, path)
                 if same:

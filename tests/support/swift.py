@@ -173,8 +173,13 @@ class Swift:
     def object_heads(self, key: str) -> int:
         """Clients' HEADs of the object whose key ends with `key`, found or not, as logged
         so far."""
+        return self.object_requests("HEAD", key)
+
+    def object_requests(self, method: str, key: str) -> int:
+        """Clients' requests of `method` for the object whose key ends with `key`, whatever
+        the answer, as logged so far."""
         quoted = re.escape(urllib.parse.quote(key))
-        needle = re.compile(rf"proxy-server: \d\S* .* HEAD /\S*/{quoted} HTTP/[0-9.]+ \d{{3}} ")
+        needle = re.compile(rf"proxy-server: \d\S* .* {method} /\S*/{quoted} HTTP/[0-9.]+ \d{{3}} ")
         return sum(1 for line in self.access if needle.search(line))
 
     def part_puts(self, key: str) -> list[int]:
