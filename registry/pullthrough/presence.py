@@ -129,22 +129,21 @@ class Asking:
         return self.presence.recall(("blob", digest), self.token)
 
     def blob_size(self, digest: Digest) -> int | None:
-        key = ("blob", digest)
-        known = self.presence.recall(key, self.token)
-        if known is not None:
-            return known
-        size, asked = self.presence.ask(key, lambda: self.presence.store.blob_size(digest))
-        if size is not None and asked:
-            self.presence.remember(key, self.token, size)
-        return size
+        return self._answer(("blob", digest), lambda: self.presence.store.blob_size(digest))
 
     def is_linked(self, target: Target, digest: Digest) -> bool:
         key = ("link", str(target), digest)
-        if self.presence.recall(key, self.token) is not None:
-            return True
-        linked, asked = self.presence.ask(
-            key, lambda: self.presence.store.is_linked(target, digest)
+        return bool(
+            self._answer(key, lambda: 1 if self.presence.store.is_linked(target, digest) else None)
         )
-        if linked and asked:
-            self.presence.remember(key, self.token, 1)
-        return linked
+
+    def _answer(self, key: Hashable, question: Callable[[], int | None]) -> int | None:
+        """A remembered answer, else the store's (one question out at a time per process);
+        "it exists" is remembered, by the request that asked only."""
+        known = self.presence.recall(key, self.token)
+        if known is not None:
+            return known
+        answer, asked = self.presence.ask(key, question)
+        if answer is not None and asked:
+            self.presence.remember(key, self.token, answer)
+        return answer

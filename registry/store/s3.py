@@ -854,26 +854,22 @@ class PartCopies:
         if self._abandoned:
             self._abort()
 
+    def _request(self, method: str, **kwargs: Any) -> Any:
+        """One request of the commit on the blob's key (the slow client: copies take time)."""
+        return self.driver._call("commit", self.dest, method, slow=True, Key=self._key, **kwargs)
+
     def _begin(self) -> str:
         if self._upload is None:
-            driver = self.driver
-            self._upload = driver._call(
-                "commit", self.dest, "create_multipart_upload", slow=True, Key=self._key
-            )["UploadId"]
+            self._upload = self._request("create_multipart_upload")["UploadId"]
         return self._upload
 
     def _copy(self, number: int, offset: int) -> str:
-        driver = self.driver
-        piece = driver.key(driver.piece_path(self._path, offset))
-        result = driver._call(
-            "commit",
-            self.dest,
+        piece = self.driver.key(self.driver.piece_path(self._path, offset))
+        result = self._request(
             "upload_part_copy",
-            slow=True,
-            Key=self._key,
             UploadId=self._begin(),
             PartNumber=number,
-            CopySource=f"{driver.bucket}/{piece}",
+            CopySource=f"{self.driver.bucket}/{piece}",
         )
         return result["CopyPartResult"]["ETag"]
 
@@ -927,12 +923,8 @@ class PartCopies:
             early = self._parts.get(number)
             etag = early[2] if early and early[:2] == (offset, size) else self._copy(number, offset)
             parts.append({"PartNumber": number, "ETag": etag})
-        self.driver._call(
-            "commit",
-            self.dest,
+        self._request(
             "complete_multipart_upload",
-            slow=True,
-            Key=self._key,
             UploadId=self._begin(),
             MultipartUpload={"Parts": parts},
         )

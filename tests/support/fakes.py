@@ -238,13 +238,20 @@ class FrozenServer:
             conn.close()
 
 
-class TamperingRelay(ThrottledRelay):
+class _RequestRelay(ThrottledRelay):
+    """A relay without a cap worth the name, there for what it does to requests."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port, mib_per_s=1 << 20)
+
+
+class TamperingRelay(_RequestRelay):
     """A relay on loopback in front of a real server that changes one byte of a request body
     on its way (the first byte of the body of each connection's first request, if a PUT):
     what a faulty NIC or middlebox does to an upload, which no real store does on demand."""
 
     def __init__(self, target_port: int) -> None:
-        super().__init__(target_port, mib_per_s=1 << 20)  # no cap worth the name
+        super().__init__(target_port)
         self.tampered = 0
 
     def _request_editor(self) -> Callable[[bytes], bytes]:
@@ -271,13 +278,13 @@ class TamperingRelay(ThrottledRelay):
         return edit
 
 
-class StallingRelay(ThrottledRelay):
+class StallingRelay(_RequestRelay):
     """A relay on loopback in front of a real store that holds each PUT of a fill's piece
     (a request line `PUT .../uploads/...`) until `gate` is set, or `hold` seconds: a store
     slow to take a write, which Swift on loopback is not on demand."""
 
     def __init__(self, target_port: int, hold: float = 5.0) -> None:
-        super().__init__(target_port, mib_per_s=1 << 20)  # no cap worth the name
+        super().__init__(target_port)
         self.gate = threading.Event()
         self.hold = hold
         self.held = 0
