@@ -533,6 +533,9 @@ class PullThrough:
             stream=lambda start, end: self.filler.stream(
                 target, upstream, digest, size, start, end
             ),
+            spans=lambda start, end: self.filler.stream(
+                target, upstream, digest, size, start, end, spans=True
+            ),
             joined=not started.fetcher,
         )
 

@@ -58,12 +58,15 @@ from registry.pullthrough.ranges import (
     Segment,
 )
 from registry.store import ContentStore
-from registry.store.driver import Follower, PartialWriter
+from registry.store.driver import FileSpan, Follower, PartialWriter
 from registry.upstream.client import BlobStream, UpstreamClient
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
+# A follower sends what the fill wrote once there is this much, or it waited MAX_HOLD.
+MIN_SEND = 1024 * 1024
+MAX_HOLD = 0.05
 PROGRESS_INTERVAL = 0.2
 STATE_CHECK_INTERVAL = 0.1
 # A fill in these states has all its bytes, and they hash to the digest.
@@ -686,11 +689,15 @@ class BlobFiller:
         end: int,
         *,
         until_verified: bool = False,
-    ) -> Iterator[bytes]:
+        spans: bool = False,
+    ) -> Iterator[bytes | FileSpan]:
         """Yield bytes [start, end] of the blob as the fill writes them; cut short on failure.
         The last byte waits for the commit; with `until_verified`, only for the fetcher to
         find that the bytes hash to the digest (for a reader that verifies and commits a copy
-        of its own: a node's local tier, while the bucket's copy of the blob takes seconds)."""
+        of its own: a node's local tier, while the bucket's copy of the blob takes seconds).
+        `spans`: where the fill is a local file, what is there as FileSpans of it, for the
+        sender to sendfile (each span's `sent` says how far it got; the rest is offered
+        again), never read into this process."""
         flight = self._flight(digest)
         handle = self.store.follow(digest, None, in_flight=flight is not None)
         poll = self.store.driver.poll_interval
@@ -709,13 +716,34 @@ class BlobFiller:
         last_check = 0.0
         fill_written = 0
         sleep = 0.001
+        held_since: float | None = None
         try:
             while pos <= end:
                 # Hold back the final byte until the content is verified and committed.
                 limit = end + 1 if committed else min(end + 1, size - 1)
                 available = handle.available() if handle else 0
-                if pos < min(available, limit):
-                    data = handle.read_at(pos, min(READ_CHUNK, min(available, limit) - pos))
+                ready = min(available, limit)
+                if pos < ready and pos + MIN_SEND > ready < limit:
+                    # A fill growing in small writes is sent in batches: a send of what just
+                    # arrived costs every client a wake-up per few KiB. Held a moment only.
+                    now = time.monotonic()
+                    if held_since is None:
+                        held_since = now
+                    if now - held_since < MAX_HOLD:
+                        time.sleep(MAX_HOLD / 10)
+                        continue
+                held_since = None
+                if pos < ready:
+                    fd = getattr(handle, "fd", None) if spans else None
+                    if fd is not None:
+                        span = FileSpan(fd, pos, ready - pos)
+                        yield span
+                        if span.sent:
+                            pos += span.sent
+                            last_progress = time.monotonic()
+                            sleep = 0.001
+                            continue
+                    data = handle.read_at(pos, min(READ_CHUNK, ready - pos))
                     if data:
                         pos += len(data)
                         last_progress = time.monotonic()

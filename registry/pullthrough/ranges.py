@@ -22,7 +22,9 @@ request goes to the registry (a fresh redirect, without Authorization, as every 
 
 from __future__ import annotations
 
+import enum
 import errno
+import functools
 import itertools
 import json
 import logging
@@ -52,10 +54,29 @@ ALIGN = 64 << 10
 # How many times one range is asked for again after it broke off or stalled.
 RANGE_ATTEMPTS = 3
 PROGRESS_INTERVAL = 0.2
+# Whether more ranges fetch faster is measured, not assumed: the first range runs alone
+# for PROBE seconds from its first byte, then all of them for SPREAD_WINDOW seconds (once
+# each has its first byte, or after SPREAD_PATIENCE); unless they got at least SPREAD_GAIN
+# times the first range's rate (a link capped per connection: a CDN), the others hand their
+# segments back and the fill goes on as one stream. On a link that is one shared cap, more
+# ranges only split it: the bytes in order, which clients are sent, came 4x slower.
+PROBE = 0.5
+SPREAD_WINDOW = 0.75
+SPREAD_PATIENCE = 3.0
+SPREAD_GAIN = 1.5
+# How often the conductor looks (it sleeps between looks).
+CONDUCT_TICK = 0.02
 
 
 class LeaseLost(Exception):
     pass
+
+
+class _HandedBack(Exception):
+    """A range's read ended because its segment goes back to the first worker."""
+
+
+_HANDED_BACK = _HandedBack()
 
 
 @dataclass
@@ -74,6 +95,10 @@ class Segment:
     @property
     def done(self) -> bool:
         return self.pos >= self.end
+
+
+def _fresh(seg: Segment) -> bool:
+    return not seg.taken and seg.pos == seg.start and seg.side is None and not seg.main
 
 
 def plan_segments(
@@ -186,6 +211,25 @@ class RangedUpload:
             self.segments.append(seg)
             self.segments.sort(key=lambda s: s.start)
 
+    def release(self, seg: Segment) -> None:
+        """A worker gives up `seg` unfinished: whoever takes it next goes on from its next
+        byte (its bytes so far stay where they were written)."""
+        with self.lock:
+            seg.taken = False
+
+    def coalesce(self) -> None:
+        """Adjacent segments nobody has begun become one (one request for a fill that goes
+        on as one stream)."""
+        with self.lock:
+            merged: list[Segment] = []
+            for seg in self.segments:
+                last = merged[-1] if merged else None
+                if last is not None and _fresh(last) and _fresh(seg) and last.end == seg.start:
+                    last.end = seg.end
+                    continue
+                merged.append(seg)
+            self.segments[:] = merged
+
     # -- writing -------------------------------------------------------------------------------
     def write(self, seg: Segment, data: bytes) -> None:
         """`data` is the segment's next bytes: into the upload when they continue it, else
@@ -235,6 +279,10 @@ class RangedUpload:
                 if seg.side is None or not seg.side_start <= self.prefix < seg.pos:
                     continue
                 if self._local:
+                    # What the descriptors still hand to their writer threads lands first:
+                    # the thread that takes the extent in reads it and writes after it.
+                    seg.side.flush()
+                    self.upload.flush()
                     offload(self._take_in, seg)
                 else:
                     self._take_in(seg)
@@ -332,10 +380,20 @@ class RangedUpload:
                     seg.side = None
 
 
+class Spread(enum.Enum):
+    """What a parallel fill learned about its link (RangedCopy)."""
+
+    PROBING = "probing"  # the first range alone, then all, measured
+    SPREAD = "spread"  # more ranges fetch faster: all of them go on
+    NARROWED = "narrowed"  # they did not: one stream goes on
+
+
 class RangedCopy:
     """The workers of one parallel fill: each takes a segment, fetches it (asking again from
     its own next byte when it breaks off), and takes the next, until none is left or one
-    fails for good; the first failure stops them all and is raised."""
+    fails for good; the first failure stops them all and is raised. With `probe`, the first
+    worker (the one with the bytes in order) starts alone and the others only once measured
+    to add throughput; when they do not, they hand their segments back to it."""
 
     def __init__(
         self,
@@ -347,8 +405,15 @@ class RangedCopy:
         lease_lost: Callable[[], bool],
         report: Callable[[], None],
         spawn: Callable[[Callable[[], None]], threading.Thread],
+        probe: float = PROBE,
     ) -> None:
         self.ranged = ranged
+        self.probe = probe
+        self.spread = Spread.PROBING if probe > 0 and workers > 1 else Spread.SPREAD
+        self.rates: tuple[float, float] | None = None  # MiB/s: the first range alone, all
+        self._first_byte: dict[int, float] = {}
+        self._primary_done = False
+        self._threads: list[threading.Thread] = []
         self.upstream = upstream
         self.repository = repository
         self.workers = workers
@@ -361,10 +426,16 @@ class RangedCopy:
 
     def run(self, first: BlobStream | None, first_segment: Segment | None) -> None:
         """Fetch every segment: the first through `first` (already open), in this thread
-        with the others in their own."""
-        threads = [self.spawn(self._worker) for _ in range(self.workers - 1)]
-        self._worker(first, first_segment)
-        for thread in threads:
+        with the others in their own (started at once, or by the conductor)."""
+        conductor = None
+        if self.spread is Spread.PROBING:
+            conductor = self.spawn(self._conduct)
+        else:
+            self._start_others()
+        self._worker(first, first_segment, 0)
+        if conductor is not None:
+            conductor.join()
+        for thread in self._threads:
             thread.join()
         if self.error is not None:
             raise self.error
@@ -380,13 +451,91 @@ class RangedCopy:
             if self.error is None:
                 self.error = exc
 
-    def _worker(self, stream: BlobStream | None = None, seg: Segment | None = None) -> None:
+    def _start_others(self) -> None:
+        for index in range(1, self.workers):
+            self._threads.append(self.spawn(functools.partial(self._worker, None, None, index)))
+
+    # -- measuring the link --------------------------------------------------------------------
+    def _conduct(self) -> None:
+        """The first range alone, then all, each measured: the others go on only where they
+        add throughput (Spread)."""
+        try:
+            if not self._wait(lambda: 0 in self._first_byte, None):
+                return
+            alone = self._measure(self.probe)
+            if alone is None:
+                return
+            self._start_others()
+            self._wait(lambda: len(self._first_byte) >= self.workers, SPREAD_PATIENCE)
+            spread = self._measure(SPREAD_WINDOW)
+            if spread is None:
+                return
+            self.rates = (alone / (1 << 20), spread / (1 << 20))
+            if spread >= SPREAD_GAIN * alone:
+                self.spread = Spread.SPREAD
+                return
+            self.spread = Spread.NARROWED
+            # What nobody began is one segment again: one request for the rest.
+            self.ranged.coalesce()
+            log.info(
+                "%d ranges of %s got %.1f MiB/s against %.1f MiB/s for one: one stream goes on",
+                self.workers,
+                self.ranged.digest,
+                *self.rates[::-1],
+            )
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _over(self) -> bool:
+        return self.error is not None or self._primary_done
+
+    def _wait(self, ready: Callable[[], bool], limit: float | None) -> bool:
+        """Until `ready()` (True), the fill is over, or `limit` seconds passed (False)."""
+        deadline = None if limit is None else time.monotonic() + limit
+        while not ready():
+            if self._over() or (deadline is not None and time.monotonic() >= deadline):
+                return False
+            time.sleep(CONDUCT_TICK)
+        return True
+
+    def _measure(self, seconds: float) -> float | None:
+        """Bytes per second the fill gets over the next `seconds`; None if it ends first."""
+        start, fetched = time.monotonic(), self.ranged.fetched
+        self._wait(lambda: time.monotonic() - start >= seconds, None)
+        if self._over():
+            return None
+        return (self.ranged.fetched - fetched) / max(time.monotonic() - start, 1e-3)
+
+    # -- the workers ---------------------------------------------------------------------------
+    def _take(self, index: int) -> Segment | None:
+        if index:
+            return None if self.spread is Spread.NARROWED else self.ranged.take()
+        with self._lock:  # against a segment handed back as the first worker ends
+            seg = self.ranged.take()
+            self._primary_done = seg is None
+            return seg
+
+    def _hand_back(self, index: int, seg: Segment) -> bool:
+        """Whether worker `index` gives `seg` back to the first worker (narrowed, and that
+        worker still there to take it)."""
+        if not index or self.spread is not Spread.NARROWED:
+            return False
+        with self._lock:
+            if self._primary_done:
+                return False
+            self.ranged.release(seg)
+            return True
+
+    def _worker(
+        self, stream: BlobStream | None = None, seg: Segment | None = None, index: int = 0
+    ) -> None:
         try:
             while self.error is None:
-                seg = seg or self.ranged.take()
+                seg = seg or self._take(index)
                 if seg is None:
                     return
-                self._fetch(seg, stream)
+                if not self._fetch(seg, stream, index):
+                    return
                 stream, seg = None, None
         except BaseException as exc:  # the fill classifies it
             self._fail(exc)
@@ -394,22 +543,28 @@ class RangedCopy:
             if stream is not None:
                 stream.close()
 
-    def _fetch(self, seg: Segment, stream: BlobStream | None) -> None:
-        """The segment's bytes, asked for again from its next byte when a read breaks."""
+    def _fetch(self, seg: Segment, stream: BlobStream | None, index: int) -> bool:
+        """The segment's bytes, asked for again from its next byte when a read breaks;
+        False when it was handed back instead."""
         while not seg.done and self.error is None:
             broke: BaseException | None = None
             try:
                 if stream is None:
                     stream = self._open(seg)
-                broke = self._copy(seg, stream)
+                broke = self._copy(seg, stream, index)
             except RegistryError as exc:  # the range's request was refused or failed
                 broke = exc
             finally:
                 if stream is not None:
                     stream.close()
                 stream = None
+            if broke is _HANDED_BACK:
+                if self._hand_back(index, seg):
+                    return False
+                continue  # nobody to take it: this worker goes on with it
             if not seg.done and self.error is None:
                 self._retry(seg, broke or UpstreamError(f"range {seg.start} ended short"))
+        return True
 
     def _retry(self, seg: Segment, exc: BaseException) -> None:
         seg.attempts += 1
@@ -438,11 +593,14 @@ class RangedCopy:
             )
         return stream
 
-    def _copy(self, seg: Segment, stream: BlobStream) -> BaseException | None:
-        """The stream's bytes into the segment; what broke the read (a reset, a timeout), or
-        None when it ended. Our own failures (the disk, a lost lease) are raised."""
+    def _copy(self, seg: Segment, stream: BlobStream, index: int) -> BaseException | None:
+        """The stream's bytes into the segment; what broke the read (a reset, a timeout),
+        _HANDED_BACK when the fill narrowed to one stream and this is not it, or None when
+        it ended. Our own failures (the disk, a lost lease) are raised."""
         chunks = stream.chunks()
         while True:
+            if index and self.spread is Spread.NARROWED and not self._primary_done:
+                return _HANDED_BACK
             try:
                 chunk = next(chunks)
             except StopIteration:
@@ -454,6 +612,8 @@ class RangedCopy:
             if self.error is not None:
                 return None
             self.ranged.write(seg, chunk)
+            if index not in self._first_byte:
+                self._first_byte[index] = time.monotonic()
             # Let the clients streaming this fill from the same gevent worker have a turn.
             time.sleep(0)
             now = time.monotonic()

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from registry.offload import WriteBehind
 from registry.store import paths
 
 log = logging.getLogger(__name__)
@@ -111,14 +112,20 @@ class PartialFile:
         # Whether a range past a gap marked the file (set by another descriptor: looked up
         # until it has, then known until this file unmarks itself).
         self._marked = False
+        self._writes = WriteBehind()
 
     def pwrite(self, data: bytes, offset: int) -> None:
+        self._writes.submit(self._write, data, offset)
+
+    def _write(self, data: bytes, offset: int) -> None:
         self._end = max(self._end, _pwrite_all(self.fd, data, offset))
 
     def stored(self) -> int:
+        """Where the bytes written so far end (not those still being handed over)."""
         return self._end
 
     def truncate(self, size: int = 0) -> None:
+        self._writes.wait()
         os.ftruncate(self.fd, size)
         self._end = min(self._end, size)
         prefix = _marked_prefix(self.fd)
@@ -147,20 +154,24 @@ class PartialFile:
         os.setxattr(self.fd, EXTENTS_XATTR, b"[" + value + b"]")
 
     def read_range(self, offset: int, length: int) -> bytes:
+        self._writes.wait()
         return os.pread(self.fd, length, offset)
 
     def flush(self) -> None:
-        """Nothing held back: every pwrite is in the file."""
+        """Every pwrite is in the file."""
+        self._writes.wait()
 
     def settle(self, size: int) -> None:
         """The first `size` bytes are the blob's: when that is the whole file, it has no gap
         left and loses its mark (side files were copied in as the bytes in order reached
         them)."""
+        self._writes.wait()
         if os.fstat(self.fd).st_size == size:
             self._unmark()
 
     def commit(self, dest: str) -> None:
         """Make the content durable and move it to `dest` in one step."""
+        self._writes.wait()
         self._unmark()
         os.fdatasync(self.fd)
         target = self._driver.local_path(dest)
@@ -174,10 +185,12 @@ class PartialFile:
                 raise
 
     def discard(self) -> None:
+        self._writes.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._driver.local_path(self.path))
 
     def close(self) -> None:
+        self._writes.close()
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
@@ -192,6 +205,7 @@ class UploadExtent:
         self.fd = os.open(driver.local_path(path), os.O_RDWR)
         self._end = offset + held
         self._marked = False
+        self._writes = WriteBehind()
 
     def pwrite(self, data: bytes, offset: int, keep: bool = True) -> None:
         if not self._marked:
@@ -203,22 +217,29 @@ class UploadExtent:
             except FileExistsError:
                 pass
             self._marked = True
-        self._end = max(self._end, _pwrite_all(self.fd, data, self.offset + offset))
+        self._writes.submit(self._write, data, self.offset + offset)
+
+    def _write(self, data: bytes, offset: int) -> None:
+        self._end = max(self._end, _pwrite_all(self.fd, data, offset))
 
     def stored(self) -> int:
-        """The end of this range's bytes (an offset in the blob)."""
+        """The end of this range's bytes written so far (an offset in the blob)."""
         return self._end
 
     def read_range(self, offset: int, length: int) -> bytes:
+        self._writes.wait()
         return os.pread(self.fd, length, self.offset + offset)
 
     def flush(self) -> None:
-        """Nothing held back."""
+        """Every pwrite is in the file."""
+        self._writes.wait()
 
     def discard(self) -> None:
         """Nothing apart from the upload: its bytes go with it."""
+        self._writes.close()
 
     def close(self) -> None:
+        self._writes.close()
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
