@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import random
+import re
 import signal
 import socket
 import time
@@ -26,7 +27,7 @@ from playwright.sync_api import sync_playwright
 from tests.conftest import s3_section
 from tests.support.clients import fetch
 from tests.support.fakes import FakeRegistry
-from tests.support.servers import Gunicorn, require
+from tests.support.servers import Gunicorn, ThrottledRelay, require
 
 pytestmark = pytest.mark.usefixtures("forget_upstream_health")
 
@@ -43,12 +44,33 @@ def fake():
     server.stop()
 
 
+# The fake behind two links as in `make bench`: one cap shared by every connection (a home
+# link), and a cap per connection under a larger total (a CDN).
+SHARED_MIBPS = 4
+CDN_CONNECTION_MIBPS, CDN_TOTAL_MIBPS = 2, 32
+
+
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, redis_server, fake):
+def links(fake):
+    relays = {
+        "shared.test": ThrottledRelay(fake.port, SHARED_MIBPS).start(),
+        "cdn.test": ThrottledRelay(fake.port, CDN_TOTAL_MIBPS, CDN_CONNECTION_MIBPS).start(),
+    }
+    yield relays
+    for relay in relays.values():
+        relay.stop()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, redis_server, fake, links):
+    credentials = {"username": "puller", "password": "s3cret"}
     server = Gunicorn.with_config(
         tmp_path_factory.mktemp("ranges"),
         redis_server.url,
-        [{"name": "docker.io", "url": fake.url, "username": "puller", "password": "s3cret"}],
+        [
+            {"name": "docker.io", "url": fake.url, **credentials},
+            *({"name": name, "url": relay.url, **credentials} for name, relay in links.items()),
+        ],
         upstream={
             "connect_timeout": 1,
             "read_timeout": 2,
@@ -108,6 +130,56 @@ def test_a_big_blob_is_fetched_as_concurrent_ranges_that_cover_it_once(cache, fa
     assert fake.body_bytes - sent == len(data)
     assert fake.max_active == 4  # parallel_ranges at once, never more
     assert committed(cache, digest) and leftovers(cache) == []
+
+
+def _spread_line(cache, digest: str) -> re.Match | None:
+    """The fill's account of what more ranges got against one (ranges.RangedCopy)."""
+    return re.search(
+        rf"(\d+) ranges of {digest} got ([\d.]+) MiB/s against ([\d.]+) MiB/s for one: "
+        r"(one stream|all) go(?:es)? on",
+        cache.log_path.read_text(errors="replace"),
+    )
+
+
+def test_ranges_that_only_split_a_shared_link_hand_their_segments_back_to_one_stream(
+    cache, fake, links
+):
+    data = random.randbytes(16 * MIB)
+    digest = fake.add_blob("library/shared-link", data)
+    mark, sent = len(fake.hits), fake.body_bytes
+    url = f"{cache.url}/v2/shared.test/library/shared-link/blobs/{digest}"
+    status, body, complete = fetch(url)
+    assert status == 200 and complete and body == data
+    # The first range alone got the link; four got the same link, split: the fill said so,
+    # with rates no faster than the link.
+    line = _spread_line(cache, digest)
+    assert line is not None and line[4] == "one stream", line
+    four, one = float(line[2]), float(line[3])
+    assert one <= SHARED_MIBPS * 1.3 and four <= SHARED_MIBPS * 1.3 and four < 1.5 * one
+    # The rest nobody had begun went as one request, many planned segments long (spread,
+    # every request is one segment: at most 1 MiB here); nothing was fetched twice.
+    ranges = spans(blob_gets(fake, digest, mark))
+    assert max(high - low + 1 for low, high in ranges[1:]) >= 4 * MIB, ranges
+    for (_a, b), (c, _d) in itertools.pairwise(ranges):
+        assert c == b + 1, ranges
+    assert fake.body_bytes - sent == len(data)
+    assert committed(cache, digest)
+
+
+def test_ranges_on_a_link_capped_per_connection_all_go_on(cache, fake, links):
+    data = random.randbytes(12 * MIB)
+    digest = fake.add_blob("library/cdn-link", data)
+    mark, sent = len(fake.hits), fake.body_bytes
+    status, body, complete = fetch(f"{cache.url}/v2/cdn.test/library/cdn-link/blobs/{digest}")
+    assert status == 200 and complete and body == data
+    line = _spread_line(cache, digest)
+    assert line is not None and line[4] == "all", line
+    assert float(line[2]) >= 1.5 * float(line[3])
+    assert float(line[3]) <= CDN_CONNECTION_MIBPS * 1.3
+    # Every request after the first is one planned segment (about 0.7 MiB here).
+    ranges = spans(blob_gets(fake, digest, mark))
+    assert len(ranges) > 8 and max(h - lo + 1 for lo, h in ranges[1:]) < 2 * MIB, ranges
+    assert fake.body_bytes - sent == len(data)
 
 
 def test_ranges_arriving_out_of_order_wait_in_extents_and_clients_get_bytes_in_order(

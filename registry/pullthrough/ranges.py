@@ -57,9 +57,9 @@ PROGRESS_INTERVAL = 0.2
 # Whether more ranges fetch faster is measured, not assumed: the first range runs alone
 # for PROBE seconds from its first byte, then all of them for SPREAD_WINDOW seconds (once
 # each has its first byte, or after SPREAD_PATIENCE); unless they got at least SPREAD_GAIN
-# times the first range's rate (a link capped per connection: a CDN), the others hand their
-# segments back and the fill goes on as one stream. On a link that is one shared cap, more
-# ranges only split it: the bytes in order, which clients are sent, came 4x slower.
+# times the first range's rate (a link capped per connection: a CDN), the others finish the
+# segment each has and the fill goes on as one stream. On a link that is one shared cap,
+# more ranges only split it: the bytes in order, which clients are sent, came 4x slower.
 PROBE = 0.5
 SPREAD_WINDOW = 0.75
 SPREAD_PATIENCE = 3.0
@@ -70,13 +70,6 @@ CONDUCT_TICK = 0.02
 
 class LeaseLost(Exception):
     pass
-
-
-class _HandedBack(Exception):
-    """A range's read ended because its segment goes back to the first worker."""
-
-
-_HANDED_BACK = _HandedBack()
 
 
 @dataclass
@@ -211,12 +204,6 @@ class RangedUpload:
             self.segments.append(seg)
             self.segments.sort(key=lambda s: s.start)
 
-    def release(self, seg: Segment) -> None:
-        """A worker gives up `seg` unfinished: whoever takes it next goes on from its next
-        byte (its bytes so far stay where they were written)."""
-        with self.lock:
-            seg.taken = False
-
     def coalesce(self) -> None:
         """Adjacent segments nobody has begun become one (one request for a fill that goes
         on as one stream)."""
@@ -250,7 +237,8 @@ class RangedUpload:
                     seg.side_start = seg.pos
             at_prefix = seg.pos == self.prefix
             # On the gevent hub, as the socket reads: handing each write to a thread cost
-            # more than it saved (a loopback herd 9 % slower in A/B rounds).
+            # more than it saved (a loopback herd 9 % slower in A/B rounds). The store's
+            # own descriptors hand their disk writes to a thread (filesystem.py).
             if seg.main:
                 self.upload.pwrite(data, seg.pos)
                 self.main_end = seg.pos + n
@@ -393,7 +381,8 @@ class RangedCopy:
     its own next byte when it breaks off), and takes the next, until none is left or one
     fails for good; the first failure stops them all and is raised. With `probe`, the first
     worker (the one with the bytes in order) starts alone and the others only once measured
-    to add throughput; when they do not, they hand their segments back to it."""
+    to add throughput; when they do not, each finishes the segment it has and takes no
+    other, and what nobody began is one request of the first worker's."""
 
     def __init__(
         self,
@@ -412,7 +401,7 @@ class RangedCopy:
         self.spread = Spread.PROBING if probe > 0 and workers > 1 else Spread.SPREAD
         self.rates: tuple[float, float] | None = None  # MiB/s: the first range alone, all
         self._first_byte: dict[int, float] = {}
-        self._primary_done = False
+        self._first_done = False
         self._threads: list[threading.Thread] = []
         self.upstream = upstream
         self.repository = repository
@@ -433,6 +422,7 @@ class RangedCopy:
         else:
             self._start_others()
         self._worker(first, first_segment, 0)
+        self._first_done = True  # the conductor stops looking
         if conductor is not None:
             conductor.join()
         for thread in self._threads:
@@ -473,21 +463,22 @@ class RangedCopy:
             self.rates = (alone / (1 << 20), spread / (1 << 20))
             if spread >= SPREAD_GAIN * alone:
                 self.spread = Spread.SPREAD
-                return
-            self.spread = Spread.NARROWED
-            # What nobody began is one segment again: one request for the rest.
-            self.ranged.coalesce()
+            else:
+                self.spread = Spread.NARROWED
+                # What nobody began is one segment again: one request for the rest.
+                self.ranged.coalesce()
             log.info(
-                "%d ranges of %s got %.1f MiB/s against %.1f MiB/s for one: one stream goes on",
+                "%d ranges of %s got %.1f MiB/s against %.1f MiB/s for one: %s",
                 self.workers,
                 self.ranged.digest,
                 *self.rates[::-1],
+                "all go on" if self.spread is Spread.SPREAD else "one stream goes on",
             )
         except BaseException as exc:
             self._fail(exc)
 
     def _over(self) -> bool:
-        return self.error is not None or self._primary_done
+        return self.error is not None or self._first_done
 
     def _wait(self, ready: Callable[[], bool], limit: float | None) -> bool:
         """Until `ready()` (True), the fill is over, or `limit` seconds passed (False)."""
@@ -508,23 +499,12 @@ class RangedCopy:
 
     # -- the workers ---------------------------------------------------------------------------
     def _take(self, index: int) -> Segment | None:
-        if index:
-            return None if self.spread is Spread.NARROWED else self.ranged.take()
-        with self._lock:  # against a segment handed back as the first worker ends
-            seg = self.ranged.take()
-            self._primary_done = seg is None
-            return seg
-
-    def _hand_back(self, index: int, seg: Segment) -> bool:
-        """Whether worker `index` gives `seg` back to the first worker (narrowed, and that
-        worker still there to take it)."""
-        if not index or self.spread is not Spread.NARROWED:
-            return False
-        with self._lock:
-            if self._primary_done:
-                return False
-            self.ranged.release(seg)
-            return True
+        """The next segment for worker `index`: none for the others once the fill narrowed
+        (each finishes the one it has: closing a range's stream mid-way would waste what
+        upstream already sent down it)."""
+        if index and self.spread is Spread.NARROWED:
+            return None
+        return self.ranged.take()
 
     def _worker(
         self, stream: BlobStream | None = None, seg: Segment | None = None, index: int = 0
@@ -534,8 +514,7 @@ class RangedCopy:
                 seg = seg or self._take(index)
                 if seg is None:
                     return
-                if not self._fetch(seg, stream, index):
-                    return
+                self._fetch(seg, stream, index)
                 stream, seg = None, None
         except BaseException as exc:  # the fill classifies it
             self._fail(exc)
@@ -543,9 +522,8 @@ class RangedCopy:
             if stream is not None:
                 stream.close()
 
-    def _fetch(self, seg: Segment, stream: BlobStream | None, index: int) -> bool:
-        """The segment's bytes, asked for again from its next byte when a read breaks;
-        False when it was handed back instead."""
+    def _fetch(self, seg: Segment, stream: BlobStream | None, index: int) -> None:
+        """The segment's bytes, asked for again from its next byte when a read breaks."""
         while not seg.done and self.error is None:
             broke: BaseException | None = None
             try:
@@ -558,13 +536,8 @@ class RangedCopy:
                 if stream is not None:
                     stream.close()
                 stream = None
-            if broke is _HANDED_BACK:
-                if self._hand_back(index, seg):
-                    return False
-                continue  # nobody to take it: this worker goes on with it
             if not seg.done and self.error is None:
                 self._retry(seg, broke or UpstreamError(f"range {seg.start} ended short"))
-        return True
 
     def _retry(self, seg: Segment, exc: BaseException) -> None:
         seg.attempts += 1
@@ -594,13 +567,10 @@ class RangedCopy:
         return stream
 
     def _copy(self, seg: Segment, stream: BlobStream, index: int) -> BaseException | None:
-        """The stream's bytes into the segment; what broke the read (a reset, a timeout),
-        _HANDED_BACK when the fill narrowed to one stream and this is not it, or None when
-        it ended. Our own failures (the disk, a lost lease) are raised."""
+        """The stream's bytes into the segment; what broke the read (a reset, a timeout), or
+        None when it ended. Our own failures (the disk, a lost lease) are raised."""
         chunks = stream.chunks()
         while True:
-            if index and self.spread is Spread.NARROWED and not self._primary_done:
-                return _HANDED_BACK
             try:
                 chunk = next(chunks)
             except StopIteration:
