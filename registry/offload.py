@@ -63,8 +63,9 @@ class WriteBehind:
     is raised by the next call. Elsewhere than on the gevent hub's thread (no gevent, or a
     call from a thread of gevent's pool) a write runs in place.
 
-    Writing into the page cache is not free: this machine's kernel spends 1.4 s per new GiB
-    in pwrite, which in place held the hub (and every client of the worker) still."""
+    Writing into the page cache is not free: this machine's kernel spends 0.17-1.5 s per new
+    GiB in pwrite (more where the pages were handed back to the host), which in place held
+    the hub, and every client of the worker, still."""
 
     def __init__(self, depth: int = 16) -> None:
         self.depth = depth
@@ -74,13 +75,23 @@ class WriteBehind:
 
     def _own_pool(self):
         if self._pool is None:
-            if _threadpool() is None:
+            if sys.modules.get("gevent") is None:
                 return None
-            from gevent.monkey import get_original
+            from gevent._hub_local import get_hub_if_exists  # no public form of it
+            from gevent.monkey import get_original, is_module_patched
             from gevent.threadpool import ThreadPool
 
-            self._native_ident = get_original("_thread", "get_ident")
-            self._thread = self._native_ident()
+            native_ident = get_original("_thread", "get_ident")
+            # Only a thread that runs a hub hands writes over: a first write from a thread
+            # of gevent's pool must not make a hub of its own there.
+            hub = get_hub_if_exists()
+            if not is_module_patched("threading") or hub is None:
+                return None
+            if hub.thread_ident != native_ident():
+                return None
+
+            self._native_ident = native_ident
+            self._thread = native_ident()
             self._pool = ThreadPool(1)
         return self._pool if self._native_ident() == self._thread else None
 
