@@ -58,14 +58,16 @@ def spawn(target: Callable[[], None], name: str) -> threading.Thread:
 
 
 class WriteBehind:
-    """Writes of one file, handed to a real thread of their own, in order, while the
-    calling greenlet goes on (receiving the next bytes); at most `depth` wait. A failed write
-    is raised by the next call. Elsewhere than on the gevent hub's thread (no gevent, or a
-    call from a thread of gevent's pool) a write runs in place.
+    """Calls that must run in order (the writes of one file, the updates of one hash),
+    handed to a real thread of their own while the calling greenlet goes on (receiving the
+    next bytes); at most `depth` wait. A failed call is raised by the next one. Elsewhere
+    than on a gevent hub's thread (no gevent, or a call from a thread of gevent's pool) a
+    call runs in place.
 
     Writing into the page cache is not free: this machine's kernel spends 0.17-1.5 s per new
     GiB in pwrite (more where the pages were handed back to the host), which in place held
-    the hub, and every client of the worker, still."""
+    the hub, and every client of the worker, still; waiting for each chunk's hash left the
+    upstream socket unread."""
 
     def __init__(self, depth: int = 16) -> None:
         self.depth = depth
