@@ -141,7 +141,7 @@ def _spread_line(cache, digest: str) -> re.Match | None:
     )
 
 
-def test_ranges_that_only_split_a_shared_link_hand_their_segments_back_to_one_stream(
+def test_ranges_that_only_split_a_shared_link_finish_their_segments_and_one_stream_goes_on(
     cache, fake, links
 ):
     data = random.randbytes(16 * MIB)
