@@ -72,33 +72,33 @@ class WriteBehind:
     def __init__(self, depth: int = 16) -> None:
         self.depth = depth
         self._pool = None
-        self._thread = 0
+        self._owner = 0  # the native thread that made the pool (a hub's)
         self._pending: collections.deque = collections.deque()
 
-    def _own_pool(self):
-        if self._pool is None:
-            if sys.modules.get("gevent") is None:
-                return None
-            from gevent._hub_local import get_hub_if_exists  # no public form of it
-            from gevent.monkey import get_original, is_module_patched
-            from gevent.threadpool import ThreadPool
+    def _here(self):
+        """The pool, where this thread owns it; made on the first call from a hub's thread;
+        None elsewhere (the call runs in place)."""
+        if self._pool is not None:
+            return self._pool if _native_ident() == self._owner else None
+        if sys.modules.get("gevent") is None:
+            return None
+        from gevent._hub_local import get_hub_if_exists  # no public form of it
+        from gevent.monkey import is_module_patched
+        from gevent.threadpool import ThreadPool
 
-            native_ident = get_original("_thread", "get_ident")
-            # Only a thread that runs a hub hands writes over: a first write from a thread
-            # of gevent's pool must not make a hub of its own there.
-            hub = get_hub_if_exists()
-            if not is_module_patched("threading") or hub is None:
-                return None
-            if hub.thread_ident != native_ident():
-                return None
-
-            self._native_ident = native_ident
-            self._thread = native_ident()
-            self._pool = ThreadPool(1)
-        return self._pool if self._native_ident() == self._thread else None
+        # Only a thread that runs a hub hands calls over: a first call from a thread of
+        # gevent's pool must not make a hub of its own there.
+        hub = get_hub_if_exists()
+        if not is_module_patched("threading") or hub is None:
+            return None
+        if hub.thread_ident != _native_ident():
+            return None
+        self._owner = hub.thread_ident
+        self._pool = ThreadPool(1)
+        return self._pool
 
     def submit(self, fn: Callable[..., object], *args) -> None:
-        pool = self._own_pool()
+        pool = self._here()
         if pool is None:
             fn(*args)
             return
@@ -107,8 +107,8 @@ class WriteBehind:
             self._pending.popleft().get()
 
     def wait(self) -> None:
-        """Every write handed over is done (the first failure raised)."""
-        if self._pool is None or self._native_ident() != self._thread:
+        """Every call handed over is done (the first failure raised)."""
+        if self._pool is None or _native_ident() != self._owner:
             return
         while self._pending:
             self._pending.popleft().get()
@@ -119,6 +119,20 @@ class WriteBehind:
             self.wait()
         except Exception:  # closing after a failure the caller already had (or will)
             self._pending.clear()
-        if self._pool is not None and self._native_ident() == self._thread:
+        if self._pool is not None and _native_ident() == self._owner:
             self._pool.kill()
             self._pool = None
+
+
+def _native_ident() -> int:
+    """The OS thread's id (threading's is a greenlet's once gevent has patched it). Only
+    asked where gevent is loaded: by a WriteBehind, per call, so looked up once."""
+    global _get_native_ident
+    if _get_native_ident is None:
+        from gevent.monkey import get_original
+
+        _get_native_ident = get_original("_thread", "get_ident")
+    return _get_native_ident()
+
+
+_get_native_ident: Callable[[], int] | None = None

@@ -394,8 +394,8 @@ class Spread(enum.Enum):
 class RangedCopy:
     """The workers of one parallel fill: each takes a segment, fetches it (asking again from
     its own next byte when it breaks off), and takes the next, until none is left or one
-    fails for good; the first failure stops them all and is raised. With `probe`, the first
-    worker (the one with the bytes in order) starts alone and the others only once measured
+    fails for good; the first failure stops them all and is raised. The first worker (the
+    one with the bytes in order) starts alone and the others only once measured
     to add throughput; when they do not, each finishes the segment it has and takes no
     other, and what nobody began is one request of the first worker's."""
 
@@ -409,13 +409,10 @@ class RangedCopy:
         lease_lost: Callable[[], bool],
         report: Callable[[], None],
         spawn: Callable[[Callable[[], None]], threading.Thread],
-        probe: float = PROBE,
     ) -> None:
         self.ranged = ranged
-        self.probe = probe
-        self.spread = Spread.PROBING if probe > 0 and workers > 1 else Spread.SPREAD
-        self.rates: tuple[float, float] | None = None  # MiB/s: the first range alone, all
-        self._first_byte: dict[int, float] = {}
+        self.spread = Spread.PROBING if workers > 1 else Spread.SPREAD
+        self._started: set[int] = set()  # the workers that have had their first bytes
         self._first_done = False
         self._threads: list[threading.Thread] = []
         self.upstream = upstream
@@ -465,17 +462,16 @@ class RangedCopy:
         """The first range alone, then all, each measured: the others go on only where they
         add throughput (Spread)."""
         try:
-            if not self._wait(lambda: 0 in self._first_byte, None):
+            if not self._wait(lambda: 0 in self._started, None):
                 return
-            alone = self._measure(self.probe)
+            alone = self._measure(PROBE)
             if alone is None:
                 return
             self._start_others()
-            self._wait(lambda: len(self._first_byte) >= self.workers, SPREAD_PATIENCE)
+            self._wait(lambda: len(self._started) >= self.workers, SPREAD_PATIENCE)
             spread = self._measure(SPREAD_WINDOW)
             if spread is None:
                 return
-            self.rates = (alone / (1 << 20), spread / (1 << 20))
             if spread >= SPREAD_GAIN * alone:
                 self.spread = Spread.SPREAD
             else:
@@ -486,7 +482,8 @@ class RangedCopy:
                 "%d ranges of %s got %.1f MiB/s against %.1f MiB/s for one: %s",
                 self.workers,
                 self.ranged.digest,
-                *self.rates[::-1],
+                spread / (1 << 20),
+                alone / (1 << 20),
                 "all go on" if self.spread is Spread.SPREAD else "one stream goes on",
             )
         except BaseException as exc:
@@ -597,8 +594,7 @@ class RangedCopy:
             if self.error is not None:
                 return None
             self.ranged.write(seg, chunk)
-            if index not in self._first_byte:
-                self._first_byte[index] = time.monotonic()
+            self._started.add(index)
             # Let the clients streaming this fill from the same gevent worker have a turn.
             time.sleep(0)
             now = time.monotonic()

@@ -100,10 +100,46 @@ class LocalFollower:
         self.handle.close()
 
 
-class PartialFile:
+class _Written:
+    """A descriptor written at explicit offsets, its writes handed to a thread of their own
+    (offload.WriteBehind): what was written so far ends at `stored()`; a read, a flush and
+    a close wait for the rest."""
+
+    fd: int
+    _end: int
+
+    def __init__(self) -> None:
+        self._writes = WriteBehind()
+
+    def _submit(self, data: bytes, offset: int) -> None:
+        self._writes.submit(self._write, data, offset)
+
+    def _write(self, data: bytes, offset: int) -> None:
+        self._end = max(self._end, _pwrite_all(self.fd, data, offset))
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        self._writes.wait()
+        return os.pread(self.fd, length, offset)
+
+    def stored(self) -> int:
+        """Where the bytes written so far end (not those still being handed over)."""
+        return self._end
+
+    def flush(self) -> None:
+        """Every pwrite is in the file."""
+        self._writes.wait()
+
+    def close(self) -> None:
+        self._writes.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class PartialFile(_Written):
     """A file being filled at explicit offsets; committed by an atomic rename."""
 
     def __init__(self, driver: FilesystemDriver, path: str) -> None:
+        super().__init__()
         self._driver = driver
         self.path = path
         self.fd = os.open(driver.local_path(path), os.O_RDWR | os.O_CREAT, driver.file_mode)
@@ -112,17 +148,9 @@ class PartialFile:
         # Whether a range past a gap marked the file (set by another descriptor: looked up
         # until it has, then known until this file unmarks itself).
         self._marked = False
-        self._writes = WriteBehind()
 
     def pwrite(self, data: bytes, offset: int) -> None:
-        self._writes.submit(self._write, data, offset)
-
-    def _write(self, data: bytes, offset: int) -> None:
-        self._end = max(self._end, _pwrite_all(self.fd, data, offset))
-
-    def stored(self) -> int:
-        """Where the bytes written so far end (not those still being handed over)."""
-        return self._end
+        self._submit(data, offset)
 
     def truncate(self, size: int = 0) -> None:
         self._writes.wait()
@@ -154,12 +182,7 @@ class PartialFile:
         os.setxattr(self.fd, EXTENTS_XATTR, b"[" + value + b"]")
 
     def read_range(self, offset: int, length: int) -> bytes:
-        self._writes.wait()
-        return os.pread(self.fd, length, offset)
-
-    def flush(self) -> None:
-        """Every pwrite is in the file."""
-        self._writes.wait()
+        return self._pread(length, offset)
 
     def settle(self, size: int) -> None:
         """The first `size` bytes are the blob's: when that is the whole file, it has no gap
@@ -189,23 +212,18 @@ class PartialFile:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._driver.local_path(self.path))
 
-    def close(self) -> None:
-        self._writes.close()
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
 
-
-class UploadExtent:
+class UploadExtent(_Written):
     """A range of a parallel fill written into the upload itself at its offset (the
     filesystem keeps user attributes): `pwrite(data, 0)` is the byte at `offset`."""
 
     def __init__(self, driver: FilesystemDriver, path: str, offset: int, held: int) -> None:
+        super().__init__()
         self.path = path
         self.offset = offset
         self.fd = os.open(driver.local_path(path), os.O_RDWR)
         self._end = offset + held
         self._marked = False
-        self._writes = WriteBehind()
 
     def pwrite(self, data: bytes, offset: int, keep: bool = True) -> None:
         if not self._marked:
@@ -217,31 +235,14 @@ class UploadExtent:
             except FileExistsError:
                 pass
             self._marked = True
-        self._writes.submit(self._write, data, self.offset + offset)
-
-    def _write(self, data: bytes, offset: int) -> None:
-        self._end = max(self._end, _pwrite_all(self.fd, data, offset))
-
-    def stored(self) -> int:
-        """The end of this range's bytes written so far (an offset in the blob)."""
-        return self._end
+        self._submit(data, self.offset + offset)
 
     def read_range(self, offset: int, length: int) -> bytes:
-        self._writes.wait()
-        return os.pread(self.fd, length, self.offset + offset)
-
-    def flush(self) -> None:
-        """Every pwrite is in the file."""
-        self._writes.wait()
+        return self._pread(length, self.offset + offset)
 
     def discard(self) -> None:
         """Nothing apart from the upload: its bytes go with it."""
         self._writes.close()
-
-    def close(self) -> None:
-        self._writes.close()
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
 
 
 class FilesystemDriver:
