@@ -60,7 +60,8 @@ def spawn(target: Callable[[], None], name: str) -> threading.Thread:
 class WriteBehind:
     """Calls that must run in order (the writes of one file, the updates of one hash),
     handed to a real thread of their own while the calling greenlet goes on (receiving the
-    next bytes); at most `depth` wait. A failed call is raised by the next one. Elsewhere
+    next bytes); at most `depth` wait. A failed call is raised by the next one, and by every
+    one after it (the calls of several descriptors of one file may share one). Elsewhere
     than on a gevent hub's thread (no gevent, or a call from a thread of gevent's pool) a
     call runs in place.
 
@@ -74,6 +75,17 @@ class WriteBehind:
         self._pool = None
         self._owner = 0  # the native thread that made the pool (a hub's)
         self._pending: collections.deque = collections.deque()
+        self._failure: BaseException | None = None
+
+    def _collect(self) -> None:
+        """The oldest call's outcome: its failure raised, and kept for every later call."""
+        if self._failure is not None:
+            raise self._failure
+        try:
+            self._pending.popleft().get()
+        except BaseException as exc:
+            self._failure = exc
+            raise
 
     def _here(self):
         """The pool, where this thread owns it; made on the first call from a hub's thread;
@@ -102,16 +114,20 @@ class WriteBehind:
         if pool is None:
             fn(*args)
             return
+        if self._failure is not None:
+            raise self._failure
         self._pending.append(pool.spawn(fn, *args))
         while len(self._pending) > self.depth:
-            self._pending.popleft().get()
+            self._collect()
 
     def wait(self) -> None:
         """Every call handed over is done (the first failure raised)."""
         if self._pool is None or _native_ident() != self._owner:
             return
+        if self._failure is not None:
+            raise self._failure
         while self._pending:
-            self._pending.popleft().get()
+            self._collect()
 
     def close(self) -> None:
         """Wait for what was handed over, whatever it raises, and end the thread."""
@@ -119,6 +135,7 @@ class WriteBehind:
             self.wait()
         except Exception:  # closing after a failure the caller already had (or will)
             self._pending.clear()
+        self._failure = None
         if self._pool is not None and _native_ident() == self._owner:
             self._pool.kill()
             self._pool = None

@@ -1,6 +1,6 @@
 """registry/offload.py under gevent, as gunicorn's workers run it: a file's writes handed to a
 thread of their own (WriteBehind) leave the hub free, land in order, and a failed one is
-raised by the next call."""
+raised by the next call and every one after it."""
 
 from __future__ import annotations
 
@@ -60,6 +60,16 @@ SCRIPT = textwrap.dedent(
         out["raised"] = None
     except OSError as exc:
         out["raised"] = exc.errno
+    # Raised again by whoever calls next: the descriptors of one file share a writer, and
+    # one that lets go of it (waiting, the failure swallowed) must not hide it from the rest.
+    again = []
+    for call in (lambda: writes.submit(write, 10), writes.wait):
+        try:
+            call()
+            again.append(None)
+        except OSError as exc:
+            again.append(exc.errno)
+    out["again"] = again
     writes.close()
     ticker.kill()
     print(json.dumps(out))
@@ -81,5 +91,7 @@ def test_writes_handed_to_their_thread_leave_the_hub_free_land_in_order_and_rais
     # The hub ran its other greenlets meanwhile (a tick per 10 ms over about 0.5 s); in
     # place, the writes would have held it for all of that.
     assert out["ticks"] >= 20
-    # A write that failed (the disk full) is raised by the caller's next wait.
+    # A write that failed (the disk full) is raised by the caller's next wait, and by every
+    # call after it until the writer is closed.
     assert out["raised"] == errno.ENOSPC
+    assert out["again"] == [errno.ENOSPC, errno.ENOSPC]

@@ -42,6 +42,10 @@ from registry.upstream.auth import DEFAULT_EXPIRES_IN, TokenCache, parse_challen
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 256 * 1024
+# A blob's body is read as it comes, up to this at a time: one read of whatever the socket
+# holds (a fast upstream's MiB in one step, where 256 KiB steps cost the fill's loop four
+# times over; a slow one's few KiB at once, never waiting to fill a buffer).
+BLOB_READ = 1024 * 1024
 MAX_REDIRECTS = 5
 # Pages of one referrers answer followed (each a bounded manifest-sized body).
 MAX_REFERRER_PAGES = 20
@@ -108,7 +112,9 @@ class BlobStream:
         if self.response is None:
             return
         # decode_content=False: layers are served byte-exact even if someone sets an encoding.
-        yield from self.response.raw.stream(CHUNK_SIZE, decode_content=False)
+        raw = self.response.raw
+        while data := raw.read1(BLOB_READ, decode_content=False):
+            yield data
 
     def close(self) -> None:
         if self.response is not None:
