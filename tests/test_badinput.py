@@ -73,11 +73,16 @@ class FileAudit:
 
     def outside(self, *allowed: Path) -> list[str]:
         # Python's own files (lazy imports) and the project's templates are code, not data.
-        roots = [str(p.resolve()) for p in allowed] + [
-            sys.prefix,
-            sys.base_prefix,
-            str(ROOT / "registry"),
-            str(ROOT / ".hypothesis"),
+        # Resolved as the paths are (a virtualenv may be a symlink: CI's clones link one).
+        roots = [
+            str(Path(p).resolve())
+            for p in (
+                *allowed,
+                sys.prefix,
+                sys.base_prefix,
+                ROOT / "registry",
+                ROOT / ".hypothesis",
+            )
         ]
 
         def resolved(path: str) -> str:
