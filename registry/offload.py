@@ -78,9 +78,8 @@ class WriteBehind:
         self._failure: BaseException | None = None
 
     def _collect(self) -> None:
-        """The oldest call's outcome: its failure raised, and kept for every later call."""
-        if self._failure is not None:
-            raise self._failure
+        """The oldest call's outcome: its failure raised, and kept for every later call
+        (the callers raise a kept one before they get here)."""
         try:
             self._pending.popleft().get()
         except BaseException as exc:

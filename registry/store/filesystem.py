@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import json
 import logging
 import os
@@ -71,8 +72,10 @@ def _unmark(fd: int) -> None:
                 raise
 
 
+@functools.cache
 def _writeback_call():
-    """libc's sync_file_range (Linux), or None: the os module has no form of it."""
+    """libc's sync_file_range (Linux), or None: the os module has no form of it. Looked up
+    at the first fill's first step, not at import."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         call = libc.sync_file_range
@@ -83,7 +86,6 @@ def _writeback_call():
     return call
 
 
-_SYNC_FILE_RANGE = _writeback_call()
 SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -92,8 +94,9 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     the commit's fdatasync then waits only for what was written since (a 1 GiB fill's
     fdatasync took 0.5 s, all of it after the last byte, with its clients waiting). Only
     advice: where it is missing or fails, the commit's fdatasync writes everything."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+    call = _writeback_call()
+    if call is not None:
+        call(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
@@ -153,8 +156,8 @@ class _Written:
     def _write(self, data: bytes, offset: int) -> None:
         end = _pwrite_all(self.fd, data, offset)
         self._end = max(self._end, end)
-        if self._unsynced is None or not self._unsynced <= offset <= end:
-            self._unsynced = offset  # the first write, or one elsewhere than after the last
+        if self._unsynced is None or offset < self._unsynced:
+            self._unsynced = offset  # the first write, or one before the run not yet sent
         if end - self._unsynced >= WRITEBACK_STEP:
             _start_writeback(self.fd, self._unsynced, end - self._unsynced)
             self._unsynced = end
@@ -204,8 +207,7 @@ class PartialFile(_Written):
         self._submit(data, offset)
 
     def _let_go(self) -> None:
-        if self._driver._writers.get(self.path) is self._writes:
-            del self._driver._writers[self.path]
+        self._driver.forget_writer(self.path, self._writes)
         super()._let_go()
 
     def truncate(self, size: int = 0) -> None:
@@ -433,6 +435,11 @@ class FilesystemDriver:
         partial = PartialFile(self, path)
         self._writers[path] = partial._writes
         return partial
+
+    def forget_writer(self, path: str, writes: WriteBehind) -> None:
+        """The upload at `path` let go of its writer: ranges opened later get their own."""
+        if self._writers.get(path) is writes:
+            del self._writers[path]
 
     def open_partial_read(self, path: str) -> LocalFollower | None:
         try:
