@@ -65,6 +65,7 @@ def post_worker_init(worker):
     # SIGTERM closes idle keep-alive connections at once; in-flight responses finish.
     from registry.serving import (
         cheap_date_header,
+        headers_with_body,
         prompt_graceful_stop,
         tls_on_plain_port,
         zero_copy_sendfile,
@@ -74,3 +75,4 @@ def post_worker_init(worker):
     prompt_graceful_stop(worker)
     zero_copy_sendfile()
     cheap_date_header()
+    headers_with_body()

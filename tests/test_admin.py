@@ -9,7 +9,10 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
+import socket
+import struct
 import subprocess
 import time
 
@@ -211,6 +214,35 @@ def test_date_header_is_current_and_well_formed(cache):
         assert abs(seen[-1] - time.time()) < 2
         time.sleep(1.1)
     assert seen[1] - seen[0] >= 1
+
+
+def data_segments_received(sock: socket.socket) -> int:
+    """tcpi_data_segs_in of the socket's TCP_INFO (Linux 4.6+): segments that carried data."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return struct.unpack_from("I", info, 152)[0]
+
+
+def test_a_cached_manifests_headers_and_body_arrive_in_one_segment(cache, images):
+    # gunicorn sends headers and body in two send()s; registry/serving.py gathers a small
+    # body with its headers (a tenth of the cached manifest rate on loopback).
+    image = images["busybox"]
+    host, port = cache.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        request = (
+            f"GET /v2/{image.repository}/manifests/{image.tag} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Accept: {ACCEPT['Accept']}\r\n\r\n"
+        )
+        sock.sendall(request.encode())
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += sock.recv(65536)
+        head, _, body = response.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+        while len(body) < length:
+            body += sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200") and length > 0
+        assert hashlib.sha256(body).hexdigest() == image.digest.split(":")[1]
+        assert data_segments_received(sock) == 1
 
 
 def test_cached_blobs_go_out_by_sendfile_whole_and_in_ranges(cache, images):
