@@ -10,7 +10,8 @@ Scenarios:
   of an image set (upstream bytes against the unique bytes the set needs).
 - Loopback: the same herd against both caches with an unthrottled upstream, warm blob
   throughput (1 and 8 clients, CPU per GiB), warm manifest request rates (median of several
-  rounds), peak RSS while a cold 1 GiB blob streams to 8 clients, upstream stopped or frozen.
+  rounds), peak RSS and the aggregate rate while a cold 1 GiB blob streams to 8 clients (median
+  of several rounds, a fresh blob each), upstream stopped or frozen.
 Reported as ratios because these machines are noisy.
 """
 
@@ -25,6 +26,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from statistics import median
 
@@ -338,32 +340,48 @@ def manifest_rates(
     return {"runs": runs, "upstream_requests": asked}
 
 
-def huge_blob_memory(servers: dict[str, tuple[str, list[int]]], size: int) -> dict:
+def huge_blob_memory(servers: dict[str, tuple[list[str], list[int]]], size: int) -> dict:
     """Peak RSS of each server process while a cold HUGE_MIB blob streams to 8 clients, the
     aggregate rate, and the CPU seconds the server still spends after the clients' last byte
-    (each run starts on an idle machine)."""
-    out: dict = {}
-    for name, (url, pids) in servers.items():
-        quiet()
-        with RssSampler(pids) as sampler:
-            mibps = curl_downloads(url, 8, size)
-        cpu = cpu_seconds(pids)
-        quiet()
-        out[name] = {
-            "before": sampler.before,
-            "peak": sampler.peak,
-            "mibps": mibps,
-            "cpu_after": cpu_seconds(pids) - cpu,
-        }
+    (each run starts on an idle machine). `servers` maps a server to (one URL per round, each
+    a blob it has never seen, and its pids); the servers take turns, the first one changing
+    every round (a single run of either moves by ±20% on this machine)."""
+    out: dict = {name: [] for name in servers}
+    rounds = len(next(iter(servers.values()))[0])
+    for round_ in range(rounds):
+        names = list(servers)[:: -1 if round_ % 2 else 1]
+        for name in names:
+            urls, pids = servers[name]
+            quiet()
+            with RssSampler(pids) as sampler:
+                mibps = curl_downloads(urls[round_], 8, size)
+            cpu = cpu_seconds(pids)
+            quiet()
+            out[name].append(
+                {
+                    "before": sampler.before,
+                    "peak": sampler.peak,
+                    "mibps": mibps,
+                    "cpu_after": cpu_seconds(pids) - cpu,
+                }
+            )
     return out
 
 
-def huge_layer(size: int) -> Image:
-    """A HUGE_MIB layer of random bytes (not a real tarball: nothing unpacks it here, and
-    gzip would take longer than the scenario)."""
+def huge_layers(size: int, rounds: int) -> Iterator[Image]:
+    """`rounds` images of one HUGE_MIB layer of random bytes each (not a real tarball:
+    nothing unpacks it here, and gzip would take longer than the scenario): library/huge,
+    then library/huge-1 ... whose layers differ from it in their first 8 bytes (fresh blobs,
+    made one at a time)."""
     rng = random.Random(77)
-    data = b"".join(rng.randbytes(1 << 20) for _ in range(size >> 20))
-    return single("library/huge", "1", [Layer(data, sha256(data))], docker=True)
+    data = bytearray(b"".join(rng.randbytes(1 << 20) for _ in range(size >> 20)))
+    for round_ in range(rounds):
+        if round_:
+            data[:8] = round_.to_bytes(8, "big")
+        blob = bytes(data)
+        name = f"library/huge-{round_}" if round_ else "library/huge"
+        yield single(name, "1", [Layer(blob, sha256(blob))], docker=True)
+        del blob
 
 
 def main() -> None:
@@ -399,10 +417,15 @@ def main() -> None:
     the_set = image_set()
     for image in the_set:
         pusher.push(image)
-    huge = huge_layer(HUGE_MIB << 20)
-    pusher.push(huge)
-    huge_digest, huge_size = next((d, len(b)) for d, b in huge.blobs.items() if len(b) > 1 << 20)
-    del huge
+    huge_blobs = []  # (repository, digest), one per round; the first one stays for the warm runs
+    for huge in huge_layers(HUGE_MIB << 20, ROUNDS):
+        pusher.push(huge)
+        huge_digest, huge_size = next(
+            (d, len(b)) for d, b in huge.blobs.items() if len(b) > 1 << 20
+        )
+        huge_blobs.append((huge.repository, huge_digest))
+        del huge
+    huge_digest = huge_blobs[0][1]
     layer, size = images["bench"]
 
     config = work / "pullthrough.yaml"
@@ -466,21 +489,25 @@ def main() -> None:
             herds[name]["upstream_gets"] = upstream_blob_gets(upstream, mark, layer)
             herds[name]["upstream_bytes"] = upstream.body_bytes_since(mark, layer)
         results["herd"] = herds
-        huge_urls = {}
+        cold_urls: dict[str, list[str]] = {}
         for name, base in servers.items():
-            requests.get(
-                f"{base}/v2/library/huge/manifests/1", headers={"Accept": ACCEPT}, timeout=60
-            ).raise_for_status()
-            huge_urls[name] = (f"{base}/v2/library/huge/blobs/{huge_digest}", main_pids[name])
-        say("memory: a cold huge blob to 8 clients ...")
+            for repository, _ in huge_blobs:
+                requests.get(
+                    f"{base}/v2/{repository}/manifests/1", headers={"Accept": ACCEPT}, timeout=60
+                ).raise_for_status()
+            cold_urls[name] = [
+                f"{base}/v2/{repository}/blobs/{digest}" for repository, digest in huge_blobs
+            ]
+        say(f"memory: a cold huge blob to 8 clients, {ROUNDS} rounds ...")
         results["memory"] = huge_blob_memory(
             {
                 # gunicorn's workers only: the master serves nothing.
-                "pullthrough": (huge_urls["pullthrough"][0], cache.worker_pids()),
-                "distribution": (huge_urls["distribution"][0], [proxy.proc.pid]),
+                "pullthrough": (cold_urls["pullthrough"], cache.worker_pids()),
+                "distribution": (cold_urls["distribution"], [proxy.proc.pid]),
             },
             huge_size,
         )
+        huge_urls = {name: (urls[0], main_pids[name]) for name, urls in cold_urls.items()}
         huge_urls["nginx"] = (nginx.blob_url(huge_digest), nginx.proc.pid)
         with scenario("warm blob throughput (1 and 8 clients)"):
             results["blob"] = blob_throughput(huge_urls, huge_size)

@@ -18,7 +18,8 @@ HERD = int(os.environ.get("BENCH_HERD", "50"))
 WORKERS = int(os.environ.get("BENCH_WORKERS", "4"))
 # 25 MiB/s is about a 200 Mbit/s home link.
 WAN_MIBPS = float(os.environ.get("BENCH_WAN_MIBPS", "25"))
-# Manifest rates are the median of this many rounds, the servers taking turns.
+# Manifest rates, and the cold huge blob to 8 clients (a fresh blob each round), are the median
+# of this many rounds, the servers taking turns.
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 HUGE_MIB = int(os.environ.get("BENCH_HUGE_MIB", "1024"))
 # Parallel ranges: a RANGE_MIB blob through a CDN-like link (each connection capped at
