@@ -418,12 +418,12 @@ def main() -> None:
     for image in the_set:
         pusher.push(image)
     huge_blobs = []  # (repository, digest), one per round; the first one stays for the warm runs
-    for huge in huge_layers(HUGE_MIB << 20, ROUNDS):
+    huge_size = HUGE_MIB << 20
+    for huge in huge_layers(huge_size, ROUNDS):
         pusher.push(huge)
-        huge_digest, huge_size = next(
-            (d, len(b)) for d, b in huge.blobs.items() if len(b) > 1 << 20
+        huge_blobs.append(
+            (huge.repository, next(d for d, b in huge.blobs.items() if len(b) == huge_size))
         )
-        huge_blobs.append((huge.repository, huge_digest))
         del huge
     huge_digest = huge_blobs[0][1]
     layer, size = images["bench"]

@@ -58,13 +58,18 @@ def _listed(values, spec: str = ".0f") -> str:
     return ", ".join(format(v, spec) for v in values)
 
 
-def _rate(runs: list[dict]) -> dict:
-    """The median run's figures (by requests/s) and the spread over the rounds."""
-    ordered = sorted(runs, key=lambda r: r["rps"])
+def _rate(runs: list[dict], key: str = "rps") -> dict:
+    """The median run's figures (by `key`), `key` the median, and each round's `key`."""
+    ordered = sorted(runs, key=lambda r: r[key])
     middle = dict(ordered[len(ordered) // 2])
-    middle["rps"] = median([r["rps"] for r in runs])
-    middle["rounds"] = [r["rps"] for r in runs]
+    middle[key] = median([r[key] for r in runs])
+    middle["rounds"] = [r[key] for r in runs]
     return middle
+
+
+def _per_round(a: dict, b: dict) -> list[float]:
+    """a's figure over b's, round by round (two _rate results of the same rounds)."""
+    return [x / y for x, y in zip(a["rounds"], b["rounds"], strict=True)]
 
 
 def _rate_cell(r: dict) -> str:
@@ -222,7 +227,7 @@ def write_report(results: dict, *, size: int, huge_size: int) -> None:
                 _rate(runs[("pullthrough", kind, method)]),
                 _rate(runs[("distribution", kind, method)]),
             )
-            per_round = [x / y for x, y in zip(a["rounds"], b["rounds"], strict=True)]
+            per_round = _per_round(a, b)
             nginx = runs.get(("nginx", kind, method))
             p99 = "; p99 ms" if method == "GET" else ""
             rate_rows.append(
@@ -292,9 +297,8 @@ def write_report(results: dict, *, size: int, huge_size: int) -> None:
     workers_peak = max(max(r["peak"].values()) for r in pt_runs)
     workers_before = max(max(r["before"].values()) for r in pt_runs)
     growth = max(r["peak"][pid] - r["before"][pid] for r in pt_runs for pid in r["peak"])
-    pt_mibps = median(r["mibps"] for r in pt_runs)
-    dist_mibps = median(r["mibps"] for r in dist_runs)
-    cold_rounds = [a["mibps"] / b["mibps"] for a, b in zip(pt_runs, dist_runs, strict=True)]
+    pt_cold, dist_cold = _rate(pt_runs, "mibps"), _rate(dist_runs, "mibps")
+    pt_mibps, dist_mibps = pt_cold["mibps"], dist_cold["mibps"]
     memory_rows = [
         (
             f"peak RSS while a cold {huge_mib:.0f} MiB blob streams to 8 clients (MiB; "
@@ -309,10 +313,11 @@ def write_report(results: dict, *, size: int, huge_size: int) -> None:
         (
             f"  the same runs: aggregate MiB/s to the 8 clients (median of {len(pt_runs)} "
             "rounds, a fresh blob each)",
-            f"{pt_mibps:.0f} ({_listed(r['mibps'] for r in pt_runs)})",
-            f"{dist_mibps:.0f} ({_listed(r['mibps'] for r in dist_runs)})",
+            f"{pt_mibps:.0f} ({_listed(pt_cold['rounds'])})",
+            f"{dist_mibps:.0f} ({_listed(dist_cold['rounds'])})",
             "",
-            f"{ratio(pt_mibps, dist_mibps)} (rounds {_listed(cold_rounds, '.2f')}x)",
+            f"{ratio(pt_mibps, dist_mibps)} "
+            f"(rounds {_listed(_per_round(pt_cold, dist_cold), '.2f')}x)",
         ),
         (
             "  the same runs: server CPU seconds after the clients' last byte (storing the "
@@ -483,10 +488,10 @@ GAP_REASONS = {
         "hashed and written on threads of their own, sent with sendfile); distribution's "
         "proxy opens one upstream stream per client and sends bytes before it has stored "
         "or verified them (the row above shows the CPU it still spends storing after its "
-        "clients are done), so its writes are never in its clients' way. The rounds of "
-        "this run agree with each other, but the figure follows the machine's state more "
-        "than either server: in a harness that alternates the two servers on fresh 1 GiB "
-        "blobs, pullthrough got 0.90-1.40x distribution's rate (median 1.07x, 10 pairs) "
+        "clients are done), so its writes are never in its clients' way. The figure "
+        "follows the machine's state more than either server: in a harness that "
+        "alternates the two servers on fresh 1 GiB blobs, pullthrough got 0.90-1.40x "
+        "distribution's rate (median 1.07x, 10 pairs) "
         "when each blob was pushed to the upstream just before its pull; 0.83-0.91x in 3 "
         "pairs (and 1.27x in a fourth, under perf) when all were pushed first and the "
         "machine sat idle for 30 s, as in this bench; and 1.04-1.24x in that same order "
