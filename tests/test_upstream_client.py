@@ -75,6 +75,28 @@ def test_small_answers_get_the_short_timeout_and_blob_bodies_the_long_one(fake):
         stream.close()
 
 
+def test_a_blob_body_in_http_chunks_is_read_whole_and_byte_exact(fake):
+    # Blob bodies are read with read1 (whatever the socket holds, up to BLOB_READ): an
+    # upstream or proxy that sends them chunked, with no Content-Length, must come out the
+    # same, the chunk framing gone, across chunks that arrive apart.
+    client = UpstreamClient(
+        RegistrySettings("chunked.test", fake.url),
+        upstream_session(),
+        connect_timeout=5,
+        read_timeout=10,
+    )
+    data = random.randbytes(3 * 1024 * 1024 + 12345)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    fake.routes[f"/v2/org/chunked/blobs/{digest}"] = Route(body=data, chunked=True, trickle=0.001)
+    stream = client.open_blob("org/chunked", digest)
+    try:
+        assert "Content-Length" not in stream.response.headers
+        assert stream.response.headers["Transfer-Encoding"] == "chunked"
+        assert b"".join(stream.chunks()) == data
+    finally:
+        stream.close()
+
+
 def test_a_404_names_what_upstream_said_is_missing(tmp_path, redis_server, redis_client):
     """The message (which podman prints) and the status line name the missing tag, or the
     repository when upstream says NAME_UNKNOWN (quay, Harbor, zot)."""

@@ -37,6 +37,8 @@ class Route:
     # A range that does not start at 0 is answered with the blob's start instead (a broken
     # CDN): the Content-Range says so.
     misplaced_ranges: bool = False
+    # The body in HTTP/1.1 chunks (Transfer-Encoding: chunked) instead of a Content-Length.
+    chunked: bool = False
 
 
 class FakeRegistry(LoopbackHTTP):
@@ -155,7 +157,10 @@ class FakeRegistry(LoopbackHTTP):
                 headers.setdefault("Content-Type", "application/octet-stream")
                 for name, value in headers.items():
                     self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
+                if route.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if head:
                     return
@@ -168,7 +173,10 @@ class FakeRegistry(LoopbackHTTP):
                         time.sleep(route.body_delay)
                     while sent < limit:
                         chunk = body[sent : min(sent + 65536, limit)]
-                        self.wfile.write(chunk)
+                        if route.chunked:
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        else:
+                            self.wfile.write(chunk)
                         self.wfile.flush()
                         sent += len(chunk)
                         with fake._lock:
@@ -179,6 +187,8 @@ class FakeRegistry(LoopbackHTTP):
                             time.sleep(route.rest_trickle)
                 except (BrokenPipeError, ConnectionResetError):
                     return
+                if route.chunked and cut is None:
+                    self.wfile.write(b"0\r\n\r\n")
                 if cut is not None:
                     if route.reset:
                         time.sleep(0.3)  # let the client read what was sent before the RST
