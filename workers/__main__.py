@@ -20,6 +20,7 @@ import sys
 
 from registry.config import load_settings_or_report
 from registry.gc import command as gc_command
+from registry.memory import keep_chunk_memory
 from workers.gc import QUEUE, GcScheduler, collector, enqueue, redis_client, worker
 
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     client = redis_client(settings)
 
     if args.command == "worker":
+        keep_chunk_memory()  # the follower's fills run in the work horses it forks
         worker(client).work(burst=args.burst)
         return 0
     if args.command == "scheduler":
