@@ -6,10 +6,10 @@ A fill reads its upstream body a MiB at a time (upstream/client.py BLOB_READ), e
 new bytes object, held until its hash and its disk write are done (offload.py). glibc's
 malloc serves a 1 MiB block from its heap once one was freed, but gives the heap's top back
 to the kernel whenever more than twice that lies free there, so the next reads fault fresh
-zeroed pages in: measured here, 25,000-53,000 page faults per GiB filled in a worker, a
-fresh page for every 4-10 KiB (265,000 per GiB, every page, for a bare read loop). On a
-virtual machine whose freed memory goes back to its host (virtio-balloon free page
-reporting) each fault is a few microseconds: 0.7 s of a 1 GiB read loop's 0.9 s.
+zeroed pages in: measured here, 25,000-53,000 page faults in the workers per GiB filled
+(8 clients streaming it), a fresh page for every 20-40 KiB read (265,000 per GiB, every
+page, for a bare read loop). On this virtual machine each fault costs about 3
+microseconds: 0.7 s of a 1 GiB read loop's 0.9 s.
 
 With the block size and the heap's slack fixed above what a fill holds at once, a 1 GiB
 fill takes 600-2,800 faults. What it costs: a worker keeps up to TRIM_THRESHOLD of freed heap
