@@ -18,6 +18,7 @@ import signal
 import socket
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import redis as redis_lib
@@ -485,6 +486,20 @@ def test_on_s3_ranges_start_on_the_pieces_and_are_stored_as_the_fills_own_pieces
     assert not [k for k in keys if k.startswith("uploads/")]
 
 
+def wait_exited(pid: int, timeout: float = 10.0) -> None:
+    """Until the process has exited (its sockets closed): gone, or a zombie not yet reaped."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except FileNotFoundError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} still runs {timeout} s after SIGKILL")
+
+
 def test_on_s3_a_fetcher_killed_with_ranges_stored_ahead_is_taken_over_from_its_pieces(
     s3_node, fake, swift, redis_server
 ):
@@ -512,9 +527,13 @@ def test_on_s3_a_fetcher_killed_with_ranges_stored_ahead_is_taken_over_from_its_
             time.sleep(0.1)
         holder = redis.get(f"pt:lease:blob:{digest}")
         assert holder is not None and len(pieces) >= 2, pieces
-        slow.trickle = 0.0  # the takeover's first range comes at full speed
-        os.kill(int(holder.decode().split(":")[1]), signal.SIGKILL)
+        worker = int(holder.decode().split(":")[1])
+        os.kill(worker, signal.SIGKILL)
         at_kill = fake.body_bytes
+        # The takeover's first range comes at full speed; set while the killed worker still
+        # held its sockets, the dead range's own sending would speed up into their buffers.
+        wait_exited(worker)
+        slow.trickle = 0.0
         pulled.result()
     status, body, complete = fetch(url)
     assert status == 200 and complete and body == data
