@@ -39,10 +39,11 @@ def keep_chunk_memory() -> bool:
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    taken = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    taken = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and taken
+        taken = False
+    else:
+        mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+        taken = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+        taken = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and taken
     if not taken:
         log.info("the C library did not take malloc thresholds: fills fault fresh pages in")
     return taken
