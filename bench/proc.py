@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests.support.servers import proc_stat
+
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -23,7 +25,7 @@ def cpu_seconds(pids: list[int]) -> float:
     total = 0.0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            fields = proc_stat(pid)
         except OSError:
             continue
         total += (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime

@@ -12,8 +12,9 @@ page, for a bare read loop). On this virtual machine each fault costs about 3
 microseconds: 0.7 s of a 1 GiB read loop's 0.9 s.
 
 With the block size and the heap's slack fixed above what a fill holds at once, a 1 GiB
-fill takes 600-2,800 faults. What it costs: a worker keeps up to TRIM_THRESHOLD of freed heap
-mapped (its resident size after a fill, not its peak).
+fill takes 600-2,800 faults. What it costs: up to TRIM_THRESHOLD of freed heap stays mapped
+per malloc arena that held big blocks (the hub's thread; a pool thread taking a side extent
+in): resident size after a fill, not a higher peak.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ import socket
 import struct
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import redis as redis_lib
@@ -24,7 +23,7 @@ import yaml
 
 from registry.mediatypes import MANIFEST_TYPES
 from tests.support.images import Layer, Pusher, sha256, single
-from tests.support.servers import Gunicorn, RedisServer, run_module
+from tests.support.servers import Gunicorn, RedisServer, proc_stat, run_module
 
 ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
 
@@ -249,8 +248,7 @@ def test_a_cached_manifests_headers_and_body_arrive_in_one_segment(cache, images
 
 def minor_faults(pids: list[int]) -> int:
     """Page faults the processes took that the kernel served from memory (fresh pages)."""
-    stats = (Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split() for pid in pids)
-    return sum(int(fields[7]) for fields in stats)  # minflt
+    return sum(int(proc_stat(pid)[7]) for pid in pids)  # minflt
 
 
 def test_a_cold_fill_in_a_worker_uses_the_memory_of_its_freed_chunks_again(

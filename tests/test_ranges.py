@@ -18,7 +18,6 @@ import signal
 import socket
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 import redis as redis_lib
@@ -28,7 +27,7 @@ from playwright.sync_api import sync_playwright
 from tests.conftest import s3_section
 from tests.support.clients import fetch
 from tests.support.fakes import FakeRegistry
-from tests.support.servers import Gunicorn, ThrottledRelay, require
+from tests.support.servers import Gunicorn, ThrottledRelay, proc_stat, require
 
 pytestmark = pytest.mark.usefixtures("forget_upstream_health")
 
@@ -491,8 +490,8 @@ def wait_exited(pid: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-        except FileNotFoundError:
+            state = proc_stat(pid)[0]
+        except OSError:  # gone
             return
         if state in ("Z", "X"):
             return

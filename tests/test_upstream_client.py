@@ -51,14 +51,13 @@ def test_blob_redirect_is_followed_without_forwarding_authorization(
         cdn.stop()
 
 
+def client_of(fake: FakeRegistry, name: str, **timeouts) -> UpstreamClient:
+    """The upstream client of the fake registry, known as `name`."""
+    return UpstreamClient(RegistrySettings(name, fake.url), upstream_session(), **timeouts)
+
+
 def test_small_answers_get_the_short_timeout_and_blob_bodies_the_long_one(fake):
-    client = UpstreamClient(
-        RegistrySettings("slow.test", fake.url),
-        upstream_session(),
-        connect_timeout=1,
-        read_timeout=5,
-        metadata_timeout=0.5,
-    )
+    client = client_of(fake, "slow.test", connect_timeout=1, read_timeout=5, metadata_timeout=0.5)
     fake.routes["/v2/org/slow/manifests/1"] = Route(body=b"{}", delay=3)
     started = time.monotonic()
     with pytest.raises(UpstreamUnavailable, match=r"slow\.test .* did not answer in time"):
@@ -79,15 +78,9 @@ def test_a_blob_body_in_http_chunks_is_read_whole_and_byte_exact(fake):
     # Blob bodies are read with read1 (whatever the socket holds, up to BLOB_READ): an
     # upstream or proxy that sends them chunked, with no Content-Length, must come out the
     # same, the chunk framing gone, across chunks that arrive apart.
-    client = UpstreamClient(
-        RegistrySettings("chunked.test", fake.url),
-        upstream_session(),
-        connect_timeout=5,
-        read_timeout=10,
-    )
+    client = client_of(fake, "chunked.test", connect_timeout=5, read_timeout=10)
     data = random.randbytes(3 * 1024 * 1024 + 12345)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    fake.routes[f"/v2/org/chunked/blobs/{digest}"] = Route(body=data, chunked=True, trickle=0.001)
+    digest = fake.add_blob("org/chunked", data, chunked=True, trickle=0.001)
     stream = client.open_blob("org/chunked", digest)
     try:
         assert "Content-Length" not in stream.response.headers
