@@ -22,6 +22,7 @@ from registry.config import Settings, load_settings
 from registry.coordination import Coordination, connect
 from registry.digests import Digest, looks_like_digest
 from registry.errors import (
+    HostNotAllowed,
     NotFound,
     RegistryError,
     Unsupported,
@@ -30,6 +31,7 @@ from registry.errors import (
     storage_failure,
 )
 from registry.gc import Collector
+from registry.hostnames import OPEN_PATHS, host_allowed, parse_allowed
 from registry.metrics import Metrics, scrape
 from registry.names import catalog_name
 from registry.pullthrough import PullThrough
@@ -198,9 +200,7 @@ def create_app(
     accesslog.configure(os.environ.get("PULLTHROUGH_LOG_FORMAT", "text"))
     app = Flask(__name__)
     app.config["SETTINGS"] = settings
-    if settings.server_hosts:
-        # DNS rebinding: a web page cannot make a browser talk to us under its own name.
-        app.config["TRUSTED_HOSTS"] = list(settings.server_hosts)
+    allowed_hosts = parse_allowed(settings.server_hosts)
     metrics_registry = CollectorRegistry()
     metrics = Metrics(metrics_registry)
     pullthrough = build_pullthrough(settings, redis_client, metrics)
@@ -263,6 +263,11 @@ def create_app(
     @app.before_request
     def _take_turns() -> None:
         g.started = time.monotonic()
+        if allowed_hosts and request.path not in OPEN_PATHS:
+            host = request.headers.get("Host")
+            if not host_allowed(allowed_hosts, host):
+                message = f"this cache does not answer to the host name {str(host)[:100]!r}"
+                raise HostNotAllowed(message, reason="host name not served here (server.hosts)")
         if request.method not in HTTP_METHODS:
             # Routing has refused it already (405); the request metrics' `method` label
             # must not take any token a client makes up.

@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 import yaml
 from marshmallow import Schema, ValidationError, fields, pre_load, validate, validates_schema
 
+from registry.hostnames import split_host
+
 log = logging.getLogger(__name__)
 
 DEFAULT_REGISTRY = "docker.io"
@@ -34,7 +36,7 @@ DOCKER_HUB_URL = "https://registry-1.docker.io"
 DEFAULT_TAG_TTL = 300.0
 DEFAULT_REFERRERS_TTL = 300.0
 
-_REGISTRY_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?")
+_REGISTRY_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?")  # as names.py
 
 
 class ConfigError(Exception):
@@ -490,8 +492,14 @@ class FollowSchema(Schema):
     tick = Duration(load_default=30.0, validate=validate.Range(min=1))
 
 
+def _host_entry(value: str) -> None:
+    if split_host(value) is None:
+        raise ValidationError(f"{value!r} is not a host name, host:port or .domain.")
+
+
 class ServerSchema(Schema):
-    hosts = fields.List(fields.String(validate=validate.Length(min=1)), load_default=list)
+    # `name`, `name:port`, `.domain` (registry/hostnames.py).
+    hosts = fields.List(fields.String(validate=_host_entry), load_default=list)
 
 
 class SettingsSchema(Schema):

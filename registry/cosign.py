@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from registry.digests import Digest
+from registry.digests import Digest, parse_or_none
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -41,6 +41,22 @@ PAYLOAD_TYPE = "cosign container image signature"
 # A payload is a few hundred bytes; anything far larger is not one.
 MAX_PAYLOAD = 64 * 1024
 
+IMAGE_CONFIG_TYPES = frozenset(
+    {"application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"}
+)
+IMAGE_LAYER_PREFIXES = ("application/vnd.oci.image.layer.", "application/vnd.docker.image.rootfs.")
+# Layers an attachment with an image config may carry (cosign's signatures, attestations and
+# SBOMs), each at most MAX_PAYLOAD bytes of JSON.
+ATTACHMENT_LAYER_PREFIXES = (
+    SIMPLE_SIGNING,
+    "application/vnd.dsse.",
+    "application/vnd.in-toto",
+    "application/spdx",
+    "text/spdx",
+    "application/vnd.cyclonedx",
+    "application/vnd.syft",
+)
+
 # `<alg>-<hex>` (the referrers tag schema) and cosign's `<alg>-<hex>.sig|.att|.sbom`.
 _ATTACHED_TAG = re.compile(r"(sha256|sha512)-([0-9a-f]{64}|[0-9a-f]{128})(\.(sig|att|sbom))?")
 
@@ -52,6 +68,9 @@ class Verdict(StrEnum):
     MISMATCH = "mismatch"
     UNKNOWN_KEY = "unknown_key"
     UNSIGNED = "unsigned"
+    # Not a check's finding: a manifest the policy reached as a signature, attestation or
+    # referrer of an image it checked, served as that (registry/pullthrough/policy.py).
+    ATTACHED = "attached"
 
 
 # The cause as people read it: the reason phrase of a 403, the log, the UI.
@@ -60,6 +79,7 @@ REASONS = {
     Verdict.MISMATCH: "signature does not match",
     Verdict.UNKNOWN_KEY: "signed by an unknown key",
     Verdict.UNSIGNED: "unsigned",
+    Verdict.ATTACHED: "an attachment of a checked image",
 }
 
 
@@ -121,25 +141,60 @@ def signature_tag(digest: Digest) -> str:
     return f"{digest.algorithm}-{digest.hex}.sig"
 
 
-def is_artifact(body: bytes) -> bool:
-    """A signature, attestation, SBOM or other artifact rather than an image: the policy
-    does not ask these to be signed (else nothing could verify anything)."""
+def attachment_layers(body: bytes) -> list[tuple[Digest, int]] | None:
+    """Whether a manifest could be served as an attachment (a signature, attestation, SBOM
+    or referrers index) rather than checked as an image: None when it is shaped as an image,
+    else the layers whose bytes must be JSON documents for it to be one. Only the shape
+    decides, never a tag's name, `artifactType` or `subject`. An image layer (or a layer of
+    no known type) makes it an image; an image config (cosign's legacy `.sig` and `.att`
+    images have one) may carry only small signature, attestation or SBOM layers, each to be
+    read as JSON (which no runnable layer is). An index may be one: its children are checked
+    on their own."""
     try:
         doc = json.loads(body)
     except ValueError:
-        return False
-    if not isinstance(doc, dict):
-        return False
-    if doc.get("subject") or doc.get("artifactType"):
-        return True
-    layers = doc.get("layers") if isinstance(doc.get("layers"), list) else []
-    return any(
-        isinstance(layer, dict)
-        and str(layer.get("mediaType", "")).startswith(
-            ("application/vnd.dev.cosign.", "application/vnd.dsse.")
-        )
-        for layer in layers
-    )
+        return None
+    if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
+        return None  # schema 1 is an image format
+    if "manifests" in doc:
+        return [] if isinstance(doc["manifests"], list) and "layers" not in doc else None
+    layers, config = doc.get("layers"), doc.get("config")
+    if not isinstance(layers, list) or not isinstance(config, dict):
+        return None
+    described = []
+    for layer in layers:
+        kind = layer.get("mediaType") if isinstance(layer, dict) else None
+        if not isinstance(kind, str) or kind.startswith(IMAGE_LAYER_PREFIXES) or "tar" in kind:
+            return None
+        described.append((kind, parse_or_none(layer.get("digest")), layer.get("size")))
+    if config.get("mediaType") not in IMAGE_CONFIG_TYPES:
+        return []
+    out = []
+    for kind, digest, size in described:
+        if not kind.startswith(ATTACHMENT_LAYER_PREFIXES) or digest is None:
+            return None
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_PAYLOAD:
+            return None
+        out.append((digest, size))
+    return out or None
+
+
+def subjects_named(reference: str, body: bytes) -> list[Digest]:
+    """The manifests an attachment says it is of: its tag's `<alg>-<hex>[.sig|.att|.sbom]`
+    and its `subject` (claims to be checked, never trusted as they stand)."""
+    found = []
+    tagged = attached_subject(reference)
+    if tagged is not None:
+        found.append(tagged)
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    subject = doc.get("subject") if isinstance(doc, dict) else None
+    named = parse_or_none(subject.get("digest")) if isinstance(subject, dict) else None
+    if named is not None and named not in found:
+        found.append(named)
+    return found
 
 
 def signature_layers(body: bytes) -> list[SignatureLayer]:

@@ -71,6 +71,14 @@ class DigestInvalid(RegistryError):
     code, status, default_message = "DIGEST_INVALID", 400, "provided digest did not match"
 
 
+class TagInvalid(RegistryError):
+    code, status, default_message = "TAG_INVALID", 400, "manifest tag did not match URI"
+
+
+class HostNotAllowed(RegistryError):
+    code, status, default_message = "DENIED", 400, "host name not served here"
+
+
 class ManifestUnknown(RegistryError):
     code, status, default_message = "MANIFEST_UNKNOWN", 404, "manifest unknown"
 

@@ -3,17 +3,18 @@ registry/pullthrough/follower.py).
 
 `[registry/]repository:tag`. The repository may be a glob (`immich-app/*`: matched against the
 repositories the cache holds, since registries do not list theirs); the tag a literal, a glob
-(`16*`), or a version range (`>=7 <8`, `~=3.19`): PEP 440 comparisons over tags that are
-versions (`7.2.4` matches, `7.2-alpine` and `latest` never do; pre-releases neither).
+(`16*`), or a version range (`>=7 <8`, `~=3.19`). No wildcard matches `/`. A range is PEP 440
+comparisons over tags that are versions (`7.2.4` matches, `7.2-alpine` and `latest` never do;
+pre-releases neither).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -38,7 +39,7 @@ class Pattern:
 
     def matches_tag(self, tag: str) -> bool:
         if self.versions is None:
-            return fnmatch.fnmatchcase(tag, self.tag)
+            return glob_matches(self.tag, tag)
         try:
             version = Version(tag)
         except InvalidVersion:
@@ -47,7 +48,34 @@ class Pattern:
         return tag[:1].isdigit() and self.versions.contains(version)
 
     def matches_name(self, name: str) -> bool:
-        return fnmatch.fnmatchcase(name, self.name)
+        return glob_matches(self.name, name)
+
+
+@lru_cache(maxsize=1024)
+def _glob(pattern: str) -> re.Pattern[str]:
+    """A shell glob as a regex in which no wildcard matches `/`: `library/*` is the
+    repositories directly under `library/`, and `1*` never matches `1/../x`."""
+    out, i = [], 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "[" and (end := pattern.find("]", i + 2)) > 0:
+            inner = pattern[i + 1 : end]
+            negate = inner[:1] in ("!", "^")
+            body = re.escape(inner[1:] if negate else inner).replace("\\-", "-")
+            out.append(f"[^/{body}]" if negate else f"(?!/)[{body}]")
+            i = end
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return re.compile("".join(out))
+
+
+def glob_matches(pattern: str, text: str) -> bool:
+    return _glob(pattern).fullmatch(text) is not None
 
 
 def parse_pattern(text: str) -> Pattern:

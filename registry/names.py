@@ -2,15 +2,19 @@
 
 Names follow the distribution reference grammar, which admits no `..`, no leading `/`, no
 uppercase and no NUL: a validated name is safe as a relative path under the storage root.
+`Repository` and `Tag` are those values as types: their only constructor validates, and the
+store and the upstream client take nothing else, so a name from an upstream (a tag list, a
+`Link` page) gets the grammar a client's name gets, whoever forgets to check it.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from registry.config import RegistrySettings, Settings
-from registry.errors import ManifestUnknown, NameInvalid, NameUnknown
+from registry.errors import ManifestUnknown, NameInvalid, NameUnknown, TagInvalid
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 _NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
@@ -18,31 +22,79 @@ _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 MAX_NAME_LENGTH = 255
 
 
+class Repository(str):
+    """A repository name in the distribution grammar (`library/alpine`); NameInvalid else."""
+
+    __slots__ = ()
+
+    def __new__(cls, value: str) -> Repository:
+        if type(value) is cls:
+            return value
+        if not isinstance(value, str) or len(value) > MAX_NAME_LENGTH or not _NAME.fullmatch(value):
+            raise NameInvalid(detail={"name": str(value)[:300]})
+        return str.__new__(cls, value)
+
+
+class Tag(str):
+    """A tag in the distribution grammar (`3.20`, at most 128 characters, no `/`); TagInvalid
+    else."""
+
+    __slots__ = ()
+
+    def __new__(cls, value: str) -> Tag:
+        if type(value) is cls:
+            return value
+        if not isinstance(value, str) or not _TAG.fullmatch(value):
+            raise TagInvalid(detail={"tag": str(value)[:300]})
+        return str.__new__(cls, value)
+
+
+_REGISTRY_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?")
+
+
+@lru_cache(maxsize=8192)
+def stored_repository(repo: str) -> str:
+    """`<registry>/<repository>` as the store files it, checked (NameInvalid else): a
+    registry name as the config admits one, then a Repository."""
+    registry, sep, name = repo.partition("/")
+    if not sep or not _REGISTRY_NAME.fullmatch(registry):
+        raise NameInvalid(detail={"name": repo[:300]})
+    Repository(name)
+    return repo
+
+
+def is_tag(value: object) -> bool:
+    """Whether `value` (from anywhere: an upstream's tag list) is a valid tag."""
+    return isinstance(value, str) and _TAG.fullmatch(value) is not None
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """A repository at one upstream: where to fetch from and where to file it locally."""
 
     registry: RegistrySettings
-    repository: str
+    repository: Repository
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "repository", Repository(self.repository))
 
     def __str__(self) -> str:
         return f"{self.registry.name}/{self.repository}"
 
 
-def validate_name(name: str) -> str:
-    if len(name) > MAX_NAME_LENGTH or not _NAME.fullmatch(name):
-        raise NameInvalid(detail={"name": name[:300]})
-    return name
+def validate_name(name: str) -> Repository:
+    return Repository(name)
 
 
-def validate_tag(tag: str) -> str:
+def validate_tag(tag: str) -> Tag:
     """A pulled reference that is no valid tag names no manifest: 404, asked of nobody
     (TAG_INVALID is for pushes; the spec wants a manifest that is not found to be a 404)."""
-    if not _TAG.fullmatch(tag):
+    try:
+        return Tag(tag)
+    except TagInvalid:
         raise ManifestUnknown(
             "the reference is neither a valid tag nor a digest", detail={"reference": tag[:300]}
-        )
-    return tag
+        ) from None
 
 
 def resolve(settings: Settings, name: str, ns: str | None) -> Target:

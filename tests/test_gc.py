@@ -514,20 +514,29 @@ def test_a_sweep_killed_mid_way_leaves_a_consistent_store_and_the_next_run_finis
 
 
 def test_the_worker_runs_no_job_that_pullthrough_did_not_enqueue(config, redis_client, tmp_path):
-    """Whoever can write to Redis can write rq jobs: a pickled one (rq's default format) and
-    a JSON one naming another function both fail without running; a sweep still runs."""
-    from rq import Queue
+    """Whoever can write to Redis can write rq jobs: a pickled one (rq's default format), a
+    JSON one naming another function, and pullthrough's own job or another with a success or
+    failure callback (anything importable, here `print`) all fail without running anything;
+    a sweep still runs."""
+    from rq import Callback, Queue
 
-    from workers.gc import QUEUE, queue
+    from workers.gc import QUEUE, queue, sweep
 
     pickled, named = tmp_path / "pickled-canary", tmp_path / "named-canary"
     pickled.write_text("x")
     named.write_text("x")
     Queue(QUEUE, connection=redis_client).enqueue(os.remove, str(pickled))  # rq's pickle
     queue(redis_client).enqueue(os.remove, str(named))  # JSON, but not a pullthrough job
+    queue(redis_client).enqueue(
+        sweep, kwargs={"dry_run": True}, job_id="success-canary", on_success=Callback(print)
+    )
+    queue(redis_client).enqueue(
+        os.remove, str(named), job_id="failure-canary", on_failure=Callback(print)
+    )
     workers(config, "gc", "--enqueue")
-    workers(config, "worker", "--burst")
+    ran = workers(config, "worker", "--burst")
     assert pickled.exists() and named.exists()
+    assert "canary" not in ran.stdout  # neither callback was called
     assert redis_client.hget("pt:gc:last", "finished") is not None  # the real sweep ran
     failed = redis_client.zcard(f"rq:failed:{QUEUE}")
-    assert failed == 2
+    assert failed == 4

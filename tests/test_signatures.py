@@ -5,6 +5,7 @@ read it: skopeo's error output, the status line, the UI page in the browser, /me
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -14,7 +15,17 @@ from playwright.sync_api import sync_playwright
 
 from registry.cosign import REASONS, Verdict
 from tests.support.clients import require, skopeo_copy, skopeo_policy
-from tests.support.cosign import Key, payload_for, signature_image, tag_schema_index
+from tests.support.cosign import (
+    SBOM_ARTIFACT_TYPE as SBOM,
+)
+from tests.support.cosign import (
+    SIMPLE_SIGNING,
+    Key,
+    descriptor,
+    payload_for,
+    signature_image,
+    tag_schema_index,
+)
 from tests.support.images import Image, Pusher, index, make_layer, single
 from tests.support.servers import Gunicorn
 
@@ -268,3 +279,66 @@ def test_a_signature_pushed_later_is_seen_after_the_referrers_ttl(
             time.sleep(0.3)
     finally:
         cache.stop()
+
+
+def _disguised(image: Image, tag: str, **fields) -> Image:
+    """`image` (runnable: an image config, tar+gzip layers) with `fields` set in its manifest,
+    or, with `layer_type`, its layers relabelled."""
+    doc = json.loads(image.manifest)
+    layer_type = fields.pop("layer_type", None)
+    if layer_type:
+        for layer in doc["layers"]:
+            layer["mediaType"] = layer_type
+    doc.update(fields)
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    return Image(image.repository, tag, body, image.media_type, dict(image.blobs))
+
+
+def test_an_unsigned_image_dressed_as_an_attachment_is_refused(
+    enforcing, signed, upstream, token_server, tmp_path
+):
+    """Whoever can push to the upstream repository is who the policy is for: an ordinary
+    runnable image is refused however it dresses up as a signature, attestation or referrer
+    (artifactType, subject, an attachment's tag name, cosign's layer type over an image config,
+    listed in a subject's referrers), while the real attachments stay served."""
+    bait = single("sig/app", "bait", [make_layer(260, 16 * 1024, "bait.bin")])
+    runnable = single("sig/app", "", [make_layer(261, 16 * 1024, "payload.bin")])
+    attached = bait.digest.replace(":", "-")
+    disguises = {
+        "artifact-type": _disguised(
+            runnable, "artifact-type", artifactType="application/vnd.example.thing"
+        ),
+        "subject": _disguised(
+            runnable, "subject", subject=descriptor(signed["signed"]), artifactType=SBOM
+        ),
+        f"{attached}.att": _disguised(runnable, f"{attached}.att"),
+        f"{attached}.sig": _disguised(runnable, f"{attached}.sig", layer_type=SIMPLE_SIGNING),
+        "cosign-layers": _disguised(runnable, "cosign-layers", layer_type=SIMPLE_SIGNING),
+    }
+    # Listed in the bait's referrers (the tag schema on this distribution): reached by the
+    # policy as a referrer, and still an image.
+    referrer = _disguised(runnable, "referrer", subject=descriptor(bait), artifactType=SBOM)
+    pusher = Pusher(upstream.url, token_server.realm, token_server.service)
+    for item in [bait, *disguises.values(), referrer, tag_schema_index(bait, [referrer])]:
+        pusher.push(item)
+
+    for tag, image in disguises.items():
+        refused = get_manifest(enforcing, tag)
+        assert refused.status_code == 403, tag
+        assert refused.reason.startswith(REASONS[Verdict.UNSIGNED]), (tag, refused.reason)
+        assert get_manifest(enforcing, image.digest).status_code == 403, tag
+    assert get_manifest(enforcing, referrer.digest).status_code == 403
+    copy = skopeo_copy(
+        skopeo_policy(tmp_path), f"{enforcing.url[7:]}/sig/app:artifact-type", tmp_path / "out",
+        check=False,
+    )  # fmt: skip
+    assert copy.returncode != 0 and REASONS[Verdict.UNSIGNED] in copy.stderr, copy.stderr
+
+    # What cosign and the referrers API really hold is served: the legacy signature, the
+    # OCI 1.1 signature, and the tag schema index that lists it.
+    oci11 = signed["oci11"].digest.replace(":", "-")
+    for tag in (signed["signed"].digest.replace(":", "-") + ".sig", oci11):
+        assert get_manifest(enforcing, tag).status_code == 200, tag
+    listed = json.loads(get_manifest(enforcing, oci11).content)["manifests"]
+    for entry in listed:
+        assert get_manifest(enforcing, entry["digest"]).status_code == 200

@@ -55,9 +55,10 @@ class RefusedJob(Exception):
 
 
 class GcJob(Job):
-    """A job of the `pullthrough` queue: JSON, never pickle, and only functions named in
-    JOBS. rq runs whatever a job names, and whoever can write to Redis can write a job: with
-    pickle that is code, with JSON a dotted name and arguments (`os.system`). Both stop here."""
+    """A job of the `pullthrough` queue: JSON, never pickle, only functions named in JOBS,
+    and no callbacks. rq runs whatever a job names, and whoever can write to Redis can write
+    a job: with pickle that is code, with JSON a dotted name and arguments (`os.system`) or
+    a callback (`builtins.print`). All of them stop here."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs["serializer"] = JSONSerializer
@@ -65,9 +66,33 @@ class GcJob(Job):
 
     @property
     def func(self):
-        if self.func_name not in JOBS or self.instance is not None:
-            raise RefusedJob(f"job {self.id} names {self.func_name!r}, not a pullthrough job")
+        callbacks = [
+            name
+            for name in (
+                self._success_callback_name,
+                self._failure_callback_name,
+                self._stopped_callback_name,
+            )
+            if name
+        ]
+        if self.func_name not in JOBS or self.instance is not None or callbacks:
+            named = ", ".join([repr(self.func_name), *map(repr, callbacks)])
+            raise RefusedJob(f"job {self.id} names {named}, not a pullthrough job")
         return super().func
+
+    # pullthrough's jobs have no callbacks; one that names any (anything importable, run
+    # when the job succeeds, fails or stops) is refused above and never called here.
+    @property
+    def success_callback(self):
+        return None
+
+    @property
+    def failure_callback(self):
+        return None
+
+    @property
+    def stopped_callback(self):
+        return None
 
 
 def queue(client: redis.Redis) -> Queue:

@@ -13,6 +13,7 @@ from flask import Blueprint, Response, current_app, g, request
 from werkzeug.http import parse_range_header
 
 from registry import accesslog
+from registry.coordination.limits import client_key
 from registry.digests import Digest
 from registry.errors import PaginationInvalid, RangeInvalid, Unsupported
 from registry.mediatypes import OCI_INDEX
@@ -28,6 +29,12 @@ bp = Blueprint("v2", __name__)
 FILE_CHUNK = 1024 * 1024
 MAX_PAGE = 10000
 READ_ONLY = "pullthrough is a read-only pull-through cache"
+
+
+def _client() -> str | None:
+    """Who a request counts against in the per-client limits: its address, or for IPv6 its
+    /64 (one host holds a whole /64 and may use any address in it)."""
+    return client_key(request.remote_addr)
 
 
 def _pullthrough() -> PullThrough:
@@ -57,7 +64,7 @@ def manifest(name: str, reference: str) -> Response:
     g.reference = reference
     target = _target(name)
     accept = parse_accept(request.headers.getlist("Accept"))
-    found = _pullthrough().manifest(target, reference, accept, client=request.remote_addr)
+    found = _pullthrough().manifest(target, reference, accept, client=_client())
     g.cache = found.cache
     digest = g.digest = str(found.digest)
     metrics = _metrics()
@@ -86,7 +93,7 @@ def referrers(name: str, digest: str) -> Response:
     (empty when nothing is), `?artifactType=` filtered."""
     g.reference = digest
     target = _target(name)
-    found = _pullthrough().referrers(target, Digest.parse(digest), client=request.remote_addr)
+    found = _pullthrough().referrers(target, Digest.parse(digest), client=_client())
     g.cache = found.cache
     artifact_type = request.args.get("artifactType")
     body = found.index(artifact_type)
@@ -109,7 +116,7 @@ def blob(name: str, digest: str) -> Response:
     g.reference = digest
     target = _target(name)
     head = request.method == "HEAD"
-    found = _pullthrough().blob(target, Digest.parse(digest), head=head, client=request.remote_addr)
+    found = _pullthrough().blob(target, Digest.parse(digest), head=head, client=_client())
     g.cache = "joined" if found.joined else found.cache
     g.digest = str(found.digest)
     _metrics().cache_requests.labels("blob", target.registry.name, found.cache).inc()
@@ -321,7 +328,7 @@ def uploads(name: str, session: str | None = None) -> Response:
 def tags(name: str) -> Response:
     target = _target(name)
     n, last = _pagination()
-    names, more = _pullthrough().tags(target, n, last, client=request.remote_addr)
+    names, more = _pullthrough().tags(target, n, last, client=_client())
     return _listing({"name": name, "tags": names}, f"/v2/{name}/tags/list", n, names, more)
 
 

@@ -120,6 +120,11 @@ carries each owner.
                                         JSON {verdict (signed | mismatch | unknown_key |
                                         unsigned), detail, checked, via (the signed index a
                                         child is covered by)}.
+    pt:verify:<keyset>:attached:<digest>
+                                string  TTL the registry's referrers_ttl. The subject whose
+                                        `.sig` tag, referrers or referrers tag schema index
+                                        the policy reached this manifest as: served unsigned
+                                        while it is shaped as an attachment.
     pt:follow:<registry>/<repository>:<tag>
                                 hash    no TTL; deleted when the tag is no longer followed.
                                         A followed tag (registry/pullthrough/follower.py):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import time
 
 import redis
@@ -33,6 +34,19 @@ if ARGV[2] ~= '-' and tonumber(ARGV[4]) > 0 and mine >= tonumber(ARGV[4]) then r
 redis.call('ZADD', KEYS[1], 0, ARGV[1])
 return 0
 """
+
+
+def client_key(address: str | None) -> str | None:
+    """An IPv4 address as it is; an IPv6 address as its /64 (`2001:db8:1:2::/64`)."""
+    if not address or ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
 
 
 class Limits:

@@ -1,5 +1,7 @@
 """Signature checks: `pt:verify:<keyset>:<digest>`, what the check of a manifest against a
-set of cosign keys found, shared by every worker and node (registry/pullthrough/policy.py)."""
+set of cosign keys found, and `pt:verify:<keyset>:attached:<digest>`, the subject a
+manifest was reached as an attachment of; shared by every worker and node
+(registry/pullthrough/policy.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ class StoredVerdict:
 
 def verdict_key(key_set: str, digest: Digest) -> str:
     return f"{PREFIX}verify:{key_set}:{digest}"
+
+
+def attached_key(key_set: str, digest: Digest) -> str:
+    return f"{PREFIX}verify:{key_set}:attached:{digest}"
 
 
 class Verdicts:
@@ -60,6 +66,24 @@ class Verdicts:
                 value = {"verdict": verdict, "detail": detail, "checked": checked, "via": via}
                 pipe.set(verdict_key(key_set, item), json.dumps(value), px=int(ttl * 1000))
             pipe.execute()
+
+    def mark_attached(
+        self, key_set: str, subject: Digest, digests: list[Digest], ttl: float
+    ) -> None:
+        """`digests` were reached as attachments (signatures, referrers) of `subject`."""
+        if not digests:
+            return
+        with contextlib.suppress(RedisError):  # unrecorded: looked up again next time
+            pipe = self.redis.pipeline()
+            for digest in digests:
+                pipe.set(attached_key(key_set, digest), str(subject), px=int(ttl * 1000))
+            pipe.execute()
+
+    def attached(self, key_set: str, digest: Digest) -> bool:
+        try:
+            return bool(self.redis.exists(attached_key(key_set, digest)))
+        except RedisError:
+            return False  # looked up again
 
 
 def _parse(raw: bytes | None) -> StoredVerdict | None:

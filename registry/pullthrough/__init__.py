@@ -266,14 +266,17 @@ class PullThrough:
     def referrers(self, target: Target, digest: Digest, client: str | None = None) -> Referrers:
         return self.referrers_cache.get(target, digest, client)
 
-    def signature_manifest(self, target: Target, reference: str) -> bytes | None:
-        """A signature manifest, through the cache (None: upstream has none)."""
+    def signature_manifest(self, target: Target, reference: str) -> tuple[Digest, bytes] | None:
+        """A signature manifest's digest and bytes, through the cache (None: upstream has
+        none)."""
         try:
             if looks_like_digest(reference):
-                return self._manifest_by_digest(target, Digest.parse(reference), None).body
-            return self._manifest_by_tag(target, validate_tag(reference), None).body
-        except ManifestUnknown:
+                found = self._manifest_by_digest(target, Digest.parse(reference), None)
+            else:
+                found = self._manifest_by_tag(target, validate_tag(reference), None)
+        except (ManifestUnknown, DigestInvalid):
             return None
+        return found.digest, found.body
 
     def referrer_descriptors(self, target: Target, digest: Digest) -> list[dict]:
         return self.referrers(target, digest).descriptors
@@ -376,7 +379,7 @@ class PullThrough:
                     lambda: upstream.head_manifest(target.repository, tag),
                     client,
                 )
-                if head.digest == str(cached[0].digest):
+                if head.digest == cached[0].digest:
                     record = TagRecord(cached[0].digest, cached[0].media_type, self.clock())
                     self.store.write_tag(target, tag, record)
                     return _replace_cache(cached[0], "revalidated")
@@ -398,9 +401,9 @@ class PullThrough:
                 log.warning("not serving %s:%s, unconfirmed for %.0f s", target, tag, age)
             raise
         digest = sha256_of(fetched.body)
-        if fetched.digest and fetched.digest != str(digest):
-            claimed = Digest.parse(fetched.digest) if ":" in fetched.digest else None
-            if claimed is None or not claimed.matches(fetched.body):
+        claimed = fetched.digest
+        if claimed is not None and claimed != digest:
+            if not claimed.matches(fetched.body):
                 raise UpstreamError(
                     f"upstream {target.registry.name} served a manifest for {tag} whose bytes "
                     f"do not match its Docker-Content-Digest",

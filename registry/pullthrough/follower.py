@@ -26,7 +26,7 @@ from registry.cosign import attached_subject
 from registry.digests import Digest
 from registry.errors import ManifestUnknown, NameUnknown, RegistryError
 from registry.follow import FollowState, Pattern, parse_pattern, spread
-from registry.names import Target, resolve
+from registry.names import Tag, Target, is_tag, resolve
 from registry.pullthrough import Manifest, PullThrough
 from registry.pullthrough.manifests import InvalidManifest, ManifestNode, manifest_node
 from registry.store import TagRecord
@@ -123,7 +123,8 @@ class Follower:
             else:
                 ttl = rule.interval or self.settings.interval
                 self.follows.remember_upstream_tags(str(target), tags, ttl)
-        return sorted(tag for tag in tags if pattern.matches_tag(tag))
+        # Upstream's list (or Redis's copy of it) is input: only valid tags are followed.
+        return sorted(tag for tag in tags if is_tag(tag) and pattern.matches_tag(tag))
 
     def _list_tags(self, target: Target) -> list[str]:
         upstream = self.pt.upstream(target)
@@ -132,11 +133,12 @@ class Follower:
         for _ in range(50):  # pages of 1000: enough for any real repository
             self.follows.count(target.registry.name, "tags")
             page = upstream.list_tags(target.repository, 1000, last)
-            names = [t for t in page.get("tags") or [] if isinstance(t, str)]
-            tags.extend(names)
-            if len(names) < 1000:
+            names = page.get("tags") or []
+            valid = [t for t in names if is_tag(t)]
+            tags.extend(valid)
+            if len(names) < 1000 or not valid:
                 break
-            last = names[-1]
+            last = valid[-1]
         return tags
 
     # -- the tick ------------------------------------------------------------------------------
@@ -193,10 +195,15 @@ class Follower:
         repo, _, tag = member.rpartition(":")
         name, _, repository = repo.partition("/")
         registry = self.pt.settings.registry(name)
-        if registry is None:
+        try:
+            if registry is None:
+                raise NameUnknown(f"registry {name[:100]!r} is not configured")
+            target, tag = Target(registry, repository), Tag(tag)
+        except RegistryError as exc:  # a member this cache would not have written
+            log.warning("follow %r: not followed: %s", member[:300], exc.message)
             self.follows.untrack([member])
             return FollowState.MISSING, 0
-        target = Target(registry, repository)
+        assert registry is not None
 
         def done(state: FollowState, message: str = "", **fields: object) -> None:
             self.follows.update(
@@ -219,12 +226,12 @@ class Follower:
             done(FollowState.FAILED, exc.message)
             return FollowState.FAILED, 0
         cached = self.pt.store.read_tag(target, tag)
-        if cached is not None and head.digest == str(cached.digest):
+        if cached is not None and head.digest == cached.digest:
             # Upstream confirmed it: clients are served it without asking for tag_ttl.
             self.pt.store.write_tag(target, tag, TagRecord(cached.digest, cached.media_type, now))
             record = self.follows.read([member])[0]
-            if record.digest == head.digest and record.state == FollowState.CURRENT:
-                done(FollowState.CURRENT, digest=head.digest)
+            if record.digest == str(cached.digest) and record.state == FollowState.CURRENT:
+                done(FollowState.CURRENT, digest=str(cached.digest))
                 return FollowState.CURRENT, 0
             # Followed just now, or a fetch of it broke off: its blobs (which no quota
             # counts) may be missing still.
@@ -234,7 +241,7 @@ class Follower:
             except RegistryError as exc:
                 done(FollowState.FAILED, exc.message)
                 return FollowState.FAILED, 0
-            done(FollowState.CURRENT, digest=head.digest, fetched_bytes=fetched)
+            done(FollowState.CURRENT, digest=str(cached.digest), fetched_bytes=fetched)
             return FollowState.CURRENT, fetched
         # The HEAD just brought the quota headers (Docker Hub sends them on HEADs too).
         status = self.pt.coord.upstream_status(registry.name)

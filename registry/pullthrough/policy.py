@@ -4,8 +4,13 @@ A manifest that a `verify` rule covers is served only when a cosign key-based si
 its digest verifies with one of the rule's keys (registry/cosign.py). The signatures are
 found through the cache itself, like any pull: cosign's `<alg>-<hex>.sig` tag, and the
 referrers of the digest whose artifactType is cosign's. An index that verifies covers its
-children: they are recorded as verified under it and served by digest. Artifacts
-(signatures, attestations, SBOMs, referrers indexes) are not asked to be signed.
+children: they are recorded as verified under it and served by digest.
+
+Attachments (signatures, attestations, SBOMs, referrers indexes) are not asked to be signed,
+but only those the policy itself reached as attachments of a manifest: the `.sig` tag and
+the referrers (or referrers tag schema index) of a subject it looked up, recorded per key
+set. A tag's name or a manifest's `subject` only says which subject to look up; whatever is
+shaped like an image (cosign.attachment_layers) is checked as one wherever it was found.
 
 `enforce` refuses anything else with a 403 DENIED whose reason phrase says why; `warn`
 serves it and logs. Verdicts are kept in Redis per digest and key set (pt:verify:*), so every
@@ -15,6 +20,7 @@ only as long as referrers are (a signature pushed later is seen then).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Protocol
@@ -25,14 +31,14 @@ from registry.cosign import (
     SIGNATURE_ARTIFACT_TYPE,
     Finding,
     Verdict,
-    attached_subject,
+    attachment_layers,
     check,
-    is_artifact,
     load_key,
     signature_layers,
     signature_tag,
+    subjects_named,
 )
-from registry.digests import Digest
+from registry.digests import Digest, parse_or_none
 from registry.errors import Denied, RegistryError
 from registry.metrics import Metrics
 from registry.names import Target
@@ -47,7 +53,7 @@ SIGNED_TTL = 86400.0
 class SignatureSource(Protocol):
     """How the policy reaches signatures: through the cache, as any pull (PullThrough)."""
 
-    def signature_manifest(self, target: Target, reference: str) -> bytes | None: ...
+    def signature_manifest(self, target: Target, reference: str) -> tuple[Digest, bytes] | None: ...
 
     def referrer_descriptors(self, target: Target, digest: Digest) -> list[dict]: ...
 
@@ -71,9 +77,11 @@ class SignaturePolicy:
     def enforce(self, target: Target, reference: str, digest: Digest, body: bytes) -> None:
         """Let the manifest be served, or raise Denied (in `enforce` mode)."""
         rule = target.registry.verify_rule(target.repository)
-        if rule is None or attached_subject(reference) is not None or is_artifact(body):
+        if rule is None:
             return
         try:
+            if self._is_attachment(rule, target, reference, digest, body):
+                return
             finding = self.verdict(rule, target, digest, body)
         except RegistryError as exc:
             if rule.mode is VerifyMode.ENFORCE:
@@ -97,10 +105,49 @@ class SignaturePolicy:
         """What was found for each digest (None: not checked lately), for people (the UI)."""
         return self.verdicts.read(rule.key_set, digests)
 
+    def _is_attachment(
+        self, rule: VerifyRule, target: Target, reference: str, digest: Digest, body: bytes
+    ) -> bool:
+        """Whether the manifest is served as an attachment: shaped as one, and reached by the
+        policy as an attachment of the subject its tag or `subject` names (or of any subject
+        checked before, as recorded)."""
+        layers = attachment_layers(body)
+        if layers is None:
+            return False
+        reached = self.verdicts.attached(rule.key_set, digest) or any(
+            subject != digest and digest in self._attachments(rule, target, subject)
+            for subject in subjects_named(reference, body)[:2]
+        )
+        return reached and all(self._is_json(target, *layer) for layer in layers)
+
+    def _is_json(self, target: Target, digest: Digest, size: int) -> bool:
+        try:
+            json.loads(self.source.small_blob(target, digest, size))
+        except (ValueError, RegistryError):
+            return False
+        return True
+
+    def _attachments(self, rule: VerifyRule, target: Target, subject: Digest) -> set[Digest]:
+        """What the policy reaches as attachments of `subject` (recorded for the referrers
+        TTL): its `.sig` manifest, its referrers, and the referrers tag schema's index."""
+        found = {digest for digest, _ in self._signature_manifests(target, subject)}
+        found.update(
+            digest
+            for descriptor in self.source.referrer_descriptors(target, subject)
+            if (digest := parse_or_none(descriptor.get("digest"))) is not None
+        )
+        index = self.source.signature_manifest(target, f"{subject.algorithm}-{subject.hex}")
+        if index is not None:
+            found.add(index[0])
+        self.verdicts.mark_attached(
+            rule.key_set, subject, sorted(found, key=str), self.failed_ttl(target)
+        )
+        return found
+
     def verdict(self, rule: VerifyRule, target: Target, digest: Digest, body: bytes) -> Finding:
         """What a check of `digest` found: the one shared in Redis, else a check made now."""
         stored = self.verdicts.read(rule.key_set, [digest])[0]
-        if stored is not None:
+        if stored is not None and stored.verdict != Verdict.ATTACHED:
             try:
                 return Finding(Verdict(stored.verdict), stored.detail)
             except ValueError:
@@ -125,7 +172,12 @@ class SignaturePolicy:
     def _check(self, rule: VerifyRule, target: Target, digest: Digest) -> Finding:
         keys = [load_key(pem) for pem in rule.keys]
         best = Finding(Verdict.UNSIGNED, f"no cosign signature of {digest} was found")
-        for manifest in self._signature_manifests(target, digest):
+        manifests = self._signature_manifests(target, digest)
+        # The signatures just reached are served to clients that verify for themselves.
+        self.verdicts.mark_attached(
+            rule.key_set, digest, [found for found, _ in manifests], self.failed_ttl(target)
+        )
+        for _, manifest in manifests:
             for layer in signature_layers(manifest):
                 try:
                     payload = self.source.small_blob(target, layer.payload, layer.size)
@@ -140,7 +192,7 @@ class SignaturePolicy:
                     return best
         return best
 
-    def _signature_manifests(self, target: Target, digest: Digest) -> list[bytes]:
+    def _signature_manifests(self, target: Target, digest: Digest) -> list[tuple[Digest, bytes]]:
         """cosign's `.sig` tag, then the cosign referrers of `digest`. What cannot be asked
         (upstream down, nothing cached) raises: no verdict is made of it."""
         found = []

@@ -11,7 +11,7 @@ from typing import BinaryIO
 
 from registry.digests import Digest
 from registry.errors import RegistryError
-from registry.names import Target
+from registry.names import Tag, Target, is_tag
 from registry.store import paths
 from registry.store.driver import Follower, PartialWriter, StorageDriver
 
@@ -22,17 +22,26 @@ class TagRecord:
     media_type: str
     validated: float
 
-    def to_json(self) -> bytes:
+    def to_json(self, of: str) -> bytes:
+        """`of` names what the record is of (`<registry>/<repository>:<tag>`): a record read
+        under any other name is not served."""
         return json.dumps(
-            {"digest": str(self.digest), "mediaType": self.media_type, "validated": self.validated}
+            {
+                "digest": str(self.digest),
+                "mediaType": self.media_type,
+                "validated": self.validated,
+                "of": of,
+            }
         ).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> TagRecord | None:
+    def from_json(cls, data: bytes, of: str) -> TagRecord | None:
         try:
             raw = json.loads(data)
+            if raw.get("of", of) != of:
+                return None  # written for another repository or tag
             return cls(Digest.parse(raw["digest"]), str(raw["mediaType"]), float(raw["validated"]))
-        except (ValueError, KeyError, TypeError, RegistryError):
+        except (ValueError, KeyError, TypeError, AttributeError, RegistryError):
             return None  # a torn or foreign file is treated as absent, never as a crash
 
 
@@ -218,20 +227,24 @@ class ContentStore:
         return self.read_tag_of(str(target), tag)
 
     def write_tag(self, target: Target, tag: str, record: TagRecord) -> None:
-        self.driver.write_atomic(paths.tag(str(target), tag), record.to_json())
+        repo = str(target)
+        self.driver.write_atomic(paths.tag(repo, tag), record.to_json(f"{repo}:{tag}"))
 
-    def list_tags(self, target: Target) -> list[str]:
-        return self.driver.list(paths.tags(str(target)))
+    def list_tags(self, target: Target) -> list[Tag]:
+        return [Tag(name) for name in self.driver.list(paths.tags(str(target))) if is_tag(name)]
 
     def read_referrers(self, target: Target, subject: Digest) -> TagRecord | None:
         return self.read_referrers_of(str(target), subject)
 
     def read_referrers_of(self, repo: str, subject: Digest) -> TagRecord | None:
         data = self.driver.read(paths.referrers(repo, subject))
-        return TagRecord.from_json(data) if data is not None else None
+        return TagRecord.from_json(data, f"{repo}@{subject}") if data is not None else None
 
     def write_referrers(self, target: Target, subject: Digest, record: TagRecord) -> None:
-        self.driver.write_atomic(paths.referrers(str(target), subject), record.to_json())
+        repo = str(target)
+        self.driver.write_atomic(
+            paths.referrers(repo, subject), record.to_json(f"{repo}@{subject}")
+        )
 
     # -- what the GC needs ------------------------------------------------------------------------
     def iter_blobs(self) -> Iterator[tuple[Digest, int, float]]:
@@ -267,7 +280,8 @@ class ContentStore:
                 scan = repos.setdefault(repo, RepositoryScan({}, {}, {}))
                 rest = path[at + len(marker) :]
                 if kind == "tags":
-                    scan.tags[rest] = mtime
+                    if is_tag(rest):  # nothing else can be a tag's file
+                        scan.tags[rest] = mtime
                 else:
                     algorithm, _, hexpart = rest.partition("/")
                     digest = _parse_digest(algorithm, hexpart)
@@ -278,7 +292,7 @@ class ContentStore:
 
     def read_tag_of(self, repo: str, tag: str) -> TagRecord | None:
         data = self.driver.read(paths.tag(repo, tag))
-        return TagRecord.from_json(data) if data is not None else None
+        return TagRecord.from_json(data, f"{repo}:{tag}") if data is not None else None
 
     def delete_blob(self, digest: Digest) -> bool:
         path = self.blob_path(digest)

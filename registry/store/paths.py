@@ -41,13 +41,16 @@ With `storage.driver: s3` every path above is an object key in the bucket, under
 `storage.s3.prefix`; there are no directories.
 
 `<registry>` is a configured registry name (`docker.io`), `<repository>` a validated name
-(`library/alpine`): the grammar admits no `..`, so these are always paths under the root.
+(`library/alpine`), `<tag>` a validated tag: the grammar admits no `..` and a tag no `/`, so
+these are always paths under the root. The functions below check them (NameInvalid,
+TagInvalid), whoever calls them with whatever came from where.
 Everything in Redis can be rebuilt from this tree.
 """
 
 from __future__ import annotations
 
 from registry.digests import Digest
+from registry.names import Tag, stored_repository
 
 BLOBS = "blobs"
 UPLOADS = "uploads"
@@ -89,31 +92,31 @@ def extent_offset(path: str) -> tuple[str, int] | None:
 
 def repository(repo: str) -> str:
     """`repo` as stored: `<registry>/<repository>`."""
-    return f"{REPOSITORIES}/{repo}"
+    return f"{REPOSITORIES}/{stored_repository(repo)}"
 
 
 def link(repo: str, digest: Digest) -> str:
-    return f"{REPOSITORIES}/{repo}{LINKS_MARK}{_by_digest(digest)}"
+    return f"{REPOSITORIES}/{stored_repository(repo)}{LINKS_MARK}{_by_digest(digest)}"
 
 
 def revisions(repo: str) -> str:
-    return f"{REPOSITORIES}/{repo}{REVISIONS_MARK}".rstrip("/")
+    return f"{REPOSITORIES}/{stored_repository(repo)}{REVISIONS_MARK}".rstrip("/")
 
 
 def revision(repo: str, digest: Digest) -> str:
-    return f"{REPOSITORIES}/{repo}{REVISIONS_MARK}{_by_digest(digest)}"
+    return f"{REPOSITORIES}/{stored_repository(repo)}{REVISIONS_MARK}{_by_digest(digest)}"
 
 
 def tags(repo: str) -> str:
-    return f"{REPOSITORIES}/{repo}{TAGS_MARK}".rstrip("/")
+    return f"{REPOSITORIES}/{stored_repository(repo)}{TAGS_MARK}".rstrip("/")
 
 
 def tag(repo: str, name: str) -> str:
-    return f"{REPOSITORIES}/{repo}{TAGS_MARK}{name}"
+    return f"{REPOSITORIES}/{stored_repository(repo)}{TAGS_MARK}{Tag(name)}"
 
 
 def referrers(repo: str, subject: Digest) -> str:
-    return f"{REPOSITORIES}/{repo}{REFERRERS_MARK}{_by_digest(subject)}"
+    return f"{REPOSITORIES}/{stored_repository(repo)}{REFERRERS_MARK}{_by_digest(subject)}"
 
 
 def temporary(name: str) -> str:

@@ -9,6 +9,7 @@ Knows nothing about the store.
 from __future__ import annotations
 
 import base64
+import email.utils
 import ipaddress
 import json
 import logging
@@ -24,7 +25,7 @@ from urllib.parse import parse_qsl, urljoin, urlsplit
 import requests
 
 from registry.config import RegistrySettings
-from registry.digests import looks_like_digest
+from registry.digests import Digest, looks_like_digest, parse_or_none
 from registry.errors import (
     BlobUnknown,
     ManifestUnknown,
@@ -37,7 +38,7 @@ from registry.errors import (
 from registry.mediatypes import MANIFEST_TYPES, OCI_INDEX
 from registry.metrics import Metrics
 from registry.numbers import count_or_none, is_count
-from registry.upstream.auth import DEFAULT_EXPIRES_IN, TokenCache, parse_challenge
+from registry.upstream.auth import TokenCache, parse_challenge, token_expiry
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ CHUNK_SIZE = 256 * 1024
 # times over; a slow one's few KiB at once, never waiting to fill a buffer).
 BLOB_READ = 1024 * 1024
 MAX_REDIRECTS = 5
+# A token answer is a JWT or two and a few fields: a few KiB.
+MAX_TOKEN_BODY = 256 * 1024
+# The longest upstream Retry-After we take in: a day (the breaker caps it further).
+MAX_RETRY_AFTER = 86400
 # Pages of one referrers answer followed (each a bounded manifest-sized body).
 MAX_REFERRER_PAGES = 20
 # Every manifest type, named: registries (distribution among them) hide OCI and list types
@@ -82,12 +87,12 @@ class Tokens(Protocol):
 class ManifestResponse:
     body: bytes
     media_type: str
-    digest: str | None  # upstream's Docker-Content-Digest, if it sent one
+    digest: Digest | None  # upstream's Docker-Content-Digest, if it sent one
 
 
 @dataclass(frozen=True, slots=True)
 class ManifestHead:
-    digest: str | None
+    digest: Digest | None
     media_type: str
     size: int | None
 
@@ -162,9 +167,7 @@ class UpstreamClient:
             self._raise_for_status(response, repository, ManifestUnknown, _what(reference))
             body = self._read_bounded(response, repository)
         return ManifestResponse(
-            body=body,
-            media_type=_media_type(response),
-            digest=response.headers.get("Docker-Content-Digest"),
+            body=body, media_type=_media_type(response), digest=self._digest_header(response)
         )
 
     def head_manifest(self, repository: str, reference: str) -> ManifestHead:
@@ -172,7 +175,7 @@ class UpstreamClient:
         self._raise_for_status(response, repository, ManifestUnknown, _what(reference))
         length = response.headers.get("Content-Length")
         return ManifestHead(
-            digest=response.headers.get("Docker-Content-Digest"),
+            digest=self._digest_header(response),
             media_type=_media_type(response),
             size=count_or_none(length),
         )
@@ -308,10 +311,12 @@ class UpstreamClient:
             params["n"] = str(n)
         if last:
             params["last"] = last
-        response = self._request("GET", repository, "tags/list", params=params)
-        self._raise_for_status(response, repository, NameUnknown, "")
+        response = self._request("GET", repository, "tags/list", params=params, stream=True)
+        with response:
+            self._raise_for_status(response, repository, NameUnknown, "")
+            body = self._read_bounded(response, repository, "a tag list")
         try:
-            data = response.json()
+            data = json.loads(body)
         except ValueError:
             raise self._failure("answered tags/list with a body that is not JSON") from None
         if not isinstance(data, dict) or not isinstance(data.get("tags") or [], list):
@@ -319,6 +324,16 @@ class UpstreamClient:
         return data
 
     # -- plumbing ------------------------------------------------------------------------------
+    def _digest_header(self, response: requests.Response) -> Digest | None:
+        """`Docker-Content-Digest`, parsed as a client's digest is; a failure if malformed."""
+        value = response.headers.get("Docker-Content-Digest")
+        if value is None:
+            return None
+        digest = parse_or_none(value.strip())
+        if digest is None:
+            raise self._failure("sent a Docker-Content-Digest that is not a valid digest")
+        return digest
+
     def _url(self, repository: str, path: str) -> str:
         return f"{self.registry.url}/v2/{repository}/{path}"
 
@@ -474,29 +489,38 @@ class UpstreamClient:
             hops += 1
         return response
 
-    def _check_hop(self, url: str, previous: str, what: str) -> None:
+    def _check_hop(self, url: str, previous: str, what: str, *, any_port: bool = False) -> None:
         """Refuse to follow an upstream to where it should not lead us: anything but
         http(s), https down to http, or a host that resolves to a loopback, link-local or
         private address (the cloud's metadata service, Redis, an admin page), unless it is
-        the upstream's own host or listed in its redirect_allow."""
+        the upstream's own host and port (`any_port`: any port of its host, as a token
+        service beside a registry often has) or listed in its redirect_allow (`host` for any
+        port of it, `host:port` for one)."""
         parts, before = urlsplit(url), urlsplit(previous)
-        host = (parts.hostname or "").lower()
+        try:
+            host, port = (parts.hostname or "").lower(), _port_of(parts)
+        except ValueError:
+            raise self._failure(f"{what} to a URL with an invalid port; not followed") from None
         if parts.scheme not in ("http", "https") or not host:
             raise self._failure(f"{what} to a URL that is not http(s); not followed")
         if before.scheme == "https" and parts.scheme == "http":
             raise self._failure(f"{what} from https to plain http ({host}); not followed")
-        if host == self.registry.hostname.lower() or host in self.registry.redirect_allow:
+        own = urlsplit(self.registry.url)
+        if host == (own.hostname or "").lower() and (port == _port_of(own) or any_port):
+            return
+        allowed = self.registry.redirect_allow
+        if host in allowed or f"{host}:{port}" in allowed:
             return
         try:
-            infos = socket.getaddrinfo(host, parts.port or 443, proto=socket.IPPROTO_TCP)
+            infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
         except (OSError, UnicodeError):
             raise self._failure(f"{what} to {host}, which does not resolve") from None
         for info in infos:
             if _internal(info[4][0]):
                 raise self._failure(
-                    f"{what} to {host} ({info[4][0]}), a loopback, link-local or private "
-                    "address; not followed (the registry's redirect_allow lists hosts that "
-                    "may be)"
+                    f"{what} to {host}:{port} ({info[4][0]}), an address that is not "
+                    "globally routable (loopback, private, link-local, CGNAT); not followed "
+                    "(the registry's redirect_allow lists hosts that may be)"
                 )
 
     def _token_key(self, scope: str) -> tuple[str, ...]:
@@ -514,7 +538,7 @@ class UpstreamClient:
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return None
         realm = challenge.params["realm"]
-        self._check_hop(realm, self.registry.url, "named a token service")
+        self._check_hop(realm, self.registry.url, "named a token service", any_port=True)
         where = urlsplit(realm)
         in_the_clear = where.scheme != "https" and where.hostname != self.registry.hostname
         if creds is not None and in_the_clear:
@@ -527,17 +551,18 @@ class UpstreamClient:
         if "service" in challenge.params:
             params["service"] = challenge.params["service"]
         auth = (creds.username, creds.password) if creds else None
-        response = self._send("GET", realm, params=params, auth=auth)
+        response = self._send("GET", realm, params=params, auth=auth, stream=True)
         with response:
             if response.status_code in (401, 403):
                 message = f"token service of upstream {self.registry.name} refused the credentials"
                 raise UpstreamDenied(message, reason=message)
             if response.status_code != 200:
                 raise self._failure(f"token service answered {response.status_code}")
+            body = self._read_bounded(response, "", "a token", MAX_TOKEN_BODY)
             try:
-                data = response.json()
+                data = json.loads(body)
                 token = data.get("token") or data.get("access_token")
-                expires_in = float(data.get("expires_in") or DEFAULT_EXPIRES_IN)
+                expires_in = token_expiry(data.get("expires_in"))
             except (ValueError, AttributeError, TypeError):
                 token = None
         if not token or not isinstance(token, str):
@@ -574,13 +599,15 @@ class UpstreamClient:
             raise UpstreamDenied(message, reason=message)
         if status == 429:
             headers = {}
-            retry = response.headers.get("Retry-After", "").strip()
+            # Parsed, never relayed as text: what reaches our clients is a number we chose.
+            seconds = _retry_after(response.headers.get("Retry-After"))
             cap = self.health.max_retry_after if self.health is not None else None
-            if cap is not None and is_count(retry) and int(retry) > cap:
-                retry = str(int(cap))  # our breaker asks again by then (rate_limit_max_backoff)
+            if seconds is not None and cap is not None:
+                seconds = min(seconds, cap)  # our breaker asks again by then
+            retry = str(math.ceil(seconds)) if seconds is not None else ""
             if retry:
                 headers["Retry-After"] = retry
-            later = f"; retry in {retry} s" if is_count(retry) else ""
+            later = f"; retry in {retry} s" if retry else ""
             raise TooManyRequests(
                 f"upstream {name} is rate-limiting this cache, and this is not cached{later}",
                 headers=headers,
@@ -588,44 +615,54 @@ class UpstreamClient:
             )
         raise self._failure(f"answered {status}")
 
-    def _read_bounded(self, response: requests.Response, repository: str) -> bytes:
+    def _read_bounded(
+        self,
+        response: requests.Response,
+        repository: str,
+        what: str = "a manifest",
+        limit: int | None = None,
+    ) -> bytes:
+        """A small answer's body (a manifest, a tag list, a token), at most `limit` bytes
+        (the manifest bound by default): past it, a failure, whatever Content-Length said."""
+        limit = self.max_manifest_size if limit is None else limit
         chunks = []
         size = 0
         try:
             for chunk in response.raw.stream(CHUNK_SIZE, decode_content=False):
                 size += len(chunk)
-                if size > self.max_manifest_size:
-                    raise self._failure(f"sent a manifest over {self.max_manifest_size} bytes")
+                if size > limit:
+                    raise self._failure(f"sent {what} over {limit} bytes")
                 chunks.append(chunk)
         except requests.exceptions.RequestException as exc:
             raise UpstreamUnavailable(
-                f"upstream {self.registry.name} failed while sending a manifest ({exc})",
-                reason=f"{self.registry.name} failed while sending a manifest, not cached",
+                f"upstream {self.registry.name} failed while sending {what} ({exc})",
+                reason=f"{self.registry.name} failed while sending {what}, not cached",
             ) from None
         except Exception as exc:  # urllib3 protocol/timeout errors during the read
             if isinstance(exc, RegistryError):
                 raise
             raise UpstreamUnavailable(
-                f"upstream {self.registry.name} failed while sending a manifest "
-                f"({type(exc).__name__})",
-                reason=f"{self.registry.name} failed while sending a manifest, not cached",
+                f"upstream {self.registry.name} failed while sending {what} ({type(exc).__name__})",
+                reason=f"{self.registry.name} failed while sending {what}, not cached",
             ) from None
         return b"".join(chunks)
 
 
 def _internal(address: str) -> bool:
-    """Loopback, link-local, private, unspecified, multicast or reserved (IPv4-mapped too)."""
+    """Not a globally routable unicast address: loopback, private, link-local, shared
+    (100.64.0.0/10: CGNAT, Tailscale, a cloud's metadata service), reserved, multicast
+    (IPv4-mapped and 6to4/Teredo-embedded IPv4 too)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return (
-        ip.is_loopback
-        or ip.is_link_local
-        or ip.is_private
-        or ip.is_unspecified
-        or ip.is_multicast
-        or ip.is_reserved
-    )
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is not None:
+            ip = embedded
+    return not ip.is_global or ip.is_multicast
+
+
+def _port_of(parts) -> int:
+    """The port a URL reaches (its scheme's default when it names none)."""
+    return parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def _error_codes(response: requests.Response) -> list[str]:
@@ -682,8 +719,20 @@ def _rate_limit_fields(headers) -> dict[str, str]:
 
 
 def _retry_after(value: str | None) -> float | None:
-    seconds = count_or_none(value)
-    return float(seconds) if seconds is not None else None
+    """`Retry-After` as seconds from now: a count, or an HTTP date; None for anything else."""
+    text = (value or "").strip()
+    seconds = count_or_none(text)
+    if seconds is not None:
+        return float(min(seconds, MAX_RETRY_AFTER))
+    if not text or len(text) > 64:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return min(max(0.0, when.timestamp() - time.time()), MAX_RETRY_AFTER)
 
 
 def _connection_reason(exc: Exception) -> str:

@@ -50,8 +50,10 @@ class FakeRegistry(LoopbackHTTP):
         self.hits: list[tuple[str, str]] = []
         self.ranges: list[str | None] = []
         self.authorizations: list[str | None] = []
-        # When set, requests without this exact Authorization get a Basic challenge.
+        # When set, requests without this exact Authorization get `challenge` (Basic by
+        # default); `/token` (a token service's route) is answered without it.
         self.require_authorization: str | None = None
+        self.challenge = 'Basic realm="fake"'
         self.cdn_urls: dict[str, Route | None] = {}  # one-time path -> route (None: used)
         self.body_bytes = 0  # body bytes written to clients, all routes
         self.active = 0  # GETs answering now
@@ -88,9 +90,10 @@ class FakeRegistry(LoopbackHTTP):
                 fake.authorizations.append(self.headers.get("Authorization"))
                 wanted = fake.require_authorization
                 from_cdn = path.startswith("/_cdn/")
-                if wanted and not from_cdn and self.headers.get("Authorization") != wanted:
+                exempt = from_cdn or path == "/token"
+                if wanted and not exempt and self.headers.get("Authorization") != wanted:
                     self.send_response(401)
-                    self.send_header("WWW-Authenticate", 'Basic realm="fake"')
+                    self.send_header("WWW-Authenticate", fake.challenge)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
