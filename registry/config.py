@@ -36,6 +36,12 @@ DOCKER_HUB_URL = "https://registry-1.docker.io"
 DEFAULT_TAG_TTL = 300.0
 DEFAULT_REFERRERS_TTL = 300.0
 
+# limits.referrers_*: the bounds of one referrers list fetched from upstream.
+REFERRERS_MAX_BYTES = 4 * 1024 * 1024
+REFERRERS_MAX_DESCRIPTORS = 10_000
+REFERRERS_FETCHES = 4
+# follow.max_bytes: what the follower may fetch per interval.
+FOLLOW_MAX_BYTES = 10 * 1024**3
 _REGISTRY_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?")  # as names.py
 
 
@@ -150,6 +156,9 @@ class FollowSettings:
     quota_reserve: float = 0.2  # leave this share of Docker Hub's quota to clients
     keep_previous: int = 1  # previous digests of a followed tag kept from the GC
     tick: float = 30.0  # how often the scheduler looks for due checks
+    # Bytes the follower may bring from upstream per `interval`, all its ticks together;
+    # past them the rest waits for the next interval.
+    max_bytes: int = FOLLOW_MAX_BYTES
 
     @property
     def enabled(self) -> bool:
@@ -242,6 +251,11 @@ class Settings:
     max_fills_per_client: int = 32
     # Upstream-reaching requests one client address may cause per minute (0: no bound).
     client_upstream_per_minute: int = 1200
+    # One referrers list from upstream, all its `Link` pages together: at most this many
+    # bytes and descriptors; and lists fetched at once per process (more wait, then 429).
+    referrers_max_bytes: int = REFERRERS_MAX_BYTES
+    referrers_max_descriptors: int = REFERRERS_MAX_DESCRIPTORS
+    referrers_fetches: int = REFERRERS_FETCHES
     gc: GcSettings = field(default_factory=GcSettings)
     follow: FollowSettings = field(default_factory=FollowSettings)
     # /readyz fails when the storage file system has less free space than this.
@@ -457,6 +471,15 @@ class LimitsSchema(Schema):
     max_fills = fields.Integer(load_default=128, validate=validate.Range(min=1))
     max_fills_per_client = fields.Integer(load_default=32, validate=validate.Range(min=0))
     client_upstream_per_minute = fields.Integer(load_default=1200, validate=validate.Range(min=0))
+    referrers_max_bytes = ByteSize(
+        load_default=REFERRERS_MAX_BYTES, validate=validate.Range(min=64 * 1024)
+    )
+    referrers_max_descriptors = fields.Integer(
+        load_default=REFERRERS_MAX_DESCRIPTORS, validate=validate.Range(min=1)
+    )
+    referrers_fetches = fields.Integer(
+        load_default=REFERRERS_FETCHES, validate=validate.Range(min=1)
+    )
 
 
 class GcSchema(Schema):
@@ -490,6 +513,7 @@ class FollowSchema(Schema):
     quota_reserve = fields.Float(load_default=0.2, validate=validate.Range(min=0, max=1))
     keep_previous = fields.Integer(load_default=1, validate=validate.Range(min=0, max=10))
     tick = Duration(load_default=30.0, validate=validate.Range(min=1))
+    max_bytes = ByteSize(load_default=FOLLOW_MAX_BYTES, validate=validate.Range(min=1))
 
 
 def _host_entry(value: str) -> None:
@@ -683,6 +707,9 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
         max_fills=data["limits"]["max_fills"],
         max_fills_per_client=data["limits"]["max_fills_per_client"],
         client_upstream_per_minute=data["limits"]["client_upstream_per_minute"],
+        referrers_max_bytes=data["limits"]["referrers_max_bytes"],
+        referrers_max_descriptors=data["limits"]["referrers_max_descriptors"],
+        referrers_fetches=data["limits"]["referrers_fetches"],
         gc=GcSettings(
             interval=data["gc"]["interval"],
             delay=data["gc"]["delay"],
@@ -701,6 +728,7 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
             quota_reserve=data["follow"]["quota_reserve"],
             keep_previous=data["follow"]["keep_previous"],
             tick=data["follow"]["tick"],
+            max_bytes=data["follow"]["max_bytes"],
         ),
     )
 

@@ -111,6 +111,7 @@ class FollowState(StrEnum):
     CURRENT = "current"  # the cache holds what upstream's tag points to
     FETCHING = "fetching"  # the tag moved: its new manifest and blobs are being fetched
     QUOTA = "quota"  # moved, but upstream's quota is down to the reserve: next interval
+    BUDGET = "budget"  # moved, but follow.max_bytes is spent in this window: next interval
     BREAKER = "breaker"  # upstream failing (breaker open): next interval
     MISSING = "missing"  # upstream has no such tag (any more)
     FAILED = "failed"  # the check or the fetch failed: next interval

@@ -33,10 +33,11 @@ from registry.pullthrough.follower import Follower
 from tests.conftest import make_settings
 from tests.support.clients import require
 from tests.support.fakes import Route
-from tests.support.images import DOCKER_MANIFEST, Pusher, make_layer, single
+from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST, Pusher, make_layer, single
 from tests.support.servers import ROOT, Gunicorn, module_env, run_module
 
 ACCEPT = {"Accept": DOCKER_MANIFEST}
+ACCEPT_OCI = {"Accept": OCI_MANIFEST}
 
 
 @pytest.fixture
@@ -446,3 +447,72 @@ def test_on_a_terminal_warm_draws_progress_bars(
     assert "100%|" in text and "█" in text, text  # a tqdm bar
     assert "% of " not in text  # not the plain lines of a pipe
     assert "2 blobs" in text and "bytes fetched" in text
+
+
+def _multiarch(repository: str, tag: str, seed: int, size: int = 8 * 1024):
+    from tests.support.images import index
+
+    children = [
+        single(repository, "", [make_layer(seed + n, size)], arch=arch)
+        for n, arch in enumerate(["amd64", "arm64", "s390x"])
+    ]
+    return index(repository, tag, children)
+
+
+def test_a_tag_followed_because_it_was_pulled_brings_only_the_platforms_that_were_pulled(
+    tmp_path, redis_server, redis_client, upstream, pusher
+):
+    """The amplification: one GET of an index (no blob) made the next tick fetch every
+    platform's layers, outside every per-client limit. A tag followed because it was pulled
+    brings the platforms whose manifests were pulled, and for an index alone nothing more."""
+    seed = random.randrange(1 << 30)
+    first = _multiarch("follow/multi", "1", seed)
+    pusher.push(first)
+    follow = FollowSettings(pulled_within=3600.0, interval=600.0)
+    client, follower, _pt = follower_for(tmp_path, redis_server, upstream.url, follow)
+    wanted = {"Accept": first.media_type}
+    assert client.get("/v2/follow/multi/manifests/1", headers=wanted).data == first.manifest
+    mark = upstream.mark()
+    report = follower.tick(force=True)
+    assert report.states == {"current": 1} and report.fetched_bytes == 0
+    assert blobs_asked(upstream, mark) == []
+
+    # One platform pulled (its manifest); the tag moves: that platform's blobs alone come.
+    amd64 = first.children[0]
+    child = client.get(f"/v2/follow/multi/manifests/{amd64.digest}", headers=ACCEPT_OCI)
+    assert child.data == amd64.manifest
+    second = _multiarch("follow/multi", "1", seed + 10)
+    pusher.push(second)
+    mark = upstream.mark()
+    report = follower.tick(force=True)
+    assert report.states == {"current": 1}
+    fetched = {p.rsplit("/", 1)[1] for _, p, _ in blobs_asked(upstream, mark)}
+    assert fetched == set(second.children[0].blobs)
+    assert report.fetched_bytes == sum(len(b) for b in second.children[0].blobs.values())
+
+
+def test_the_follower_stops_at_its_byte_budget_and_says_so_on_its_page(
+    tmp_path, redis_server, redis_client, upstream, pusher
+):
+    seed = random.randrange(1 << 30)
+    image = _multiarch("follow/budget", "1", seed, size=20 * 1024)
+    pusher.push(image)
+    budget = 30 * 1024  # one platform's blobs, not two
+    follow = FollowSettings(
+        images=(FollowRule("follow/budget:1"),), interval=600.0, max_bytes=budget
+    )
+    client, follower, pt = follower_for(tmp_path, redis_server, upstream.url, follow)
+    report = follower.tick(force=True)
+    assert report.states == {"budget": 1}
+    record = pt.coord.follows.read(["docker.io/follow/budget:1"])[0]
+    assert record.state == FollowState.BUDGET and "follow.max_bytes" in record.message
+    spent, ends = pt.coord.follows.spent()
+    on_disk = sum(
+        len(data)
+        for child in image.children
+        for digest, data in child.blobs.items()
+        if pt.store.blob_size(_digest(digest)) is not None
+    )
+    assert 0 < spent == on_disk <= budget and 0 < ends <= 600
+    page = client.get("/ui/follow").get_data(as_text=True)
+    assert "budget" in page and "Fetched in this window" in page

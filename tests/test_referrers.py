@@ -240,6 +240,72 @@ def test_a_next_page_on_another_host_is_refused(cache, fake):
     assert "elsewhere" in answer.json()["errors"][0]["message"]
 
 
+def test_a_referrers_list_is_bounded_in_bytes_and_descriptors_over_all_its_pages(cache, fake):
+    """The amplification: 20 `Link` pages of about 3 MiB each were all read, parsed and
+    stored. Now reading stops past limits.referrers_max_bytes (4 MiB) of all pages together,
+    and past limits.referrers_max_descriptors (10,000), with a 502 that says so."""
+    big = sha256(b"pages of megabytes")
+    path = f"/v2/team/app/referrers/{big}"
+    filler = {"mediaType": "application/vnd.oci.image.manifest.v1+json", "size": 1}
+    for n in range(20):
+        padded = [
+            {**filler, "digest": sha256(b"%d-%d" % (n, i)), "annotations": {"pad": "x" * 3000}}
+            for i in range(350)
+        ]  # about 1.1 MiB a page
+        nxt = {"Link": f'<{path}?p={n + 1}>; rel="next"'} if n < 19 else {}
+        fake.routes[path if n == 0 else f"{path}?p={n}"] = Route(
+            body=_page(*padded), headers={"Content-Type": OCI_INDEX, **nxt}
+        )
+    before = fake.count("GET", path)
+    answer = referrers(cache, "api.test/team/app", big)
+    assert answer.status_code == 502
+    assert "more than 4194304 bytes of referrers" in answer.json()["errors"][0]["message"]
+    assert fake.count("GET", path) - before <= 4  # not the 20 pages
+
+    many = sha256(b"ten thousand and more")
+    path = f"/v2/team/app/referrers/{many}"
+    for n in range(3):
+        small = [{**filler, "digest": sha256(b"%d.%d" % (n, i))} for i in range(3400)]
+        nxt = {"Link": f'<{path}?p={n + 1}>; rel="next"'} if n < 2 else {}
+        fake.routes[path if n == 0 else f"{path}?p={n}"] = Route(
+            body=_page(*small), headers={"Content-Type": OCI_INDEX, **nxt}
+        )
+    answer = referrers(cache, "api.test/team/app", many)
+    assert answer.status_code == 502
+    assert "more than 10000 referrers" in answer.json()["errors"][0]["message"]
+
+
+def test_referrers_of_a_repository_upstream_does_not_have_write_nothing(cache, fake):
+    made_up = sha256(b"nobody has this")
+    answer = referrers(cache, "api.test/made/up", made_up)
+    assert answer.status_code == 200 and answer.json()["manifests"] == []
+    assert not (cache.data / "repositories" / "api.test" / "made").exists()
+
+
+def test_concurrent_list_fetches_are_bounded_per_worker(tmp_path_factory, redis_server, fake):
+    """limits.referrers_fetches lists asked of upstream at once per worker; the rest wait
+    their turn (or get a 429 saying why)."""
+    server = Gunicorn.with_config(
+        tmp_path_factory.mktemp("fetches"), redis_server.url,
+        [{"name": "api.test", "url": fake.url}], workers=1,
+        limits={"referrers_fetches": 2}, default_registry="api.test",
+    )  # fmt: skip
+    try:
+        subjects = [sha256(b"slow list %d" % n) for n in range(6)]
+        for subject in subjects:
+            fake.routes[f"/v2/team/app/referrers/{subject}"] = Route(
+                body=_page(_artifact(5)), headers={"Content-Type": OCI_INDEX}, delay=0.6
+            )
+        fake.max_active = 0
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda s: referrers(server, "api.test/team/app", s), subjects))
+        assert {a.status_code for a in answers} <= {200, 429}
+        assert 200 in {a.status_code for a in answers}
+        assert fake.max_active <= 2
+    finally:
+        server.stop()
+
+
 def test_the_gc_keeps_referrers_with_their_image_and_drops_them_with_it(
     tmp_path, redis_server, redis_client, upstream, attached
 ):

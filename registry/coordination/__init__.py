@@ -125,11 +125,15 @@ carries each owner.
                                         `.sig` tag, referrers or referrers tag schema index
                                         the policy reached this manifest as: served unsigned
                                         while it is shaped as an attachment.
+    pt:follow:spent             string  TTL follow.interval from its first bytes. Bytes the
+                                        follower fetched from upstream in this window, against
+                                        follow.max_bytes.
     pt:follow:<registry>/<repository>:<tag>
                                 hash    no TTL; deleted when the tag is no longer followed.
                                         A followed tag (registry/pullthrough/follower.py):
                                         pattern, state (waiting | current | fetching | quota
-                                        | breaker | missing | failed), digest, previous (JSON
+                                        | budget | breaker | missing | failed), digest,
+                                        previous (JSON
                                         list: kept from the GC), last_check, message,
                                         fetched_bytes.
     pt:follow:due               zset    no TTL. Every followed tag, scored by its next check

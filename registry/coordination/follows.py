@@ -1,8 +1,9 @@
 """Followed tags (registry/pullthrough/follower.py): `pt:follow:<registry>/<repository>:<tag>`
 (each tag's state), `pt:follow:due` (when each is checked next), `pt:follow:tags:*` (a
 repository's upstream tag list, asked once per interval), `pt:follow:totals` (what the
-follower asked of upstream and fetched), `pt:follow:scheduled` (one tick enqueued per tick
-interval) and `pt:follow:lock` (one tick running at a time)."""
+follower asked of upstream and fetched), `pt:follow:spent` (bytes fetched in this budget
+window), `pt:follow:scheduled` (one tick enqueued per tick interval) and `pt:follow:lock`
+(one tick running at a time)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ DUE_KEY = f"{PREFIX}follow:due"
 TOTALS_KEY = f"{PREFIX}follow:totals"
 TICK_KEY = f"{PREFIX}follow:scheduled"
 LOCK_KEY = f"{PREFIX}follow:lock"
+SPENT_KEY = f"{PREFIX}follow:spent"
 LOCK_TTL = 30.0
 
 
@@ -124,6 +126,21 @@ class Follows:
             with contextlib.suppress(ValueError):
                 out[(registry, what)] = int(value)
         return out
+
+    def spent(self) -> tuple[int, float]:
+        """Bytes fetched in the current budget window, and the seconds until it ends."""
+        pipe = self.redis.pipeline()
+        pipe.get(SPENT_KEY)
+        pipe.pttl(SPENT_KEY)
+        raw, ttl = pipe.execute()
+        return int(raw or 0), max(0.0, (ttl or 0) / 1000)
+
+    def spend(self, amount: int, window: float) -> None:
+        """Count bytes fetched; the window starts with the first bytes and lasts `window` s."""
+        pipe = self.redis.pipeline()
+        pipe.set(SPENT_KEY, 0, nx=True, px=max(1000, int(window * 1000)))
+        pipe.incrby(SPENT_KEY, amount)
+        pipe.execute()
 
     def take_tick(self, owner: str, seconds: float) -> bool:
         """True for the one scheduler that runs this tick."""

@@ -149,6 +149,9 @@ class PullThrough:
                 str(target), f"referrers@{subject}"
             ),
             wait=self.upstream_wait,
+            max_bytes=settings.referrers_max_bytes,
+            max_descriptors=settings.referrers_max_descriptors,
+            fetches=settings.referrers_fetches,
         )
         self.policy: SignaturePolicy | None = None
         if any(registry.verify for registry in settings.registries):

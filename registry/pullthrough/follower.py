@@ -238,6 +238,9 @@ class Follower:
             try:
                 body = self.pt.child_manifest(target, cached.digest).body
                 fetched = self._fill(member, target, cached.digest, body, cached, followed)
+            except BudgetSpent as exc:
+                done(FollowState.BUDGET, str(exc))
+                return FollowState.BUDGET, 0
             except RegistryError as exc:
                 done(FollowState.FAILED, exc.message)
                 return FollowState.FAILED, 0
@@ -255,6 +258,9 @@ class Follower:
         self.follows.update(member, state=FollowState.FETCHING.value, last_check=now)
         try:
             fetched, manifest = self._fetch(member, target, tag, cached, followed)
+        except BudgetSpent as exc:
+            done(FollowState.BUDGET, str(exc))
+            return FollowState.BUDGET, 0
         except RegistryError as exc:
             log.warning("follow %s: fetch failed: %s", member, exc.message)
             done(FollowState.FAILED, exc.message)
@@ -305,19 +311,24 @@ class Follower:
         """The blobs of a manifest (of the platforms wanted, for an index); the bytes that
         came from upstream."""
         node = _node(digest, body)
+        sizes = dict(node.sizes) if node else {}
         blobs = list(node.blobs) if node else []
         if node is not None and node.children:
             wanted = set(followed.rule.platforms) if followed.rule else set()
             wanted = wanted or self._platforms_pulled_before(before)
             for child in node.children:
-                if not child.platform or (wanted and child.platform not in wanted):
+                # A rule without platforms follows them all; a tag followed because it was
+                # pulled, only the platforms that were (none: the index alone).
+                unwanted = child.platform not in wanted if wanted else followed.rule is None
+                if not child.platform or unwanted:
                     continue
                 child_manifest = self.pt.child_manifest(target, child.digest)
                 if child_manifest.cache == "miss":
                     self.follows.count(target.registry.name, "manifest")
                 child_node = _node(child.digest, child_manifest.body)
                 blobs.extend(child_node.blobs if child_node else [])
-        return sum(self._blob(member, target, d) for d in dict.fromkeys(blobs))
+                sizes.update(child_node.sizes if child_node else {})
+        return sum(self._blob(member, target, d, sizes.get(d, 0)) for d in dict.fromkeys(blobs))
 
     def _platforms_pulled_before(self, cached: TagRecord | None) -> set[str]:
         """The platforms of the tag's previous index whose manifests the cache holds."""
@@ -333,9 +344,17 @@ class Follower:
             if child.platform and self.pt.store.read_manifest(child.digest) is not None
         }
 
-    def _blob(self, member: str, target: Target, digest: Digest) -> int:
+    def _blob(self, member: str, target: Target, digest: Digest, size: int) -> int:
         """Fetch a blob through the cache's fills (joined by any client asking meanwhile);
-        the bytes this fetch brought from upstream."""
+        the bytes this fetch brought from upstream. BudgetSpent when `size` more bytes would
+        go past follow.max_bytes in this window."""
+        if self.pt.store.blob_size(digest) is None:
+            spent, ends = self.follows.spent()
+            if spent + size > self.settings.max_bytes:
+                raise BudgetSpent(
+                    f"{spent} of follow.max_bytes {self.settings.max_bytes} fetched in this "
+                    f"window, {size} more needed: next window (in {ends:.0f} s)"
+                )
         progress = self.progress
 
         def report(done: int, size: int) -> None:
@@ -350,6 +369,7 @@ class Follower:
             raise
         if not got.miss or got.joined:
             return 0
+        self.follows.spend(got.size, self.settings.interval)
         self.follows.count(target.registry.name, "blob")
         self.follows.count(target.registry.name, "bytes", got.size)
         return got.size
@@ -366,6 +386,10 @@ class Follower:
                 self.pt.store.delete_upload(self.pt.store.upload_path(digest))
         finally:
             lease.release()
+
+
+class BudgetSpent(Exception):
+    """follow.max_bytes is spent in this window: what is left waits for the next one."""
 
 
 def _node(digest: Digest, body: bytes) -> ManifestNode | None:

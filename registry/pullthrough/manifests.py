@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from registry.digests import Digest
 from registry.mediatypes import DOCKER_SCHEMA1, KNOWN_MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
@@ -114,6 +114,7 @@ class ManifestNode:
     blobs: list[Digest]  # config, layers and other blobs: everything but index children
     children: list[Child]
     size: int  # the descriptors' sizes of `blobs`
+    sizes: dict[Digest, int] = field(default_factory=dict)  # each blob's, as described
 
 
 def manifest_node(digest: Digest, body: bytes, content_type: str = "") -> ManifestNode:
@@ -128,7 +129,12 @@ def manifest_node(digest: Digest, body: bytes, content_type: str = "") -> Manife
     descriptors = [doc.get("config"), *(doc.get("layers") or []), *(doc.get("blobs") or [])]
     size = sum(d.get("size", 0) for d in descriptors if isinstance(d, dict))
     blobs = [d for d in references if d not in child_digests]
-    return ManifestNode(digest, media_type, blobs, children, size)
+    sizes = {
+        _digest(d.get("digest")): d.get("size", 0)
+        for d in descriptors
+        if isinstance(d, dict) and d.get("digest") is not None
+    }
+    return ManifestNode(digest, media_type, blobs, children, size, sizes)
 
 
 def walk(root: Digest, load: Callable[[Digest], bytes | None]) -> Iterator[ManifestNode]:

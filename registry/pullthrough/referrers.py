@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from registry.coordination import Lease
 from registry.digests import Digest, sha256_of
-from registry.errors import ManifestUnknown, RegistryError, UpstreamError
+from registry.errors import ManifestUnknown, RegistryError, TooManyRequests, UpstreamError
 from registry.mediatypes import OCI_INDEX
 from registry.names import Target
 from registry.store import ContentStore
@@ -35,17 +37,22 @@ DESCRIPTOR_FIELDS = ("mediaType", "digest", "size", "artifactType", "annotations
 
 @dataclass(frozen=True)
 class Referrers:
-    descriptors: list[dict[str, Any]]
+    body: bytes  # the whole list as an image index, as stored (index_body)
     cache: str  # hit, miss or stale (as a manifest's)
 
+    @cached_property
+    def descriptors(self) -> list[dict[str, Any]]:
+        try:
+            return descriptors_of(self.body)
+        except ValueError:
+            return []
+
     def index(self, artifact_type: str | None = None) -> bytes:
-        """The image index a client gets, filtered to `artifact_type` when given."""
-        chosen = [
-            d
-            for d in self.descriptors
-            if artifact_type is None or d.get("artifactType") == artifact_type
-        ]
-        return index_body(chosen)
+        """The image index a client gets, filtered to `artifact_type` when given (the stored
+        bytes as they are when not)."""
+        if artifact_type is None:
+            return self.body
+        return index_body([d for d in self.descriptors if d.get("artifactType") == artifact_type])
 
 
 def index_body(descriptors: list[dict[str, Any]]) -> bytes:
@@ -92,8 +99,16 @@ class ReferrersCache:
         max_stale: float | None,
         lease: Callable[[Target, Digest], Lease],
         wait: float,
+        *,
+        max_bytes: int,
+        max_descriptors: int,
+        fetches: int,
     ) -> None:
         self.store = store
+        self.max_bytes = max_bytes
+        self.max_descriptors = max_descriptors
+        self.max_fetches = fetches
+        self._fetching = threading.BoundedSemaphore(fetches)
         self.lease = lease  # the lease of one list's upstream request
         self.wait = wait  # how long a request waits for another's
         self.upstream = upstream
@@ -102,17 +117,12 @@ class ReferrersCache:
         self.clock = clock
         self.max_stale = max_stale
 
-    def _cached(self, target: Target, subject: Digest) -> tuple[list[dict] | None, float]:
-        """The stored list (None: none, or unreadable) and its age."""
+    def _cached(self, target: Target, subject: Digest) -> tuple[bytes | None, float]:
+        """The stored list (None: none, or damaged) and its age."""
         record = self.store.read_referrers(target, subject)
         if record is None:
             return None, 0.0
-        body = self.store.read_manifest(record.digest)
-        try:
-            cached = descriptors_of(body) if body is not None else None
-        except ValueError:
-            cached = None
-        return cached, self.clock() - record.validated
+        return self.store.read_manifest(record.digest), self.clock() - record.validated
 
     def get(self, target: Target, subject: Digest, client: str | None = None) -> Referrers:
         cached, age = self._cached(target, subject)
@@ -133,7 +143,16 @@ class ReferrersCache:
             if again is not None and again_age < ttl:
                 return Referrers(again, "hit")
         try:
-            return self._refresh(target, subject, client, cached, age)
+            if not self._fetching.acquire(timeout=self.wait):
+                message = (
+                    f"{self.max_fetches} referrers lists are being fetched from upstream by "
+                    "this worker; retry in 1 s"
+                )
+                raise TooManyRequests(message, headers={"Retry-After": "1"}, reason=message)
+            try:
+                return self._refresh(target, subject, client, cached, age)
+            finally:
+                self._fetching.release()
         finally:
             if acquired:
                 lease.release()
@@ -143,7 +162,7 @@ class ReferrersCache:
         target: Target,
         subject: Digest,
         client: str | None,
-        cached: list[dict] | None,
+        cached: bytes | None,
         age: float,
     ) -> Referrers:
         try:
@@ -155,20 +174,31 @@ class ReferrersCache:
                 return Referrers(cached, "stale")
             raise
         body = index_body(descriptors)
+        if not descriptors and not self.store.is_linked(target, subject):
+            # Nothing, of a manifest this repository has not served: nothing to keep (a
+            # made-up repository or digest writes nothing to disk).
+            return Referrers(body, "miss")
         digest = sha256_of(body)
         if self.store.put_verified_bytes(digest, body):
             self.count_stored(len(body))
         self.store.write_referrers(target, subject, TagRecord(digest, OCI_INDEX, self.clock()))
-        return Referrers(descriptors, "miss")
+        return Referrers(body, "miss")
 
     def _ask(self, target: Target, subject: Digest, client: str | None) -> list[dict]:
         upstream = self.upstream(target)
         self.spend(client)
-        pages = upstream.list_referrers(target.repository, str(subject))
+        pages = upstream.list_referrers(target.repository, str(subject), self.max_bytes)
         if pages is not None:
             descriptors: list[dict] = []
-            for page in pages:
-                descriptors.extend(self._parse(page, upstream))
+            while pages:
+                descriptors.extend(self._parse(pages.pop(0), upstream))
+                if len(descriptors) > self.max_descriptors:
+                    name = upstream.registry.name
+                    raise UpstreamError(
+                        f"upstream {name} sent more than {self.max_descriptors} referrers of "
+                        f"{subject}",
+                        reason=f"{name} sent too many referrers, not cached",
+                    )
             return descriptors
         # No referrers API: the referrers tag schema. No tag means no referrers.
         self.spend(client)

@@ -248,16 +248,18 @@ def fetching():
 def follow():
     """Followed tags, and the fetches in flight now (the page reloads itself while any is)."""
     pt = _pt()
-    follows, fetching, redis_ok = [], [], True
+    follows, fetching, redis_ok, spent = [], [], True, (0, 0.0)
     try:
         follows = pt.coord.follows.read(pt.coord.follows.followed())
         fetching = _fetching(pt)
+        spent = pt.coord.follows.spent()
     except RedisError:
         redis_ok = False
     return render_template(
         "follow.html",
         follows=sorted(follows, key=lambda r: r.member),
         fetching=fetching,
+        spent=spent,
         settings=pt.settings.follow,
         redis_ok=redis_ok,
     )

@@ -269,11 +269,13 @@ class UpstreamClient:
             return self.open_blob(repository, digest, 0)
         return self._whole_blob(response, repository, digest)
 
-    def list_referrers(self, repository: str, digest: str) -> list[bytes] | None:
+    def list_referrers(self, repository: str, digest: str, max_bytes: int) -> list[bytes] | None:
         """Every page of upstream's referrers of `digest` (image index bodies, `Link` pages
-        followed on the same host); None when upstream has no referrers API (a 404)."""
+        followed on the same host), at most `max_bytes` all together; None when upstream has
+        no referrers API (a 404)."""
         path, params = f"referrers/{digest}", None
         pages: list[bytes] = []
+        left = max_bytes
         while len(pages) < MAX_REFERRER_PAGES:
             response = self._request(
                 "GET", repository, path, params=params, headers=ACCEPT_INDEX, stream=True
@@ -284,7 +286,12 @@ class UpstreamClient:
                 self._raise_for_status(
                     response, repository, ManifestUnknown, f"referrers of {digest}"
                 )
-                pages.append(self._read_bounded(response, repository))
+                page = self._read_bounded(
+                    response, repository, "referrers", left,
+                    over=f"sent more than {max_bytes} bytes of referrers",
+                )  # fmt: skip
+                left -= len(page)
+                pages.append(page)
                 following = response.links.get("next", {}).get("url")
             if not following:
                 return pages
@@ -621,6 +628,8 @@ class UpstreamClient:
         repository: str,
         what: str = "a manifest",
         limit: int | None = None,
+        *,
+        over: str | None = None,
     ) -> bytes:
         """A small answer's body (a manifest, a tag list, a token), at most `limit` bytes
         (the manifest bound by default): past it, a failure, whatever Content-Length said."""
@@ -631,7 +640,7 @@ class UpstreamClient:
             for chunk in response.raw.stream(CHUNK_SIZE, decode_content=False):
                 size += len(chunk)
                 if size > limit:
-                    raise self._failure(f"sent {what} over {limit} bytes")
+                    raise self._failure(over or f"sent {what} over {limit} bytes")
                 chunks.append(chunk)
         except requests.exceptions.RequestException as exc:
             raise UpstreamUnavailable(
