@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from registry import accesslog, ui
 from registry.api import health, v2
-from registry.config import Settings, load_settings
+from registry.config import Settings, config_warnings, load_settings
 from registry.coordination import Coordination, connect
 from registry.digests import Digest, looks_like_digest
 from registry.errors import (
@@ -201,6 +201,8 @@ def create_app(
     app = Flask(__name__)
     app.config["SETTINGS"] = settings
     allowed_hosts = parse_allowed(settings.server_hosts)
+    for warning in config_warnings(settings):
+        log.warning("configuration: %s", warning)
     metrics_registry = CollectorRegistry()
     metrics = Metrics(metrics_registry)
     pullthrough = build_pullthrough(settings, redis_client, metrics)

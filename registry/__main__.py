@@ -22,7 +22,7 @@ from pathlib import Path
 import redis
 
 from registry import admin, build_pullthrough, compose
-from registry.config import load_settings_or_report
+from registry.config import config_warnings, load_settings_or_report
 from registry.gc import GcBusy
 from registry.gc import command as gc_command
 
@@ -33,6 +33,8 @@ def check_config() -> int:
         return 2
     names = ", ".join(f"{r.name} ({r.url})" for r in settings.registries)
     print(f"configuration ok: storage {settings.storage_root}, upstreams {names}")
+    for warning in config_warnings(settings):
+        print(f"warning: {warning}")
     return 0
 
 

@@ -571,6 +571,33 @@ def _host_port(entry: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def config_warnings(settings: Settings) -> list[str]:
+    """What a valid configuration says that is likely not meant: a `verify` rule that can
+    match no repository the cache will ever serve (which would leave images unchecked)."""
+    out = []
+    for registry in settings.registries:
+        for n, rule in enumerate(registry.verify):
+            where = f"registries[{registry.name}].verify[{n}].repositories {rule.repositories!r}"
+            literal = re.sub(r"\[[^\]]*\]|[*?]", "", rule.repositories)
+            if re.search(r"[^a-z0-9._/-]", literal):
+                out.append(
+                    f"{where} can match no repository: names are lowercase letters, digits "
+                    "and . _ - / only"
+                )
+            elif rule.repositories.startswith(f"{registry.name}/"):
+                out.append(f"{where} names the registry: repositories are matched without it")
+            elif (
+                registry.name == "docker.io"
+                and not rule.repositories.startswith("*")
+                and ("/" not in rule.repositories)
+            ):  # `*` crosses `/` here: `*` and `*-app` reach library/ too
+                out.append(
+                    f"{where} has no '/': Docker Hub's official images are library/<name> "
+                    f"(library/{rule.repositories})"
+                )
+    return out
+
+
 def _verify_rule(raw: dict[str, Any]) -> VerifyRule:
     from registry.cosign import key_set_id
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from registry.config import ConfigError, load_settings, settings_from_mapping
 from tests.support.servers import ROOT
@@ -65,6 +66,42 @@ def test_check_config_exits_non_zero_and_names_the_key(tmp_path):
     )
     assert result.returncode == 2
     assert "registries.0.url" in result.stderr
+
+
+def test_check_config_warns_of_a_verify_rule_that_can_match_no_repository(tmp_path):
+    """`Alpine` (uppercase), `alpine` on Docker Hub (official images are `library/alpine`)
+    and a glob that names the registry would leave every image of theirs unchecked."""
+    from tests.support.cosign import Key
+
+    key = Key.generate().public_pem
+    rules = ["Alpine", "alpine", "docker.io/library/*", "library/*", "*", "team/app-[0-9]*"]
+    config = tmp_path / "verify.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "registries": [
+                    {
+                        "name": "docker.io",
+                        "url": "https://registry-1.docker.io",
+                        "verify": [{"repositories": r, "cosign_keys": [key]} for r in rules],
+                    }
+                ]
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "registry", "check-config"],
+        cwd=ROOT,
+        env={"PULLTHROUGH_CONFIG": str(config), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3, result.stdout
+    assert "'Alpine' can match no repository" in warnings[0]
+    assert "library/alpine" in warnings[1]
+    assert "names the registry" in warnings[2]
 
 
 def test_unreadable_config_file_is_an_error(tmp_path):

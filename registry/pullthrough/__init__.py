@@ -32,7 +32,7 @@ from registry.errors import (
 )
 from registry.mediatypes import KNOWN_MANIFEST_TYPES
 from registry.metrics import Metrics
-from registry.names import Target, catalog_name, validate_tag
+from registry.names import Target, catalog_name, is_tag, validate_tag
 from registry.pullthrough.fill import BlobFiller
 from registry.pullthrough.manifests import InvalidManifest, accepts, parse_manifest
 from registry.pullthrough.policy import SignaturePolicy
@@ -609,7 +609,7 @@ class PullThrough:
         try:
             self._spend(client)
             data = self.upstream(target).list_tags(target.repository, n, last)
-            tags = [t for t in data.get("tags") or [] if isinstance(t, str)]
+            tags = [t for t in data.get("tags") or [] if is_tag(t)]  # upstream's: input
             return tags, n is not None and len(tags) >= n
         except NameUnknown:
             raise

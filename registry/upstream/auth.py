@@ -14,9 +14,8 @@ _PARAM = re.compile(r'([a-zA-Z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 EXPIRY_MARGIN = 10.0
 # The token spec's default lifetime when the token server does not say.
 DEFAULT_EXPIRES_IN = 60.0
-# What an upstream's `expires_in` is clamped to: a token kept longer than a day is kept past
-# any revocation, and one shorter than a few seconds would be asked for on every request.
-MIN_EXPIRES_IN = 5.0
+# The longest an upstream's `expires_in` is believed: a token kept longer than a day is kept
+# past any revocation (and 1e999 is no number of seconds).
 MAX_EXPIRES_IN = 86400.0
 # Tokens kept per process: one per (upstream, repository scope, user). Past this the oldest
 # go first, so a client asking for endless repository names cannot grow the process.
@@ -43,7 +42,7 @@ def parse_challenge(header: str | None) -> Challenge | None:
 
 def token_expiry(value: object) -> float:
     """A token answer's `expires_in` (seconds; any JSON value) as a lifetime we trust: the
-    spec's default when absent or not a number, clamped to [MIN_EXPIRES_IN, MAX_EXPIRES_IN]."""
+    spec's default when absent, not a positive number or not finite; at most MAX_EXPIRES_IN."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         return DEFAULT_EXPIRES_IN
     try:
@@ -52,7 +51,7 @@ def token_expiry(value: object) -> float:
         return DEFAULT_EXPIRES_IN
     if not math.isfinite(seconds) or seconds <= 0:
         return DEFAULT_EXPIRES_IN
-    return min(max(seconds, MIN_EXPIRES_IN), MAX_EXPIRES_IN)
+    return min(seconds, MAX_EXPIRES_IN)
 
 
 def token_lifetime(expires_in: float) -> float:

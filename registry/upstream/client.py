@@ -295,22 +295,21 @@ class UpstreamClient:
                 following = response.links.get("next", {}).get("url")
             if not following:
                 return pages
-            path, params = self._next_referrers_page(response.url, following, repository)
+            path, params = self._next_referrers_page(response.url, following, repository, digest)
         raise self._failure(f"sent more than {MAX_REFERRER_PAGES} pages of referrers")
 
     def _next_referrers_page(
-        self, current: str, link: str, repository: str
+        self, current: str, link: str, repository: str, digest: str
     ) -> tuple[str, dict[str, str]]:
-        """The path and query of a `Link: <...>; rel="next"`: on the same upstream, under the
-        same repository's referrers, or refused."""
+        """The path and query of a `Link: <...>; rel="next"`: the same list (upstream, its
+        repository and digest) with another query, or refused."""
         url = urlsplit(urljoin(current, link))
         base = urlsplit(self.registry.url)
         prefix = urlsplit(self._url(repository, "referrers/")).path
-        if (url.scheme, url.netloc) != (base.scheme, base.netloc) or not url.path.startswith(
-            prefix
-        ):
+        same_list = url.path == f"{prefix}{digest}"
+        if (url.scheme, url.netloc) != (base.scheme, base.netloc) or not same_list:
             raise self._failure("pointed the next page of referrers elsewhere")
-        return url.path[len(prefix) - len("referrers/") :], dict(parse_qsl(url.query))
+        return f"referrers/{digest}", dict(parse_qsl(url.query))
 
     def list_tags(self, repository: str, n: int | None, last: str | None) -> dict:
         params = {}
