@@ -63,6 +63,9 @@ bench-s3: $(VENV)/.bench-deps
 soak: $(VENV)/.test-deps
 	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry
 	$(BIN)/python -m bench.soak
+	# The hostile-upstream fuzzer, longer than make test's seeded run, with a seed of its own.
+	PULLTHROUGH_FUZZ_EXAMPLES=3000 PULLTHROUGH_FUZZ_SEED=$$RANDOM \
+		$(BIN)/python -m pytest -q -W ignore tests/test_fuzz_upstream.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
