@@ -32,11 +32,13 @@ test: $(VENV)/.test-deps
 		swift-ring-builder=swift memcached=memcached
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(VENV)/.test-deps
 	$(BIN)/ruff format .

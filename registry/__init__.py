@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+from typing import Any
 
 import redis
 import requests
@@ -70,7 +71,7 @@ def storage_driver(settings: Settings) -> StorageDriver:
         return FilesystemDriver(settings.storage_root, settings.storage_file_mode)
     from registry.store.s3 import S3Driver, s3_client
 
-    def client(read_timeout: float):
+    def client(read_timeout: float) -> Any:
         return s3_client(
             s3.endpoint,
             s3.access_key,

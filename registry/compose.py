@@ -10,6 +10,7 @@ line endings are kept byte for byte, so `undo` restores the file exactly.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 _IMAGE = re.compile(
     r"^(?P<lead>[ \t]*(?:-[ \t]+)?image[ \t]*:[ \t]*)(?P<q>[\"']?)(?P<ref>[^\"'\s#]+)(?P=q)"
@@ -25,7 +26,7 @@ def _registry_of(ref: str) -> str | None:
     return None
 
 
-def _map_lines(text: str, change) -> tuple[str, int]:
+def _map_lines(text: str, change: Callable[[str], str | None]) -> tuple[str, int]:
     out, changed = [], 0
     for line in text.splitlines(keepends=True):
         match = _IMAGE.match(line)

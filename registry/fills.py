@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import redis
+from redis.typing import EncodableT, FieldT
 
+from registry.coordination.keys import text
 from registry.numbers import count_or_none
 
 PREFIX = "pt:"
@@ -114,8 +118,8 @@ class FillRecord:
     ranges: tuple[tuple[int, int, int], ...] = ()  # a parallel fill's (start, next, end)
 
     @classmethod
-    def parse(cls, raw: dict[bytes, bytes]) -> FillRecord:
-        data = {k.decode(): v.decode() for k, v in raw.items()}
+    def parse(cls, raw: Mapping[Any, Any]) -> FillRecord:
+        data = {text(k): text(v) for k, v in raw.items()}
         state = data.get("state", "")
         phase = data.get("phase", "")
         reason = data.get("reason", "")
@@ -178,10 +182,10 @@ class FillWriter:
     def progress(self, written: int, stored: int, ranges: str | None = None) -> None:
         """`written`: bytes held in all; `stored`: the bytes in order followers can read;
         `ranges`: a parallel fill's segments as JSON `[[start, next byte, end], ...]`."""
-        fields: dict[str, object] = {"written": written, "stored": stored}
-        if ranges is not None:
-            fields["ranges"] = ranges
-        self._move(FillState.STREAMING, **fields)
+        if ranges is None:
+            self._move(FillState.STREAMING, written=written, stored=stored)
+        else:
+            self._move(FillState.STREAMING, written=written, stored=stored, ranges=ranges)
 
     def committing(self, size: int) -> None:
         self._move(FillState.COMMITTING, written=size, stored=size)
@@ -240,7 +244,7 @@ class FillRecords:
 
     def write(self, digest: object, ttl: int, **fields: object) -> None:
         key = record_key(digest)
-        mapping = {k: str(v) for k, v in fields.items()}
+        mapping: dict[FieldT, EncodableT] = {k: str(v) for k, v in fields.items()}
         mapping["updated"] = f"{time.time():.3f}"
         pipe = self.redis.pipeline()
         pipe.hset(key, mapping=mapping)

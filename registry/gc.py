@@ -202,9 +202,9 @@ class Collector:
         # The digests followed tags pointed to before (follow.keep_previous): an offline
         # rollback stays possible until the follower lets them go.
         for repo, kept in self.coord.follows.kept():
-            digest = _digest_or_none(kept)
-            if repo in repos and digest is not None:
-                roots.setdefault((repo, digest), Root(repo, digest, last_pulled=now))
+            previous = _digest_or_none(kept)
+            if repo in repos and previous is not None:
+                roots.setdefault((repo, previous), Root(repo, previous, last_pulled=now))
 
         reach: dict[tuple[str, Digest], set[Digest]] = {key: self._reach(key[1]) for key in roots}
         if policy.max_size:
@@ -233,9 +233,9 @@ class Collector:
         for digest, (size, mtime) in blobs.items():
             if digest not in marked and now - mtime >= policy.delay:
                 plan.blobs.append((digest, size))
-        for path, digest, mtime in self.store.iter_uploads():
+        for path, upload, mtime in self.store.iter_uploads():
             if now - mtime >= policy.delay:
-                plan.uploads.append(path if digest is None else str(digest))
+                plan.uploads.append(path if upload is None else str(upload))
         return plan
 
     def _reach(self, digest: Digest) -> set[Digest]:

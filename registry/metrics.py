@@ -28,13 +28,18 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.exceptions import RedisError
 
 from registry.coordination import Coordination
+
+if TYPE_CHECKING:
+    from registry.store.tier import LocalTier
 
 TRANSFER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -136,7 +141,7 @@ class RedisState:
         self.coord = coord
         self.registries = registries
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("pullthrough_redis_up", "Whether Redis answered this scrape.")
         try:
             families = list(self._families())
@@ -148,7 +153,7 @@ class RedisState:
         yield up
         yield from families
 
-    def _families(self):
+    def _families(self) -> Iterator[Metric]:
         limit = GaugeMetricFamily(
             "pullthrough_upstream_ratelimit_limit",
             "Pull quota upstream announced (ratelimit-limit).",
@@ -263,7 +268,10 @@ def totals(local: CollectorRegistry) -> list[tuple[str, dict[str, str], float]]:
 
 
 def scrape(
-    coord: Coordination, registries: list[str], local: CollectorRegistry, tier=None
+    coord: Coordination,
+    registries: list[str],
+    local: CollectorRegistry,
+    tier: LocalTier | None = None,
 ) -> bytes:
     """The text exposition: every worker's counters (or this process's), plus Redis state
     and the node's local tier."""
@@ -277,10 +285,10 @@ def scrape(
 class TierState:
     """The node's local tier as it is on disk now."""
 
-    def __init__(self, tier) -> None:
+    def __init__(self, tier: LocalTier) -> None:
         self.tier = tier
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         blobs, size = self.tier.usage()
         for name, doc, value in (
             ("pullthrough_local_tier_bytes", "Bytes of verified copies in the local tier.", size),
@@ -302,5 +310,5 @@ class _Forward:
     def __init__(self, source: CollectorRegistry) -> None:
         self.source = source
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         yield from self.source.collect()

@@ -124,7 +124,7 @@ def resolve(settings: Settings, name: str, ns: str | None) -> Target:
             repository = name
     if registry.name == "docker.io" and "/" not in repository:
         repository = f"library/{repository}"
-    return Target(registry, repository)
+    return Target(registry, Repository(repository))
 
 
 def catalog_name(default_registry: str, stored: str) -> str:

@@ -13,7 +13,7 @@ import collections
 import sys
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -21,7 +21,7 @@ T = TypeVar("T")
 MIN_BYTES = 64 * 1024
 
 
-def _threadpool():
+def _threadpool() -> Any:
     gevent = sys.modules.get("gevent")
     if gevent is None:
         return None
@@ -32,7 +32,7 @@ def _threadpool():
     return gevent.get_hub().threadpool
 
 
-def offload(fn: Callable[..., T], *args) -> T:
+def offload(fn: Callable[..., T], *args: Any) -> T:
     """fn(*args), on gevent's thread pool when gevent has patched this process (the calling
     greenlet waits; the others run)."""
     pool = _threadpool()
@@ -41,7 +41,7 @@ def offload(fn: Callable[..., T], *args) -> T:
     return pool.apply(fn, args)
 
 
-def hash_update(hasher, data: bytes) -> None:
+def hash_update(hasher: Any, data: bytes) -> None:
     """hasher.update(data), off the gevent hub when it is worth it."""
     if len(data) < MIN_BYTES:
         hasher.update(data)
@@ -86,7 +86,7 @@ class WriteBehind:
             self._failure = exc
             raise
 
-    def _here(self):
+    def _here(self) -> Any:
         """The pool, where this thread owns it; made on the first call from a hub's thread;
         None elsewhere (the call runs in place)."""
         if self._pool is not None:
@@ -108,7 +108,7 @@ class WriteBehind:
         self._pool = ThreadPool(1)
         return self._pool
 
-    def submit(self, fn: Callable[..., object], *args) -> None:
+    def submit(self, fn: Callable[..., object], *args: Any) -> None:
         pool = self._here()
         if pool is None:
             fn(*args)

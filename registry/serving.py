@@ -16,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+from typing import Any
 
 
-def end(sock) -> None:
+def end(sock: Any) -> None:
     """Shut the connection down so that its handler's pending read sees a clean end of
     stream. gevent's own shutdown() would instead raise EBADF in the waiting greenlet (and
     gunicorn would log a traceback per connection), so go to the real socket beneath."""
@@ -26,20 +27,20 @@ def end(sock) -> None:
         getattr(sock, "_sock", sock).shutdown(socket.SHUT_RDWR)
 
 
-def prompt_graceful_stop(worker) -> None:
+def prompt_graceful_stop(worker: Any) -> None:
     import gevent
 
     idle: set[socket.socket] = set()
     handle, handle_request, handle_exit = worker.handle, worker.handle_request, worker.handle_exit
 
-    def tracked_handle(listener, client, addr):
+    def tracked_handle(listener: Any, client: Any, addr: Any) -> Any:
         idle.add(client)  # waiting for its first request
         try:
             return handle(listener, client, addr)
         finally:
             idle.discard(client)
 
-    def tracked_request(listener_name, req, sock, addr):
+    def tracked_request(listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
         idle.discard(sock)
         try:
             return handle_request(listener_name, req, sock, addr)
@@ -55,7 +56,7 @@ def prompt_graceful_stop(worker) -> None:
         for sock in list(idle):
             end(sock)
 
-    def on_term(sig, frame) -> None:
+    def on_term(sig: int, frame: Any) -> None:
         handle_exit(sig, frame)
         gevent.spawn(close_idle)
 
@@ -74,7 +75,7 @@ TLS_ADVICE = (
 )
 
 
-def tls_on_plain_port(worker) -> None:
+def tls_on_plain_port(worker: Any) -> None:
     """Answer a TLS ClientHello on the plain port with a log line that names the client and
     the fix, instead of gunicorn's "Invalid HTTP request line" warning. skopeo and podman try
     https first; a client that was never told the cache is http fails on it.
@@ -87,7 +88,7 @@ def tls_on_plain_port(worker) -> None:
     log = logging.getLogger("registry.access")
     handle = worker.handle
 
-    def peeking_handle(listener, client, addr):
+    def peeking_handle(listener: Any, client: Any, addr: Any) -> Any:
         try:
             first = client.recv(1, socket.MSG_PEEK)
         except OSError:
@@ -125,7 +126,7 @@ def zero_copy_sendfile() -> None:
 
     chunk = 4 << 20
 
-    def send_spans(self, items) -> int:
+    def send_spans(self: Any, items: Any) -> int:
         """A growing copy's items as they come: bytes sent as they are, FileSpans of its
         file from the page cache; each span learns how much of it went."""
         out_fd, total = self.fileno(), 0
@@ -152,7 +153,7 @@ def zero_copy_sendfile() -> None:
             total += item.sent
         return total
 
-    def sendfile(self, file, offset=0, count=None):
+    def sendfile(self: Any, file: Any, offset: int = 0, count: int | None = None) -> int:
         spans = getattr(file, "spans", None)
         if spans is not None:
             return send_spans(self, spans())
@@ -198,7 +199,7 @@ def cheap_date_header() -> None:
     original = util.http_date
     last: list = [None, ""]
 
-    def http_date(timestamp=None):
+    def http_date(timestamp: float | None = None) -> str:
         if timestamp is not None:
             return original(timestamp)
         now = int(time.time())
@@ -222,7 +223,7 @@ class _Gathered:
     def __init__(self) -> None:
         self.parts: list[bytes] = []
 
-    def sendall(self, data) -> None:
+    def sendall(self: Any, data: Any) -> None:
         self.parts.append(bytes(data))
 
 
@@ -236,7 +237,7 @@ def headers_with_body() -> None:
 
     original = wsgi.Response.write
 
-    def write(self, arg):
+    def write(self: Any, arg: Any) -> None:
         small = isinstance(arg, bytes) and len(arg) <= ONE_SEND_MAX
         if self.headers_sent or self.chunked or not small:
             return original(self, arg)

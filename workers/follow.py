@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
+from typing import Any
 
 from registry import build_pullthrough
 from registry.config import Settings, load_settings
@@ -14,7 +15,7 @@ from registry.pullthrough.follower import Follower
 log = logging.getLogger(__name__)
 
 
-def follower(settings: Settings, **options) -> Follower:
+def follower(settings: Settings, **options: Any) -> Follower:
     pt = build_pullthrough(settings)
     return Follower(pt, pt.coord.follows, settings.follow, **options)
 

@@ -10,6 +10,7 @@ so a manual run and a scheduled one never overlap.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import redis
 from rq import Queue, Worker
@@ -60,12 +61,12 @@ class GcJob(Job):
     a job: with pickle that is code, with JSON a dotted name and arguments (`os.system`) or
     a callback (`builtins.print`). All of them stop here."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["serializer"] = JSONSerializer
         super().__init__(*args, **kwargs)
 
     @property
-    def func(self):
+    def func(self) -> Any:
         callbacks = [
             name
             for name in (
@@ -83,15 +84,15 @@ class GcJob(Job):
     # pullthrough's jobs have no callbacks; one that names any (anything importable, run
     # when the job succeeds, fails or stops) is refused above and never called here.
     @property
-    def success_callback(self):
+    def success_callback(self) -> None:
         return None
 
     @property
-    def failure_callback(self):
+    def failure_callback(self) -> None:
         return None
 
     @property
-    def stopped_callback(self):
+    def stopped_callback(self) -> None:
         return None
 
 

@@ -8,8 +8,9 @@ import os
 import shutil
 import time
 import uuid
+from pathlib import Path
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 from redis.exceptions import RedisError
 
 from registry.pullthrough import PullThrough
@@ -22,12 +23,12 @@ READY_FOR = 5.0
 
 
 @bp.get("/healthz")
-def healthz():
+def healthz() -> Response:
     return jsonify(status="ok", pid=os.getpid())
 
 
 @bp.get("/readyz")
-def readyz():
+def readyz() -> Response:
     """The checks below, run at most once per READY_FOR seconds in each process."""
     last = current_app.extensions.setdefault("readyz", {"at": -READY_FOR, "answer": None})
     now = time.monotonic()
@@ -58,12 +59,16 @@ def _checks(pt: PullThrough) -> tuple[bool, dict[str, dict]]:
     return all(check["ok"] for check in checks.values()), checks
 
 
-def _disk(root, min_free: int) -> dict:
+def _disk(root: Path, min_free: int) -> dict[str, object]:
     try:
         free = shutil.disk_usage(root).free
     except OSError as exc:
         return {"ok": False, "error": f"cannot read free space: {exc.strerror}"}
-    check = {"ok": free >= min_free, "free_bytes": free, "min_free_bytes": min_free}
+    check: dict[str, object] = {
+        "ok": free >= min_free,
+        "free_bytes": free,
+        "min_free_bytes": min_free,
+    }
     if not check["ok"]:
         check["error"] = "free disk space below storage.min_free"
     return check

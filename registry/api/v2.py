@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 from urllib.parse import quote, urlencode
 
@@ -151,7 +151,7 @@ def blob(name: str, digest: str) -> Response:
     if found.stream is not None:
         # Wait for the first byte here, where a failed fill is still an OCI error with its
         # status: once the headers are out it can only cut the connection short.
-        if sendfile and found.spans is not None:
+        if wrapper is not None and sendfile and found.spans is not None:
             sent = _Sent(_metrics(), target.registry.name, status)
             body = _SpanBody(_primed(found.spans(start, end)), sent, _source(found))
             return Response(
@@ -247,7 +247,9 @@ class _SpanBody:
         self._sent.done(self._source, self.count)
 
 
-def _body(found: Blob, start: int, end: int, sent: _Sent, chunks: Iterator[bytes] | None):
+def _body(
+    found: Blob, start: int, end: int, sent: _Sent, chunks: Iterator[bytes] | None
+) -> Iterable[bytes]:
     source = _source(found)
     if chunks is not None:
         return _counted(chunks, sent, source)
@@ -289,14 +291,16 @@ def _counting_wrapper(base: type) -> type:
     """gunicorn's file wrapper (so it still uses sendfile) that reports on close."""
     if base not in _WRAPPERS:
 
-        class Counting(base):  # type: ignore[misc, valid-type]
-            def __init__(self, filelike, blksize, *, sent: _Sent, size: int, source: str):
+        class Counting(base):
+            def __init__(
+                self, filelike: BinaryIO, blksize: int, *, sent: _Sent, size: int, source: str
+            ) -> None:
                 super().__init__(filelike, blksize)
                 # The base sets `self.close = filelike.close` per instance: replace that.
                 self.close = lambda: self._count_and_close(filelike, sent, size, source)
 
             @staticmethod
-            def _count_and_close(filelike, sent: _Sent, size: int, source: str) -> None:
+            def _count_and_close(filelike: BinaryIO, sent: _Sent, size: int, source: str) -> None:
                 sent.done(source, size)
                 filelike.close()
 

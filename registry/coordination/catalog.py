@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 import redis
 from redis.exceptions import RedisError
 
-from registry.coordination.keys import PREFIX
+from registry.coordination.keys import PREFIX, text
 
 REPOS_KEY = f"{PREFIX}repos"
 REPOS_BUILT_KEY = f"{PREFIX}repos:built"
@@ -45,5 +45,5 @@ class CatalogIndex:
             pipe.execute()
         start = f"({last}" if last else "-"
         if n is None:
-            return [m.decode() for m in self.redis.zrangebylex(REPOS_KEY, start, "+")]
-        return [m.decode() for m in self.redis.zrangebylex(REPOS_KEY, start, "+", 0, n)]
+            return [text(m) for m in self.redis.zrangebylex(REPOS_KEY, start, "+")]
+        return [text(m) for m in self.redis.zrangebylex(REPOS_KEY, start, "+", 0, n)]

@@ -10,7 +10,7 @@ import secrets
 import redis
 from redis.exceptions import RedisError
 
-from registry.coordination.keys import PREFIX
+from registry.coordination.keys import PREFIX, text
 
 KEY = f"{PREFIX}deletions"
 
@@ -32,4 +32,4 @@ class Deletions:
             value = self.redis.get(KEY)
         except RedisError:
             return None
-        return value.decode() if value else ""
+        return text(value) if value else ""

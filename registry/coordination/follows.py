@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import redis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
-from registry.coordination.keys import PREFIX
+from registry.coordination.keys import PREFIX, text
 from registry.coordination.leases import Lease
 
 DUE_KEY = f"{PREFIX}follow:due"
@@ -81,10 +83,10 @@ class Follows:
             pipe.execute()
 
     def followed(self) -> list[str]:
-        return [m.decode() for m in self.redis.zrange(DUE_KEY, 0, -1)]
+        return [text(m) for m in self.redis.zrange(DUE_KEY, 0, -1)]
 
     def due(self, now: float) -> list[str]:
-        return [m.decode() for m in self.redis.zrangebyscore(DUE_KEY, "-inf", now)]
+        return [text(m) for m in self.redis.zrangebyscore(DUE_KEY, "-inf", now)]
 
     def read(self, members: list[str]) -> list[FollowRecord]:
         if not members:
@@ -100,7 +102,9 @@ class Follows:
         ]
 
     def update(self, member: str, next_check: float | None = None, **fields: object) -> None:
-        values = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in fields.items()}
+        values: dict[FieldT, EncodableT] = {
+            k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in fields.items()
+        }
         pipe = self.redis.pipeline()
         if values:
             pipe.hset(follow_key(member), mapping=values)
@@ -112,8 +116,8 @@ class Follows:
         raw = self.redis.get(f"{PREFIX}follow:tags:{repo}")
         return json.loads(raw) if raw is not None else None
 
-    def remember_upstream_tags(self, repo: str, tags: list[str], ttl: float) -> None:
-        self.redis.set(f"{PREFIX}follow:tags:{repo}", json.dumps(tags), px=int(ttl * 1000))
+    def remember_upstream_tags(self, repo: str, tags: Sequence[str], ttl: float) -> None:
+        self.redis.set(f"{PREFIX}follow:tags:{repo}", json.dumps(list(tags)), px=int(ttl * 1000))
 
     def count(self, registry: str, what: str, amount: int = 1) -> None:
         with contextlib.suppress(RedisError):  # a lost count is a lost figure
@@ -122,7 +126,7 @@ class Follows:
     def totals(self) -> dict[tuple[str, str], int]:
         out = {}
         for key, value in self.redis.hgetall(TOTALS_KEY).items():
-            registry, _, what = key.decode().partition("|")
+            registry, _, what = text(key).partition("|")
             with contextlib.suppress(ValueError):
                 out[(registry, what)] = int(value)
         return out
@@ -153,7 +157,7 @@ class Follows:
     def kept(self) -> list[tuple[str, str]]:
         """(`<registry>/<repository>`, digest) of each followed tag's previous digests: the GC
         keeps them (an offline rollback)."""
-        out = []
+        out: list[tuple[str, str]] = []
         for record in self.read(self.followed()):
             repo = record.member.rpartition(":")[0]
             out.extend((repo, digest) for digest in record.previous)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import redis
 from redis.exceptions import RedisError
 
-from registry.coordination.keys import PREFIX
+from registry.coordination.keys import PREFIX, text
 from registry.coordination.leases import Lease
 from registry.digests import Digest
 
@@ -65,7 +66,7 @@ class GcState:
         pipe.execute()
 
     def last(self) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.redis.hgetall(GC_LAST_KEY).items()}
+        return {text(k): text(v) for k, v in self.redis.hgetall(GC_LAST_KEY).items()}
 
     def totals(self) -> dict[str, int]:
         """runs and freed_bytes over every sweep (dry runs excluded)."""
@@ -107,7 +108,7 @@ class StoreTotals:
         return _ints(self.redis.hgetall(STORE_KEY))
 
 
-def _ints(raw: dict[bytes, bytes]) -> dict[str, int]:
+def _ints(raw: Mapping[Any, Any]) -> dict[str, int]:
     out = {}
     for key, value in raw.items():
         with contextlib.suppress(ValueError):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import redis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from registry.coordination.keys import PREFIX
 
@@ -82,7 +83,7 @@ class Hourly:
                 pipe.expire(key, KEEP)
             for registry, hour in {(r, h) for r, h, _ in pending}:
                 status = self.quota(registry) if self.quota else {}
-                fields = {
+                fields: dict[FieldT, EncodableT] = {
                     f"quota_{k}": status[k]
                     for k in ("remaining", "limit")
                     if str(status.get(k, "")).isdigit()

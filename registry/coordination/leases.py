@@ -12,7 +12,7 @@ from collections.abc import Callable
 import redis
 from redis.exceptions import LockError, RedisError
 
-from registry.coordination.keys import PREFIX
+from registry.coordination.keys import PREFIX, text
 from registry.digests import Digest
 from registry.errors import redis_unavailable
 
@@ -64,7 +64,7 @@ class Lease:
     def holder(self) -> str | None:
         """Who holds the lease now (whoever it is), None when nobody does."""
         holder = self.redis.get(self.key)
-        return holder.decode() if holder is not None else None
+        return text(holder) if holder is not None else None
 
     def wait_released(self, seconds: float, step: float = 0.05) -> None:
         """Wait (at most `seconds`) for whoever holds the lease to let it go."""
@@ -103,7 +103,7 @@ class Leases:
 
     def blob_holder(self, digest: Digest) -> str | None:
         holder = self.redis.get(blob_lease_key(digest))
-        return holder.decode() if holder is not None else None
+        return text(holder) if holder is not None else None
 
     def blob_held(self, digest: Digest) -> bool:
         return self.blob_holder(digest) is not None

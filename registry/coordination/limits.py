@@ -10,7 +10,7 @@ import time
 import redis
 from redis.exceptions import RedisError
 
-from registry.coordination.keys import PREFIX
+from registry.coordination.keys import PREFIX, text
 from registry.coordination.leases import BLOB_LEASE_PREFIX
 from registry.digests import Digest
 
@@ -79,7 +79,7 @@ class Limits:
         until the next admission drops it)."""
         out = []
         for member in self.redis.zrange(FILLS_KEY, 0, -1):
-            client, _, digest = member.decode().partition("|")
+            client, _, digest = text(member).partition("|")
             out.append((client, digest))
         return out
 

@@ -8,7 +8,7 @@ import contextlib
 import redis
 from redis.exceptions import RedisError
 
-from registry.coordination.keys import PREFIX
+from registry.coordination.keys import PREFIX, text
 
 
 def missing_key(identity: str, repository: str, reference: str | None = None) -> str:
@@ -30,4 +30,4 @@ class NegativeCache:
             values = self.redis.mget(keys)
         except RedisError:
             return None
-        return next((v.decode() for v in values if v is not None), None)
+        return next((text(v) for v in values if v is not None), None)

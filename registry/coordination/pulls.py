@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import redis
 from redis.exceptions import RedisError
 
-from registry.coordination.keys import PREFIX
+from registry.coordination.keys import PREFIX, text
 
 PULLED_KEY = f"{PREFIX}pulled"
 PULLS_KEY = f"{PREFIX}pulls"
@@ -96,7 +96,7 @@ class Pulls:
 
     def recent(self, since: float) -> list[str]:
         """Members pulled at `since` or later (tags `<repo>:<tag>`, digests `<repo>@<d>`)."""
-        return [m.decode() for m in self.redis.zrangebyscore(PULLED_KEY, since, "+inf")]
+        return [text(m) for m in self.redis.zrangebyscore(PULLED_KEY, since, "+inf")]
 
     def has_history(self) -> bool:
         return bool(self.redis.exists(PULLED_KEY))

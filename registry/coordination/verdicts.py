@@ -86,7 +86,7 @@ class Verdicts:
             return False  # looked up again
 
 
-def _parse(raw: bytes | None) -> StoredVerdict | None:
+def _parse(raw: bytes | str | None) -> StoredVerdict | None:
     if raw is None:
         return None
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import BinaryIO, TypeVar
 
@@ -345,6 +345,7 @@ class PullThrough:
             if again is not None and (cached is None or again[1] != cached[1]):
                 return again[0]
         elif acquired:
+            assert lease is not None
             # The previous holder may have refreshed the tag between our read and our lease.
             again = self._cached_tag(target, tag)
             if again is not None and self.clock() - again[1].validated < ttl:
@@ -354,7 +355,7 @@ class PullThrough:
         try:
             return self._refresh_tag(target, tag, cached, client)
         finally:
-            if acquired:
+            if lease is not None and acquired:
                 lease.release()
 
     def _cached_tag(self, target: Target, tag: str) -> tuple[Manifest, TagRecord] | None:
@@ -637,12 +638,11 @@ class PullThrough:
         return names, False
 
 
-def _page(items: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
-    if last:
-        items = [i for i in items if i > last]
+def _page(items: Sequence[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
+    chosen = [i for i in items if i > last] if last else list(items)
     if n is None:
-        return items, False
-    return items[:n], len(items) > n
+        return chosen, False
+    return chosen[:n], len(chosen) > n
 
 
 def _replace_cache(manifest: Manifest, cache: str) -> Manifest:

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, overload
 
 from redis.exceptions import RedisError
 
@@ -679,6 +679,34 @@ class BlobFiller:
         handle.expect(_stored(record))
         return not record.active or not self.coord.leases.blob_held(digest)
 
+    @overload
+    def stream(
+        self,
+        target: Target,
+        upstream: UpstreamClient,
+        digest: Digest,
+        size: int,
+        start: int,
+        end: int,
+        *,
+        until_verified: bool = False,
+        spans: Literal[False] = False,
+    ) -> Iterator[bytes]: ...
+
+    @overload
+    def stream(
+        self,
+        target: Target,
+        upstream: UpstreamClient,
+        digest: Digest,
+        size: int,
+        start: int,
+        end: int,
+        *,
+        until_verified: bool = False,
+        spans: Literal[True],
+    ) -> Iterator[bytes | FileSpan]: ...
+
     def stream(
         self,
         target: Target,
@@ -690,7 +718,7 @@ class BlobFiller:
         *,
         until_verified: bool = False,
         spans: bool = False,
-    ) -> Iterator[bytes | FileSpan]:
+    ) -> Iterator[bytes] | Iterator[bytes | FileSpan]:
         """Yield bytes [start, end] of the blob as the fill writes them; cut short on failure.
         The last byte waits for the commit; with `until_verified`, only for the fetcher to
         find that the bytes hash to the digest (for a reader that verifies and commits a copy
@@ -734,6 +762,7 @@ class BlobFiller:
                         continue
                 held_since = None
                 if pos < ready:
+                    assert handle is not None  # `ready` was read from it
                     fd = getattr(handle, "fd", None) if spans else None
                     if fd is not None:
                         span = FileSpan(fd, pos, ready - pos)
@@ -810,7 +839,7 @@ class BlobFiller:
                 handle.close()
 
 
-def _hash_prefix(upload, hasher, size: int) -> int:
+def _hash_prefix(upload: PartialWriter, hasher: Any, size: int) -> int:
     offset = 0
     while offset < size:
         data = upload.read_range(offset, min(READ_CHUNK, size - offset))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from registry.config import FollowRule, FollowSettings
@@ -26,7 +26,7 @@ from registry.cosign import attached_subject
 from registry.digests import Digest
 from registry.errors import ManifestUnknown, NameUnknown, RegistryError
 from registry.follow import FollowState, Pattern, parse_pattern, spread
-from registry.names import Tag, Target, is_tag, resolve
+from registry.names import Repository, Tag, Target, is_tag, resolve
 from registry.pullthrough import Manifest, PullThrough
 from registry.pullthrough.manifests import InvalidManifest, ManifestNode, manifest_node
 from registry.store import TagRecord
@@ -107,13 +107,13 @@ class Follower:
         for stored in self._repositories:
             name, _, repository = stored.partition("/")
             if name == registry.name and chosen.matches_name(repository):
-                out.append(Target(registry, repository))
+                out.append(Target(registry, Repository(repository)))
         return sorted(set(out), key=str)
 
     def _tags(self, target: Target, pattern: Pattern, rule: FollowRule) -> list[str]:
         if pattern.tag_is_literal:
             return [pattern.tag]
-        tags = self.follows.upstream_tags(str(target))
+        tags: Sequence[str] | None = self.follows.upstream_tags(str(target))
         if tags is None:
             try:
                 tags = self._list_tags(target)
@@ -126,16 +126,16 @@ class Follower:
         # Upstream's list (or Redis's copy of it) is input: only valid tags are followed.
         return sorted(tag for tag in tags if is_tag(tag) and pattern.matches_tag(tag))
 
-    def _list_tags(self, target: Target) -> list[str]:
+    def _list_tags(self, target: Target) -> list[Tag]:
         upstream = self.pt.upstream(target)
-        tags: list[str] = []
+        tags: list[Tag] = []
         last = None
         for _ in range(50):  # pages of 1000: enough for any real repository
             self.follows.count(target.registry.name, "tags")
             page = upstream.list_tags(target.repository, 1000, last)
             names = page.get("tags") or []
             valid = [t for t in names if is_tag(t)]
-            tags.extend(valid)
+            tags.extend(Tag(t) for t in valid)
             if len(names) < 1000 or not valid:
                 break
             last = valid[-1]
@@ -198,7 +198,7 @@ class Follower:
         try:
             if registry is None:
                 raise NameUnknown(f"registry {name[:100]!r} is not configured")
-            target, tag = Target(registry, repository), Tag(tag)
+            target, tag = Target(registry, Repository(repository)), Tag(tag)
         except RegistryError as exc:  # a member this cache would not have written
             log.warning("follow %r: not followed: %s", member[:300], exc.message)
             self.follows.untrack([member])

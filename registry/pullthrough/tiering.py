@@ -24,7 +24,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import BinaryIO, Literal, overload
 
 from registry.digests import Digest
 from registry.errors import CacheUnavailable, RegistryError, storage_failure
@@ -172,6 +172,30 @@ class TierServing:
         log.warning("local tier copy of %s ended with its fill: %s", copy.digest, error)
 
     # -- every client ----------------------------------------------------------------------------
+    @overload
+    def stream(
+        self,
+        digest: Digest,
+        size: int,
+        start: int,
+        end: int,
+        source: Source | None = None,
+        *,
+        spans: Literal[False] = False,
+    ) -> Iterator[bytes]: ...
+
+    @overload
+    def stream(
+        self,
+        digest: Digest,
+        size: int,
+        start: int,
+        end: int,
+        source: Source | None = None,
+        *,
+        spans: Literal[True],
+    ) -> Iterator[bytes | FileSpan]: ...
+
     def stream(
         self,
         digest: Digest,
@@ -181,7 +205,7 @@ class TierServing:
         source: Source | None = None,
         *,
         spans: bool = False,
-    ) -> Iterator[bytes | FileSpan]:
+    ) -> Iterator[bytes] | Iterator[bytes | FileSpan]:
         """Bytes [start, end] of the node's copy as it grows (copied in by whoever holds it:
         from the bucket, or with `source`, following a fill still in progress). `spans`:
         as FileSpans of the copy's file, for the sender to sendfile (each span's `sent` says
@@ -203,7 +227,8 @@ class TierServing:
                 # arrived cost every client a wake-up and a read per few KiB (50 Python
                 # clients spent 15 % more CPU so, and were slower).
                 if pos < ready and (ready - pos >= MIN_SEND or ready == limit):
-                    if spans and handle is not None:
+                    assert handle is not None  # `ready` was read from it
+                    if spans:
                         span = FileSpan(handle.fd, pos, ready - pos)
                         yield span
                         if span.sent:

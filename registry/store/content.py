@@ -13,7 +13,7 @@ from registry.digests import Digest
 from registry.errors import RegistryError
 from registry.names import Tag, Target, is_tag
 from registry.store import paths
-from registry.store.driver import Follower, PartialWriter, StorageDriver
+from registry.store.driver import ExtentWriter, Follower, PartialWriter, StorageDriver
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +129,7 @@ class ContentStore:
 
     def open_upload_extent(
         self, digest: Digest, offset: int, size: int | None = None, held: int = 0
-    ) -> PartialWriter:
+    ) -> ExtentWriter:
         return self.driver.open_extent(self.upload_path(digest), offset, size, held)
 
     def upload_extents(self, digest: Digest) -> list[tuple[int, int]]:

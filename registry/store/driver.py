@@ -16,8 +16,10 @@ class StorageDriver(Protocol):
     poll_interval: float  # how often a follower with nothing to send looks again, at most
     lookups_are_requests: bool  # a stat costs a network request: followers ask Redis first
     supports_extents: bool  # a fill may store ranges ahead of its bytes in order (extents)
+
     # Extents are part of the fill where they lie (S3's pieces), not side files to copy in.
-    extents_in_place: bool
+    @property
+    def extents_in_place(self) -> bool: ...
 
     def stat(self, path: str) -> int | None:
         """Size in bytes, or None when nothing is there."""
@@ -54,7 +56,7 @@ class StorageDriver(Protocol):
 
     def open_extent(
         self, path: str, offset: int, size: int | None = None, held: int = 0
-    ) -> PartialWriter:
+    ) -> ExtentWriter:
         """Partial content of the fill at `path` (of `size` bytes) from `offset` on (a range
         that arrived ahead of the bytes in front of it; `held` of its bytes are stored
         already, by a fill that died); `pwrite(data, 0)` writes the byte at `offset`. Only
@@ -117,6 +119,23 @@ class PartialWriter(Protocol):
         the store (the filesystem); nothing to do where they are told otherwise (S3)."""
 
     def commit(self, dest: str) -> None: ...
+
+    def discard(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ExtentWriter(Protocol):
+    """A range of a parallel fill stored ahead of the bytes in front of it (open_extent)."""
+
+    def pwrite(self, data: bytes, offset: int) -> None: ...
+
+    def stored(self) -> int:
+        """How many of its bytes are stored (from its offset on)."""
+
+    def read_range(self, offset: int, length: int) -> bytes: ...
+
+    def flush(self) -> None: ...
 
     def discard(self) -> None: ...
 

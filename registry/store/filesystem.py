@@ -27,10 +27,11 @@ import uuid
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from registry.offload import WriteBehind
 from registry.store import paths
+from registry.store.driver import Follower
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def _unmark(fd: int) -> None:
 
 
 @functools.cache
-def _writeback_call():
+def _writeback_call() -> Any:
     """libc's sync_file_range (Linux), or None: the os module has no form of it. Looked up
     at the first fill's first step, not at import."""
     try:
@@ -447,8 +448,9 @@ class FilesystemDriver:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def is_same_file(self, handle: LocalFollower, path: str) -> bool | None:
+    def is_same_file(self, handle: Follower, path: str) -> bool | None:
         # By inode: a restarted fill is a new file at the same path.
+        assert isinstance(handle, LocalFollower)  # this driver's own (open_partial_read)
         try:
             return os.stat(self._local(path)).st_ino == os.fstat(handle.fd).st_ino
         except (FileNotFoundError, NotADirectoryError):

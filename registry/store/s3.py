@@ -29,6 +29,7 @@ which it answers with a 503 naming the storage, as for a failing disk.
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
 import errno
 import hashlib
@@ -40,7 +41,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from registry.store import paths
 
@@ -186,8 +187,9 @@ class S3Driver:
         info = self.head(path)
         return None if info is None else info["LastModified"].timestamp()
 
-    def open_read(self, path: str) -> ObjectReader:
-        return ObjectReader(self, path)
+    def open_read(self, path: str) -> BinaryIO:
+        # A raw binary file (read, seek, close, a context manager): what callers use of one.
+        return cast(BinaryIO, ObjectReader(self, path))
 
     def read(self, path: str) -> bytes | None:
         try:
@@ -269,7 +271,7 @@ class S3Driver:
         """Nothing to do: S3 has no directories."""
 
     # -- fills -----------------------------------------------------------------------------------
-    def pieces(self, path: str) -> list[tuple[int, int, float]]:
+    def pieces(self, path: str) -> builtins.list[tuple[int, int, float]]:
         """(offset, size, mtime) of the pieces of the partial at `path`, by offset."""
         out = []
         for rel, size, mtime in self.walk_stat(path):
@@ -318,12 +320,12 @@ class S3Driver:
     ) -> ExtentPieces:
         return ExtentPieces(self, path, offset, self._piece_size(size), stored=held)
 
-    def extents(self, path: str) -> list[tuple[int, int]]:
+    def extents(self, path: str) -> builtins.list[tuple[int, int]]:
         """(offset, size) of each run of pieces past the run from offset 0 (ranges an earlier
         parallel fill stored ahead of its bytes in order)."""
         pieces = self.pieces(path)  # one listing for both
         held = _leading_run(pieces)
-        runs: list[list[int]] = []
+        runs: builtins.list[builtins.list[int]] = []
         for offset, size, _mtime in pieces:
             if offset < held:
                 continue

@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -46,7 +47,7 @@ class LocalTier:
         max_size: int,
         low_watermark: float = 0.8,
         file_mode: int = 0o640,
-        on_evict=None,
+        on_evict: Callable[[int], None] | None = None,
     ) -> None:
         self.disk = FilesystemDriver(root, file_mode)
         self.max_size = max_size

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 
-from flask import Blueprint, abort, current_app, render_template, request
+from flask import Blueprint, Response, abort, current_app, render_template, request
 from redis.exceptions import RedisError
 
 from registry.errors import RegistryError
@@ -63,7 +63,7 @@ def _until(when: float | None) -> str:
 
 
 @bp.errorhandler(404)
-def _not_found(_error):
+def _not_found(_error: Exception) -> tuple[str, int]:
     return render_template("not_found.html"), 404
 
 
@@ -82,13 +82,13 @@ SECURITY_HEADERS = {
 
 
 @bp.after_request
-def _security_headers(response):
+def _security_headers(response: Response) -> Response:
     response.headers.update(SECURITY_HEADERS)
     return response
 
 
 @bp.get("/")
-def overview():
+def overview() -> str:
     pt = _pt()
     counters = totals(current_app.extensions["pullthrough_metrics_registry"])
     answered = {"hit": 0.0, "miss": 0.0, "revalidated": 0.0, "stale": 0.0}
@@ -162,7 +162,7 @@ def _savings(pt: PullThrough, registry: str) -> dict:
 
 
 @bp.get("/ui/repositories")
-def repositories():
+def repositories() -> str:
     pt = _pt()
     query = request.args.get("q", "")[:200]
     try:
@@ -193,7 +193,7 @@ def _split(pt: PullThrough, name: str) -> tuple[str, str]:
 
 
 @bp.get("/ui/repositories/<path:name>")
-def repository(name: str):
+def repository(name: str) -> str:
     pt = _pt()
     try:
         target = resolve(pt.settings, name, None)
@@ -233,7 +233,7 @@ def _fetching(pt: PullThrough) -> list[dict]:
 
 
 @bp.get("/ui/fetching")
-def fetching():
+def fetching() -> str:
     """What is being fetched from upstream now (the page reloads itself while anything is)."""
     pt = _pt()
     rows, redis_ok = [], True
@@ -245,7 +245,7 @@ def fetching():
 
 
 @bp.get("/ui/follow")
-def follow():
+def follow() -> str:
     """Followed tags, and the fetches in flight now (the page reloads itself while any is)."""
     pt = _pt()
     follows, fetching, redis_ok, spent = [], [], True, (0, 0.0)
@@ -266,7 +266,7 @@ def follow():
 
 
 @bp.get("/ui/setup")
-def setup():
+def setup() -> str:
     host = request.host
     registries = [r.name for r in _pt().settings.registries]
     return render_template("setup.html", host=host, registries=registries)

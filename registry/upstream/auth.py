@@ -6,6 +6,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 _PARAM = re.compile(r'([a-zA-Z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
@@ -62,7 +63,9 @@ def token_lifetime(expires_in: float) -> float:
 class TokenCache:
     """Bearer tokens per (service, scope, user), kept until shortly before they expire."""
 
-    def __init__(self, clock=time.monotonic, max_tokens: int = MAX_TOKENS) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, max_tokens: int = MAX_TOKENS
+    ) -> None:
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
         self._lock = threading.Lock()
         self._clock = clock

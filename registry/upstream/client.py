@@ -17,10 +17,10 @@ import math
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
-from urllib.parse import parse_qsl, urljoin, urlsplit
+from typing import Any, Protocol
+from urllib.parse import SplitResult, parse_qsl, urljoin, urlsplit
 
 import requests
 
@@ -38,7 +38,7 @@ from registry.errors import (
 from registry.mediatypes import MANIFEST_TYPES, OCI_INDEX
 from registry.metrics import Metrics
 from registry.numbers import count_or_none, is_count
-from registry.upstream.auth import TokenCache, parse_challenge, token_expiry
+from registry.upstream.auth import Challenge, TokenCache, parse_challenge, token_expiry
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,9 @@ class UpstreamClient:
             reason=f"{self.registry.name} {what}, not cached",
         )
 
-    def _send(self, method: str, url: str, *, blob: bool = False, **kwargs) -> requests.Response:
+    def _send(
+        self, method: str, url: str, *, blob: bool = False, **kwargs: Any
+    ) -> requests.Response:
         self._check_breaker()
         started = time.monotonic()
         try:
@@ -426,6 +428,7 @@ class UpstreamClient:
                 headers={"Retry-After": str(wait)},
                 reason=f"{name} rate limit reached, not cached; retry in {wait} s",
             )
+        assert self.health is not None  # the breaker's state came from it
         if self.health.take_probe():
             return  # this call is the probe: an answer closes the breaker for everyone
         wait = max(1, math.ceil(self.health.probe_wait()))
@@ -522,7 +525,7 @@ class UpstreamClient:
         except (OSError, UnicodeError):
             raise self._failure(f"{what} to {host}, which does not resolve") from None
         for info in infos:
-            if _internal(info[4][0]):
+            if _internal(str(info[4][0])):
                 raise self._failure(
                     f"{what} to {host}:{port} ({info[4][0]}), an address that is not "
                     "globally routable (loopback, private, link-local, CGNAT); not followed "
@@ -532,7 +535,7 @@ class UpstreamClient:
     def _token_key(self, scope: str) -> tuple[str, ...]:
         return (self.registry.url, scope, self.identity)
 
-    def _authorize(self, challenge, scope: str) -> str | None:
+    def _authorize(self, challenge: Challenge | None, scope: str) -> str | None:
         creds = self.registry.credentials
         if challenge is None:
             return None
@@ -668,7 +671,7 @@ def _internal(address: str) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
-def _port_of(parts) -> int:
+def _port_of(parts: SplitResult) -> int:
     """The port a URL reaches (its scheme's default when it names none)."""
     return parts.port or (443 if parts.scheme == "https" else 80)
 
@@ -706,7 +709,7 @@ def _unsatisfiable_size(value: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _rate_limit_fields(headers) -> dict[str, str]:
+def _rate_limit_fields(headers: Mapping[str, str]) -> dict[str, str]:
     """Docker Hub's `ratelimit-limit: 100;w=21600`, `ratelimit-remaining: 76;w=21600` and
     `docker-ratelimit-source` as limit, remaining, window and source."""
     fields: dict[str, str] = {}

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import redis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 PREFIX = "pt:"
 RATELIMIT_TTL = 24 * 3600
@@ -156,9 +157,10 @@ class UpstreamHealth:
                 self.redis.delete(self.breaker_key)
 
     def record_rate_limit(self, fields: dict[str, str]) -> None:
-        fields = dict(fields, updated=f"{self.clock():.3f}")
+        record: dict[FieldT, EncodableT] = dict(fields.items())
+        record["updated"] = f"{self.clock():.3f}"
         with contextlib.suppress(RedisError):
             pipe = self.redis.pipeline()
-            pipe.hset(self.ratelimit_key, mapping=fields)
+            pipe.hset(self.ratelimit_key, mapping=record)
             pipe.expire(self.ratelimit_key, RATELIMIT_TTL)
             pipe.execute()
