@@ -7,6 +7,7 @@ import hashlib
 import logging
 import random
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -36,6 +37,9 @@ def test_blob_redirect_is_followed_without_forwarding_authorization(
             origin.url,
             credentials=Credentials("me", "topsecret"),
         )
+        # The CDN is another port of the upstream's own host: followed only when allowed.
+        hub = replace(settings.registries[0], redirect_allow=(f"127.0.0.1:{cdn.port}",))
+        settings = replace(settings, registries=(hub,))
         caplog.set_level(logging.DEBUG)
         client = create_app(settings).test_client()
         response = client.get(f"/v2/library/redir/blobs/{digest}")

@@ -9,7 +9,7 @@ import random
 
 from registry.config import RegistrySettings
 from registry.digests import Digest
-from registry.names import Target
+from registry.names import Repository, Target
 from registry.store import ContentStore, TagRecord
 from tests.support.images import Image, Layer, index, single
 
@@ -46,15 +46,22 @@ def put_manifest(store: ContentStore, target: Target, image: Image) -> None:
 
 
 def cache_image(
-    store: ContentStore, image: Image, *, registry: str = "docker.io", children: bool = True
+    store: ContentStore,
+    image: Image,
+    *,
+    registry: str = "docker.io",
+    children: bool = True,
+    repository: str | None = None,
 ) -> None:
-    """What pull-through leaves on disk after a full pull of `image` by its tag."""
-    target = Target(RegistrySettings(registry, f"https://{registry}"), image.repository)
+    """What pull-through leaves on disk after a full pull of `image` by its tag (an index's
+    children under the index's repository)."""
+    repository = repository or image.repository
+    target = Target(RegistrySettings(registry, f"https://{registry}"), Repository(repository))
     for digest, data in image.blobs.items():
         store.put_verified_bytes(Digest.parse(digest), data)
     if children:
         for child in image.children:
-            cache_image(store, child, registry=registry)
+            cache_image(store, child, registry=registry, repository=repository)
     put_manifest(store, target, image)
     if image.tag:
         store.write_tag(
