@@ -12,8 +12,8 @@ from registry.cosign import REASONS, Verdict, attached_subject
 from registry.digests import Digest
 from registry.errors import RegistryError
 from registry.names import Target
-from registry.pullthrough import PullThrough
 from registry.pullthrough.manifests import walk
+from registry.pullthrough.service import PullThrough
 
 
 @dataclass

@@ -20,7 +20,7 @@ import redis as redis_lib
 import requests
 
 from registry import create_app
-from registry.fills import FillState
+from registry.coordination.fill_records import FillState
 from tests.conftest import make_settings
 from tests.support.clients import fetch
 from tests.support.fakes import FrozenServer, Route

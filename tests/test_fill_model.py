@@ -47,10 +47,10 @@ from hypothesis.stateful import (
 
 from registry.config import RegistrySettings
 from registry.coordination import Coordination, Lease, blob_lease_key
+from registry.coordination.fill_records import FillRecords, FillState
 from registry.coordination.leases import Leases
 from registry.digests import Digest
 from registry.errors import RegistryError
-from registry.fills import FillRecords, FillState
 from registry.names import Target
 from registry.pullthrough import fill as fill_module
 from registry.pullthrough.fill import BlobFiller

@@ -13,7 +13,7 @@ from pathlib import Path
 from flask import Blueprint, Response, current_app, jsonify
 from redis.exceptions import RedisError
 
-from registry.pullthrough import PullThrough
+from registry.pullthrough.service import PullThrough
 from registry.store import paths
 
 bp = Blueprint("health", __name__)

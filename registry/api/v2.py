@@ -20,8 +20,8 @@ from registry.mediatypes import OCI_INDEX
 from registry.metrics import Metrics
 from registry.names import Target, resolve
 from registry.numbers import is_count
-from registry.pullthrough import Blob, PullThrough
 from registry.pullthrough.manifests import parse_accept
+from registry.pullthrough.service import Blob, PullThrough
 from registry.store.driver import FileSpan
 
 bp = Blueprint("v2", __name__)

@@ -34,6 +34,13 @@ from typing import Any, Literal, Protocol, overload
 from redis.exceptions import RedisError
 
 from registry.coordination import Coordination, Lease
+from registry.coordination.fill_records import (
+    FailReason,
+    FillPhase,
+    FillRecord,
+    FillState,
+    FillWriter,
+)
 from registry.digests import Digest
 from registry.errors import (
     BlobUnknown,
@@ -45,7 +52,6 @@ from registry.errors import (
     UpstreamUnavailable,
     storage_failure,
 )
-from registry.fills import FailReason, FillPhase, FillRecord, FillState, FillWriter
 from registry.metrics import Metrics
 from registry.names import Target
 from registry.offload import hash_update

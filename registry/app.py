@@ -1,0 +1,305 @@
+"""The app and the one place that wires the services together: `create_app(settings)`."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import redis
+import requests
+from flask import Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_flask_exporter import PrometheusMetrics
+from requests.adapters import HTTPAdapter
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+from registry import accesslog
+from registry.api import health, v2
+from registry.config import Settings, config_warnings, load_settings
+from registry.coordination import Coordination, connect
+from registry.coordination.tokens import SharedTokenCache
+from registry.coordination.upstream_health import UpstreamHealth
+from registry.digests import Digest, looks_like_digest
+from registry.errors import (
+    HostNotAllowed,
+    NotFound,
+    RegistryError,
+    Unsupported,
+    error_response,
+    redis_unavailable,
+    storage_failure,
+)
+from registry.gc import Collector
+from registry.hostnames import OPEN_PATHS, host_allowed, parse_allowed
+from registry.metrics import Metrics, scrape
+from registry.names import catalog_name
+from registry.pullthrough.service import PullThrough
+from registry.store import ContentStore, FilesystemDriver, StorageDriver
+from registry.store.tier import LocalTier
+from registry.ui.views import bp as ui_bp
+from registry.upstream.client import UpstreamClient
+
+log = logging.getLogger("registry")
+
+API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+
+
+def upstream_session(pool_size: int = 64) -> requests.Session:
+    """One pooled HTTP session per process, shared by every upstream client."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = "pullthrough/0.1"
+    # Upstream answers are byte-exact content: never let requests read proxies from .netrc.
+    session.trust_env = False
+    return session
+
+
+# S3 answers a CompleteMultipartUpload of a large object only when it is done (minutes).
+COMMIT_READ_TIMEOUT = 600.0
+
+
+def storage_driver(settings: Settings) -> StorageDriver:
+    """The configured storage: a directory, or an S3 bucket."""
+    s3 = settings.s3
+    if s3 is None:
+        return FilesystemDriver(settings.storage_root, settings.storage_file_mode)
+    from registry.store.s3 import S3Driver, s3_client
+
+    def client(read_timeout: float) -> Any:
+        return s3_client(
+            s3.endpoint,
+            s3.access_key,
+            s3.secret_key,
+            s3.region,
+            path_style=s3.path_style,
+            verify=s3.tls_verify,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=read_timeout,
+        )
+
+    return S3Driver(
+        client(settings.read_timeout),
+        s3.bucket,
+        prefix=s3.prefix,
+        part_size=s3.part_size,
+        endpoint=s3.endpoint or "",
+        commit_client=client(max(COMMIT_READ_TIMEOUT, settings.read_timeout)),
+    )
+
+
+def build_pullthrough(
+    settings: Settings, redis_client: redis.Redis | None = None, metrics: Metrics | None = None
+) -> PullThrough:
+    """The services behind the app, wired together (also used by the CLI and workers)."""
+    store = ContentStore(storage_driver(settings))
+    client = redis_client or connect(
+        settings, socket_timeout=5, connect_timeout=2, health_check_interval=30
+    )
+    coordination = Coordination(client, settings.lease_ttl)
+    session = upstream_session()
+    tokens = SharedTokenCache(client)
+    upstreams = {
+        registry.name: UpstreamClient(
+            registry,
+            session,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            metadata_timeout=settings.metadata_timeout,
+            tokens=tokens,
+            health=UpstreamHealth(
+                client,
+                registry.name,
+                failure_threshold=settings.breaker_failures,
+                window=settings.breaker_window,
+                backoff=settings.breaker_backoff,
+                probe_interval=settings.breaker_probe_interval,
+                max_retry_after=settings.rate_limit_max_backoff,
+            ),
+            metrics=metrics,
+            max_manifest_size=settings.max_manifest_size,
+        )
+        for registry in settings.registries
+    }
+    tier = local_tier(settings, metrics)
+    return PullThrough(settings, store, coordination, upstreams, metrics=metrics, tier=tier)
+
+
+def listen_for_deletions(pullthrough: PullThrough) -> threading.Thread:
+    """The GC's deletions reach this process's node tier as they happen (a greenlet under
+    gunicorn's gevent workers; every worker listens, a deletion is idempotent)."""
+    tiering = pullthrough.tiering
+    assert tiering is not None
+
+    def drop(digests: list[str]) -> None:
+        for text in digests:
+            if looks_like_digest(text):
+                tiering.forget(Digest.parse(text))
+
+    thread = threading.Thread(
+        target=lambda: pullthrough.coord.tiers.listen(drop), name="tier-deletions", daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def local_tier(settings: Settings, metrics: Metrics | None = None) -> LocalTier | None:
+    """The node's local tier of an S3 store (storage.s3.local_cache), when configured."""
+    if settings.s3 is None or settings.s3.local_cache is None:
+        return None
+    conf = settings.s3.local_cache
+    return LocalTier(
+        conf.path,
+        conf.max_size,
+        conf.low_watermark,
+        settings.storage_file_mode,
+        on_evict=(lambda _size: metrics.tier_evictions.inc()) if metrics is not None else None,
+    )
+
+
+def build_collector(settings: Settings, redis_client: redis.Redis | None = None) -> Collector:
+    """The GC of a cache's store and Redis: it needs no upstream client and no app."""
+    client = redis_client or connect(settings, socket_timeout=30, connect_timeout=5)
+    return Collector(
+        ContentStore(storage_driver(settings)),
+        Coordination(client, settings.lease_ttl),
+        settings.gc,
+        catalog_name=functools.partial(catalog_name, settings.default_registry),
+    )
+
+
+def clean_stale_uploads(pullthrough: PullThrough) -> None:
+    """Remove partial files left by dead fills (no live lease), keeping resumable ones fresh."""
+    coordination = pullthrough.coord
+    try:
+        coordination.ping()
+    except redis.RedisError:
+        log.warning("Redis unreachable at start-up: partial files are left for the next start")
+        return
+    try:
+        removed = pullthrough.store.clean_uploads(
+            lambda digest: coordination.leases.blob_held(digest),
+            min_age=4 * pullthrough.settings.lease_ttl,
+        )
+    except OSError as exc:  # the store is down: start anyway, and answer 503s naming it
+        log.warning("could not look for partial fills at start-up: %s", exc.strerror or exc)
+        return
+    if removed:
+        log.info("removed %d partial files left by dead fills", len(removed))
+
+
+def create_app(
+    settings: Settings | None = None, *, redis_client: redis.Redis | None = None
+) -> Flask:
+    if settings is None:
+        settings = load_settings()
+    accesslog.configure(os.environ.get("PULLTHROUGH_LOG_FORMAT", "text"))
+    app = Flask(__name__)
+    app.config["SETTINGS"] = settings
+    allowed_hosts = parse_allowed(settings.server_hosts)
+    for warning in config_warnings(settings):
+        log.warning("configuration: %s", warning)
+    metrics_registry = CollectorRegistry()
+    metrics = Metrics(metrics_registry)
+    pullthrough = build_pullthrough(settings, redis_client, metrics)
+    app.extensions["pullthrough"] = pullthrough
+    app.extensions["pullthrough_metrics"] = metrics
+    app.extensions["pullthrough_metrics_registry"] = metrics_registry
+    app.register_blueprint(v2.bp)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(ui_bp)
+    # Request counts and latency per route (url_rule), never per path: one digest per label
+    # value would explode. Blob transfers are timed where their bytes flow (api/v2.py).
+    PrometheusMetrics(
+        app,
+        path=None,
+        registry=metrics_registry,
+        group_by="url_rule",
+        defaults_prefix="pullthrough",
+        excluded_paths=["^/metrics$", "^/healthz$", "^/readyz$"],
+    )
+    registries = [r.name for r in settings.registries]
+
+    @app.get("/metrics")
+    def _metrics() -> Response:
+        body = scrape(pullthrough.coord, registries, metrics_registry, pullthrough.tier)
+        return Response(body, mimetype=CONTENT_TYPE_LATEST)
+
+    clean_stale_uploads(pullthrough)
+    if pullthrough.tier is not None:
+        # Copies whose process died: nothing served from them, their space back.
+        pullthrough.tier.clean_partials()
+        listen_for_deletions(pullthrough)
+
+    @app.errorhandler(RegistryError)
+    def _registry_error(error: RegistryError) -> Response:
+        return error_response(error, head=request.method == "HEAD")
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> Response:
+        if isinstance(error, MethodNotAllowed):
+            mapped: RegistryError = Unsupported(f"{request.method} is not supported here")
+        elif error.code == 404:
+            mapped = NotFound()
+        else:
+            mapped = RegistryError(error.description)
+            mapped.status = error.code or 400
+        return error_response(mapped, head=request.method == "HEAD")
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> Response:
+        refusal = storage_failure(error)
+        if refusal is not None:  # disk full: a clear 503, and serving resumes with space
+            log.error("storage failed on %s %s: %s", request.method, request.path, error)
+            return error_response(refusal, head=request.method == "HEAD")
+        if isinstance(error, redis.RedisError):  # Redis went away mid-request
+            unavailable = redis_unavailable(error)
+            return error_response(unavailable, head=request.method == "HEAD")
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(RegistryError("internal error"), head=request.method == "HEAD")
+
+    @app.before_request
+    def _take_turns() -> None:
+        g.started = time.monotonic()
+        if allowed_hosts and request.path not in OPEN_PATHS:
+            host = request.headers.get("Host")
+            if not host_allowed(allowed_hosts, host):
+                message = f"this cache does not answer to the host name {str(host)[:100]!r}"
+                raise HostNotAllowed(message, reason="host name not served here (server.hosts)")
+        if request.method not in HTTP_METHODS:
+            # Routing has refused it already (405); the request metrics' `method` label
+            # must not take any token a client makes up.
+            request.method = "OTHER"
+        # Under gevent a keep-alive connection whose next request is already buffered is
+        # served without ever yielding, starving the worker's other connections for
+        # seconds. One switch per request (time.sleep is gevent's under gunicorn) keeps the
+        # round robin fair.
+        time.sleep(0)
+
+    @app.after_request
+    def _access_log(response: Response) -> Response:
+        # Blob bodies are logged once their last byte has gone (api/v2.py); the rest here.
+        if not g.get("log_when_sent") and accesslog.enabled():
+            size = 0 if request.method == "HEAD" else response.content_length or 0
+            accesslog.Pending().write(response.status_code, size)
+        return response
+
+    @app.after_request
+    def _headers(response: Response) -> Response:
+        response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
+        if request.blueprint != "ui":  # the UI sets a policy of its own
+            # A manifest or blob is never a page: no type sniffing, no script, no origin.
+            response.headers["X-Content-Type-Options"] = "nosniff"
+            response.headers["Content-Security-Policy"] = "sandbox"
+        registry_name = g.get("registry")
+        if registry_name and request.args.get("ns"):
+            response.headers["OCI-Namespace"] = registry_name
+        return response
+
+    return app
