@@ -80,17 +80,17 @@ def storage_driver(settings: Settings) -> StorageDriver:
             s3.region,
             path_style=s3.path_style,
             verify=s3.tls_verify,
-            connect_timeout=settings.connect_timeout,
+            connect_timeout=settings.upstream.connect_timeout,
             read_timeout=read_timeout,
         )
 
     return S3Driver(
-        client(settings.read_timeout),
+        client(settings.upstream.read_timeout),
         s3.bucket,
         prefix=s3.prefix,
         part_size=s3.part_size,
         endpoint=s3.endpoint or "",
-        commit_client=client(max(COMMIT_READ_TIMEOUT, settings.read_timeout)),
+        commit_client=client(max(COMMIT_READ_TIMEOUT, settings.upstream.read_timeout)),
     )
 
 
@@ -102,28 +102,28 @@ def build_pullthrough(
     client = redis_client or connect(
         settings, socket_timeout=5, connect_timeout=2, health_check_interval=30
     )
-    coordination = Coordination(client, settings.lease_ttl)
+    coordination = Coordination(client, settings.upstream.lease_ttl)
     session = upstream_session()
     tokens = SharedTokenCache(client)
     upstreams = {
         registry.name: UpstreamClient(
             registry,
             session,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            metadata_timeout=settings.metadata_timeout,
+            connect_timeout=settings.upstream.connect_timeout,
+            read_timeout=settings.upstream.read_timeout,
+            metadata_timeout=settings.upstream.small_answer_timeout,
             tokens=tokens,
             health=UpstreamHealth(
                 client,
                 registry.name,
-                failure_threshold=settings.breaker_failures,
-                window=settings.breaker_window,
-                backoff=settings.breaker_backoff,
-                probe_interval=settings.breaker_probe_interval,
-                max_retry_after=settings.rate_limit_max_backoff,
+                failure_threshold=settings.upstream.breaker_failures,
+                window=settings.upstream.breaker_window,
+                backoff=settings.upstream.breaker_backoff,
+                probe_interval=settings.upstream.breaker_probe_interval,
+                max_retry_after=settings.upstream.rate_limit_max_backoff,
             ),
             metrics=metrics,
-            max_manifest_size=settings.max_manifest_size,
+            max_manifest_size=settings.upstream.max_manifest_size,
         )
         for registry in settings.registries
     }
@@ -168,7 +168,7 @@ def build_collector(settings: Settings, redis_client: redis.Redis | None = None)
     client = redis_client or connect(settings, socket_timeout=30, connect_timeout=5)
     return Collector(
         ContentStore(storage_driver(settings)),
-        Coordination(client, settings.lease_ttl),
+        Coordination(client, settings.upstream.lease_ttl),
         settings.gc,
         catalog_name=functools.partial(catalog_name, settings.default_registry),
     )
@@ -185,7 +185,7 @@ def clean_stale_uploads(pullthrough: PullThrough) -> None:
     try:
         removed = pullthrough.store.clean_uploads(
             lambda digest: coordination.leases.blob_held(digest),
-            min_age=4 * pullthrough.settings.lease_ttl,
+            min_age=4 * pullthrough.settings.upstream.lease_ttl,
         )
     except OSError as exc:  # the store is down: start anyway, and answer 503s naming it
         log.warning("could not look for partial fills at start-up: %s", exc.strerror or exc)

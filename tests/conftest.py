@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import redis as redis_lib
 
 from registry import create_app
-from registry.config import Credentials, RegistrySettings, Settings
+from registry.config import (
+    Credentials,
+    LimitsSettings,
+    RegistrySettings,
+    Settings,
+    UpstreamSettings,
+)
 from tests.support.fakes import FakeRegistry
 from tests.support.images import Pusher, standard_images
 from tests.support.servers import (
@@ -89,10 +97,18 @@ def forget_upstream_health(redis_server):
 
 
 def make_settings(root, redis_url, upstream_url, *, credentials=None, **overrides) -> Settings:
+    """Settings for one docker.io upstream; `overrides` name any setting of Settings, of its
+    `upstream` or of its `limits` section (`connect_timeout=2`, `max_fills=3`)."""
     registry = RegistrySettings(
         "docker.io", upstream_url, credentials=credentials, tag_ttl=overrides.pop("tag_ttl", 300)
     )
-    return Settings(storage_root=root, redis_url=redis_url, registries=(registry,), **overrides)
+    sections = {}
+    for name, cls in (("upstream", UpstreamSettings), ("limits", LimitsSettings)):
+        mine = {f.name for f in dataclasses.fields(cls)}
+        sections[name] = cls(**{k: overrides.pop(k) for k in list(overrides) if k in mine})
+    return Settings(
+        storage_root=root, redis_url=redis_url, registries=(registry,), **sections, **overrides
+    )
 
 
 @pytest.fixture

@@ -227,3 +227,101 @@ def test_the_sentinel_password_comes_from_the_file_or_the_environment():
     settings = settings_from_mapping(raw, env={"REDIS_SENTINEL_PASSWORD": "from-env"})
     assert settings.redis_sentinel_password == "from-env"
     assert "from-env" not in repr(settings)  # settings may be logged, secrets never
+
+
+# Each section's schema and the settings dataclass its keys land in (RedisSchema's and
+# StorageSchema's keys land in Settings under other names: SECTION_NAMES).
+SECTIONS = {
+    "UpstreamSchema": "UpstreamSettings",
+    "LimitsSchema": "LimitsSettings",
+    "GcSchema": "GcSettings",
+    "FollowSchema": "FollowSettings",
+    "FollowRuleSchema": "FollowRule",
+    "RegistrySchema": "RegistrySettings",
+    "S3Schema": "S3Settings",
+    "LocalCacheSchema": "LocalCacheSettings",
+    "TagRuleSchema": "TagRule",
+    "VerifySchema": "VerifyRule",
+    "RedisSchema": "Settings",
+    "StorageSchema": "Settings",
+    "ServerSchema": "Settings",
+    "SettingsSchema": "Settings",
+}
+SECTION_NAMES = {
+    ("RedisSchema", "url"): "redis_url",
+    ("RedisSchema", "sentinels"): "redis_sentinels",
+    ("RedisSchema", "master"): "redis_master",
+    ("RedisSchema", "sentinel_password"): "redis_sentinel_password",
+    ("StorageSchema", "root"): "storage_root",
+    ("StorageSchema", "min_free"): "min_free_bytes",
+    ("StorageSchema", "file_mode"): "storage_file_mode",
+    ("ServerSchema", "hosts"): "server_hosts",
+    ("RegistrySchema", "tag_ttl_overrides"): "tag_rules",
+}
+
+
+def _defaults(cls) -> dict[str, object]:
+    import dataclasses
+
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+
+
+def test_every_setting_has_its_default_in_one_place():
+    """A setting's default is written once, in registry/config/settings.py: no schema field
+    repeats one, and no constructor in registry/ or workers/ takes a parameter named like a
+    setting with a default of its own (it may name the setting's: `S3Settings.part_size`).
+    `upstream.parallel_ranges` once had three defaults, two of them different."""
+    import ast
+    import dataclasses
+
+    from marshmallow.utils import missing
+
+    from registry.config import schema, settings
+
+    twice = []
+    for schema_name, settings_name in SECTIONS.items():
+        fields = getattr(schema, schema_name)().fields
+        defaults = _defaults(getattr(settings, settings_name))
+        for key, field in fields.items():
+            name = SECTION_NAMES.get((schema_name, key), key)
+            if field.load_default is not missing and name in defaults:
+                twice.append(f"{schema_name}.{key} and {settings_name}.{name}")
+    assert not twice, twice
+
+    setting_names = {
+        f.name
+        for cls in vars(settings).values()
+        if dataclasses.is_dataclass(cls) and isinstance(cls, type)
+        for f in dataclasses.fields(cls)
+        if f.name in _defaults(cls) and f.name not in ("gc", "follow", "verify")
+    }
+    repeated = []
+    for path in sorted([*(ROOT / "registry").rglob("*.py"), *(ROOT / "workers").rglob("*.py")]):
+        if path.parent.name == "config":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            args = node.args
+            positional = args.posonlyargs + args.args
+            pairs = [
+                *zip(
+                    positional[len(positional) - len(args.defaults) :], args.defaults, strict=True
+                ),
+                *(
+                    (a, d)
+                    for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True)
+                    if d is not None
+                ),
+            ]
+            for arg, default in pairs:
+                named = isinstance(default, ast.Attribute) and default.attr == arg.arg
+                none = isinstance(default, ast.Constant) and default.value is None
+                if arg.arg in setting_names and not (named or none):
+                    where = f"{path.relative_to(ROOT)}:{node.lineno}"
+                    repeated.append(f"{where} {node.name}({arg.arg}={ast.unparse(default)})")
+    assert not repeated, repeated

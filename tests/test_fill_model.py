@@ -201,8 +201,10 @@ class Proc:
         self.slow_writes = False
         self.coord = ModelCoordination(model.redis, self)
         self.filler = BlobFiller(
-            model.store, self.coord, start_timeout=8, stall_timeout=6, spawn=self.spawn
-        )
+            model.store, self.coord, start_timeout=8, stall_timeout=6, spawn=self.spawn,
+            max_fills=1 << 30, max_fills_per_client=0, parallel_ranges=1,
+            range_min_size=32 << 20,
+        )  # fmt: skip
         self.upstream = model.upstream.view(self)
         original = self.filler._try_fetch
 

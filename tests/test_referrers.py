@@ -326,7 +326,7 @@ def test_the_gc_keeps_referrers_with_their_image_and_drops_them_with_it(
         assert client.get(f"/v2/refs/app/blobs/{digest}").status_code == 200
 
     store = ContentStore(FilesystemDriver(settings.storage_root))
-    coord = Coordination(redis_client, settings.lease_ttl)
+    coord = Coordination(redis_client, settings.upstream.lease_ttl)
     repo = "docker.io/refs/app"
     tags_dir = settings.storage_root / "repositories" / repo / "_manifests" / "tags"
     hour = 3600.0

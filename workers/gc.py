@@ -118,7 +118,7 @@ class GcScheduler(CronScheduler):
         super().__init__(connection=client, name="")
         self.interval = settings.gc.interval
         self.tick = settings.follow.tick
-        self.coord = Coordination(client, settings.lease_ttl)
+        self.coord = Coordination(client, settings.upstream.lease_ttl)
         self.register(sweep, QUEUE, interval=int(self.interval), job_timeout=JOB_TIMEOUT)
         if settings.follow.enabled:
             self.register(follow_tick, QUEUE, interval=max(1, int(self.tick)))

@@ -202,10 +202,10 @@ class BlobFiller:
         stall_timeout: float,
         spawn: Callable[[Callable[[], None]], object] | None = None,
         metrics: Metrics | None = None,
-        max_fills: int = 1 << 30,
-        max_fills_per_client: int = 0,
-        parallel_ranges: int = 1,
-        range_min_size: int = 32 << 20,
+        max_fills: int,
+        max_fills_per_client: int,
+        parallel_ranges: int,
+        range_min_size: int,
         node_copy: Callable[[Digest, int, int], NodeCopy | None] | None = None,
     ) -> None:
         self.store = store

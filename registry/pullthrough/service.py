@@ -107,7 +107,7 @@ class PullThrough:
             TierServing(
                 store,
                 tier,
-                stall_timeout=settings.read_timeout + 3 * settings.lease_ttl,
+                stall_timeout=settings.upstream.read_timeout + 3 * settings.upstream.lease_ttl,
                 metrics=metrics,
             )
             if tier is not None
@@ -126,32 +126,36 @@ class PullThrough:
         self.filler = filler or BlobFiller(
             store,
             coordination,
-            start_timeout=settings.connect_timeout + settings.read_timeout + settings.lease_ttl,
-            stall_timeout=settings.read_timeout + 3 * settings.lease_ttl,
+            start_timeout=settings.upstream.connect_timeout
+            + settings.upstream.read_timeout
+            + settings.upstream.lease_ttl,
+            stall_timeout=settings.upstream.read_timeout + 3 * settings.upstream.lease_ttl,
             metrics=metrics,
-            max_fills=settings.max_fills,
-            max_fills_per_client=settings.max_fills_per_client,
-            parallel_ranges=settings.parallel_ranges,
-            range_min_size=settings.range_min_size,
+            max_fills=settings.limits.max_fills,
+            max_fills_per_client=settings.limits.max_fills_per_client,
+            parallel_ranges=settings.upstream.parallel_ranges,
+            range_min_size=settings.upstream.range_min_size,
             node_copy=self.tiering.tap if self.tiering is not None else None,
         )
         self.metrics = metrics
         # How long a request waits for another's upstream ask of the same tag or list.
-        self.upstream_wait = settings.connect_timeout + 2 * settings.metadata_timeout
+        self.upstream_wait = (
+            settings.upstream.connect_timeout + 2 * settings.upstream.small_answer_timeout
+        )
         self.referrers_cache = ReferrersCache(
             store,
             self.upstream,
             self._spend,
             coordination.store.count,
             clock,
-            settings.max_stale,
+            settings.upstream.max_stale,
             lease=lambda target, subject: coordination.leases.tag(
                 str(target), f"referrers@{subject}"
             ),
             wait=self.upstream_wait,
-            max_bytes=settings.referrers_max_bytes,
-            max_descriptors=settings.referrers_max_descriptors,
-            fetches=settings.referrers_fetches,
+            max_bytes=settings.limits.referrers_max_bytes,
+            max_descriptors=settings.limits.referrers_max_descriptors,
+            fetches=settings.limits.referrers_fetches,
         )
         self.policy: SignaturePolicy | None = None
         if any(registry.verify for registry in settings.registries):
@@ -194,19 +198,23 @@ class PullThrough:
             return call()
         except UpstreamDenied as exc:
             self.coord.missing.remember(
-                repo_key, f"denied:{self.clock():.0f}:{exc.message}", self.settings.negative_ttl
+                repo_key,
+                f"denied:{self.clock():.0f}:{exc.message}",
+                self.settings.upstream.negative_ttl,
             )
             raise
         except (ManifestUnknown, BlobUnknown) as exc:
             self.coord.missing.remember(
-                ref_key, f"unknown:{self.clock():.0f}:{exc.message}", self.settings.negative_ttl
+                ref_key,
+                f"unknown:{self.clock():.0f}:{exc.message}",
+                self.settings.upstream.negative_ttl,
             )
             raise
 
     def _spend(self, client: str | None) -> None:
         """One upstream-reaching request of `client`, within limits.client_upstream_per_minute
         (so that one client cannot spend the whole upstream quota)."""
-        per_minute = self.settings.client_upstream_per_minute
+        per_minute = self.settings.limits.client_upstream_per_minute
         if not client or not per_minute:
             return
         wait = self.coord.limits.spend_upstream(client, per_minute)
@@ -396,7 +404,7 @@ class PullThrough:
         except RegistryError as exc:  # unreachable, 5xx, 429, denied: serve what we have
             if cached is not None and not isinstance(exc, ManifestUnknown):
                 age = self.clock() - cached[1].validated
-                max_stale = self.settings.max_stale
+                max_stale = self.settings.upstream.max_stale
                 if max_stale is None or age <= max_stale:
                     log.warning("serving stale %s:%s: %s", target, tag, exc.message)
                     return _replace_cache(cached[0], "stale")

@@ -43,6 +43,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO, cast
 
+from registry.config.settings import S3Settings, UpstreamSettings
 from registry.store import paths
 
 PIECE_DIGITS = 16  # piece keys sort by offset as strings
@@ -56,10 +57,10 @@ def s3_client(
     secret_key: str | None,
     region: str,
     *,
-    path_style: bool = True,
-    verify: bool | str = True,
-    connect_timeout: float = 5.0,
-    read_timeout: float = 30.0,
+    path_style: bool = S3Settings.path_style,
+    verify: bool | str = S3Settings.tls_verify,
+    connect_timeout: float = UpstreamSettings.connect_timeout,
+    read_timeout: float = UpstreamSettings.read_timeout,
     pool: int = 64,
 ) -> Any:
     """A boto3 S3 client for S3-compatible stores, old ones included."""
@@ -139,9 +140,9 @@ class S3Driver:
         client: Any,
         bucket: str,
         *,
-        prefix: str = "",
-        part_size: int = 8 << 20,
-        endpoint: str = "",
+        prefix: str = S3Settings.prefix,
+        part_size: int = S3Settings.part_size,
+        endpoint: str | None = S3Settings.endpoint,
         commit_client: Any = None,
     ) -> None:
         self.client = client

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from registry.config.settings import LocalCacheSettings
 from registry.digests import Digest
 from registry.store import paths
 from registry.store.filesystem import FilesystemDriver, LocalFollower
@@ -45,7 +46,7 @@ class LocalTier:
         self,
         root: Path,
         max_size: int,
-        low_watermark: float = 0.8,
+        low_watermark: float = LocalCacheSettings.low_watermark,
         file_mode: int = 0o640,
         on_evict: Callable[[int], None] | None = None,
     ) -> None:

@@ -24,7 +24,7 @@ from urllib.parse import SplitResult, parse_qsl, urljoin, urlsplit
 
 import requests
 
-from registry.config import RegistrySettings
+from registry.config import RegistrySettings, UpstreamSettings
 from registry.digests import Digest, looks_like_digest, parse_or_none
 from registry.errors import (
     BlobUnknown,
@@ -138,7 +138,7 @@ class UpstreamClient:
         tokens: Tokens | None = None,
         health: Health | None = None,
         metrics: Metrics | None = None,
-        max_manifest_size: int = 4 * 1024 * 1024,
+        max_manifest_size: int = UpstreamSettings.max_manifest_size,
     ) -> None:
         self.registry = registry
         self.session = session
