@@ -250,6 +250,10 @@ def _walk(root: str) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory, redis_server, upstream, images):
     """The cache (docker.io and the hostile evil.test), with alpine pulled from docker.io."""
+    import redis as redis_lib
+
+    # What earlier modules left (pulls the follower would follow) is not this rig's.
+    redis_lib.Redis.from_url(redis_server.url).flushall()
     hostile = HostileRegistry().start()
     base = tmp_path_factory.mktemp("fuzz")
     root = base / "store" / "data"

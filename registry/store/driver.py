@@ -1,5 +1,5 @@
 """The storage driver: a small byte-level interface (read, write-then-commit-or-discard,
-stat, walk, delete) that the filesystem (store/filesystem.py) and S3 (store/s3.py) drivers
+stat, walk, delete) that the filesystem (store/filesystem.py) and S3 (store/s3/) drivers
 implement, and the one test suite both pass (tests/test_drivers.py).
 
 Paths given to a driver are relative, `/`-separated and built only by store/paths.py from

@@ -16,7 +16,7 @@ Disk layout (the one place it is written down; `<root>` is `storage.root`):
         them: what a takeover does not fetch again), removed once it is whole (store/
         filesystem.py). On S3 this is a prefix: the fill's pieces,
         `uploads/<algo>/<hex>/<offset>` (16 digits), each `storage.s3.part_size` bytes but
-        the last (store/s3.py).
+        the last (store/s3/).
     <root>/uploads/<algo>/<hex>.<offset>
         Only on a filesystem without user attributes: a range of a parallel fill that arrived
         before the bytes in front of it, its bytes from <offset> (16 digits) on, moved into
