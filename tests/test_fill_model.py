@@ -52,7 +52,7 @@ from registry.coordination.leases import Leases
 from registry.digests import Digest
 from registry.errors import RegistryError
 from registry.names import Target
-from registry.pullthrough import fill as fill_module
+from registry.pullthrough.fetch import Fetcher
 from registry.pullthrough.fill import BlobFiller
 from registry.store import ContentStore, FilesystemDriver
 
@@ -378,16 +378,14 @@ def assert_the_model_finds_a_violation(redis_server, tmp_path) -> None:
         assert isinstance(error, AssertionError), error
 
 
-def mutate(monkeypatch, name: str, old: str, new: str) -> None:
-    source = textwrap.dedent(inspect.getsource(getattr(BlobFiller, name)))
-    assert old in source, f"the mutant no longer applies to BlobFiller.{name}"
+def mutate(monkeypatch, name: str, old: str, new: str, owner: type = BlobFiller) -> None:
+    """`owner.name` (BlobFiller's, or the Fetcher's) with `old` replaced by `new`."""
+    module = inspect.getmodule(owner)
+    source = textwrap.dedent(inspect.getsource(getattr(owner, name)))
+    assert old in source, f"the mutant no longer applies to {owner.__name__}.{name}"
     namespace: dict = {}
-    exec(
-        compile(source.replace(old, new), fill_module.__file__, "exec"),
-        vars(fill_module),
-        namespace,
-    )
-    monkeypatch.setattr(BlobFiller, name, namespace[name])
+    exec(compile(source.replace(old, new), module.__file__, "exec"), vars(module), namespace)
+    monkeypatch.setattr(owner, name, namespace[name])
 
 
 def test_the_model_catches_the_lease_let_go_before_the_failure_is_recorded(
@@ -395,9 +393,10 @@ def test_the_model_catches_the_lease_let_go_before_the_failure_is_recorded(
 ):
     mutate(
         monkeypatch,
-        "_run_fill",
+        "run",
         "reason, error = self._classify(fill, exc)\n",
         "reason, error = self._classify(fill, exc)\n        lease.release()\n",
+        owner=Fetcher,
     )
     assert_the_model_finds_a_violation(redis_server, tmp_path)
 

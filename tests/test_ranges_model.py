@@ -36,7 +36,7 @@ from hypothesis.stateful import (
 )
 
 from registry.digests import Digest
-from registry.pullthrough.fill import _hash_prefix
+from registry.pullthrough.fetch import _hash_prefix
 from registry.pullthrough.ranges import RangedUpload
 from registry.store import ContentStore, FilesystemDriver
 from registry.store.filesystem import UploadExtent
