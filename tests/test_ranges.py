@@ -133,7 +133,7 @@ def test_a_big_blob_is_fetched_as_concurrent_ranges_that_cover_it_once(cache, fa
 
 
 def _spread_line(cache, digest: str) -> re.Match | None:
-    """The fill's account of what more ranges got against one (ranges.RangedCopy)."""
+    """The fill's account of what more ranges got against one (range_workers.RangedCopy)."""
     return re.search(
         rf"(\d+) ranges of {digest} got ([\d.]+) MiB/s against ([\d.]+) MiB/s for one: "
         r"(one stream|all) go(?:es)? on",

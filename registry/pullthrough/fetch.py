@@ -35,10 +35,10 @@ from registry.metrics import Metrics
 from registry.names import Target
 from registry.offload import hash_update
 from registry.offload import spawn as spawn_thread
+from registry.pullthrough.range_workers import RangedCopy
 from registry.pullthrough.ranges import (
     MIN_SEGMENT,
     LeaseLost,
-    RangedCopy,
     RangedUpload,
     Segment,
 )
@@ -303,7 +303,7 @@ class Fetcher:
         return _Tee(hasher) if self.node_copy is not None else hasher
 
     def _copy_ranges(self, fill: _Fill) -> None:
-        """A parallel fill's workers, until every segment is in (ranges.RangedCopy)."""
+        """A parallel fill's workers, until every segment is in (range_workers.RangedCopy)."""
         ranged = fill.ranged
         assert ranged is not None and fill.stream is not None
         untaken = sum(1 for s in ranged.segments if not s.taken and not s.done)
