@@ -17,8 +17,9 @@ from registry.inventory import tag_rows
 from registry.mediatypes import MANIFEST_TYPES
 from registry.names import Target, resolve
 from registry.progress import Progress
+from registry.pullthrough.answers import Manifest
 from registry.pullthrough.manifests import walk
-from registry.pullthrough.service import Manifest, PullThrough
+from registry.pullthrough.service import PullThrough
 
 ACCEPT = list(MANIFEST_TYPES)
 

@@ -20,8 +20,9 @@ from registry.mediatypes import OCI_INDEX
 from registry.metrics import Metrics
 from registry.names import Target, resolve
 from registry.numbers import is_count
+from registry.pullthrough.answers import Blob
 from registry.pullthrough.manifests import parse_accept
-from registry.pullthrough.service import Blob, PullThrough
+from registry.pullthrough.service import PullThrough
 from registry.store.driver import FileSpan
 
 bp = Blueprint("v2", __name__)

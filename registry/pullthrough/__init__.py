@@ -6,14 +6,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from registry.pullthrough.service import Blob, Manifest, Prefetched, PullThrough
+    from registry.pullthrough.answers import Blob, Manifest, Prefetched
+    from registry.pullthrough.service import PullThrough
 
 __all__ = ["Blob", "Manifest", "Prefetched", "PullThrough"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
+    if name == "PullThrough":
         from registry.pullthrough import service
 
-        return getattr(service, name)
+        return service.PullThrough
+    if name in __all__:
+        from registry.pullthrough import answers
+
+        return getattr(answers, name)
     raise AttributeError(f"module 'registry.pullthrough' has no attribute {name!r}")

@@ -27,8 +27,9 @@ from registry.digests import Digest
 from registry.errors import ManifestUnknown, NameUnknown, RegistryError
 from registry.follow import FollowState, Pattern, parse_pattern, spread
 from registry.names import Repository, Tag, Target, is_tag, resolve
+from registry.pullthrough.answers import Manifest
 from registry.pullthrough.manifests import InvalidManifest, ManifestNode, manifest_node
-from registry.pullthrough.service import Manifest, PullThrough
+from registry.pullthrough.service import PullThrough
 from registry.store import TagRecord
 
 log = logging.getLogger(__name__)
