@@ -39,7 +39,7 @@ from registry.digests import Digest
 from registry.pullthrough.fetch import _hash_prefix
 from registry.pullthrough.ranges import RangedUpload
 from registry.store import ContentStore, FilesystemDriver
-from registry.store.filesystem import UploadExtent
+from registry.store.partial_files import UploadExtent
 
 SIZE = 200_000
 ALIGN = 4096
@@ -184,7 +184,7 @@ def _resume_ignoring_extents(self) -> None:
 
 
 def _write_in_place_unmarked(self, data: bytes, offset: int, keep: bool = True) -> None:
-    """filesystem.UploadExtent.pwrite, but the upload is not marked first."""
+    """partial_files.UploadExtent.pwrite, but the upload is not marked first."""
     os.pwrite(self.fd, data, self.offset + offset)
     self._end = max(self._end, self.offset + offset + len(data))
 

@@ -60,7 +60,8 @@ def test_a_fill_sends_its_bytes_to_the_disk_as_it_writes_them_not_at_its_commit(
     # (10% of memory): the commit's fdatasync then wrote all of them with the clients
     # waiting for the last byte (0.5 s of a 1 GiB fill). The file's own pages tell, whatever
     # else the machine writes.
-    from registry.store.filesystem import WRITEBACK_STEP, FilesystemDriver
+    from registry.store.filesystem import FilesystemDriver
+    from registry.store.partial_files import WRITEBACK_STEP
 
     driver = FilesystemDriver(tmp_path / "store")
     partial = driver.open_partial("uploads/sha256/" + "d" * 64)

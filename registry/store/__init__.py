@@ -6,6 +6,7 @@ it: registry/store/paths.py.
 
 from registry.store.content import ContentStore, TagRecord
 from registry.store.driver import StorageDriver
-from registry.store.filesystem import FilesystemDriver, PartialFile
+from registry.store.filesystem import FilesystemDriver
+from registry.store.partial_files import PartialFile
 
 __all__ = ["ContentStore", "FilesystemDriver", "PartialFile", "StorageDriver", "TagRecord"]

@@ -31,7 +31,8 @@ from typing import BinaryIO
 from registry.config.settings import LocalCacheSettings
 from registry.digests import Digest
 from registry.store import paths
-from registry.store.filesystem import FilesystemDriver, LocalFollower
+from registry.store.filesystem import FilesystemDriver
+from registry.store.partial_files import LocalFollower
 
 log = logging.getLogger(__name__)
 
