@@ -373,7 +373,7 @@ class Collector:
         report = self._counts(plan, skipped=skipped)
         # Commits of nodes that died mid-way leave multipart uploads behind on S3 (the
         # bucket's lifecycle rule does this too, where the store has one).
-        uploads += store.driver.abort_stale_multipart(max(self.policy.delay, STALE_MULTIPART))
+        uploads += store.abort_stale_commits(max(self.policy.delay, STALE_MULTIPART))
         report.update(deleted_blobs=deleted, freed_bytes=freed, deleted_uploads=uploads)
         return report
 

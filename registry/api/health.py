@@ -14,7 +14,6 @@ from flask import Blueprint, Response, current_app, jsonify
 from redis.exceptions import RedisError
 
 from registry.pullthrough.service import PullThrough
-from registry.store import paths
 
 bp = Blueprint("health", __name__)
 
@@ -47,10 +46,8 @@ def _checks(pt: PullThrough) -> tuple[bool, dict[str, dict]]:
         checks["redis"] = {"ok": True}
     except RedisError as exc:
         checks["redis"] = {"ok": False, "error": f"Redis unreachable: {type(exc).__name__}"}
-    probe = paths.temporary(f"readyz-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        pt.store.driver.write_atomic(probe, b"ok")
-        pt.store.driver.delete(probe)
+        pt.store.probe_writable(f"readyz-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         checks["storage"] = {"ok": True}
     except OSError as exc:
         checks["storage"] = {"ok": False, "error": f"storage not writable: {exc.strerror}"}

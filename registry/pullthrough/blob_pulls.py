@@ -73,7 +73,7 @@ class BlobPulls(PullThroughBase):
             except FileNotFoundError:
                 handle = None  # swept between the stat and the open: a miss after all
             if handle is not None:
-                if self.metrics is not None and self.store.driver.lookups_are_requests:
+                if self.metrics is not None and self.store.lookups_are_requests:
                     self.metrics.s3_blob_reads.labels("client").inc()  # S3, one per client
                 return Blob(digest, size, "hit", open_file=lambda: handle)
         upstream = self.upstream(target)

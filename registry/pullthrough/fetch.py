@@ -199,7 +199,7 @@ class Fetcher:
     def _open_or_resume(self, fill: _Fill) -> None:
         """Open the upstream stream and the upload: from the bytes an earlier fill left when
         upstream honours Range (their hash recomputed), else from the start."""
-        if self.parallel_ranges > 1 and self.store.driver.supports_extents:
+        if self.parallel_ranges > 1 and self.store.supports_extents:
             self._open_ranges(fill)
             return
         digest, upstream = fill.digest, fill.upstream
@@ -241,7 +241,7 @@ class Fetcher:
             start, ahead = ranged.prefix, ranged.next_extent(ranged.prefix)
         # The first range ends on the store's grid (S3: a multiple of part_size, the pieces of
         # all but huge blobs), so that the ranges after it can start on it too.
-        grid = self.store.driver.extent_alignment(0)
+        grid = self.store.extent_alignment(0)
         first = max(grid, self.range_min_size - self.range_min_size % grid)
         end = (ahead if ahead is not None else start + first) - 1
         fill.stream = stream = upstream.open_range(repository, str(digest), start, end)
@@ -266,7 +266,7 @@ class Fetcher:
         if stream.response is not None:
             fill.first = Segment(start, min(end + 1, total), start, taken=True)
             ranged.add(fill.first)
-        align = self.store.driver.extent_alignment(total)
+        align = self.store.extent_alignment(total)
         if fill.first is not None and fill.first.end < total and fill.first.end % align:
             # Ranges past the first would not start on the store's grid (S3's pieces of a
             # huge blob): the first range's stream goes on alone, in one more request.
@@ -343,7 +343,7 @@ class Fetcher:
             return
         assert fill.stream is not None and fill.upload is not None
         last_report = time.monotonic()
-        remote = self.store.driver.lookups_are_requests
+        remote = self.store.lookups_are_requests
         reported = -1
         for chunk in fill.stream.chunks():
             if fill.lease.lost:

@@ -194,7 +194,7 @@ class BlobFiller:
         takeovers = 0
         fetcher = False
         sleep = 0.002
-        remote = self.store.driver.lookups_are_requests
+        remote = self.store.lookups_are_requests
         while True:
             # The lease before the state, as in stream(): a free lease is then never read
             # with a record that predates its fetcher's failure.
@@ -252,7 +252,7 @@ class BlobFiller:
 
     def _flight(self, digest: Digest) -> FillRecord | None:
         """The record of the fill `in_flight` finds, or None."""
-        if not self.store.driver.lookups_are_requests:
+        if not self.store.lookups_are_requests:
             return None
         try:
             holder = self.coord.leases.blob_holder(digest)
@@ -317,8 +317,8 @@ class BlobFiller:
         again), never read into this process."""
         flight = self._flight(digest)
         handle = self.store.follow(digest, None, in_flight=flight is not None)
-        poll = self.store.driver.poll_interval
-        remote = self.store.driver.lookups_are_requests
+        poll = self.store.poll_interval
+        remote = self.store.lookups_are_requests
         if flight is not None:
             # Not in the bucket yet (the record says when it is), and the pieces the record
             # says are stored need no HEAD to be found.

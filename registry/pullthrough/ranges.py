@@ -120,10 +120,10 @@ class RangedUpload:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.in_place = self.store.driver.extents_in_place
+        self.in_place = self.store.extents_in_place
         # Taking an extent in (reads and hashing) goes off the gevent hub where the store is
         # a local disk; a request (S3) stays on it.
-        self._local = not self.store.driver.lookups_are_requests
+        self._local = not self.store.lookups_are_requests
         # Where the store is a local disk, the bytes in order are hashed on a thread of their
         # own, in order, while the hub reads on: waiting for each 256 KiB's hash left the
         # socket unread (a loopback fill's hub idle half its time). Waited for before an

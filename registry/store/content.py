@@ -75,6 +75,42 @@ class ContentStore:
         self._manifest_bytes = 0
         self._media_types: dict[str, str] = {}
 
+    # -- what the store is like (its driver's answers; nobody else reads the driver) -----------
+    @property
+    def lookups_are_requests(self) -> bool:
+        """A stat costs a network request (S3): followers ask Redis first, answers are
+        reused, and reads are counted."""
+        return self.driver.lookups_are_requests
+
+    @property
+    def poll_interval(self) -> float:
+        """How often a follower with nothing to send looks again, at most."""
+        return self.driver.poll_interval
+
+    @property
+    def supports_extents(self) -> bool:
+        """A fill may store ranges ahead of its bytes in order (a parallel fill)."""
+        return self.driver.supports_extents
+
+    @property
+    def extents_in_place(self) -> bool:
+        """Those ranges are part of the upload where they lie, not side files to copy in."""
+        return self.driver.extents_in_place
+
+    def extent_alignment(self, size: int) -> int:
+        """Where the ranges of a parallel fill of `size` bytes may start: multiples of this."""
+        return self.driver.extent_alignment(size)
+
+    def probe_writable(self, name: str) -> None:
+        """Write and delete a small temporary (readiness); OSError when the store cannot."""
+        probe = paths.temporary(name)
+        self.driver.write_atomic(probe, b"ok")
+        self.driver.delete(probe)
+
+    def abort_stale_commits(self, older_than: float) -> int:
+        """Abort the store's unfinished commits older than this (S3's multipart uploads)."""
+        return self.driver.abort_stale_multipart(older_than)
+
     # -- blobs -----------------------------------------------------------------------------
     @staticmethod
     def blob_path(digest: Digest) -> str:
