@@ -307,20 +307,20 @@ def test_one_tick_runs_at_a_time(tmp_path, redis_server, redis_client, upstream,
 
 def test_several_schedulers_enqueue_one_follow_tick(redis_client, tmp_path):
     from registry.config import Settings
-    from workers.gc import GcScheduler
+    from workers.gc import JobScheduler
 
     settings = Settings(
         storage_root=tmp_path,
         gc=GcSettings(interval=3600),
         follow=FollowSettings(images=(FollowRule("library/alpine:3"),), tick=30),
     )
-    first, second = GcScheduler(redis_client, settings), GcScheduler(redis_client, settings)
+    first, second = JobScheduler(redis_client, settings), JobScheduler(redis_client, settings)
     enqueued = first.enqueue_jobs() + second.enqueue_jobs()
     names = sorted(job.func_name for job in enqueued)
     assert names == ["workers.follow.tick", "workers.gc.sweep"]
     assert redis_client.llen("rq:queue:pullthrough") == 2
     # Within the tick, neither schedulers nor a restarted one enqueue another.
-    assert GcScheduler(redis_client, settings).enqueue_jobs() == []
+    assert JobScheduler(redis_client, settings).enqueue_jobs() == []
     assert redis_client.llen("rq:queue:pullthrough") == 2
 
 

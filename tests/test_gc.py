@@ -452,15 +452,15 @@ def test_dry_run_from_the_command_line_prints_what_would_go(config, store):
 
 def test_several_schedulers_enqueue_one_sweep_per_interval(redis_client, tmp_path):
     from registry.config import Settings
-    from workers.gc import GcScheduler
+    from workers.gc import JobScheduler
 
     settings_ = Settings(storage_root=tmp_path, gc=GcSettings(interval=3600))
-    first, second = GcScheduler(redis_client, settings_), GcScheduler(redis_client, settings_)
+    first, second = JobScheduler(redis_client, settings_), JobScheduler(redis_client, settings_)
     enqueued = first.enqueue_jobs() + second.enqueue_jobs()
     assert len(enqueued) == 1
     assert redis_client.llen("rq:queue:pullthrough") == 1
     # A scheduler (re)started within the interval does not enqueue another.
-    assert GcScheduler(redis_client, settings_).enqueue_jobs() == []
+    assert JobScheduler(redis_client, settings_).enqueue_jobs() == []
     assert first.enqueue_jobs() == [] and second.enqueue_jobs() == []
     assert redis_client.llen("rq:queue:pullthrough") == 1
 

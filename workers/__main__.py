@@ -21,7 +21,7 @@ import sys
 from registry.config import load_settings_or_report
 from registry.gc import command as gc_command
 from registry.memory import keep_chunk_memory
-from workers.gc import QUEUE, GcScheduler, collector, enqueue, redis_client, worker
+from workers.gc import QUEUE, JobScheduler, collector, enqueue, redis_client, worker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(client).work(burst=args.burst)
         return 0
     if args.command == "scheduler":
-        GcScheduler(client, settings).start()
+        JobScheduler(client, settings).start()
         return 0
     if args.enqueue:
         job = enqueue(client, dry_run=args.dry_run)

@@ -1,6 +1,6 @@
 """The GC job and the scheduling of the background jobs, on rq.
 
-`sweep` is the GC's rq job (the follower's is workers/follow.py's `tick`). `GcScheduler` is
+`sweep` is the GC's rq job (the follower's is workers/follow.py's `tick`). `JobScheduler` is
 rq's CronScheduler with the one thing it lacks: a Redis slot (`pt:gc:scheduled`, SET NX for
 0.9 x interval; `pt:follow:scheduled` for the follower's ticks) so that several schedulers,
 or one restarted, enqueue each interval's job once. The sweep itself also holds `pt:gc:lock`,
@@ -110,7 +110,7 @@ def enqueue(client: redis.Redis, dry_run: bool = False) -> Job:
     )
 
 
-class GcScheduler(CronScheduler):
+class JobScheduler(CronScheduler):
     """Enqueues the sweep every `gc.interval` seconds and, when something is followed, the
     follower's tick every `follow.tick` seconds, each once across all schedulers."""
 
