@@ -13,7 +13,7 @@ import yaml
 from playwright.sync_api import sync_playwright
 
 from registry.mediatypes import MANIFEST_TYPES
-from registry.ui import human_bytes
+from registry.ui.views import human_bytes
 from tests.support.servers import ROOT, Gunicorn, free_port, require, run_module
 
 ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
