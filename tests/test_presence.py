@@ -16,7 +16,7 @@ from registry.coordination import Coordination
 from registry.digests import Digest
 from registry.gc import Collector
 from registry.names import Target
-from registry.pullthrough.presence import Presence
+from registry.pullthrough.presence import MISS_HOLD, Presence
 from registry.store import ContentStore, FilesystemDriver
 
 TARGET = Target(RegistrySettings("docker.io", "https://docker.io"), "library/p")
@@ -115,13 +115,20 @@ def test_an_answer_lasts_at_most_ttl_and_nothing_is_reused_without_redis(tmp_pat
     assert store.asked == 4
 
 
-def test_a_missing_blob_is_never_remembered(tmp_path, redis_client):
+def test_a_missing_blob_is_held_only_for_a_moment(tmp_path, redis_client):
+    """A miss is the process's answer for MISS_HOLD (the requests of that moment go on to
+    the fill, which sees a commit in its record), then the store is asked again."""
+    now = [0.0]
     store = CountingStore(tmp_path / "data")
-    presence = Presence(store, Coordination(redis_client, 5.0).deletions, ttl=60)
+    presence = Presence(
+        store, Coordination(redis_client, 5.0).deletions, ttl=60, clock=lambda: now[0]
+    )
     digest = Digest.parse("sha256:" + hashlib.sha256(b"later").hexdigest())
     assert presence.asking().blob_size(digest) is None
     store.put_verified_bytes(digest, b"later")  # a fill committed it
-    assert presence.asking().blob_size(digest) == 5
+    assert presence.asking().blob_size(digest) is None and store.asked == 1
+    now[0] += MISS_HOLD
+    assert presence.asking().blob_size(digest) == 5 and store.asked == 2
 
 
 def test_requests_that_come_while_a_question_is_out_wait_for_its_answer(tmp_path, redis_client):

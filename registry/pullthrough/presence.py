@@ -6,9 +6,13 @@ local tier those were most of the gap to nginx serving the same file.
 An answer is reused only while nothing was deleted from the store since it was given (the
 `pt:deletions` token, coordination/deletions.py, read before asking: a deletion racing the
 question rewrites it afterwards) and for at most `ttl` seconds, which bounds what a deletion
-behind the cache's back (an operator, a bucket lifecycle rule) goes unseen. Only "it
-exists" is remembered: a miss is a fill, whose commit must be seen at once. With `ttl` 0, or
-when Redis does not answer, every question goes to the store.
+behind the cache's back (an operator, a bucket lifecycle rule) goes unseen. "It exists" is
+remembered so; a blob's miss only for MISS_HOLD: the requests that come meanwhile go on to
+the fill (fill.py), which asks the store again whenever no fill holds the blob's lease and
+learns of a commit from the fill's record. Without it, every request that came after the
+process's look and before the fill took its lease asked the bucket again, a window of
+milliseconds that stretches with the machine's load. With `ttl` 0, or when Redis does not
+answer, every question goes to the store.
 
 With `ttl` above 0 a question is also put once at a time per process: requests that come
 while the same one is out wait for its answer (a herd of 50 on a cold blob sent 50 HEADs of
@@ -30,6 +34,8 @@ from registry.names import Target
 from registry.store import ContentStore
 
 CAPACITY = 4096
+# How long one process takes the store's "no such blob" as its answer (see above).
+MISS_HOLD = 1.0
 
 T = TypeVar("T")
 
@@ -61,6 +67,7 @@ class Presence:
         # key -> (token, until, answer)
         self._known: OrderedDict[Hashable, tuple[str, float, int]] = OrderedDict()
         self._out: dict[Hashable, _Question] = {}  # questions being asked now
+        self._missing: OrderedDict[Hashable, tuple[str, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def asking(self) -> Asking:
@@ -107,6 +114,23 @@ class Presence:
         self._known.move_to_end(key)
         return answer
 
+    def recently_missing(self, key: Hashable, token: str | None) -> bool:
+        entry = self._missing.get(key) if token is not None else None
+        if entry is None:
+            return False
+        if entry[0] != token or self.clock() >= entry[1]:
+            self._missing.pop(key, None)
+            return False
+        return True
+
+    def remember_missing(self, key: Hashable, token: str | None) -> None:
+        if token is None:
+            return
+        self._missing[key] = (token, self.clock() + min(MISS_HOLD, self.ttl))
+        self._missing.move_to_end(key)
+        while len(self._missing) > self.capacity:
+            self._missing.popitem(last=False)
+
     def remember(self, key: Hashable, token: str | None, answer: int) -> None:
         if token is None:
             return
@@ -129,7 +153,13 @@ class Asking:
         return self.presence.recall(("blob", digest), self.token)
 
     def blob_size(self, digest: Digest) -> int | None:
-        return self._answer(("blob", digest), lambda: self.presence.store.blob_size(digest))
+        key = ("blob", digest)
+        if self.presence.recently_missing(key, self.token):
+            return None
+        size = self._answer(key, lambda: self.presence.store.blob_size(digest))
+        if size is None:
+            self.presence.remember_missing(key, self.token)
+        return size
 
     def is_linked(self, target: Target, digest: Digest) -> bool:
         key = ("link", str(target), digest)
