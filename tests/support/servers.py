@@ -69,8 +69,11 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10)
 
 
 # Every key name found in a test Redis before it was flushed or stopped, over the whole run:
-# test_redis_keys checks each against the documented key schema.
+# test_redis_keys checks each against the documented key schema. With several test processes
+# (pytest-xdist) each also appends what it found to the file KEYS_FILE names, which
+# tests/conftest.py sets up and checks once every process is done.
 KEYS_SEEN: set[str] = set()
+KEYS_FILE = "PULLTHROUGH_KEYS_SEEN"
 
 
 def record_keys(url: str, password: str | None = None) -> None:
@@ -78,8 +81,23 @@ def record_keys(url: str, password: str | None = None) -> None:
 
     with contextlib.suppress(redis_lib.RedisError):
         client = redis_lib.Redis.from_url(url, password=password, socket_timeout=2)
-        KEYS_SEEN.update(key.decode() for key in client.scan_iter(count=1000))
+        found = {key.decode() for key in client.scan_iter(count=1000)}
         client.close()
+        new = found - KEYS_SEEN
+        KEYS_SEEN.update(found)
+        shared = os.environ.get(KEYS_FILE)
+        if shared and new:
+            with open(shared, "a") as handle:  # one write: appends do not interleave
+                handle.write("".join(f"{key}\n" for key in sorted(new)))
+
+
+def keys_seen() -> set[str]:
+    """The keys this process saw, and every other test process too (where they share)."""
+    shared = os.environ.get(KEYS_FILE)
+    if not shared or not os.path.exists(shared):
+        return set(KEYS_SEEN)
+    with open(shared) as handle:
+        return KEYS_SEEN | {line.strip() for line in handle if line.strip()}
 
 
 class RedisServer:
