@@ -6,14 +6,10 @@ A fill reads its upstream body a MiB at a time (upstream/client.py BLOB_READ), e
 new bytes object, held until its hash and its disk write are done (offload.py). glibc's
 malloc serves a 1 MiB block from its heap once one was freed, but gives the heap's top back
 to the kernel whenever more than twice that lies free there, so the next reads fault fresh
-zeroed pages in: measured here, 25,000-53,000 page faults in the workers per GiB filled
-(8 clients streaming it), a fresh page for every 20-40 KiB read (265,000 per GiB, every
-page, for a bare read loop). On this virtual machine each fault costs about 3
-microseconds: 0.7 s of a 1 GiB read loop's 0.9 s.
-
-With the block size and the heap's slack fixed above what a fill holds at once, a 1 GiB
-fill takes 600-2,800 faults. What it costs: up to TRIM_THRESHOLD of freed heap stays mapped
-per malloc arena that held big blocks (the hub's thread; a pool thread taking a side extent
+zeroed pages in, a page fault for every few KiB read (the figures: docs/benchmarks.md).
+With the block size and the heap's slack fixed above what a fill holds at once, freed
+chunks are used again. What it costs: up to TRIM_THRESHOLD of freed heap stays mapped per
+malloc arena that held big blocks (the hub's thread; a pool thread taking a side extent
 in): resident size after a fill, not a higher peak.
 """
 

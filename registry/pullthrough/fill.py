@@ -143,11 +143,10 @@ class BlobFiller:
         what an unauthenticated client could pile up.
 
         `following`: the caller waited on a fill and decided, from what it read, to take it
-        over. That read may be stale by now (the model in tests/test_fill_model.py found a
-        follower deciding before a takeover and acting after that takeover's fill failed on
-        its digest), so the decision is checked again under the lease: a fetcher records its
-        failure before it lets the lease go, so the record read now is the last word, and a
-        failure no fetch can mend is the follower's answer, not a reason to fetch again."""
+        over. That read may be stale by now (a takeover may have come and failed on its
+        digest since), so the decision is checked again under the lease: a fetcher records
+        its failure before it lets the lease go, so the record read now is the last word, and
+        a failure no fetch can mend is the follower's answer, not a reason to fetch again."""
         lease = self.coord.leases.blob(digest)
         if not lease.acquire():
             return None
@@ -246,8 +245,8 @@ class BlobFiller:
     def in_flight(self, digest: Digest) -> bool:
         """Whether a fill of `digest` holds its lease and has not committed, where a look at
         the store is a request (S3): a request for it then joins the fill without asking the
-        bucket first (a herd of 50 sent 50 HEADs that could only say 404). False when Redis
-        does not answer: the store is asked, as without a fill."""
+        bucket first, whose answer could only be "not yet". False when Redis does not
+        answer: the store is asked, as without a fill."""
         return self._flight(digest) is not None
 
     def _flight(self, digest: Digest) -> FillRecord | None:

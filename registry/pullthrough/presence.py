@@ -15,9 +15,9 @@ milliseconds that stretches with the machine's load. With `ttl` 0, or when Redis
 answer, every question goes to the store.
 
 With `ttl` above 0 a question is also put once at a time per process: requests that come
-while the same one is out wait for its answer (a herd of 50 on a cold blob sent 50 HEADs of
-it, each asked before the fill it then joined held its lease). Only the request that asked
-remembers the answer, under its own token.
+while the same one is out wait for its answer, rather than each asking the bucket about a
+blob that a herd's first request is about to fill. Only the request that asked remembers the
+answer, under its own token.
 """
 
 from __future__ import annotations

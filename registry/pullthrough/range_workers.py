@@ -25,7 +25,7 @@ PROGRESS_INTERVAL = 0.2
 # each has its first byte, or after SPREAD_PATIENCE); unless they got at least SPREAD_GAIN
 # times the first range's rate (a link capped per connection: a CDN), the others finish the
 # segment each has and the fill goes on as one stream. On a link that is one shared cap,
-# more ranges only split it: the bytes in order, which clients are sent, came 4x slower.
+# more ranges only split it, and the bytes in order, which clients are sent, come slower.
 PROBE = 0.5
 SPREAD_WINDOW = 0.75
 SPREAD_PATIENCE = 3.0

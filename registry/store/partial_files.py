@@ -130,8 +130,7 @@ class _Written:
     def __init__(self, writes: WriteBehind | None = None) -> None:
         # One file's descriptors in one process share one writer (`writes`, owned by the
         # descriptor that made it): the kernel runs a file's writes one at a time anyway,
-        # and two threads only waited for each other's (a mark set while a range's write
-        # held the file's lock: 0.5 s of a 1 GiB fill).
+        # and two threads would only wait for each other's.
         self._owns_writes = writes is None
         self._writes = WriteBehind() if writes is None else writes
         self._unsynced: int | None = None  # where the bytes not yet sent to the disk begin
