@@ -69,7 +69,8 @@ def podman(tmp_path_factory, cache):
     client = Podman(tmp_path_factory.mktemp("podman"))
     mirror = f"127.0.0.1:{cache.port}"
     client.mirror({"docker.io": mirror, "limited.test": f"{mirror}/limited.test"})
-    return client
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="module")

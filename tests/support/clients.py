@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import requests
@@ -62,6 +64,9 @@ class Podman:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
+        # podman refuses a runroot of more than 50 characters (a test process's own temp dir
+        # under pytest-xdist is longer): a short one of its own, under /tmp.
+        self.runroot = Path(tempfile.mkdtemp(prefix="pt-podman-", dir="/tmp"))
         self.conf = workdir / "registries.conf"
         (workdir / "containers.conf").write_text(
             '[engine]\nevents_logger = "file"\ncgroup_manager = "cgroupfs"\n'
@@ -79,6 +84,9 @@ class Podman:
             )
         self.conf.write_text("\n\n".join(blocks) + "\n")
 
+    def close(self) -> None:
+        shutil.rmtree(self.runroot, ignore_errors=True)
+
     def run(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
         env = {
             **os.environ,
@@ -86,7 +94,7 @@ class Podman:
             "CONTAINERS_CONF": str(self.workdir / "containers.conf"),
         }
         base = [require("podman"), "--root", str(self.workdir / "root")]
-        base += ["--runroot", str(self.workdir / "run"), "--storage-driver", "vfs"]
+        base += ["--runroot", str(self.runroot), "--storage-driver", "vfs"]
         return subprocess.run(
             [*base, *args], env=env, capture_output=True, text=True, timeout=timeout
         )
