@@ -297,6 +297,9 @@ def test_service_returns_within_seconds_of_the_upstream_and_a_dead_one_gets_few_
         assert refused.reason.startswith("docker.io unreachable (")
         assert "not cached" in refused.reason
         assert 1 <= int(refused.headers["Retry-After"]) <= 2
+        # The first ones too, before the breaker opened: each says when to come back.
+        assert all(1 <= int(r.headers["Retry-After"]) <= 2 for r in statuses[:5])
+        assert all("retry in" in r.reason for r in statuses[:5])
 
         own.start()
         back = time.monotonic()

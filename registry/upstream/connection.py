@@ -175,8 +175,14 @@ class UpstreamConnection:
         where = (
             self.registry.url if host == self.registry.host else f"{self.registry.url} via {host}"
         )
+        later = ""
+        headers = {}
         if self.health is not None:
             self.health.failed(reason)
+            # From the first failure of an outage on, the client hears when a retry can
+            # reach the upstream again (the breaker's next probe), as once it is open.
+            wait = max(1, math.ceil(self.health.probe_wait()))
+            later, headers = f"; retry in {wait} s", {"Retry-After": str(wait)}
         log.info(
             "upstream registry=%s method=%s path=%s status=error reason=%r ms=%.1f",
             self.registry.name,
@@ -186,8 +192,9 @@ class UpstreamConnection:
             (time.monotonic() - started) * 1000,
         )
         raise UpstreamUnavailable(
-            f"upstream {self.registry.name} ({where}) {reason}",
-            reason=f"{self.registry.name} unreachable ({reason}), not cached",
+            f"upstream {self.registry.name} ({where}) {reason}{later}",
+            headers=headers,
+            reason=f"{self.registry.name} unreachable ({reason}), not cached{later}",
         )
 
     def _count(self, method: str, status: str) -> None:
