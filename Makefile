@@ -1,10 +1,10 @@
-# The README's commands: `make run` and `make test` (plus `make bench`, `make soak`, `make lint`).
+# The README's commands: `make run` and `make test` (plus `make check`, `make bench`, `make soak`, `make lint`).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint format bench bench-s3 soak clean
+.PHONY: run test check lint format bench bench-s3 soak clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -33,7 +33,16 @@ test: $(VENV)/.test-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 3 --dist loadfile
+
+# The edit-test loop: lint, types and the tests not marked slow (about a minute).
+check: $(VENV)/.test-deps
+	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry skopeo=skopeo \
+		promtool=prometheus htpasswd=apache2-utils
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -n 3 --dist loadfile -m "not slow"
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .

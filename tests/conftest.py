@@ -177,36 +177,43 @@ def s3_section(swift, prefix: str, **extra) -> dict:
     }
 
 
-# Test modules that take long, first: with several test processes (make test runs two) the
-# last module handed out is then a short one, and neither process waits long for the other.
-SLOW_FIRST = (
-    "test_real_clients",
-    "test_fill_model",
+# The test modules that take long (start daemons, clusters, models, browsers), longest first.
+# They are marked `slow` (`make check` leaves them out) and handed out first: with several
+# test processes (make test runs three) the last module handed out is then a short one.
+SLOW_MODULES = (
     "test_ranges",
     "test_tier",
+    "test_fill_model",
+    "test_real_clients",
     "test_faults",
-    "test_gc",
     "test_freshness",
     "test_resilience",
-    "test_cluster",
-    "test_ranges_model",
-    "test_containerd",
-    "test_follow",
-    "test_security",
     "test_admin",
+    "test_ranges_model",
+    "test_cluster",
+    "test_gc",
     "test_drivers",
+    "test_follow",
+    "test_referrers",
     "test_signatures",
+    "test_ui",
+    "test_make_run",
+    "test_sentinel",
+    "test_containerd",
 )
 
 
 def pytest_collection_modifyitems(items):
-    """Slow modules first; the check of every Redis key a run left against the documented
-    schema runs last."""
+    """Slow modules marked, and first; the check of every Redis key a run left against the
+    documented schema runs last."""
 
     def order(item) -> int:
         name = item.module.__name__.rpartition(".")[2]
-        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+        return SLOW_MODULES.index(name) if name in SLOW_MODULES else len(SLOW_MODULES)
 
+    for item in items:
+        if order(item) < len(SLOW_MODULES):
+            item.add_marker(pytest.mark.slow)
     items.sort(key=order)  # stable: each module's tests keep their order
     last = [item for item in items if item.module.__name__.endswith("test_redis_keys")]
     items[:] = [item for item in items if item not in last] + last
