@@ -86,7 +86,7 @@ class PullThroughBase:
             max_fills_per_client=settings.limits.max_fills_per_client,
             parallel_ranges=settings.upstream.parallel_ranges,
             range_min_size=settings.upstream.range_min_size,
-            node_copy=self.tiering.tap if self.tiering is not None else None,
+            node_copy=self.tiering.node_copy if self.tiering is not None else None,
         )
         self.metrics = metrics
         # How long a request waits for another's upstream ask of the same tag or list.

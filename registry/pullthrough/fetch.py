@@ -83,7 +83,7 @@ class NodeCopy(Protocol):
     def close(self) -> None: ...
 
 
-class _Tee:
+class _CopyingHasher:
     """A fill's hasher that also hands what it hashes (in order, from the blob's first
     byte) to the node's own copy, once one is attached."""
 
@@ -291,7 +291,7 @@ class Fetcher:
                 reason=f"{fill.registry} sent a blob without its size, not cached",
             )
         fill.total = total
-        if self.node_copy is not None and isinstance(fill.hasher, _Tee):
+        if self.node_copy is not None and isinstance(fill.hasher, _CopyingHasher):
             copy = self.node_copy(fill.digest, total, fill.hasher.pos)
             if copy is not None:
                 fill.copy = fill.hasher.copy = copy
@@ -300,7 +300,7 @@ class Fetcher:
 
     def _hasher(self, digest: Digest) -> Any:
         hasher = digest.hasher()
-        return _Tee(hasher) if self.node_copy is not None else hasher
+        return _CopyingHasher(hasher) if self.node_copy is not None else hasher
 
     def _copy_ranges(self, fill: _Fill) -> None:
         """A parallel fill's workers, until every segment is in (range_workers.RangedCopy)."""

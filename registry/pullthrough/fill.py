@@ -53,7 +53,7 @@ from registry.names import Target
 from registry.offload import spawn as spawn_thread
 from registry.pullthrough.fetch import READ_CHUNK, RECORDED_ERRORS, Fetcher, NodeCopy
 from registry.store import ContentStore
-from registry.store.driver import FileSpan, Follower
+from registry.store.driver import FileSpan, GrowingReader
 from registry.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ class BlobFiller:
             return None
         return record if _held_and_running(holder, record) else None
 
-    def _moved_on(self, digest: Digest, handle: Follower) -> bool:
+    def _moved_on(self, digest: Digest, handle: GrowingReader) -> bool:
         record = self.coord.fills.read(digest)
         handle.expect(_stored(record))
         return not record.active or not self.coord.leases.blob_held(digest)

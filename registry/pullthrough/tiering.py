@@ -8,7 +8,7 @@ every client of the node streams that copy as it grows (FileSpans, sent with sen
 last byte waits for the copy's verified rename. A fill still in progress is copied in the
 same way by following it (one follower of the fill per node instead of one per client),
 except on the node whose process fetches it: there the fill writes the copy itself
-(FillTap, from the bytes it hashes). A failure of that fill reaches the node's clients. A
+(TierNodeCopy, from the bytes it hashes). A failure of that fill reaches the node's clients. A
 copy whose process died is taken over by the next client that finds no live writer
 (resuming from its bytes).
 
@@ -82,7 +82,7 @@ class TierServing:
             log.info("local tier dropped %s: the bucket no longer has it", digest)
 
     # -- copying in --------------------------------------------------------------------------
-    def tap(self, digest: Digest, size: int, at: int) -> FillTap | None:
+    def node_copy(self, digest: Digest, size: int, at: int) -> TierNodeCopy | None:
         """The node's copy, for a fill this process runs to write from the bytes it hashes
         (`at` of them hashed already); None when a live process of the node holds the copy,
         it is in already, or it lacks bytes before `at` (a fill resumed mid-way: the copy
@@ -94,7 +94,7 @@ class TierServing:
             copy.close()
             return None
         self._errors.pop(digest, None)
-        return FillTap(self, copy)
+        return TierNodeCopy(self, copy)
 
     def ensure_copy(self, digest: Digest, size: int, source: Source | None = None) -> bool:
         """Start copying the blob in unless a live process of the node does; True when this
@@ -269,7 +269,7 @@ class TierServing:
                 handle.close()
 
 
-class FillTap:
+class TierNodeCopy:
     """The node's copy of a blob written by the fill that fetches it, in this process: the
     bytes the fill hashes, in order from the blob's first (pullthrough/fill.py), go to the
     copy too. The node's clients stream it as they would a copy from the bucket, with no

@@ -13,7 +13,7 @@ from registry.digests import Digest
 from registry.errors import RegistryError
 from registry.names import Tag, Target, is_tag
 from registry.store import paths
-from registry.store.driver import ExtentWriter, Follower, PartialWriter, StorageDriver
+from registry.store.driver import ExtentWriter, GrowingReader, PartialWriter, StorageDriver
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,8 +177,8 @@ class ContentStore:
         return self.driver.presign(self.blob_path(digest), expires)
 
     def follow(
-        self, digest: Digest, handle: Follower | None, *, in_flight: bool = False
-    ) -> Follower | None:
+        self, digest: Digest, handle: GrowingReader | None, *, in_flight: bool = False
+    ) -> GrowingReader | None:
         """The open file that holds the digest's bytes now: `handle` itself, or a newly
         opened one after a commit (the blob) or a restarted fill (a new upload file).
         `in_flight`: a fill's record says it has not committed, so its upload is followed

@@ -42,10 +42,10 @@ class StorageDriver(Protocol):
         follow while it grows; committed to its final path (`commit_to`, where known: S3
         assembles the commit there as the fill goes) in one step."""
 
-    def open_partial_read(self, path: str) -> Follower | None:
+    def open_partial_read(self, path: str) -> GrowingReader | None:
         """Follow what is at `path` (a partial or a committed blob); None when nothing is."""
 
-    def is_same_file(self, handle: Follower, path: str) -> bool | None:
+    def is_same_file(self, handle: GrowingReader, path: str) -> bool | None:
         """Whether `handle` follows what is now at `path`; None when nothing is there."""
 
     def partial_size(self, path: str) -> int | None:
@@ -156,7 +156,7 @@ class FileSpan:
         self.sent = 0
 
 
-class Follower(Protocol):
+class GrowingReader(Protocol):
     """Content read while it may still grow: a fill in progress, or a committed blob."""
 
     path: str

@@ -28,12 +28,12 @@ from typing import BinaryIO
 
 from registry.offload import WriteBehind
 from registry.store import paths
-from registry.store.driver import Follower
+from registry.store.driver import GrowingReader
 from registry.store.partial_files import (
     EXTENTS_XATTR,
     NO_MARK,
     PREFIX_XATTR,
-    LocalFollower,
+    LocalGrowingReader,
     PartialFile,
     UploadExtent,
     in_order,
@@ -163,15 +163,15 @@ class FilesystemDriver:
         if self._writers.get(path) is writes:
             del self._writers[path]
 
-    def open_partial_read(self, path: str) -> LocalFollower | None:
+    def open_partial_read(self, path: str) -> LocalGrowingReader | None:
         try:
-            return LocalFollower(path, open(self._local(path), "rb"))
+            return LocalGrowingReader(path, open(self._local(path), "rb"))
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def is_same_file(self, handle: Follower, path: str) -> bool | None:
+    def is_same_file(self, handle: GrowingReader, path: str) -> bool | None:
         # By inode: a restarted fill is a new file at the same path.
-        assert isinstance(handle, LocalFollower)  # this driver's own (open_partial_read)
+        assert isinstance(handle, LocalGrowingReader)  # this driver's own (open_partial_read)
         try:
             return os.stat(self._local(path)).st_ino == os.fstat(handle.fd).st_ino
         except (FileNotFoundError, NotADirectoryError):

@@ -95,7 +95,7 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
     return offset
 
 
-class LocalFollower:
+class LocalGrowingReader:
     """A file followed by descriptor: what it has grown to, or, while a parallel fill has
     written it past a gap, its bytes in order."""
 

@@ -32,7 +32,7 @@ from registry.config.settings import LocalCacheSettings
 from registry.digests import Digest
 from registry.store import paths
 from registry.store.filesystem import FilesystemDriver
-from registry.store.partial_files import LocalFollower
+from registry.store.partial_files import LocalGrowingReader
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class LocalTier:
                 os.utime(path)
         return handle
 
-    def follow(self, digest: Digest) -> LocalFollower | None:
+    def follow(self, digest: Digest) -> LocalGrowingReader | None:
         """The copy in progress (or done), as it grows."""
         for path in (self.partial_path(digest), self.blob_path(digest)):
             handle = self.disk.open_partial_read(path)
