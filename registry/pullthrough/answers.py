@@ -34,6 +34,29 @@ class Blob:
     redirect: str | None = None  # a presigned URL of the store that serves the bytes
     joined: bool = False  # a miss that streams another request's fill
 
+    def read_all(self, limit: int) -> bytes | None:
+        """The whole blob, read here (at most `limit` + 1 bytes of a file); None where only
+        the store's URL serves it (a redirect)."""
+        if self.stream is not None:
+            return b"".join(self.stream(0, self.size - 1))
+        if self.open_file is not None:
+            with self.open_file() as handle:
+                return handle.read(limit + 1)
+        return None
+
+    def drain(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Read a fill (or a node's copy) to its verified end, reporting (done, size); let an
+        open file go."""
+        if self.stream is None:
+            if self.open_file is not None:
+                self.open_file().close()
+            return
+        done = 0
+        for chunk in self.stream(0, self.size - 1):
+            done += len(chunk)
+            if progress is not None:
+                progress(done, self.size)
+
 
 @dataclass(frozen=True, slots=True)
 class Prefetched:

@@ -31,12 +31,9 @@ class BlobPulls(PullThroughBase):
                 f"blob {digest} of {target} is {found.size} bytes, more than {limit}",
                 reason=f"{target.registry.name} sent an oversized signature payload",
             )
-        if found.stream is not None:
-            return b"".join(found.stream(0, found.size - 1))
-        if found.open_file is not None:
-            with found.open_file() as handle:
-                return handle.read(limit + 1)
-        body = self.store.read_blob(digest)
+        body = found.read_all(limit)
+        if body is None:
+            body = self.store.read_blob(digest)
         if body is None:
             raise BlobUnknown(
                 f"blob {digest} vanished from the store", detail={"digest": str(digest)}
@@ -162,20 +159,12 @@ class BlobPulls(PullThroughBase):
         """Bring a blob into the cache as a client's pull would (the same fills, joined by
         any client meanwhile), reading it to its verified end; progress(done, size)."""
         found = self.blob(target, digest)
-        if found.stream is None:  # on disk: cached before, or a fill that finished at once
-            if found.open_file is not None:
-                found.open_file().close()
-            miss = found.cache == "miss"
-            if miss and progress is not None:
-                progress(found.size, found.size)
-            return Prefetched(found.size, miss, joined=False)
-        done = 0
-        for chunk in found.stream(0, found.size - 1):
-            done += len(chunk)
-            if progress is not None:
-                progress(done, found.size)
-        # A committed blob streamed through an S3 node's local tier is no miss.
-        return Prefetched(found.size, miss=found.cache == "miss", joined=found.joined)
+        on_disk = found.stream is None  # cached before, or a fill that finished at once
+        found.drain(progress)
+        miss = found.cache == "miss"  # a committed blob through a node's tier is no miss
+        if on_disk and miss and progress is not None:
+            progress(found.size, found.size)
+        return Prefetched(found.size, miss, joined=found.joined and not on_disk)
 
     def _entitle(self, target: Target, digest: Digest, client: str | None) -> None:
         """Same bytes cached or being fetched for another repository: this one may have them
