@@ -209,3 +209,58 @@ def test_a_blob_redirect_to_another_port_of_the_upstreams_own_host_is_refused(
         assert requests.get(f"{fake.url}/v2/", timeout=5).status_code == 200
     finally:
         fake.stop()
+
+
+@pytest.mark.parametrize(
+    "address", ["100.100.100.200", "100.64.0.1", "169.254.169.254", "10.1.2.3", "::ffff:127.0.0.1"]
+)
+def test_a_redirect_to_an_address_that_is_not_globally_routable_is_refused(
+    tmp_path, redis_server, redis_client, address
+):
+    """CGNAT and Tailscale's 100.64.0.0/10 (Alibaba's metadata service at 100.100.100.200)
+    are not private in `ipaddress`'s terms, and were followed: now whatever is not
+    globally routable is refused, checked before any connection."""
+    from registry.upstream.connection import UpstreamConnection
+
+    fake = FakeRegistry().start()
+    try:
+        connection = UpstreamConnection(
+            RegistrySettings("docker.io", fake.url),
+            requests.Session(),
+            connect_timeout=1,
+            read_timeout=1,
+        )
+        host = f"[{address}]" if ":" in address else address
+        with pytest.raises(Exception, match="not globally routable"):
+            connection._check_hop(f"http://{host}/latest/", f"{fake.url}/v2/x", "redirected")
+    finally:
+        fake.stop()
+
+
+def test_server_hosts_compare_ports_when_given_and_names_without_case(
+    tmp_path, redis_server, redis_client, upstream
+):
+    settings = make_settings(
+        tmp_path / "data", redis_server.url, upstream.url,
+        server_hosts=("Cache.LAN:5050", "mirror.lan", ".home.arpa"),
+    )  # fmt: skip
+    client = create_app(settings).test_client()
+
+    def status(host: str) -> int:
+        return client.get("/v2/", headers={"Host": host}).status_code
+
+    assert status("cache.lan:5050") == 200 and status("CACHE.lan:5050") == 200
+    assert status("cache.lan:5051") == 400 and status("cache.lan") == 400
+    assert status("mirror.lan") == 200 and status("MIRROR.LAN:8080") == 200
+    assert status("nas.home.arpa:5050") == 200 and status("evil.arpa") == 400
+    # Probes name the pod's address: health answers under any name.
+    assert client.get("/healthz", headers={"Host": "10.244.0.7:5050"}).status_code == 200
+
+
+def test_per_client_limits_count_an_ipv6_client_by_its_64():
+    from registry.coordination.limits import client_key
+
+    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:bbbb::9")
+    assert client_key("2001:db8:1:2::1") != client_key("2001:db8:1:3::1")
+    assert client_key("192.0.2.7") == "192.0.2.7"
+    assert client_key("::ffff:192.0.2.7") == "192.0.2.7"
