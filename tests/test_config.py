@@ -54,16 +54,21 @@ def test_credentials_file_in_the_zot_shape_is_used_and_never_shown(tmp_path):
     assert "s3cret" not in repr(settings)
 
 
-def test_check_config_exits_non_zero_and_names_the_key(tmp_path):
-    config = tmp_path / "bad.yaml"
-    config.write_text("registries:\n  - name: docker.io\n    url: not-a-url\n")
-    result = subprocess.run(
+def check_config(config) -> subprocess.CompletedProcess:
+    """`python -m registry check-config` of the file `config`, as an operator runs it."""
+    return subprocess.run(
         [sys.executable, "-m", "registry", "check-config"],
         cwd=ROOT,
         env={"PULLTHROUGH_CONFIG": str(config), "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
     )
+
+
+def test_check_config_exits_non_zero_and_names_the_key(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("registries:\n  - name: docker.io\n    url: not-a-url\n")
+    result = check_config(config)
     assert result.returncode == 2
     assert "registries.0.url" in result.stderr
 
@@ -89,13 +94,7 @@ def test_check_config_warns_of_a_verify_rule_that_can_match_no_repository(tmp_pa
             }
         )
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "registry", "check-config"],
-        cwd=ROOT,
-        env={"PULLTHROUGH_CONFIG": str(config), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-    )
+    result = check_config(config)
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 3, result.stdout
