@@ -68,9 +68,6 @@ class Verdict(StrEnum):
     MISMATCH = "mismatch"
     UNKNOWN_KEY = "unknown_key"
     UNSIGNED = "unsigned"
-    # Not a check's finding: a manifest the policy reached as a signature, attestation or
-    # referrer of an image it checked, served as that (registry/pullthrough/policy.py).
-    ATTACHED = "attached"
 
 
 # The cause as people read it: the reason phrase of a 403, the log, the UI.
@@ -79,7 +76,6 @@ REASONS = {
     Verdict.MISMATCH: "signature does not match",
     Verdict.UNKNOWN_KEY: "signed by an unknown key",
     Verdict.UNSIGNED: "unsigned",
-    Verdict.ATTACHED: "an attachment of a checked image",
 }
 
 

@@ -49,7 +49,8 @@ class Tag(str):
         return str.__new__(cls, value)
 
 
-_REGISTRY_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?")
+# A configured registry name: a host name, maybe with a port (`docker.io`, `reg.lan:5000`).
+REGISTRY_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?")
 
 
 @lru_cache(maxsize=8192)
@@ -57,7 +58,7 @@ def stored_repository(repo: str) -> str:
     """`<registry>/<repository>` as the store files it, checked (NameInvalid else): a
     registry name as the config admits one, then a Repository."""
     registry, sep, name = repo.partition("/")
-    if not sep or not _REGISTRY_NAME.fullmatch(registry):
+    if not sep or not REGISTRY_NAME.fullmatch(registry):
         raise NameInvalid(detail={"name": repo[:300]})
     Repository(name)
     return repo

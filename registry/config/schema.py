@@ -12,8 +12,7 @@ from marshmallow import Schema, ValidationError, fields, pre_load, validate, val
 
 from registry.config.settings import DEFAULT_REGISTRY, VerifyMode
 from registry.hostnames import split_host
-
-_REGISTRY_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?")  # as names.py
+from registry.names import REGISTRY_NAME
 
 
 def _url(value: str) -> None:
@@ -72,7 +71,7 @@ class VerifySchema(Schema):
 
 
 class RegistrySchema(Schema):
-    name = fields.String(required=True, validate=validate.Regexp(_REGISTRY_NAME))
+    name = fields.String(required=True, validate=validate.Regexp(REGISTRY_NAME))
     url = fields.String(load_default=None, validate=_url)
     username = fields.String(load_default=None)
     password = fields.String(load_default=None)

@@ -14,10 +14,10 @@ import redis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
+from registry.config.settings import UpstreamSettings
+
 PREFIX = "pt:"
 RATELIMIT_TTL = 24 * 3600
-# The default cap of a 429's back-off (upstream.rate_limit_max_backoff).
-MAX_RETRY_AFTER = 900.0
 
 
 def upstream_key(registry: str, what: str) -> str:
@@ -68,8 +68,8 @@ class UpstreamHealth:
         failure_threshold: int,
         window: float,
         backoff: float,
-        probe_interval: float = 2.0,
-        max_retry_after: float = MAX_RETRY_AFTER,
+        probe_interval: float = UpstreamSettings.breaker_probe_interval,
+        max_retry_after: float = UpstreamSettings.rate_limit_max_backoff,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.max_retry_after = max_retry_after

@@ -349,13 +349,12 @@ class Follower:
         """Fetch a blob through the cache's fills (joined by any client asking meanwhile);
         the bytes this fetch brought from upstream. BudgetSpent when `size` more bytes would
         go past follow.max_bytes in this window."""
-        if self.pt.store.blob_size(digest) is None:
-            spent, ends = self.follows.spent()
-            if spent + size > self.settings.max_bytes:
-                raise BudgetSpent(
-                    f"{spent} of follow.max_bytes {self.settings.max_bytes} fetched in this "
-                    f"window, {size} more needed: next window (in {ends:.0f} s)"
-                )
+        spent, ends = self.follows.spent()
+        if spent + size > self.settings.max_bytes and self.pt.store.blob_size(digest) is None:
+            raise BudgetSpent(
+                f"{spent} of follow.max_bytes {self.settings.max_bytes} fetched in this "
+                f"window, {size} more needed: next window (in {ends:.0f} s)"
+            )
         progress = self.progress
 
         def report(done: int, size: int) -> None:

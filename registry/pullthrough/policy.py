@@ -130,7 +130,8 @@ class SignaturePolicy:
     def _attachments(self, rule: VerifyRule, target: Target, subject: Digest) -> set[Digest]:
         """What the policy reaches as attachments of `subject` (recorded for the referrers
         TTL): its `.sig` manifest, its referrers, and the referrers tag schema's index."""
-        found = {digest for digest, _ in self._signature_manifests(target, subject)}
+        legacy = self.source.signature_manifest(target, signature_tag(subject))
+        found = {legacy[0]} if legacy is not None else set()
         found.update(
             digest
             for descriptor in self.source.referrer_descriptors(target, subject)
@@ -147,7 +148,7 @@ class SignaturePolicy:
     def verdict(self, rule: VerifyRule, target: Target, digest: Digest, body: bytes) -> Finding:
         """What a check of `digest` found: the one shared in Redis, else a check made now."""
         stored = self.verdicts.read(rule.key_set, [digest])[0]
-        if stored is not None and stored.verdict != Verdict.ATTACHED:
+        if stored is not None:
             try:
                 return Finding(Verdict(stored.verdict), stored.detail)
             except ValueError:

@@ -16,8 +16,9 @@ import requests
 from registry.digests import looks_like_digest
 from registry.numbers import count_or_none, is_count
 
-# The longest upstream Retry-After we take in: a day (the breaker caps it further).
-MAX_RETRY_AFTER = 86400
+# The longest upstream Retry-After parsed as one: a day (the breaker caps it further, at
+# upstream.rate_limit_max_backoff).
+LONGEST_RETRY_AFTER = 86400
 
 
 def not_global(address: str) -> bool:
@@ -95,7 +96,7 @@ def retry_after(value: str | None) -> float | None:
     text = (value or "").strip()
     seconds = count_or_none(text)
     if seconds is not None:
-        return float(min(seconds, MAX_RETRY_AFTER))
+        return float(min(seconds, LONGEST_RETRY_AFTER))
     if not text or len(text) > 64:
         return None
     try:
@@ -104,7 +105,7 @@ def retry_after(value: str | None) -> float | None:
         return None
     if when.tzinfo is None:
         return None
-    return min(max(0.0, when.timestamp() - time.time()), MAX_RETRY_AFTER)
+    return min(max(0.0, when.timestamp() - time.time()), LONGEST_RETRY_AFTER)
 
 
 def connection_reason(exc: Exception) -> str:
