@@ -15,8 +15,10 @@ import time
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from registry.mediatypes import MANIFEST_TYPES
+from tests.support.images import Pusher, make_layer, single
 from tests.support.servers import Gunicorn, ThrottledRelay
 
 ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
@@ -129,6 +131,64 @@ def test_a_client_streaming_another_requests_fill_is_logged_as_joined(cache, ima
     assert sorted(f["cache"] for f in logged) == ["joined", "miss"]
     assert sorted(int(f["bytes"]) for f in logged) == sorted(sizes)
     assert sizes == [len(image.blobs[layer])] * 2
+
+
+def served_blob_bytes(cache) -> float:
+    text = requests.get(f"{cache.url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "pullthrough_served_bytes_total" and sample.labels["kind"] == "blob"
+    )
+
+
+def read_and_leave(url: str, keep: int) -> int:
+    """GET `url` on a socket with a small receive buffer, read `keep` bytes of the body and
+    close: a client that gives up (curl ^C, a pull cancelled). Returns the body bytes read."""
+    host, port = url.split("/")[2].split(":")
+    path = "/" + url.split("/", 3)[3]
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        body = len(data.split(b"\r\n\r\n", 1)[1])
+        while body < keep:
+            body += len(sock.recv(65536))
+    return body
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["hit-sendfile", "miss-stream"])
+def test_an_aborted_download_is_logged_and_counted_with_the_bytes_that_left(
+    cache, images, upstream, token_server, cached
+):
+    """curl stopped after 3.9 MB of a 20 MB blob was logged as 20 MB: the sendfile path
+    reported the size asked for. The log and /metrics say what left."""
+    image = images["big"]
+    if not cached:  # a blob nothing has fetched yet, streamed over the slow link
+        image = single("library/abort", "1", [make_layer(31, 24 << 20, "a.bin")], docker=True)
+        Pusher(upstream.url, token_server.realm, token_server.service).push(image)
+    prefix = "" if cached else "slow.test/"
+    base = f"{cache.url}/v2/{prefix}{image.repository}"
+    requests.get(f"{base}/manifests/{image.tag}", headers=ACCEPT, timeout=30).raise_for_status()
+    layer = max(image.blobs, key=lambda d: len(image.blobs[d]))
+    size = len(image.blobs[layer])
+    if cached:
+        assert len(requests.get(f"{base}/blobs/{layer}", timeout=60).content) == size
+    before = served_blob_bytes(cache)
+    mark = len(cache.log())
+    received = read_and_leave(f"{base}/blobs/{layer}", 2 << 20)
+    (line,) = [f for f in settle(cache, 1, mark) if f["reference"] == layer]
+    assert line["cache"] == ("hit" if cached else "miss")
+    logged = int(line["bytes"])
+    # What left: what the client read, plus at most what the two sockets' buffers held.
+    assert received <= logged < received + (12 << 20) < size, (received, logged, size)
+    deadline = time.monotonic() + 5
+    while served_blob_bytes(cache) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served_blob_bytes(cache) - before == logged
 
 
 def test_client_controlled_text_cannot_forge_a_line(cache):

@@ -217,6 +217,8 @@ class _SpanBody:
         self._sent = sent
         self._source = source
         self.count = 0
+        # The span being sent when the client went: the part of it that left counts.
+        self._sending: bytes | FileSpan | None = None
         # gunicorn seeks the descriptor it is given before and after sendfile.
         self._null = os.open(os.devnull, os.O_RDONLY)
 
@@ -225,7 +227,9 @@ class _SpanBody:
 
     def spans(self) -> Iterator[bytes | FileSpan]:
         for item in self._items:
+            self._sending = item
             yield item
+            self._sending = None
             self.count += item.sent if isinstance(item, FileSpan) else len(item)
 
     def read(self, size: int = FILE_CHUNK) -> bytes:
@@ -241,6 +245,8 @@ class _SpanBody:
         return b""
 
     def close(self) -> None:
+        if isinstance(self._sending, FileSpan):
+            self.count += self._sending.sent
         close = getattr(self._items, "close", None)
         if close is not None:
             close()  # the stream's own clean-up (its open file) now
@@ -260,9 +266,10 @@ def _body(
     wrapper = request.environ.get("wsgi.file_wrapper")
     if wrapper is not None and "gunicorn.socket" in request.environ and _has_fd(handle):
         # gunicorn sends at most Content-Length bytes from the current offset (sendfile), and
-        # closes the wrapper after the last one: that is when the transfer is counted.
+        # closes the wrapper after the last one or once the client has gone: that is when
+        # the bytes that left are counted.
         return _counting_wrapper(wrapper)(
-            handle, FILE_CHUNK, sent=sent, size=end - start + 1, source=source
+            _Progress(handle, start), FILE_CHUNK, sent=sent, size=end - start + 1, source=source
         )
     return _counted(_read_range(handle, start, end), sent, source)
 
@@ -276,13 +283,46 @@ def _has_fd(handle: BinaryIO) -> bool:
 
 
 def _counted(chunks: Iterator[bytes], sent: _Sent, source: str) -> Iterator[bytes]:
+    """`chunks`, counting a chunk once the server asks for the next one: it has written it
+    by then. A client that goes mid-chunk leaves that chunk uncounted."""
     size = 0
     try:
         for chunk in chunks:
-            size += len(chunk)
             yield chunk
+            size += len(chunk)
     finally:
         sent.done(source, size)
+
+
+class _Progress:
+    """A blob's open file as the server sends it, knowing how much of it has left.
+
+    Every sendfile (gevent's, the standard library's, serving.zero_copy_sendfile) seeks the
+    file to where it got, whether it finished or the client went; a server that reads the
+    file instead has sent what it read before asking for more."""
+
+    def __init__(self, handle: BinaryIO, start: int) -> None:
+        self._handle = handle
+        self._start = start
+        self.sent = 0
+
+    def fileno(self) -> int:
+        return self._handle.fileno()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        position = self._handle.seek(offset, whence)
+        self.sent = max(self.sent, position - self._start)
+        return position
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        self.sent = max(self.sent, self._handle.tell() - self._start)
+        return self._handle.read(size)
+
+    def close(self) -> None:
+        self._handle.close()
 
 
 _WRAPPERS: dict[type, type] = {}
@@ -294,15 +334,15 @@ def _counting_wrapper(base: type) -> type:
 
         class Counting(base):
             def __init__(
-                self, filelike: BinaryIO, blksize: int, *, sent: _Sent, size: int, source: str
+                self, filelike: _Progress, blksize: int, *, sent: _Sent, size: int, source: str
             ) -> None:
                 super().__init__(filelike, blksize)
                 # The base sets `self.close = filelike.close` per instance: replace that.
                 self.close = lambda: self._count_and_close(filelike, sent, size, source)
 
             @staticmethod
-            def _count_and_close(filelike: BinaryIO, sent: _Sent, size: int, source: str) -> None:
-                sent.done(source, size)
+            def _count_and_close(filelike: _Progress, sent: _Sent, size: int, source: str) -> None:
+                sent.done(source, min(filelike.sent, size))
                 filelike.close()
 
         _WRAPPERS[base] = Counting
