@@ -18,6 +18,8 @@ keepalive = 75
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("PULLTHROUGH_LOG_LEVEL", "info")
+# gunicorn's own lines in pullthrough's format (PULLTHROUGH_LOG_FORMAT: text or json).
+logger_class = "registry.serving.GunicornLogger"
 control_socket_disable = True  # one path in $HOME shared by every instance: not wanted
 
 # Metrics from every worker are summed through files in this directory (prometheus_client's
@@ -43,34 +45,18 @@ def child_exit(server, worker):
 
 
 def post_worker_init(worker):
-    # pullthrough's own lines (one per request on registry.access, one per upstream call,
-    # fills, GC) go to gunicorn's error stream with the same level.
-    import logging
-    import sys
-
-    # A log line per request is on the hot path: skip the caller lookup (a stack walk per
-    # record) and the thread/process-name fields nobody prints.
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s %(message)s")
-    )
-    logger = logging.getLogger("registry")
-    logger.addHandler(handler)
-    logger.setLevel(loglevel.upper())
-    logger.propagate = False
-
+    # pullthrough's own lines take their format and level from the app (registry/logs.py).
     # SIGTERM closes idle keep-alive connections at once; in-flight responses finish.
     from registry.serving import (
         cheap_date_header,
+        greenlet_errors_logged,
         headers_with_body,
         prompt_graceful_stop,
         tls_on_plain_port,
         zero_copy_sendfile,
     )
 
+    greenlet_errors_logged()
     tls_on_plain_port(worker)
     prompt_graceful_stop(worker)
     zero_copy_sendfile()

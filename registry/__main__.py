@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
 import redis
 
-from registry import admin, build_pullthrough, compose
+from registry import admin, build_pullthrough, compose, logs
 from registry.config import config_warnings, load_settings_or_report
 from registry.gc import GcBusy
 from registry.gc import command as gc_command
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def admin_command(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    logs.configure(quiet=True)
     settings = load_settings_or_report()
     if settings is None:
         return 2

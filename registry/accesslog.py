@@ -43,10 +43,8 @@ FIELDS = (
 
 
 def configure(log_format: str) -> None:
-    """`text` (key=value) or `json`; from PULLTHROUGH_LOG_FORMAT in create_app."""
+    """`text` (key=value) or `json`: logs.configure passes PULLTHROUGH_LOG_FORMAT."""
     global _json
-    if log_format not in ("text", "json"):
-        raise ValueError(f"PULLTHROUGH_LOG_FORMAT must be text or json, not {log_format!r}")
     _json = log_format == "json"
 
 
@@ -138,7 +136,10 @@ def write(message: str) -> None:
     millis = int((now - second) * 1000)
     if _json and message.startswith("{"):
         # One JSON object per line: the time and process go inside it.
-        line = f'{{"time":"{_stamp[1]},{millis:03d}","pid":{os.getpid()},{message[1:]}\n'
+        line = (
+            f'{{"time":"{_stamp[1]},{millis:03d}","pid":{os.getpid()},"level":"INFO",'
+            f'"logger":"registry.access",{message[1:]}\n'
+        )
     else:
         line = f"{_stamp[1]},{millis:03d} [{os.getpid()}] INFO registry.access {message}\n"
     sys.stderr.write(line)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
 from typing import Any
@@ -17,7 +16,7 @@ from prometheus_flask_exporter import PrometheusMetrics
 from requests.adapters import HTTPAdapter
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from registry import accesslog
+from registry import accesslog, logs
 from registry.api import health, v2
 from registry.config import Settings, config_warnings, load_settings
 from registry.coordination import Coordination, connect
@@ -199,7 +198,7 @@ def create_app(
 ) -> Flask:
     if settings is None:
         settings = load_settings()
-    accesslog.configure(os.environ.get("PULLTHROUGH_LOG_FORMAT", "text"))
+    logs.configure()
     app = Flask(__name__)
     app.config["SETTINGS"] = settings
     allowed_hosts = parse_allowed(settings.server_hosts)

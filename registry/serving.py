@@ -1,7 +1,8 @@
 """Serving tweaks for gunicorn's gevent workers, installed per worker by
 deploy/gunicorn.conf.py: a prompt graceful stop, zero-copy sendfile, a Date header formatted
-once a second, a small body sent with its headers in one send(), and TLS handshakes on the
-plain HTTP port logged as what they are.
+once a second, a small body sent with its headers in one send(), TLS handshakes on the
+plain HTTP port logged as what they are, and gunicorn's own log lines (GunicornLogger) and a
+failed greenlet's traceback in pullthrough's log format.
 
 On SIGTERM gunicorn stops accepting and waits for its connections; a keep-alive connection
 idle between requests (Docker daemons keep them for minutes) would hold the worker until
@@ -17,6 +18,34 @@ import contextlib
 import signal
 import socket
 from typing import Any
+
+from gunicorn.glogging import Logger
+
+from registry import logs
+
+
+class GunicornLogger(Logger):
+    """gunicorn's logger (its `logger_class`), whose lines take pullthrough's format: one
+    JSON object a line in JSON mode, like every other line on the stream."""
+
+    def _set_handler(self, log: Any, output: Any, fmt: Any, stream: Any = None) -> None:
+        super()._set_handler(log, output, logs.formatter(), stream)
+
+
+def greenlet_errors_logged() -> None:
+    """A greenlet that dies of an exception is logged as one record (gevent's hub would
+    print its traceback straight to stderr, lines of no format)."""
+    import logging
+
+    import gevent
+
+    hub = gevent.get_hub()
+    log = logging.getLogger("registry.serving")
+
+    def print_exception(context: Any, kind: Any, value: Any, tb: Any) -> None:
+        log.error("greenlet %s failed", str(context)[:200], exc_info=(kind, value, tb))
+
+    hub.print_exception = print_exception
 
 
 def end(sock: Any) -> None:

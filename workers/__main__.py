@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
+from registry import logs
 from registry.config import load_settings_or_report
 from registry.gc import command as gc_command
 from registry.memory import keep_chunk_memory
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.add_argument("--enqueue", action="store_true", help="hand the sweep to the worker")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logs.configure()
     settings = load_settings_or_report()
     if settings is None:
         return 2

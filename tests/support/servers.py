@@ -474,14 +474,19 @@ def start_module(module: str, config: Path, *args: str, **popen) -> subprocess.P
 
 
 def run_module(
-    module: str, config: Path, *args: str, check: bool = True, timeout: float = 120
+    module: str,
+    config: Path,
+    *args: str,
+    check: bool = True,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """`python -m <module> args...` from the project root with PULLTHROUGH_CONFIG=config (and
-    no REDIS_URL from the caller's environment), to its end."""
+    no REDIS_URL from the caller's environment, `env` added), to its end."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=ROOT,
-        env=module_env(config),
+        env={**module_env(config), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -491,8 +496,17 @@ def run_module(
 
 # -- pullthrough under gunicorn --
 class Gunicorn:
-    def __init__(self, config_path: Path, workdir: Path, workers: int = 3, env: dict | None = None):
+    def __init__(
+        self,
+        config_path: Path,
+        workdir: Path,
+        workers: int = 3,
+        env: dict | None = None,
+        command: tuple[str, ...] = ("-c", str(ROOT / "deploy" / "gunicorn.conf.py")),
+    ):
         self.config_path = config_path
+        # gunicorn's arguments before the app: the Procfile's by default.
+        self.command = command
         self.workdir = workdir
         self.workers = workers
         self.port = free_port()
@@ -520,8 +534,7 @@ class Gunicorn:
                 sys.executable,
                 "-m",
                 "gunicorn",
-                "-c",
-                str(ROOT / "deploy" / "gunicorn.conf.py"),
+                *self.command,
                 "wsgi:app",
             ],
             cwd=ROOT,
@@ -541,6 +554,7 @@ class Gunicorn:
         registries: list[dict],
         workers: int = 3,
         env: dict | None = None,
+        command: tuple[str, ...] | None = None,
         **sections,
     ) -> Gunicorn:
         """Write a config (data under workdir/data, plus any other `sections`) and start."""
@@ -555,7 +569,8 @@ class Gunicorn:
         workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / "config.yaml"
         path.write_text(yaml.safe_dump(config))
-        server = cls(path, workdir, workers=workers, env=env).start()
+        extra = {} if command is None else {"command": command}
+        server = cls(path, workdir, workers=workers, env=env, **extra).start()
         server.data = workdir / "data"
         return server
 
