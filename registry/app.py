@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from registry import accesslog, logs
 from registry.api import health, v2
+from registry.clients import Clients, visit
 from registry.config import Settings, config_warnings, load_settings
 from registry.coordination import Coordination, connect
 from registry.coordination.tokens import SharedTokenCache
@@ -101,7 +102,7 @@ def build_pullthrough(
     client = redis_client or connect(
         settings, socket_timeout=5, connect_timeout=2, health_check_interval=30
     )
-    coordination = Coordination(client, settings.upstream.lease_ttl)
+    coordination = Coordination(client, settings.upstream.lease_ttl, hosts_max=settings.hosts.max)
     session = upstream_session()
     tokens = SharedTokenCache(client)
     upstreams = {
@@ -210,6 +211,7 @@ def create_app(
     app.extensions["pullthrough"] = pullthrough
     app.extensions["pullthrough_metrics"] = metrics
     app.extensions["pullthrough_metrics_registry"] = metrics_registry
+    clients = app.extensions["pullthrough_clients"] = Clients(pullthrough.coord.hosts, metrics)
     app.register_blueprint(v2.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(ui_bp)
@@ -238,6 +240,7 @@ def create_app(
 
     @app.errorhandler(RegistryError)
     def _registry_error(error: RegistryError) -> Response:
+        g.error_cause = error.reason or error.message  # for the Hosts page
         return error_response(error, head=request.method == "HEAD")
 
     @app.errorhandler(HTTPException)
@@ -249,6 +252,7 @@ def create_app(
         else:
             mapped = RegistryError(error.description)
             mapped.status = error.code or 400
+        g.error_cause = mapped.message
         return error_response(mapped, head=request.method == "HEAD")
 
     @app.errorhandler(Exception)
@@ -256,11 +260,14 @@ def create_app(
         refusal = storage_failure(error)
         if refusal is not None:  # disk full: a clear 503, and serving resumes with space
             log.error("storage failed on %s %s: %s", request.method, request.path, error)
+            g.error_cause = refusal.reason or refusal.message
             return error_response(refusal, head=request.method == "HEAD")
         if isinstance(error, redis.RedisError):  # Redis went away mid-request
             unavailable = redis_unavailable(error)
+            g.error_cause = unavailable.reason or unavailable.message
             return error_response(unavailable, head=request.method == "HEAD")
         log.exception("unexpected error on %s %s", request.method, request.path)
+        g.error_cause = "internal error"
         return error_response(RegistryError("internal error"), head=request.method == "HEAD")
 
     @app.before_request
@@ -283,10 +290,15 @@ def create_app(
 
     @app.after_request
     def _access_log(response: Response) -> Response:
-        # Blob bodies are logged once their last byte has gone (api/v2.py); the rest here.
-        if not g.get("log_when_sent") and accesslog.enabled():
-            size = 0 if request.method == "HEAD" else response.content_length or 0
+        # Blob bodies are logged and counted once their last byte has gone (api/v2.py); the
+        # rest here.
+        if g.get("log_when_sent"):
+            return response
+        size = 0 if request.method == "HEAD" else response.content_length or 0
+        if accesslog.enabled():
             accesslog.Pending().write(response.status_code, size)
+        if request.path.startswith("/v2/"):
+            clients.done(visit(), response.status_code, size, g.get("cache"), g.get("error_cause"))
         return response
 
     @app.after_request

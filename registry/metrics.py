@@ -14,13 +14,17 @@ Counters (all with the `pullthrough_` prefix; README lists them with their label
     fills_total{registry, role}                    role: fetcher (started) | follower (joined)
     fill_failures_total{registry, reason}          digest_mismatch | upstream_error | timeout |
                                                    storage_error
+    client_pulls_total{engine}                     pulls (manifest requests by tag) by
+                                                   the client's engine (registry/clients.py)
+    client_bytes_total{engine}                     bytes that left for clients, by engine
     local_tier_hits_total                          blob requests served from the node's copy
     local_tier_copied_bytes_total                  bytes copied into the node's tier
     local_tier_evictions_total                     copies evicted past local_cache.max_size
     s3_blob_reads_total{for}                       blobs read from the bucket: local_tier (a
                                                    node's copy into its tier, of a committed
                                                    blob or a fill) | client (one client's GET)
-Gauges read at scrape time: local_tier_bytes, local_tier_max_bytes, local_tier_blobs (the
+Gauges read at scrape time: hosts_seen{period="1d"} (client addresses, from Redis),
+local_tier_bytes, local_tier_max_bytes, local_tier_blobs (the
 node's local tier, of whichever worker answers: they share the disk).
 """
 
@@ -29,7 +33,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -128,6 +132,31 @@ class Metrics:
             ["for"],
             registry=reg,
         )
+
+        self.client_pulls = Counter(
+            "pullthrough_client_pulls",
+            "Pulls (manifest requests by tag) by the engine of the client that made them.",
+            ["engine"],
+            registry=reg,
+        )
+        self.client_bytes = Counter(
+            "pullthrough_client_bytes",
+            "Bytes sent to clients (those that left, of a download cut short too), by engine.",
+            ["engine"],
+            registry=reg,
+        )
+        # A child per engine, made once: the label lookup is not on every request.
+        self._by_engine: dict[str, tuple[Any, Any]] = {}
+
+    def client_sent(self, engine: str, pulls: int, size: int) -> None:
+        children = self._by_engine.get(engine)
+        if children is None:
+            children = (self.client_pulls.labels(engine), self.client_bytes.labels(engine))
+            self._by_engine[engine] = children
+        if pulls:
+            children[0].inc(pulls)
+        if size:
+            children[1].inc(size)
 
     def blob_sent(self, registry: str, source: str, size: int, seconds: float) -> None:
         self.served_bytes.labels("blob", registry, source).inc(size)
@@ -245,6 +274,15 @@ class RedisState:
             else:
                 requests.add_metric([registry, what], float(value))
         yield from (requests, checks, fetched)
+
+        hosts = GaugeMetricFamily(
+            "pullthrough_hosts_seen",
+            "Client addresses that sent a request to the cache within the period.",
+            labels=["period"],
+        )
+        seen = self.coord.hosts.addresses_seen_since(now - 86400)
+        hosts.add_metric(["1d"], float(len(seen)))
+        yield hosts
 
 
 def _counters(local: CollectorRegistry) -> CollectorRegistry:

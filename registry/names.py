@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import lru_cache
 
 from registry.config import RegistrySettings, Settings
@@ -81,6 +82,22 @@ class Target:
 
     def __str__(self) -> str:
         return f"{self.registry.name}/{self.repository}"
+
+
+class Route(StrEnum):
+    """How a client's request named its registry (the Hosts page shows it per client)."""
+
+    MIRROR = "mirror"  # by the repository alone: Docker's registry-mirrors, a podman mirror
+    NAMESPACE = "ns"  # containerd's hosts.toml: ?ns=<registry>
+    PREFIX = "prefix"  # the registry's name as the path's first component
+
+
+def route_of(name: str, ns: str | None, target: Target) -> Route:
+    """The route of a request for `name` (with `?ns=`) that resolve() mapped to `target`."""
+    if ns is not None:
+        return Route.NAMESPACE
+    first, _, rest = name.partition("/")
+    return Route.PREFIX if rest and first == target.registry.name else Route.MIRROR
 
 
 def validate_name(name: str) -> Repository:

@@ -200,6 +200,7 @@ SLOW_MODULES = (
     "test_make_run",
     "test_sentinel",
     "test_containerd",
+    "test_hosts",
 )
 
 

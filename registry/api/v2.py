@@ -13,12 +13,13 @@ from flask import Blueprint, Response, current_app, g, request
 from werkzeug.http import parse_range_header
 
 from registry import accesslog
+from registry.clients import Clients, visit
 from registry.coordination.limits import client_key
 from registry.digests import Digest
 from registry.errors import PaginationInvalid, RangeInvalid, Unsupported
 from registry.mediatypes import OCI_INDEX
 from registry.metrics import Metrics
-from registry.names import Target, resolve
+from registry.names import Target, resolve, route_of
 from registry.numbers import is_count
 from registry.pullthrough.answers import Blob
 from registry.pullthrough.manifests import parse_accept
@@ -47,9 +48,11 @@ def _metrics() -> Metrics:
 
 
 def _target(name: str) -> Target:
-    target = resolve(_pullthrough().settings, name, request.args.get("ns"))
+    ns = request.args.get("ns")
+    target = resolve(_pullthrough().settings, name, ns)
     g.registry = target.registry.name
     g.repository = target.repository
+    g.route = route_of(name, ns, target)
     return target
 
 
@@ -187,19 +190,24 @@ def _primed(chunks: Iterator) -> Iterator:
 
 class _Sent:
     """Counts and logs a blob response's bytes and time when its last byte has gone (or it
-    broke off). Runs after the request context: it carries what the log line needs."""
+    broke off). Runs after the request context: it carries what the log line and the
+    Hosts page need."""
 
     def __init__(self, metrics: Metrics, registry: str, status: int) -> None:
         self.metrics = metrics
         self.registry = registry
         self.status = status
         self.pending = accesslog.Pending()
+        self.visit = visit()
+        self.cache = g.get("cache")
+        self.clients: Clients = current_app.extensions["pullthrough_clients"]
         g.log_when_sent = True
 
     def done(self, source: str, size: int) -> None:
         seconds = time.monotonic() - self.pending.started
         self.metrics.blob_sent(self.registry, source, size, seconds)
         self.pending.write(self.status, size)
+        self.clients.done(self.visit, self.status, size, self.cache, None)
 
 
 def _source(found: Blob) -> str:

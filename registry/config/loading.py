@@ -34,6 +34,7 @@ from registry.config.settings import (
     FollowRule,
     FollowSettings,
     GcSettings,
+    HostsSettings,
     LimitsSettings,
     LocalCacheSettings,
     RegistrySettings,
@@ -205,6 +206,10 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
     if "images" in follow:
         follow["images"] = tuple(_follow_rule(rule) for rule in follow["images"])
     given["follow"] = FollowSettings(**follow)
+    hosts = _given(HostsSettings, data.get("hosts", {}))
+    if "names" in hosts:
+        hosts["names"] = tuple(sorted(hosts["names"].items()))
+    given["hosts"] = HostsSettings(**hosts)
     return Settings(**given)
 
 

@@ -249,6 +249,15 @@ class FollowSchema(Schema):
     max_bytes = ByteSize(validate=validate.Range(min=1))
 
 
+class HostsSchema(Schema):
+    stale_after = Duration(validate=validate.Range(min=60))
+    max = fields.Integer(validate=validate.Range(min=1, max=100_000))
+    names = fields.Dict(
+        keys=fields.String(validate=validate.Length(min=1, max=64)),
+        values=fields.String(validate=validate.Length(min=1, max=64)),
+    )
+
+
 def _host_entry(value: str) -> None:
     if split_host(value) is None:
         raise ValidationError(f"{value!r} is not a host name, host:port or .domain.")
@@ -267,6 +276,7 @@ class SettingsSchema(Schema):
     upstream = fields.Nested(UpstreamSchema)
     gc = fields.Nested(GcSchema)
     follow = fields.Nested(FollowSchema)
+    hosts = fields.Nested(HostsSchema)
     credentials_file = fields.String()
     default_registry = fields.String()
     registries = fields.List(fields.Nested(RegistrySchema), validate=validate.Length(min=1))

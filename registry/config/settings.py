@@ -195,6 +195,25 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True)
+class HostsSettings:
+    """`hosts:`: the table of the clients that pull through the cache (the Hosts page)."""
+
+    # A client not seen for this long is marked stale.
+    stale_after: float = 7 * 86400.0
+    # At most this many clients (an address and its engine) are kept; the least recently
+    # seen go first.
+    max: int = 1000
+    # Names for addresses, shown beside them (`names: {"10.0.0.5": "nuc"}` in the file).
+    names: tuple[tuple[str, str], ...] = ()
+
+    def name_of(self, address: str) -> str | None:
+        for known, name in self.names:
+            if known == address:
+                return name
+        return None
+
+
+@dataclass(frozen=True)
 class S3Settings:
     """Content in an S3-compatible bucket (`storage.driver: s3`) instead of `storage.root`."""
 
@@ -252,6 +271,7 @@ class Settings:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     gc: GcSettings = field(default_factory=GcSettings)
     follow: FollowSettings = field(default_factory=FollowSettings)
+    hosts: HostsSettings = field(default_factory=HostsSettings)
     # Host names (and host:port) requests may address the cache by; empty: any. A web page
     # cannot then reach the cache through a DNS name of its own (DNS rebinding).
     server_hosts: tuple[str, ...] = ()

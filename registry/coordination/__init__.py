@@ -18,6 +18,7 @@ when missing. Each key has one owner module that alone reads and writes it:
 - registry/coordination/upstream_health.py: pt:upstream:*
 - registry/coordination/tiers.py: the channel pt:tier:deleted
 - registry/coordination/deletions.py: pt:deletions
+- registry/coordination/hosts.py: pt:hosts, pt:host:*, pt:hosts:tls:*
 
 `Coordination` (below) is what the rest of the cache holds: one object per process that
 carries each owner.
@@ -153,6 +154,21 @@ carries each owner.
                                         (needed one), and quota_remaining / quota_limit as
                                         last seen in it. Written by each process every 2 s.
                                         Read by the UI's overview and /metrics.
+    pt:hosts                    zset    no TTL. The clients that sent /v2/ requests,
+                                        `<engine>@<address>`, scored by when last seen; at
+                                        most hosts.max (the least recently seen dropped, with
+                                        their hashes). Written by each process every 1 s.
+    pt:host:<engine>@<address>  hash    no TTL (dropped with its pt:hosts member). One
+                                        client's row of the Hosts page: address, engine,
+                                        version, agent (User-Agent, cut to 80), route (mirror
+                                        | ns | prefix), first_seen, last_seen, requests,
+                                        pulls (manifest requests by tag), bytes (that left),
+                                        hits and answered (the hit ratio), error_status,
+                                        error_cause, error_at (its last error).
+    pt:hosts:tls:<outcome>:<address>
+                                string  TTL 1 h. Set (NX) when the log has said of a client
+                                        that it tried TLS on the plain port (outcome: fell
+                                        back to http, or did not): once per client per hour.
     pt:tier:deleted             channel pub/sub, nothing stored. Each GC sweep publishes the
                                         digests it deleted (space-separated); every node's
                                         local tier (storage.s3.local_cache) drops its copies.

@@ -10,12 +10,13 @@ from typing import Any
 
 import redis
 
-from registry.config import Settings
+from registry.config import HostsSettings, Settings
 from registry.coordination.catalog import CatalogIndex
 from registry.coordination.deletions import Deletions
 from registry.coordination.fill_records import FillRecords
 from registry.coordination.follows import Follows
 from registry.coordination.gcstate import GcState, StoreTotals
+from registry.coordination.hosts import Hosts
 from registry.coordination.hourly import Hourly
 from registry.coordination.leases import Leases
 from registry.coordination.limits import Limits
@@ -29,7 +30,9 @@ from registry.coordination.verdicts import Verdicts
 class Coordination:
     """One process's handle on Redis: each attribute is the owner of its keys."""
 
-    def __init__(self, client: redis.Redis, lease_ttl: float) -> None:
+    def __init__(
+        self, client: redis.Redis, lease_ttl: float, *, hosts_max: int = HostsSettings.max
+    ) -> None:
         self.redis = client
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.leases = Leases(client, lease_ttl, self.owner)
@@ -45,6 +48,7 @@ class Coordination:
         self.hourly = Hourly(client, quota=lambda registry: upstream_status(client, registry))
         self.tiers = TierNews(client)
         self.deletions = Deletions(client)
+        self.hosts = Hosts(client, hosts_max)
 
     # For people: /readyz, /metrics, the UI, the admin CLI (these raise RedisError).
     def ping(self) -> None:

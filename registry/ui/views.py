@@ -1,15 +1,17 @@
 """The web UI: server-rendered, read-only pages for people (overview, repositories, a
-repository's tags, host set-up). Everything shown goes through Jinja2's autoescaping; image
-names and search terms are user input."""
+repository's tags, the hosts that pull through it, host set-up). Everything shown goes
+through Jinja2's autoescaping; image names, search terms and User-Agents are user input."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
 from flask import Blueprint, Response, abort, current_app, render_template, request
 from redis.exceptions import RedisError
 
+from registry.coordination.hosts import HostRow
 from registry.errors import RegistryError
 from registry.inventory import tag_rows
 from registry.metrics import totals
@@ -100,7 +102,7 @@ def overview() -> str:
             served[labels.get("source", "")] = served.get(labels.get("source", ""), 0) + value
     total = sum(answered.values())
     from_cache = answered["hit"] + answered["revalidated"] + answered["stale"]
-    upstreams, store, last_gc, redis_ok = [], {}, {}, True
+    upstreams, store, last_gc, redis_ok, hosts_seen = [], {}, {}, True, None
     try:
         for registry in pt.settings.registries:
             status = pt.coord.upstream_status(registry.name)
@@ -116,6 +118,8 @@ def overview() -> str:
             )
         store = pt.coord.store.read()
         last_gc = pt.coord.gc.last()
+        pt.coord.hosts.flush()
+        hosts_seen = len(pt.coord.hosts.addresses_seen_since(time.time() - 86400))
         savings = [_savings(pt, registry.name) for registry in pt.settings.registries]
     except RedisError:
         redis_ok, savings = False, []
@@ -135,6 +139,7 @@ def overview() -> str:
         last_gc=last_gc,
         redis_ok=redis_ok,
         savings=savings,
+        hosts_seen=hosts_seen,
     )
 
 
@@ -265,8 +270,92 @@ def follow() -> str:
     )
 
 
+def _host_rows() -> list[dict]:
+    """The Hosts page's rows (this process's last second of counts written first)."""
+    pt = _pt()
+    pt.coord.hosts.flush()
+    now = time.time()
+    rows = []
+    for row in pt.coord.hosts.rows():
+        rows.append(
+            {
+                "row": row,
+                "id": f"{row.engine}@{row.address}",
+                "name": pt.settings.hosts.name_of(row.address),
+                "engine": ENGINE_NAMES.get(row.engine, row.engine),
+                "route": ROUTE_NAMES.get(row.route, row.route or "—"),
+                "stale": now - row.last_seen > pt.settings.hosts.stale_after,
+                "advice": advice(row),
+            }
+        )
+    return rows
+
+
+ENGINE_NAMES = {
+    "docker": "Docker",
+    "containerd": "containerd",
+    "containers-image": "podman / buildah (containers/image)",
+    "skopeo": "skopeo",
+    "cri-o": "CRI-O",
+    "other": "other",
+}
+ROUTE_NAMES = {
+    "mirror": "mirror (registry-mirrors, registries.conf mirror)",
+    "ns": "hosts.toml (?ns=)",
+    "prefix": "path prefix (cache/<registry>/…)",
+}
+
+
+def advice(row: HostRow) -> str | None:
+    """What to change for a client whose last request failed: a Docker host falls back to
+    registry-1.docker.io on any error of its mirror, so the cause is here, not in what
+    `docker pull` prints."""
+    if row.error_status is None:
+        return None
+    cause = row.error_cause.lower()
+    if row.error_status == 400 and "host name" in cause:
+        return (
+            "The host addresses the cache by a name server.hosts does not list: add that name "
+            "to server.hosts, or point the host at one that is listed."
+        )
+    if row.error_status == 429:
+        return (
+            "The upstream is rate-limiting the cache: give the cache an upstream account "
+            "(credentials_file), or let followed tags warm it before the hosts pull."
+        )
+    if row.error_status in (502, 503, 504):
+        return (
+            "The cache could not reach its upstream and had no copy: nothing to change on "
+            "this host; check the cache's network (the overview shows each upstream)."
+        )
+    if row.error_status == 404:
+        return (
+            "The image or tag does not exist upstream (a typo, or a tag that was removed); "
+            "a Docker host then asks registry-1.docker.io itself, and fails there too."
+        )
+    if row.error_status == 403:
+        return "The cache's policy refused the image (a signature check): see its cause."
+    return "See the cause: the request was refused before it reached an upstream."
+
+
+@bp.get("/ui/hosts")
+def hosts() -> str:
+    """Every client that pulled through the cache: engine, route, counts, its last error."""
+    rows, redis_ok = [], True
+    try:
+        rows = _host_rows()
+    except RedisError:
+        redis_ok = False
+    return render_template(
+        "hosts.html", rows=rows, redis_ok=redis_ok, stale_after=_pt().settings.hosts.stale_after
+    )
+
+
 @bp.get("/ui/setup")
 def setup() -> str:
     host = request.host
     registries = [r.name for r in _pt().settings.registries]
-    return render_template("setup.html", host=host, registries=registries)
+    failing = []
+    with contextlib.suppress(RedisError):
+        failing = [r for r in _host_rows() if r["advice"] is not None]
+    return render_template("setup.html", host=host, registries=registries, failing=failing)
