@@ -27,6 +27,7 @@ from tests.support.servers import (
     TokenServer,
     keys_seen,
     record_keys,
+    require,
 )
 
 
@@ -180,6 +181,20 @@ def s3_section(swift, prefix: str, **extra) -> dict:
 # The test modules that take long (start daemons, clusters, models, browsers), longest first.
 # They are marked `slow` (`make check` leaves them out) and handed out first: with several
 # test processes (make test runs three) the last module handed out is then a short one.
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium, headless, driven by Playwright: pages are read where people read
+    them."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(
+            executable_path=require("chromium"), args=["--no-sandbox", "--disable-gpu"]
+        )
+        yield instance
+        instance.close()
+
+
 SLOW_MODULES = (
     "test_ranges",
     "test_tier",

@@ -14,7 +14,6 @@ import time
 
 import pytest
 import requests
-from playwright.sync_api import sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
 from registry.ui.views import human_bytes
@@ -95,16 +94,6 @@ def pulled(cache, images, tmp_path_factory):
     finally:
         docker.stop()
     return received
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(
-            executable_path=require("chromium"), args=["--no-sandbox", "--disable-gpu"]
-        )
-        yield instance
-        instance.close()
 
 
 @pytest.fixture

@@ -10,11 +10,10 @@ import pytest
 import redis as redis_lib
 import requests
 import yaml
-from playwright.sync_api import sync_playwright
 
 from registry.mediatypes import MANIFEST_TYPES
 from registry.ui.views import human_bytes
-from tests.support.servers import ROOT, Gunicorn, free_port, require, run_module
+from tests.support.servers import ROOT, Gunicorn, free_port, run_module
 
 ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -62,16 +61,6 @@ def cache(tmp_path_factory, redis_server, upstream, images):
     # builds its index from the store.
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(
-            executable_path=require("chromium"), args=["--no-sandbox", "--disable-gpu"]
-        )
-        yield instance
-        instance.close()
 
 
 @pytest.fixture

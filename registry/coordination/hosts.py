@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import redis
 from redis.exceptions import RedisError
 
+from registry.coordination.batches import Flusher
 from registry.coordination.keys import PREFIX, text
 
 FLUSH_EVERY = 1.0
@@ -79,7 +80,9 @@ class Hosts:
         self.max_clients = max_clients
         self._pending: dict[str, Tally] = {}
         self._lock = threading.Lock()
-        self._flusher: threading.Thread | None = None
+        self._flusher = Flusher(
+            self.flush, lambda: bool(self._pending), self._lock, FLUSH_EVERY, "hosts"
+        )
 
     def note(
         self,
@@ -108,18 +111,7 @@ class Hosts:
                 tally.counts[name] += count
             if error is not None:
                 tally.error = (error[0], error[1], now)
-            if self._flusher is None:
-                self._flusher = threading.Thread(target=self._loop, name="hosts", daemon=True)
-                self._flusher.start()
-
-    def _loop(self) -> None:
-        while True:
-            time.sleep(FLUSH_EVERY)
-            self.flush()
-            with self._lock:
-                if not self._pending:
-                    self._flusher = None
-                    return
+            self._flusher.wake()
 
     def flush(self) -> None:
         with self._lock:

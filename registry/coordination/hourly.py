@@ -19,6 +19,7 @@ import redis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
+from registry.coordination.batches import Flusher
 from registry.coordination.keys import PREFIX
 
 FLUSH_EVERY = 2.0
@@ -51,24 +52,15 @@ class Hourly:
         self.quota = quota  # upstream_status of a registry (limit, remaining)
         self._pending: Counter[tuple[str, str, str]] = Counter()
         self._lock = threading.Lock()
-        self._flusher: threading.Thread | None = None
+        self._flusher = Flusher(
+            self.flush, lambda: bool(self._pending), self._lock, FLUSH_EVERY, "hourly"
+        )
 
     def note(self, registry: str, saved: bool) -> None:
         """One manifest GET answered: `saved` when it needed no upstream GET."""
         with self._lock:
             self._pending[(registry, hour_of(time.time()), "saved" if saved else "fetched")] += 1
-            if self._flusher is None:
-                self._flusher = threading.Thread(target=self._loop, name="hourly", daemon=True)
-                self._flusher.start()
-
-    def _loop(self) -> None:
-        while True:
-            time.sleep(FLUSH_EVERY)
-            self.flush()
-            with self._lock:
-                if not self._pending:
-                    self._flusher = None
-                    return
+            self._flusher.wake()
 
     def flush(self) -> None:
         with self._lock:

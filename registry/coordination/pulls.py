@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import redis
 from redis.exceptions import RedisError
 
+from registry.coordination.batches import Flusher
 from registry.coordination.keys import PREFIX, text
 
 PULLED_KEY = f"{PREFIX}pulled"
@@ -28,7 +29,9 @@ class Pulls:
         self._pending: dict[str, int] = {}
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._flusher: threading.Thread | None = None
+        self._flusher = Flusher(
+            self._flush, lambda: bool(self._pending), self._lock, PULLS_FLUSH_EVERY, "pulls flush"
+        )
 
     def touch(self, member: str) -> None:
         """Count a pull and its time: a member's first pull in a minute is written at once
@@ -38,11 +41,7 @@ class Pulls:
             self._pending[member] = self._pending.get(member, 0) + 1
             self._last[member] = time.time()
             if now - self._written.get(member, -PULLED_EVERY) < PULLED_EVERY:
-                if self._flusher is None:
-                    self._flusher = threading.Thread(
-                        target=self._flush_loop, name="pulls flush", daemon=True
-                    )
-                    self._flusher.start()
+                self._flusher.wake()
                 return
             self._written[member] = now
         self._flush([member])
@@ -60,15 +59,6 @@ class Pulls:
             for member, count in counts.items():
                 pipe.hincrby(PULLS_KEY, member, count)
             pipe.execute()
-
-    def _flush_loop(self) -> None:
-        while True:
-            time.sleep(PULLS_FLUSH_EVERY)
-            self._flush()
-            with self._lock:
-                if not self._pending:
-                    self._flusher = None  # the next gathered pull starts another
-                    return
 
     def history(self, members: list[str]) -> tuple[list[float | None], list[int]]:
         """Last pull time (None: never) and pull count of each member."""
