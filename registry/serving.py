@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+import time
 from typing import Any
 
 from gunicorn.glogging import Logger
@@ -97,24 +98,37 @@ def prompt_graceful_stop(worker: Any) -> None:
 # The first byte of a TLS record carrying a handshake (a ClientHello).
 TLS_HANDSHAKE = b"\x16"
 TLS_ADVICE = (
-    "TLS handshake from %s on the plain HTTP port: the client expects https. Configure the "
-    'cache as an http (insecure) registry: Docker "insecure-registries" or an http:// '
-    "registry-mirrors entry, podman/skopeo insecure = true in registries.conf (or "
-    "--tls-verify=false), containerd an http:// host in hosts.toml"
+    "TLS handshake from %s on the plain HTTP port, and no request over http followed: the "
+    "client expects https. Configure the cache as an http (insecure) registry: Docker "
+    '"insecure-registries" or an http:// registry-mirrors entry, podman/skopeo insecure = '
+    "true in registries.conf (or --tls-verify=false), containerd an http:// host in hosts.toml"
 )
+TLS_FELL_BACK = (
+    "%s tried https on the plain HTTP port first and came back over http, as a client "
+    "configured with an insecure (http) registry does: nothing to change"
+)
+# How long a client has to come back over http after its TLS handshake (podman and skopeo
+# with `insecure = true`, Docker's insecure-registries: at once), and how often a client's
+# handshakes are told in the log.
+FALLBACK_WAIT = 3.0
+SAID_EVERY = 3600.0
 
 
 def tls_on_plain_port(worker: Any) -> None:
-    """Answer a TLS ClientHello on the plain port with a log line that names the client and
-    the fix, instead of gunicorn's "Invalid HTTP request line" warning. skopeo and podman try
-    https first; a client that was never told the cache is http fails on it.
+    """Answer a TLS ClientHello on the plain port by ending the connection, and tell the
+    operator once per client per hour: as a problem with its fix when that client did not
+    come back over http (it was never told the cache is http), as information when it did
+    (podman and skopeo with `insecure = true` try https first on every pull).
 
     One peek at the first byte of each connection (not each request)."""
     import logging
 
+    import gevent
+
     if worker.cfg.is_ssl:
         return
     log = logging.getLogger("registry.access")
+    hosts = worker.wsgi.extensions["pullthrough"].coord.hosts
     handle = worker.handle
 
     def peeking_handle(listener: Any, client: Any, addr: Any) -> Any:
@@ -123,13 +137,32 @@ def tls_on_plain_port(worker: Any) -> None:
         except OSError:
             first = b""
         if first == TLS_HANDSHAKE:
-            log.warning(TLS_ADVICE, addr[0] if isinstance(addr, tuple) else addr)
+            address = addr[0] if isinstance(addr, tuple) else str(addr)
+            gevent.spawn_later(FALLBACK_WAIT, tell_tls_attempt, hosts, address, time.time(), log)
             end(client)
             client.close()
             return None
         return handle(listener, client, addr)
 
     worker.handle = peeking_handle
+
+
+def tell_tls_attempt(hosts: Any, address: str, since: float, log: Any) -> None:
+    """After a TLS handshake from `address` at `since`: did it come back over http (a /v2/
+    request of that address since, in any worker)? Logged once per client per hour."""
+    from redis.exceptions import RedisError
+
+    try:
+        hosts.flush()  # this worker's own requests of the last second
+        came_back = address in hosts.addresses_seen_since(since)
+        if not hosts.first_time_said("http" if came_back else "none", address, SAID_EVERY):
+            return
+    except RedisError:
+        came_back = False  # unknown, and nothing to count with: say it as a problem
+    if came_back:
+        log.info(TLS_FELL_BACK, address)
+    else:
+        log.warning(TLS_ADVICE, address)
 
 
 def zero_copy_sendfile() -> None:

@@ -1,8 +1,9 @@
 """The access log answers "who pulled what": one line per request with the client, registry,
 repository, reference, the digest served, ns, status, the bytes really sent (sendfile
 included), the time and the cache result; the same fields as JSON with
-PULLTHROUGH_LOG_FORMAT=json; a TLS handshake on the plain port is logged as such, with the fix.
-Checked in the log of a real gunicorn against what the client received."""
+PULLTHROUGH_LOG_FORMAT=json; a download cut short is logged with what left; a TLS handshake
+on the plain port is told once per client per hour, with the fix only when no http request
+followed. Checked in the log of a real gunicorn against what the client received."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from registry.mediatypes import MANIFEST_TYPES
+from registry.serving import FALLBACK_WAIT
 from tests.support.images import Pusher, make_layer, single
-from tests.support.servers import Gunicorn, ThrottledRelay
+from tests.support.servers import Gunicorn, RedisServer, ThrottledRelay
 
 ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
 
@@ -32,10 +34,19 @@ def slow_link(upstream):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, redis_server, upstream, slow_link):
+def own_redis(tmp_path_factory):
+    """A Redis of this module's own: what the log has said of 127.0.0.1 this hour is kept
+    there (once per client per hour), and other modules' caches say things of it too."""
+    server = RedisServer(tmp_path_factory.mktemp("accesslog-redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, own_redis, upstream, slow_link):
     server = Gunicorn.with_config(
         tmp_path_factory.mktemp("accesslog"),
-        redis_server.url,
+        own_redis.url,
         [{"name": "docker.io", "url": upstream.url}, {"name": "slow.test", "url": slow_link.url}],
         workers=2,
     )
@@ -222,20 +233,48 @@ def test_json_lines_carry_the_same_fields(json_cache, images):
     assert "time" in record and "pid" in record
 
 
-def test_a_tls_handshake_on_the_plain_port_is_logged_with_the_fix(cache):
-    mark = len(cache.log())
+def tls_hello(port: int) -> None:
     context = ssl.create_default_context()
     with (
-        socket.create_connection(("127.0.0.1", cache.port), timeout=10) as raw,
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
         pytest.raises((ssl.SSLError, OSError)),
     ):
         context.wrap_socket(raw, server_hostname="127.0.0.1")
-    deadline = time.monotonic() + 10
-    while "TLS handshake" not in cache.log()[mark:] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    log = cache.log()[mark:]
-    assert "TLS handshake from 127.0.0.1 on the plain HTTP port" in log
-    assert "insecure" in log
-    assert "Invalid HTTP request line" not in log
+
+
+def told(cache, since: int, text: str, count: int) -> list[str]:
+    """The log's lines after byte `since` that hold `text`, once `count` of them are there
+    (or the judgment's wait and a margin have passed)."""
+    deadline = time.monotonic() + FALLBACK_WAIT + 5
+    while True:
+        found = [line for line in cache.log()[since:].splitlines() if text in line]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def test_a_tls_handshake_not_followed_by_http_is_logged_once_with_the_fix(cache):
+    mark = len(cache.log())
+    tls_hello(cache.port)
+    tls_hello(cache.port)
+    (line,) = told(cache, mark, "TLS handshake from 127.0.0.1", 1)
+    assert " WARNING " in line and "insecure" in line
+    assert "Invalid HTTP request line" not in cache.log()[mark:]
+    time.sleep(FALLBACK_WAIT + 0.5)  # the second handshake's judgment: not told again
+    assert len(told(cache, mark, "TLS handshake from 127.0.0.1", 2)) == 1
     # and the port still serves plain HTTP
     assert requests.get(f"{cache.url}/v2/", timeout=10).status_code == 200
+
+
+def test_a_client_that_falls_back_to_http_is_told_once_and_not_as_a_problem(cache):
+    """podman and skopeo with `insecure = true` try https first on every pull: the log said
+    "configure the cache as insecure" on each, to an operator who had."""
+    mark = len(cache.log())
+    for _ in range(3):
+        tls_hello(cache.port)
+        assert requests.get(f"{cache.url}/v2/", timeout=10).status_code == 200
+    (line,) = told(cache, mark, "came back over http", 1)
+    assert " INFO " in line and "127.0.0.1" in line and "nothing to change" in line
+    time.sleep(FALLBACK_WAIT + 0.5)
+    assert len(told(cache, mark, "came back over http", 2)) == 1
+    assert "TLS handshake from" not in cache.log()[mark:]

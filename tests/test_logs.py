@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from registry.mediatypes import MANIFEST_TYPES
-from tests.support.servers import Gunicorn, run_module
+from tests.support.servers import Gunicorn, RedisServer, run_module
 
 ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
 
@@ -36,12 +36,12 @@ def wait_for(cache: Gunicorn, text: str, timeout: float = 15) -> str:
     return cache.log()
 
 
-def test_in_json_mode_every_line_of_every_process_is_one_json_object(
-    tmp_path, redis_server, upstream, images
-):
+def test_in_json_mode_every_line_of_every_process_is_one_json_object(tmp_path, upstream, images):
+    # A Redis of its own: the TLS advice is said once per client per hour.
+    redis = RedisServer(tmp_path / "redis").start()
     cache = Gunicorn.with_config(
         tmp_path / "web",
-        redis_server.url,
+        redis.url,
         [
             {"name": "docker.io", "url": upstream.url},
             {"name": "down.test", "url": "http://127.0.0.1:1"},
@@ -59,11 +59,16 @@ def test_in_json_mode_every_line_of_every_process_is_one_json_object(
         requests.get(f"{base}/manifests/nosuchtag", headers=ACCEPT, timeout=30)
         tls_hello(cache.port)
         wait_for(cache, "TLS handshake")
-    finally:
         cache.stop()  # gunicorn's own shutdown lines too
-    worker = run_module(
-        "workers", cache.config_path, "worker", "--burst", env={"PULLTHROUGH_LOG_FORMAT": "json"}
-    )
+        worker = run_module(
+            "workers",
+            cache.config_path,
+            *("worker", "--burst"),
+            env={"PULLTHROUGH_LOG_FORMAT": "json"},
+        )
+    finally:
+        cache.stop()
+        redis.stop()
 
     records = []
     for text in (cache.log(), worker.stderr):
@@ -83,13 +88,14 @@ def test_in_json_mode_every_line_of_every_process_is_one_json_object(
 
 
 def test_started_without_a_config_file_the_access_log_is_there_and_home_is_untouched(
-    tmp_path, redis_server, upstream
+    tmp_path, upstream
 ):
     home = tmp_path / "home"
     home.mkdir()
+    redis = RedisServer(tmp_path / "redis").start()
     cache = Gunicorn.with_config(
         tmp_path / "short",
-        redis_server.url,
+        redis.url,
         [{"name": "docker.io", "url": upstream.url}],
         workers=1,
         env={"HOME": str(home), "XDG_RUNTIME_DIR": ""},
@@ -103,4 +109,5 @@ def test_started_without_a_config_file_the_access_log_is_there_and_home_is_untou
         assert "TLS handshake from 127.0.0.1" in wait_for(cache, "TLS handshake")
     finally:
         cache.stop()
+        redis.stop()
     assert list(home.iterdir()) == []  # no ~/.gunicorn control socket
