@@ -40,11 +40,15 @@ class RegistryError(Exception):
         detail: Any = None,
         headers: dict[str, str] | None = None,
         reason: str | None = None,
+        cause: str | None = None,
     ) -> None:
         self.message = message or self.default_message
         self.detail = detail
         self.headers = dict(headers or {})
         self.reason = reason
+        # What happened, without what it means for a client asking for something uncached:
+        # the log's word when a cached copy is served anyway.
+        self.cause = cause or self.message
         super().__init__(self.message)
 
     def status_line(self) -> str:

@@ -277,10 +277,15 @@ def test_429_serves_stale_records_the_quota_and_stops_asking(cache, fake, redis)
         headers={**limits, "ratelimit-remaining": "0;w=21600", "Retry-After": "60"},
     )
     before = len(fake.hits)
+    mark = len(cache.log())
     stale = requests.get(url, headers=ACCEPT, timeout=30)
     assert stale.status_code == 200 and stale.content == body
     assert stale.headers["X-Cache"] == "STALE"
     assert redis.hget("pt:upstream:fake.test:ratelimit", "remaining") == "0"
+    # The log says why it served stale, not that the tag is "not cached".
+    (said,) = [line for line in cache.log()[mark:].splitlines() if "serving stale" in line]
+    assert "fake.test/org/quota:1: upstream fake.test is rate-limiting this cache" in said
+    assert "not cached" not in said
 
     uncached = requests.get(f"{cache.url}/v2/fake.test/org/fresh/manifests/1", timeout=30)
     assert uncached.status_code == 429

@@ -90,3 +90,52 @@ def test_make_run_serves_and_ctrl_c_stops_everything(tmp_path):
             raise AssertionError(f"something still listens on {p} after Ctrl-C")
         except requests.exceptions.ConnectionError:
             pass
+
+
+def test_make_run_uses_the_redis_its_config_names(tmp_path, redis_server):
+    """With `redis.url` in the config file and REDIS_URL unset, `make run` starts no Redis
+    of its own: the cache's keys land in the one the config names."""
+    port, redis_port = free_port(), free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"storage": {"root": str(tmp_path / "store")}, "redis": {"url": redis_server.url}}
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(
+        PULLTHROUGH_CONFIG=str(config),
+        PULLTHROUGH_BIND=f"127.0.0.1:{port}",
+        PULLTHROUGH_WORKERS="1",
+        PULLTHROUGH_DATA_DIR=str(tmp_path / "data"),
+        PULLTHROUGH_REDIS_PORT=str(redis_port),
+    )
+    store = redis_lib.Redis.from_url(redis_server.url)
+    row = "pt:host:other@127.0.0.1"  # this client's row of the Hosts table
+    log = open(tmp_path / "make-run.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [*SIGINT_AT_DEFAULT, "make", "run"],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        wait_for_port(port, timeout=60, proc=proc)
+        agent = {"User-Agent": "make-run-test/1"}
+        assert requests.get(f"http://127.0.0.1:{port}/v2/", headers=agent, timeout=5).ok
+        deadline = time.monotonic() + 10  # the Hosts table is written each second
+        while store.hget(row, "agent") != b"make-run-test/1" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert store.hget(row, "agent") == b"make-run-test/1", "the configured Redis was unused"
+        assert not (tmp_path / "data" / "redis").exists()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=25)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    text = (tmp_path / "make-run.log").read_text(errors="replace")
+    assert "private Redis" not in text, text[-2000:]
+    store.close()

@@ -181,7 +181,7 @@ class ManifestPulls(PullThroughBase):
                 age = self.clock() - cached[1].validated
                 max_stale = self.settings.upstream.max_stale
                 if max_stale is None or age <= max_stale:
-                    log.warning("serving stale %s:%s: %s", target, tag, exc.message)
+                    log.warning("serving stale %s:%s: %s", target, tag, exc.cause)
                     return _replace_cache(cached[0], "stale")
                 # Upstream has not confirmed it for longer than max_stale: it may have been
                 # withdrawn (a 401/403 on revalidation), so stop serving it.

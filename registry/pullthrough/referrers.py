@@ -170,7 +170,7 @@ class ReferrersCache:
         except RegistryError as exc:
             stale_ok = self.max_stale is None or age <= self.max_stale
             if cached is not None and stale_ok and not isinstance(exc, ManifestUnknown):
-                log.warning("serving stale referrers of %s@%s: %s", target, subject, exc.message)
+                log.warning("serving stale referrers of %s@%s: %s", target, subject, exc.cause)
                 return Referrers(cached, "stale")
             raise
         body = index_body(descriptors)

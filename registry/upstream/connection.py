@@ -214,6 +214,7 @@ class UpstreamConnection:
                 f"in {wait} s",
                 headers={"Retry-After": str(wait)},
                 reason=f"{name} rate limit reached, not cached; retry in {wait} s",
+                cause=f"upstream {name} is rate-limiting this cache; asking again in {wait} s",
             )
         assert self.health is not None  # the breaker's state came from it
         if self.health.take_probe():
@@ -408,6 +409,7 @@ class UpstreamConnection:
                 f"upstream {name} is rate-limiting this cache, and this is not cached{later}",
                 headers=headers,
                 reason=f"{name} rate limit reached, not cached{later}",
+                cause=f"upstream {name} is rate-limiting this cache (429)",
             )
         raise self._failure(f"answered {status}")
 
