@@ -194,6 +194,19 @@ def clean_stale_uploads(pullthrough: PullThrough) -> None:
         log.info("removed %d partial files left by dead fills", len(removed))
 
 
+def count_an_empty_store(pullthrough: PullThrough) -> None:
+    """An empty store is counted from its first fill on: its totals are zero, not unknown
+    until the first sweep walks it (a store with content after a Redis flush still waits
+    for a walk: counting from zero would show part of it as the whole)."""
+    try:
+        if pullthrough.coord.store.read():
+            return
+        if next(iter(pullthrough.store.iter_blobs()), None) is None:
+            pullthrough.coord.store.start_empty()
+    except Exception as exc:  # Redis or the store down: the next sweep counts
+        log.warning("could not count the store at start-up: %s", exc)
+
+
 def create_app(
     settings: Settings | None = None, *, redis_client: redis.Redis | None = None
 ) -> Flask:
@@ -233,6 +246,7 @@ def create_app(
         return Response(body, mimetype=CONTENT_TYPE_LATEST)
 
     clean_stale_uploads(pullthrough)
+    count_an_empty_store(pullthrough)
     if pullthrough.tier is not None:
         # Copies whose process died: nothing served from them, their space back.
         pullthrough.tier.clean_partials()

@@ -471,6 +471,33 @@ def test_eviction_past_max_size_never_cuts_a_stream_in_progress(
         node.stop()
 
 
+def test_a_blob_larger_than_the_tier_is_served_whole_to_every_client(
+    tmp_path, redis_server, swift, fake, prefix
+):
+    """A tier smaller than a blob evicted each finished copy at once, and clients got a 200
+    whose body stopped one byte short (15 of 16 cold and 16 of 16 warm clients)."""
+    node = start_node(
+        tmp_path / "tiny", redis_server, swift, fake, prefix, max_size="4MiB", low_watermark=0.9
+    )
+    try:
+        data = random.randbytes(6 * MIB)
+        digest = fake.add_blob("library/toobig", data)
+        url = f"{node.url}/v2/library/toobig/blobs/{digest}"
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            cold = list(pool.map(lambda _: fetch(url), range(8)))  # during the fill
+            warm = list(pool.map(lambda _: fetch(url), range(8)))  # from the bucket
+        for status, body, complete in cold + warm:
+            assert (
+                status == 200
+                and complete
+                and hashlib.sha256(body).hexdigest() == (digest.split(":")[1])
+            )
+        assert not local_copy(node, digest).exists()
+        assert metric(node, "pullthrough_local_tier_evictions_total") == 0
+    finally:
+        node.stop()
+
+
 def test_a_node_killed_mid_copy_serves_nothing_of_the_partial_after_restart(
     tmp_path, redis_server, swift, fake, prefix
 ):

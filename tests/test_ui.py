@@ -101,6 +101,34 @@ def test_overview_shows_hit_ratio_traffic_and_upstream_health(cache, page):
     shot(page, "overview")
 
 
+def test_the_disk_card_counts_the_store_from_its_first_fill(cache, page):
+    """No sweep has run yet: the card showed "not counted yet" until one did."""
+    files = [p for p in (cache.data / "blobs").rglob("*") if p.is_file()]
+    page.goto(cache.url + "/")
+    disk = page.inner_text("#disk")
+    size = sum(p.stat().st_size for p in files)
+    assert human_bytes(size) in disk and f"{len(files)} blobs" in disk, disk
+
+
+def test_the_pull_charts_have_a_labelled_time_axis(cache, page):
+    page.goto(cache.url + "/")
+    chart = page.locator("#charts-docker\\.io svg").first
+    deadline = time.monotonic() + 5  # each worker writes its hourly counts every 2 s
+    while not chart.count() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        page.reload()
+    labels = [t.text_content() or "" for t in chart.locator("text.x-label").all()]
+    assert len(labels) == 8, labels  # 24 hours, one label every 3
+    assert all(int(text[:2]) % 3 == 0 and text.endswith(":00") for text in labels), labels
+    assert chart.locator("text.x-title").text_content() == "hour (UTC)"
+    assert chart.locator("text.y-title").text_content() == "manifest GETs per hour"
+    values = [t.text_content() or "" for t in chart.locator("text.y-label").all()]
+    # The value axis runs from 0 to the busiest hour: this module's manifest GETs.
+    assert values[1] == "0" and int(values[0]) >= 1
+    assert chart.locator("g.hour").count() == 24
+    shot(page, "overview-charts")
+
+
 def test_repositories_are_searchable_and_paged(cache, page):
     page.goto(cache.url + "/ui/repositories")
     assert "152 repositories" in page.inner_text("#count")

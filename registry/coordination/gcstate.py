@@ -99,6 +99,13 @@ class StoreTotals:
         with contextlib.suppress(RedisError):
             self._count(keys=[STORE_KEY], args=[size, blobs])
 
+    def start_empty(self) -> None:
+        """The store was seen empty: count from zero (what another process set stays)."""
+        pipe = self.redis.pipeline()
+        pipe.hsetnx(STORE_KEY, "bytes", 0)
+        pipe.hsetnx(STORE_KEY, "blobs", 0)
+        pipe.execute()
+
     def set(self, size: int, blobs: int) -> None:
         """What a walk of the store measured (a sweep's start, `rebuild-index`)."""
         self.redis.hset(STORE_KEY, mapping={"bytes": size, "blobs": blobs})

@@ -62,7 +62,7 @@ class BlobPulls(PullThroughBase):
                 url = self.store.presign_blob(digest, self.redirect_ttl)
                 if url is not None:
                     return Blob(digest, size, "hit", redirect=url)
-            if self.tiering is not None:
+            if self.tiering is not None and self.tiering.keeps(size):
                 return self._from_tier(digest, size)
             # Open now: once open, the bytes stay readable even if a GC sweep unlinks the file.
             try:
@@ -100,7 +100,7 @@ class BlobPulls(PullThroughBase):
             # confirms this repository has (checked before a single byte is streamed).
             self._entitle(target, digest, client)
         size = started.size
-        if self.tiering is not None:
+        if self.tiering is not None and self.tiering.keeps(size):
             # One follower of the fill per node (a copy into the node's tier), which every
             # client of the node streams, rather than one read of the pieces per client.
             tiering = self.tiering

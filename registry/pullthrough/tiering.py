@@ -2,15 +2,17 @@
 store/tier.py): committed ones, and fills in progress.
 
 A blob with a verified local copy is served from it (sendfile, as from the filesystem
-driver). Otherwise the first request of the node copies it in from the bucket, in the
-background, one read of the bucket for the node whatever the number of its clients, and
-every client of the node streams that copy as it grows (FileSpans, sent with sendfile); its
-last byte waits for the copy's verified rename. A fill still in progress is copied in the
-same way by following it (one follower of the fill per node instead of one per client),
-except on the node whose process fetches it: there the fill writes the copy itself
-(TierNodeCopy, from the bytes it hashes). A failure of that fill reaches the node's clients. A
-copy whose process died is taken over by the next client that finds no live writer
-(resuming from its bytes).
+driver). A blob larger than the tier keeps (LocalTier.keeps: its low watermark) never goes
+through it: its commit would evict it under the clients waiting for its last byte, so it is
+read from the bucket (or a fill's pieces) per client. Otherwise the first request of the
+node copies it in from the bucket, in the background, one read of the bucket for the node
+whatever the number of its clients, and every client of the node streams that copy as it
+grows (FileSpans, sent with sendfile); its last byte waits for the copy's verified rename.
+A fill still in progress is copied in the same way by following it (one follower of the
+fill per node instead of one per client), except on the node whose process fetches it:
+there the fill writes the copy itself (TierNodeCopy, from the bytes it hashes). A failure
+of that fill reaches the node's clients. A copy whose process died is taken over by the
+next client that finds no live writer (resuming from its bytes).
 
 The bucket stays the truth: a blob is served from the tier only after the bucket said it has
 it (the caller's stat, an answer reused while nothing was deleted: pullthrough/presence.py),
@@ -82,11 +84,19 @@ class TierServing:
             log.info("local tier dropped %s: the bucket no longer has it", digest)
 
     # -- copying in --------------------------------------------------------------------------
+    def keeps(self, size: int) -> bool:
+        """Whether a blob this size goes through the tier (else: straight from the bucket,
+        or a fill's pieces, per client)."""
+        return self.tier.keeps(size)
+
     def node_copy(self, digest: Digest, size: int, at: int) -> TierNodeCopy | None:
         """The node's copy, for a fill this process runs to write from the bytes it hashes
         (`at` of them hashed already); None when a live process of the node holds the copy,
-        it is in already, or it lacks bytes before `at` (a fill resumed mid-way: the copy
-        is then made from the fill's stream as it is when nobody fetches on the node)."""
+        it is in already, it lacks bytes before `at` (a fill resumed mid-way: the copy
+        is then made from the fill's stream as it is when nobody fetches on the node), or
+        the tier cannot keep a blob this size."""
+        if not self.tier.keeps(size):
+            return None
         copy = self.tier.claim(digest, size)
         if copy is None:
             return None

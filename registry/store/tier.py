@@ -129,15 +129,22 @@ class LocalTier:
             return None
         return TierCopy(self, digest, size, fd)
 
+    def keeps(self, size: int) -> bool:
+        """Whether a blob of `size` bytes can stay in the tier once copied: one larger than
+        the low watermark would be evicted by its own commit, under the clients waiting for
+        its last byte. Such a blob is served from the bucket instead."""
+        return size <= self.max_size * self.low_watermark
+
     def committed(self, copy: TierCopy) -> None:
         """A verified copy landed: keep the tier within max_size (one walk of the tier per
-        copy; copies are rare next to the requests they then serve)."""
-        self.evict()
+        copy; copies are rare next to the requests they then serve), never by evicting this
+        copy, whose clients are about to see it in place."""
+        self.evict(keep=self.blob_path(copy.digest))
 
-    def evict(self) -> int:
+    def evict(self, keep: str | None = None) -> int:
         """Remove the least recently served copies until the tier is at its low watermark,
         once it is past max_size; how many. A copy being read is not cut: its readers keep
-        their open file."""
+        their open file. `keep`: a copy not to evict."""
         files = [(mtime, size, rel) for rel, size, mtime in self.disk.walk_stat(BLOBS)]
         total = sum(size for _mtime, size, _rel in files)
         if total <= self.max_size:
@@ -147,7 +154,7 @@ class LocalTier:
         for _mtime, size, rel in sorted(files):
             if total <= goal:
                 break
-            if self.disk.delete(rel):
+            if rel != keep and self.disk.delete(rel):
                 total -= size
                 evicted += 1
                 if self.on_evict is not None:
