@@ -74,6 +74,10 @@ bench-s3: $(VENV)/.bench-deps
 soak: $(VENV)/.test-deps
 	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry
 	$(BIN)/python -m bench.soak
+	# The state-machine models of the fill and of parallel ranges, longer than in make test.
+	PULLTHROUGH_MODEL_EXAMPLES=300 $(BIN)/python -m pytest -q -W ignore \
+		tests/test_fill_model.py::test_the_fill_protocol_keeps_its_invariants \
+		tests/test_ranges_model.py::test_a_parallel_fills_storage_keeps_its_invariants
 	# The hostile-upstream fuzzer, longer than make test's seeded run, with a seed of its own.
 	PULLTHROUGH_FUZZ_EXAMPLES=3000 PULLTHROUGH_FUZZ_SEED=$$RANDOM \
 		$(BIN)/python -m pytest -q -W ignore tests/test_fuzz_upstream.py

@@ -181,6 +181,12 @@ def s3_section(swift, prefix: str, **extra) -> dict:
 # The test modules that take long (start daemons, clusters, models, browsers), longest first.
 # They are marked `slow` (`make check` leaves them out) and handed out first: with several
 # test processes (make test runs three) the last module handed out is then a short one.
+def model_examples(default: int) -> int:
+    """How many examples a state-machine model runs: `default` in make test,
+    PULLTHROUGH_MODEL_EXAMPLES in `make soak` (the models run longer there)."""
+    return int(os.environ.get("PULLTHROUGH_MODEL_EXAMPLES") or default)
+
+
 @pytest.fixture(scope="module")
 def browser():
     """Debian's chromium, headless, driven by Playwright: pages are read where people read

@@ -55,6 +55,7 @@ from registry.names import Target
 from registry.pullthrough.fetch import Fetcher
 from registry.pullthrough.fill import BlobFiller
 from registry.store import ContentStore, FilesystemDriver
+from tests.conftest import model_examples
 
 SIZE = 256 * 1024
 CHUNK = 16 * 1024  # 16 chunks 20 ms apart: a fill lasts about 0.3 s
@@ -362,7 +363,8 @@ def run_model(redis_server, tmp_path, examples: int, shrink: bool = True) -> Non
 
 
 def test_the_fill_protocol_keeps_its_invariants(redis_server, tmp_path):
-    run_model(redis_server, tmp_path, examples=25)
+    # make test's run; `make soak` runs the model longer (PULLTHROUGH_MODEL_EXAMPLES).
+    run_model(redis_server, tmp_path, examples=model_examples(12))
 
 
 # -- mutants the model must catch ---------------------------------------------------------------

@@ -40,6 +40,7 @@ from registry.pullthrough.fetch import _hash_prefix
 from registry.pullthrough.ranges import RangedUpload
 from registry.store import ContentStore, FilesystemDriver
 from registry.store.partial_files import UploadExtent
+from tests.conftest import model_examples
 
 SIZE = 200_000
 ALIGN = 4096
@@ -160,7 +161,8 @@ def run_model(tmp_path, examples: int, in_place: bool) -> None:
 
 @pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "side-files"])
 def test_a_parallel_fills_storage_keeps_its_invariants(tmp_path, in_place):
-    run_model(tmp_path, examples=100, in_place=in_place)
+    # make test's run; `make soak` runs the model longer (PULLTHROUGH_MODEL_EXAMPLES).
+    run_model(tmp_path, examples=model_examples(50), in_place=in_place)
 
 
 # -- mutants the model must catch ---------------------------------------------------------------
