@@ -93,6 +93,17 @@ def request(
     )
 
 
+def query_ns() -> str | None:
+    """The request's `?ns=` (containerd's), read once: most requests carry no query string,
+    and a missing key costs werkzeug an exception."""
+    from flask import g, request
+
+    if "ns" not in g:
+        query = request.environ.get("QUERY_STRING")
+        g.ns = request.args.get("ns") if query else None
+    return g.ns
+
+
 class Pending:
     """A request's fields read in its context, for a line written later: a blob's line goes
     out once its last byte has (after the request context is gone)."""
@@ -111,7 +122,7 @@ class Pending:
             repository,
             g.get("reference"),
             g.get("digest"),
-            request.args.get("ns"),
+            query_ns(),
             g.get("cache"),
             None if repository else request.path,
         )

@@ -10,6 +10,7 @@ error bodies."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -47,6 +48,7 @@ def _printable(text: str, limit: int) -> str:
     return "".join(c for c in text[:limit] if c.isprintable())
 
 
+@functools.lru_cache(maxsize=512)
 def engine_of(user_agent: str | None) -> tuple[Engine, str]:
     """The engine and version a User-Agent's first product token names:
     `docker/20.10.24+dfsg1 go/go1.19.8 ...` is (docker, 20.10.24+dfsg1)."""
@@ -58,7 +60,7 @@ def engine_of(user_agent: str | None) -> tuple[Engine, str]:
     return engine, _printable(version, MAX_VERSION)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Visit:
     """A request's client and what kind of request it was, read in its context (a blob's
     figures are noted once its last byte has gone, after the context)."""

@@ -48,7 +48,7 @@ def _metrics() -> Metrics:
 
 
 def _target(name: str) -> Target:
-    ns = request.args.get("ns")
+    ns = accesslog.query_ns()
     target = resolve(_pullthrough().settings, name, ns)
     g.registry = target.registry.name
     g.repository = target.repository
@@ -72,12 +72,14 @@ def manifest(name: str, reference: str) -> Response:
     g.cache = found.cache
     digest = g.digest = str(found.digest)
     metrics = _metrics()
-    metrics.cache_requests.labels("manifest", target.registry.name, found.cache).inc()
+    registry = target.registry.name
+    metrics.bound(metrics.cache_requests, "manifest", registry, found.cache).inc()
+    metrics.manifest_answered(request.method, found.cache, time.monotonic() - g.started)
     if request.method == "GET":
         source = "upstream" if found.cache == "miss" else "cache"
-        metrics.served_bytes.labels("manifest", target.registry.name, source).inc(len(found.body))
+        metrics.bound(metrics.served_bytes, "manifest", registry, source).inc(len(found.body))
         # A pull Docker Hub would have counted, and whether the cache spared it one.
-        _pullthrough().coord.hourly.note(target.registry.name, saved=found.cache != "miss")
+        _pullthrough().coord.hourly.note(registry, saved=found.cache != "miss")
     headers = {
         "Content-Type": found.media_type,
         "Content-Length": str(len(found.body)),
@@ -409,8 +411,9 @@ def _listing(body: dict, path: str, n: int | None, names: list[str], more: bool)
     response = Response(json.dumps(body), mimetype="application/json")
     if more and names:
         query = {"n": str(n), "last": names[-1]}
-        if request.args.get("ns"):
-            query["ns"] = request.args["ns"]
+        ns = accesslog.query_ns()
+        if ns:
+            query["ns"] = ns
         response.headers["Link"] = f'<{quote(path)}?{urlencode(query)}>; rel="next"'
     return response
 

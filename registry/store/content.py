@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import OrderedDict
@@ -53,6 +54,13 @@ class RepositoryScan:
     tags: dict[str, float]
     links: dict[Digest, float]
     referrers: dict[Digest, float] = field(default_factory=dict)  # by subject
+
+
+@functools.lru_cache(maxsize=1024)
+def _tag_record(data: bytes, of: str) -> TagRecord | None:
+    """A tag file's record, parsed once per process for the same bytes (a cached tag is
+    read on every request for it; its record is immutable)."""
+    return TagRecord.from_json(data, of)
 
 
 def _parse_digest(algorithm: str, hexpart: str) -> Digest | None:
@@ -328,7 +336,7 @@ class ContentStore:
 
     def read_tag_of(self, repo: str, tag: str) -> TagRecord | None:
         data = self.driver.read(paths.tag(repo, tag))
-        return TagRecord.from_json(data, f"{repo}:{tag}") if data is not None else None
+        return _tag_record(data, f"{repo}:{tag}") if data is not None else None
 
     def delete_blob(self, digest: Digest) -> bool:
         path = self.blob_path(digest)
