@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 SMALL_FILE = 64 << 10
 SMALL_FILES_BYTES = 16 << 20
 
+
 class FilesystemDriver:
     """Files under one root directory."""
 
