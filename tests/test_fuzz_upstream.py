@@ -18,7 +18,9 @@ import hashlib
 import json
 import os
 import resource
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
@@ -284,6 +286,12 @@ def rig(tmp_path_factory, redis_server, upstream, images):
     for child in alpine.children:
         for digest in child.blobs:
             assert client.get(f"/v2/library/alpine/blobs/{digest}").status_code == 200
+    # A fill commits (and links its repository) just after its client's last byte: the
+    # snapshot is of the store once every one has.
+    uploads = Path(root) / "uploads"
+    deadline = time.monotonic() + 10
+    while any(p.is_file() for p in uploads.rglob("*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
     snapshot = {
         path: data
         for path, data in _walk(str(root)).items()
