@@ -128,7 +128,10 @@ def tls_on_plain_port(worker: Any) -> None:
     if worker.cfg.is_ssl:
         return
     log = logging.getLogger("registry.access")
-    hosts = worker.wsgi.extensions["pullthrough"].coord.hosts
+    # The Hosts table of the app this worker serves (another app under this config, the
+    # benchmark's floor, has none: each handshake is then told as it comes).
+    pullthrough = getattr(worker.wsgi, "extensions", {}).get("pullthrough")
+    hosts = pullthrough.coord.hosts if pullthrough is not None else None
     handle = worker.handle
 
     def peeking_handle(listener: Any, client: Any, addr: Any) -> Any:
@@ -138,7 +141,12 @@ def tls_on_plain_port(worker: Any) -> None:
             first = b""
         if first == TLS_HANDSHAKE:
             address = addr[0] if isinstance(addr, tuple) else str(addr)
-            gevent.spawn_later(FALLBACK_WAIT, tell_tls_attempt, hosts, address, time.time(), log)
+            if hosts is None:
+                log.warning(TLS_ADVICE, address)
+            else:
+                gevent.spawn_later(
+                    FALLBACK_WAIT, tell_tls_attempt, hosts, address, time.time(), log
+                )
             end(client)
             client.close()
             return None
