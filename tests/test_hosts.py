@@ -13,9 +13,14 @@ import subprocess
 import time
 
 import pytest
+import redis as redis_lib
 import requests
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from registry import create_app
+from registry.config import settings_from_mapping
+from registry.coordination.hosts import Hosts
 from registry.ui.views import human_bytes
 from tests.support.clients import Dockerd, Podman, skopeo_copy, skopeo_policy
 from tests.support.servers import ROOT, Containerd, Gunicorn, RedisServer, require
@@ -197,3 +202,35 @@ def test_metrics_and_the_overview_count_the_same_clients(cache, pulled, page):
     assert samples[("pullthrough_hosts_seen", "1d")] == 1
     page.goto(cache.url + "/")
     assert page.inner_text("#hosts-seen .big") == "1"
+
+
+def test_the_table_keeps_at_most_hosts_max_clients_dropping_the_least_recently_seen(tmp_path):
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        client = redis_lib.Redis.from_url(redis.url)
+        hosts = Hosts(client, max_clients=3)
+        for n in range(5):  # five clients, one a flush apart
+            hosts.note(f"10.0.0.{n}", "docker", "20.10", "docker/20.10", "mirror", {"pulls": 1})
+            hosts.flush()
+            time.sleep(0.01)
+        assert [row.address for row in hosts.rows()] == ["10.0.0.4", "10.0.0.3", "10.0.0.2"]
+        # The dropped clients' rows went with them.
+        assert sorted(k.decode() for k in client.keys("pt:host:*")) == [
+            "pt:host:docker@10.0.0.2",
+            "pt:host:docker@10.0.0.3",
+            "pt:host:docker@10.0.0.4",
+        ]
+        client.close()
+    finally:
+        redis.stop()
+
+
+def test_a_client_not_seen_for_stale_after_is_marked_stale(cache, pulled, page, monkeypatch):
+    """Read by the page as it would be once hosts.stale_after (7 days) has passed."""
+    page.goto(cache.url + "/ui/hosts")
+    assert "stale" not in page.inner_text("#hosts")
+    week_later = time.time() + 7 * 86400 + 60
+    app = create_app(settings_from_mapping(yaml.safe_load(cache.config_path.read_text()), env={}))
+    monkeypatch.setattr("registry.ui.views.time.time", lambda: week_later)
+    later = app.test_client().get("/ui/hosts").get_data(as_text=True)
+    assert later.count('class="host stale"') == 4
