@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from registry import accesslog, logs
 from registry.api import health, v2
+from registry.api.fast import FastManifests
 from registry.clients import Clients, visit
 from registry.config import Settings, config_warnings, load_settings
 from registry.coordination import Coordination, connect
@@ -250,6 +251,10 @@ def create_app(
 
     clean_stale_uploads(pullthrough)
     count_an_empty_store(pullthrough)
+    # A cached manifest is answered before Flask's request machinery (api/fast.py).
+    app.wsgi_app = FastManifests(  # type: ignore[method-assign]
+        app.wsgi_app, pullthrough, metrics, clients, allowed_hosts
+    )
     if pullthrough.tier is not None:
         # Copies whose process died: nothing served from them, their space back.
         pullthrough.tier.clean_partials()

@@ -49,15 +49,15 @@ def _printable(text: str, limit: int) -> str:
 
 
 @functools.lru_cache(maxsize=512)
-def engine_of(user_agent: str | None) -> tuple[Engine, str]:
-    """The engine and version a User-Agent's first product token names:
-    `docker/20.10.24+dfsg1 go/go1.19.8 ...` is (docker, 20.10.24+dfsg1)."""
+def engine_of(user_agent: str | None) -> tuple[Engine, str, str]:
+    """The engine and version a User-Agent's first product token names, and the agent as
+    shown: `docker/20.10.24+dfsg1 go/go1.19.8 ...` is (docker, 20.10.24+dfsg1, ...)."""
     first = (user_agent or "").strip().split(" ", 1)[0]
     product, _, version = first.partition("/")
     engine = _PRODUCTS.get(product.lower(), Engine.OTHER)
     if engine is Engine.CONTAINERD:
         version = version.removeprefix("v")
-    return engine, _printable(version, MAX_VERSION)
+    return engine, _printable(version, MAX_VERSION), _printable(user_agent or "", MAX_AGENT)
 
 
 @dataclass(slots=True)
@@ -78,8 +78,7 @@ def visit() -> Visit:
     """The current request's Visit (in a Flask request context)."""
     from flask import g, request
 
-    agent = request.headers.get("User-Agent", "")
-    engine, version = engine_of(agent)
+    engine, version, agent = engine_of(request.headers.get("User-Agent", ""))
     kind = request.blueprint and (request.url_rule.endpoint if request.url_rule else None)
     kind = {"v2.manifest": "manifest", "v2.blob": "blob"}.get(kind or "")
     reference = g.get("reference")
@@ -87,7 +86,7 @@ def visit() -> Visit:
         address=request.remote_addr or "-",
         engine=engine,
         version=version,
-        agent=_printable(agent, MAX_AGENT),
+        agent=agent,
         route=g.get("route"),
         kind=kind,
         pull=kind == "manifest" and reference is not None and is_tag(reference),

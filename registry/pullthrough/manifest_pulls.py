@@ -7,7 +7,7 @@ import logging
 
 from redis.exceptions import RedisError
 
-from registry.digests import Digest, looks_like_digest, sha256_of
+from registry.digests import Digest, looks_like_digest, parse_or_none, sha256_of
 from registry.errors import (
     CacheUnavailable,
     DigestInvalid,
@@ -16,7 +16,7 @@ from registry.errors import (
     UpstreamError,
 )
 from registry.mediatypes import KNOWN_MANIFEST_TYPES
-from registry.names import Target, validate_tag
+from registry.names import Target, is_tag, validate_tag
 from registry.pullthrough.answers import Manifest, _replace_cache
 from registry.pullthrough.base import PullThroughBase
 from registry.pullthrough.manifests import InvalidManifest, accepts, parse_manifest
@@ -56,6 +56,31 @@ class ManifestPulls(PullThroughBase):
             self.policy.enforce(target, reference, found.digest, found.body)
         self.coord.pulls.touch(pulled)
         return found
+
+    def cached(self, target: Target, reference: str) -> Manifest | None:
+        """What the cache answers `reference` with now, asking nobody: a tag it holds fresh
+        (within its tag_ttl, the same test as manifest()'s), or a digest this repository has
+        a revision of. None where only manifest() can answer: a miss, a stale tag, a child
+        not recorded yet, a repository under a signature policy. The caller counts the pull
+        (pulls_of) as manifest() does."""
+        if target.registry.verify_rule(target.repository) is not None:
+            return None
+        if looks_like_digest(reference):
+            digest = parse_or_none(reference)
+            if digest is None:
+                return None
+            body = self.store.read_manifest(digest)
+            if body is None:
+                return None
+            media_type = self.store.manifest_media_type(target, digest)
+            return Manifest(body, digest, media_type, "hit") if media_type is not None else None
+        if not is_tag(reference):
+            return None
+        found = self._cached_tag(target, reference)
+        if found is None:
+            return None
+        ttl = target.registry.ttl_of(target.repository, reference)
+        return found[0] if self.clock() - found[1].validated < ttl else None
 
     def fetch_tag(self, target: Target, tag: str) -> Manifest:
         """The tag as upstream has it now, fetched and stored whatever its TTL says (the
