@@ -56,6 +56,7 @@ from bench.load import (
 )
 from bench.nginx import Nginx
 from bench.proc import RssSampler, cpu_seconds, quiet, timed_cpu, tree
+from bench.profile import manifest_profile
 from bench.progress import say, scenario
 from bench.report import OFFLINE_PATIENCE, write_report
 from tests.support.clients import skopeo_copy, skopeo_policy
@@ -320,23 +321,26 @@ def blob_throughput(urls: dict[str, tuple[str, int]], size: int) -> dict:
 
 
 def manifest_rates(
-    servers: dict[str, str], digest: str, nginx_url: str, upstream: Distribution, work: Path
+    servers: dict[str, str], digest: str, floor_url: str, upstream: Distribution, work: Path
 ) -> dict:
     """GET/HEAD by tag and by digest, ROUNDS rounds with the servers taking turns, so that a
-    slow spell of this shared machine hits both; nginx serves the manifest file as the limit.
-    Also counts the upstream manifest requests each server made during its runs."""
+    slow spell of this shared machine hits all; the floor (bench/floor.py: a bare Flask app
+    under the same gunicorn settings, the same bytes) is the limit. Also counts the upstream
+    manifest requests each server made during its runs."""
     runs: dict = {}
     asked = dict.fromkeys(servers, 0)
     for _ in range(ROUNDS):
-        for name, base in servers.items():
+        for name, base in {**servers, "floor": floor_url}.items():
             mark = upstream.mark()
             for ref in ("1", digest):
                 kind = "tag" if ref == "1" else "digest"
                 url = f"{base}/v2/library/bench/manifests/{ref}"
                 runs.setdefault((name, kind, "GET"), []).append(wrk(url, work))
                 runs.setdefault((name, kind, "HEAD"), []).append(ab_head(url))
-            asked[name] += sum(1 for r in upstream.requests_since(mark) if "/manifests/" in r[1])
-        runs.setdefault(("nginx", "digest", "GET"), []).append(wrk(nginx_url, work))
+            if name in asked:
+                asked[name] += sum(
+                    1 for r in upstream.requests_since(mark) if "/manifests/" in r[1]
+                )
     return {"runs": runs, "upstream_requests": asked}
 
 
@@ -406,7 +410,7 @@ def main() -> None:
         layer = max(image.blobs, key=lambda d: len(image.blobs[d]))
         images[name] = (layer, len(image.blobs[layer]))
         if name == "bench":
-            bench_manifest = image.digest
+            bench_manifest, bench_image = image.digest, image
     pusher.push(single("library/offline", "1", [make_layer(7, 1 << 20)], docker=True))
     range_blobs = {}
     for seed, case in enumerate(range_relays, start=20):
@@ -450,6 +454,18 @@ def main() -> None:
     proxy = Distribution(work / "proxy", proxy_of=upstream.url).start()
     set_proxy = Distribution(work / "set-proxy", proxy_of=set_relays["distribution"].url).start()
     nginx = Nginx(work / "nginx", work / "pt-data", workers=WORKERS).start()
+    (work / "floor-manifest").write_bytes(bench_image.manifest)
+    floor = Gunicorn(
+        config,
+        work / "floor",
+        workers=WORKERS,
+        app="bench.floor:app",
+        env={
+            "FLOOR_MANIFEST": str(work / "floor-manifest"),
+            "FLOOR_MEDIA_TYPE": bench_image.media_type,
+            "FLOOR_DIGEST": bench_manifest,
+        },
+    ).start()
     servers = {"pullthrough": cache.url, "distribution": proxy.url}
     main_pids = {"pullthrough": cache.proc.pid, "distribution": proxy.proc.pid}
     results: dict = {}
@@ -512,9 +528,9 @@ def main() -> None:
         with scenario("warm blob throughput (1 and 8 clients)"):
             results["blob"] = blob_throughput(huge_urls, huge_size)
         with scenario("manifest request rates"):
-            results["rates"] = manifest_rates(
-                servers, bench_manifest, nginx.blob_url(bench_manifest), upstream, work
-            )
+            results["rates"] = manifest_rates(servers, bench_manifest, floor.url, upstream, work)
+        with scenario("a cached manifest's CPU per request, by component"):
+            results["profile"] = manifest_profile(config, work, bench_manifest)
         with scenario("upstream stopped or frozen"):
             results["offline"] = offline_scenarios(servers, upstream, work)
     finally:
@@ -523,6 +539,7 @@ def main() -> None:
             proxy,
             set_proxy,
             nginx,
+            floor,
             relay,
             *set_relays.values(),
             *range_relays.values(),

@@ -503,10 +503,12 @@ class Gunicorn:
         workers: int = 3,
         env: dict | None = None,
         command: tuple[str, ...] = ("-c", str(ROOT / "deploy" / "gunicorn.conf.py")),
+        app: str = "wsgi:app",
     ):
         self.config_path = config_path
         # gunicorn's arguments before the app: the Procfile's by default.
         self.command = command
+        self.app = app
         self.workdir = workdir
         self.workers = workers
         self.port = free_port()
@@ -535,7 +537,7 @@ class Gunicorn:
                 "-m",
                 "gunicorn",
                 *self.command,
-                "wsgi:app",
+                self.app,
             ],
             cwd=ROOT,
             env=env,
