@@ -498,13 +498,12 @@ def write_section(out: Path, marker: str, lines: list[str]) -> None:
 # Why a target can be missed on this machine: printed under the table for each one missed.
 GAP_REASONS = {
     "manifest": (
-        "Manifest rates are a ratio of two servers sharing 2 cores with the load generator. A "
-        "cached manifest costs pullthrough several hundred microseconds of CPU per request "
-        "(Flask's request handling, gunicorn's HTTP parsing and prometheus-flask-exporter's "
-        "hooks are most of it; the cache lookup itself is one or two small file reads), and "
-        "distribution's own rates move by about ±15% from run to run (tags 220-330 req/s, "
-        "digests 660-950 req/s over our runs); the per-round range above shows how far one "
-        "round moves the ratio."
+        "Manifest rates are a ratio of servers sharing 2 cores with the load generator. A "
+        "fresh cached manifest is answered in front of Flask (registry/api/fast.py) for about "
+        "200-250 microseconds of CPU (the profile above: gunicorn's HTTP parsing and sending "
+        "are most of it), and distribution's own rates move by about ±15% from run to run "
+        "(tags 220-340 req/s, digests 660-1,090 req/s over our runs); the per-round range "
+        "above shows how far one round moves the ratio."
     ),
     "warm blob": (
         "Both send with sendfile(2) from the page cache; on loopback the copy into the socket "
