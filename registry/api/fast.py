@@ -21,7 +21,6 @@ from typing import Any
 
 from registry import accesslog
 from registry.clients import Clients, Visit, engine_of
-from registry.errors import RegistryError
 from registry.hostnames import host_allowed
 from registry.metrics import Metrics
 from registry.names import is_tag, resolve, route_of
@@ -91,8 +90,8 @@ class FastManifests:
         try:
             target = resolve(self.pullthrough.settings, name, None)
             found = self.pullthrough.cached(target, reference)
-        except (RegistryError, OSError, ValueError):
-            found = None  # Flask answers it, with its error
+        except Exception:  # an invalid name, a store that fails: Flask answers, with its error
+            found = None
         if found is None or not accepts(_accept(environ.get("HTTP_ACCEPT", "")), found.media_type):
             return self.flask(environ, start_response)
         self._count(environ, method, name, reference, target, found, started)
