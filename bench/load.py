@@ -29,7 +29,7 @@ RANGE_MIB = int(os.environ.get("BENCH_RANGE_MIB", "256"))
 CDN_CONNECTION_MIBPS = float(os.environ.get("BENCH_CDN_CONNECTION_MIBPS", "8"))
 CDN_TOTAL_MIBPS = float(os.environ.get("BENCH_CDN_TOTAL_MIBPS", "64"))
 TOTAL_ONLY_MIBPS = float(os.environ.get("BENCH_TOTAL_ONLY_MIBPS", "32"))
-# Downloads per client in a throughput run, so that each run lasts a few seconds.
+# Runs of each throughput figure per server, the servers taking turns (the median is shown).
 REPEATS = int(os.environ.get("BENCH_REPEATS", "7"))
 # What Docker and containerd send; without it distribution rewrites manifests to schema 1.
 ACCEPT = ", ".join(MANIFEST_TYPES[:4])

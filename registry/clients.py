@@ -74,22 +74,34 @@ class Visit:
     pull: bool
 
 
+# The routes whose answers are image content, by Flask endpoint.
+KINDS = {"v2.manifest": "manifest", "v2.blob": "blob"}
+
+
+def visit_of(
+    address: str | None,
+    user_agent: str | None,
+    route: str | None,
+    kind: str | None,
+    reference: str | None,
+) -> Visit:
+    """A request's Visit: its client, route and kind (manifest | blob | None), and whether
+    it is a pull (a manifest asked for by tag)."""
+    engine, version, agent = engine_of(user_agent)
+    pull = kind == "manifest" and reference is not None and is_tag(reference)
+    return Visit(address or "-", engine, version, agent, route, kind, pull)
+
+
 def visit() -> Visit:
     """The current request's Visit (in a Flask request context)."""
     from flask import g, request
 
-    engine, version, agent = engine_of(request.headers.get("User-Agent", ""))
-    kind = request.blueprint and (request.url_rule.endpoint if request.url_rule else None)
-    kind = {"v2.manifest": "manifest", "v2.blob": "blob"}.get(kind or "")
-    reference = g.get("reference")
-    return Visit(
-        address=request.remote_addr or "-",
-        engine=engine,
-        version=version,
-        agent=agent,
-        route=g.get("route"),
-        kind=kind,
-        pull=kind == "manifest" and reference is not None and is_tag(reference),
+    return visit_of(
+        request.remote_addr,
+        request.headers.get("User-Agent", ""),
+        g.get("route"),
+        KINDS.get(request.endpoint or ""),
+        g.get("reference"),
     )
 
 

@@ -64,8 +64,8 @@ def _cached_pid() -> int:
 
 def cheap_multiprocess_values() -> None:
     """prometheus_client's multiprocess values ask the kernel for the process id on every
-    inc() (to notice a fork): 7 % of a cached manifest request's time. The id is kept here
-    instead, and renewed in a forked child. Before any metric is made (create_app)."""
+    inc() (to notice a fork); the id is kept here instead, and renewed in a forked child.
+    Before any metric is made (create_app)."""
     from prometheus_client import values
 
     if _pid[0] == 0:

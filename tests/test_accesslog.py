@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import ssl
 import threading
 import time
 
@@ -20,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from registry.mediatypes import MANIFEST_TYPES
 from registry.serving import FALLBACK_WAIT
+from tests.support.clients import tls_hello
 from tests.support.images import Pusher, make_layer, single
 from tests.support.servers import Gunicorn, RedisServer, ThrottledRelay
 
@@ -175,8 +175,8 @@ def read_and_leave(url: str, keep: int) -> int:
 def test_an_aborted_download_is_logged_and_counted_with_the_bytes_that_left(
     cache, images, upstream, token_server, cached
 ):
-    """curl stopped after 3.9 MB of a 20 MB blob was logged as 20 MB: the sendfile path
-    reported the size asked for. The log and /metrics say what left."""
+    """A client that reads 2 MiB of a blob and goes: the log and /metrics count the bytes
+    that left (what it read, and what the sockets' buffers held), not the blob's size."""
     image = images["big"]
     if not cached:  # a blob nothing has fetched yet, streamed over the slow link
         image = single("library/abort", "1", [make_layer(31, 24 << 20, "a.bin")], docker=True)
@@ -233,15 +233,6 @@ def test_json_lines_carry_the_same_fields(json_cache, images):
     assert "time" in record and "pid" in record
 
 
-def tls_hello(port: int) -> None:
-    context = ssl.create_default_context()
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        pytest.raises((ssl.SSLError, OSError)),
-    ):
-        context.wrap_socket(raw, server_hostname="127.0.0.1")
-
-
 def told(cache, since: int, text: str, count: int) -> list[str]:
     """The log's lines after byte `since` that hold `text`, once `count` of them are there
     (or the judgment's wait and a margin have passed)."""
@@ -267,8 +258,8 @@ def test_a_tls_handshake_not_followed_by_http_is_logged_once_with_the_fix(cache)
 
 
 def test_a_client_that_falls_back_to_http_is_told_once_and_not_as_a_problem(cache):
-    """podman and skopeo with `insecure = true` try https first on every pull: the log said
-    "configure the cache as insecure" on each, to an operator who had."""
+    """podman and skopeo with `insecure = true` try https first on every pull, then http:
+    that is told once, as information, never as a change to make."""
     mark = len(cache.log())
     for _ in range(3):
         tls_hello(cache.port)

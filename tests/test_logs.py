@@ -7,26 +7,16 @@ wsgi:app` with no `-c`, still writes its access log and opens no control socket 
 from __future__ import annotations
 
 import json
-import socket
-import ssl
 import time
 
 import pytest
 import requests
 
 from registry.mediatypes import MANIFEST_TYPES
+from tests.support.clients import tls_hello
 from tests.support.servers import Gunicorn, RedisServer, run_module
 
 ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
-
-
-def tls_hello(port: int) -> None:
-    context = ssl.create_default_context()
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        pytest.raises((ssl.SSLError, OSError)),
-    ):
-        context.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
 def wait_for(cache: Gunicorn, text: str, timeout: float = 15) -> str:

@@ -26,19 +26,20 @@ SIGINT_AT_DEFAULT = [
 ]
 
 
-def test_make_run_serves_and_ctrl_c_stops_everything(tmp_path):
-    port, redis_port = free_port(), free_port()
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "store")}}))
+def start_make_run(tmp_path, config: dict, port: int, redis_port: int, workers: int):
+    """`make run` with `config` as its config file and no REDIS_URL, as a terminal starts
+    it; returns the process and its open log (written to tmp_path/make-run.log)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env.update(
-        PULLTHROUGH_CONFIG=str(config),
+        PULLTHROUGH_CONFIG=str(path),
         PULLTHROUGH_BIND=f"127.0.0.1:{port}",
-        PULLTHROUGH_WORKERS="2",
+        PULLTHROUGH_WORKERS=str(workers),
         PULLTHROUGH_DATA_DIR=str(tmp_path / "data"),
         PULLTHROUGH_REDIS_PORT=str(redis_port),
     )
-    log = open(tmp_path / "make-run.log", "wb")  # noqa: SIM115 - closed below
+    log = open(tmp_path / "make-run.log", "wb")  # noqa: SIM115 - the caller closes it
     proc = subprocess.Popen(
         [*SIGINT_AT_DEFAULT, "make", "run"],
         cwd=ROOT,
@@ -47,6 +48,13 @@ def test_make_run_serves_and_ctrl_c_stops_everything(tmp_path):
         stdout=log,
         stderr=log,
     )
+    return proc, log
+
+
+def test_make_run_serves_and_ctrl_c_stops_everything(tmp_path):
+    port, redis_port = free_port(), free_port()
+    config = {"storage": {"root": str(tmp_path / "store")}}
+    proc, log = start_make_run(tmp_path, config, port, redis_port, workers=2)
     try:
         wait_for_port(port, timeout=60, proc=proc)
         # A client that keeps its connection open, as Docker daemons do.
@@ -96,31 +104,10 @@ def test_make_run_uses_the_redis_its_config_names(tmp_path, redis_server):
     """With `redis.url` in the config file and REDIS_URL unset, `make run` starts no Redis
     of its own: the cache's keys land in the one the config names."""
     port, redis_port = free_port(), free_port()
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {"storage": {"root": str(tmp_path / "store")}, "redis": {"url": redis_server.url}}
-        )
-    )
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    env.update(
-        PULLTHROUGH_CONFIG=str(config),
-        PULLTHROUGH_BIND=f"127.0.0.1:{port}",
-        PULLTHROUGH_WORKERS="1",
-        PULLTHROUGH_DATA_DIR=str(tmp_path / "data"),
-        PULLTHROUGH_REDIS_PORT=str(redis_port),
-    )
+    config = {"storage": {"root": str(tmp_path / "store")}, "redis": {"url": redis_server.url}}
     store = redis_lib.Redis.from_url(redis_server.url)
     row = "pt:host:other@127.0.0.1"  # this client's row of the Hosts table
-    log = open(tmp_path / "make-run.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [*SIGINT_AT_DEFAULT, "make", "run"],
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=log,
-        stderr=log,
-    )
+    proc, log = start_make_run(tmp_path, config, port, redis_port, workers=1)
     try:
         wait_for_port(port, timeout=60, proc=proc)
         agent = {"User-Agent": "make-run-test/1"}

@@ -474,8 +474,8 @@ def test_eviction_past_max_size_never_cuts_a_stream_in_progress(
 def test_a_blob_larger_than_the_tier_is_served_whole_to_every_client(
     tmp_path, redis_server, swift, fake, prefix
 ):
-    """A tier smaller than a blob evicted each finished copy at once, and clients got a 200
-    whose body stopped one byte short (15 of 16 cold and 16 of 16 warm clients)."""
+    """A blob larger than the tier keeps is read from the bucket, by cold clients (during
+    the fill) and warm ones alike: every body whole and verified, nothing evicted."""
     node = start_node(
         tmp_path / "tiny", redis_server, swift, fake, prefix, max_size="4MiB", low_watermark=0.9
     )

@@ -102,7 +102,7 @@ def test_overview_shows_hit_ratio_traffic_and_upstream_health(cache, page):
 
 
 def test_the_disk_card_counts_the_store_from_its_first_fill(cache, page):
-    """No sweep has run yet: the card showed "not counted yet" until one did."""
+    """No sweep has run yet: the fills counted the store from empty."""
     files = [p for p in (cache.data / "blobs").rglob("*") if p.is_file()]
     page.goto(cache.url + "/")
     disk = page.inner_text("#disk")

@@ -2,9 +2,9 @@
 answers a GET or HEAD of a manifest the cache holds fresh (ManifestPulls.cached: a tag within
 its tag_ttl, a digest of the repository) with headers built once per manifest, and counts it
 as the Flask route would: the access log line, the metrics, the Hosts table, the hourly
-savings and the pull. Its lookups are the route's own (a stat of each small store file per
-request, store/filesystem.py), so a tag another worker or node moved or evicted is seen as
-the route would see it.
+savings and the pull (api/v2.py count_manifest_answer, ManifestPulls.count_pull). Its
+lookups are the route's own (ContentStore.read_tag_of: a stat of the tag file per request),
+so a tag another worker or node moved or evicted is seen as the route would see it.
 
 Everything else goes to Flask unchanged: another route or method, a query string (`?ns=`),
 a host name server.hosts does not list, a name or reference Flask answers with an error, a
@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from registry import accesslog
-from registry.clients import Clients, Visit, engine_of
+from registry.api.v2 import count_manifest_answer
+from registry.clients import Clients, visit_of
 from registry.hostnames import host_allowed
 from registry.metrics import Metrics
-from registry.names import is_tag, resolve, route_of
+from registry.names import Target, resolve, route_of
 from registry.pullthrough.answers import Manifest
 from registry.pullthrough.manifests import accepts, parse_accept
 from registry.pullthrough.service import PullThrough
@@ -108,32 +109,28 @@ class FastManifests:
         method: str,
         name: str,
         reference: str,
-        target: Any,
+        target: Target,
         found: Manifest,
         started: float,
     ) -> None:
         """What the Flask route records for a cached answer, in the same places."""
         registry = target.registry.name
-        digest = str(found.digest)
-        tag = is_tag(reference)
-        pt = self.pullthrough
-        pt.coord.pulls.touch(f"{target}:{reference}" if tag else f"{target}@{digest}")
-        metrics = self.metrics
-        metrics.bound(metrics.cache_requests, "manifest", registry, "hit").inc()
         size = len(found.body) if method == "GET" else 0
-        if method == "GET":
-            metrics.bound(metrics.served_bytes, "manifest", registry, "cache").inc(size)
-            pt.coord.hourly.note(registry, saved=True)
         seconds = time.monotonic() - started
-        metrics.manifest_answered(method, "hit", seconds)
-        client = environ.get("REMOTE_ADDR")
-        agent = environ.get("HTTP_USER_AGENT", "")
-        engine, version, shown = engine_of(agent)
-        visit = Visit(
-            client or "-", engine, version, shown, route_of(name, None, target), "manifest", tag
+        self.pullthrough.count_pull(target, reference, found.digest)
+        count_manifest_answer(
+            self.pullthrough, self.metrics, method, registry, "hit", len(found.body), seconds
         )
-        self.clients.done(visit, 200, size, "hit", None)
+        client = environ.get("REMOTE_ADDR")
+        seen = visit_of(
+            client,
+            environ.get("HTTP_USER_AGENT", ""),
+            route_of(name, None, target),
+            "manifest",
+            reference,
+        )
+        self.clients.done(seen, 200, size, "hit", None)
         accesslog.request(
-            client, method, registry, target.repository, reference, digest, None, 200, size,
-            seconds * 1000, "hit", None,
+            client, method, registry, target.repository, reference, str(found.digest), None,
+            200, size, seconds * 1000, "hit", None,
         )  # fmt: skip

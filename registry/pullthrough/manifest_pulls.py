@@ -41,10 +41,8 @@ class ManifestPulls(PullThroughBase):
                     detail={"reference": reference[:300]},
                 ) from None
             found = self._manifest_by_digest(target, digest, client)
-            pulled = f"{target}@{found.digest}"
         else:
             found = self._manifest_by_tag(target, validate_tag(reference), client)
-            pulled = f"{target}:{reference}"
         # What is stored and remembered is the same for every client: upstream is always asked
         # with every manifest type, so an old client's narrow Accept can neither replace an
         # index with one platform's manifest (distribution rewrites lists for such clients)
@@ -54,15 +52,21 @@ class ManifestPulls(PullThroughBase):
             raise ManifestUnknown(message, reason=message)
         if self.policy is not None:
             self.policy.enforce(target, reference, found.digest, found.body)
-        self.coord.pulls.touch(pulled)
+        self.count_pull(target, reference, found.digest)
         return found
+
+    def count_pull(self, target: Target, reference: str, digest: Digest) -> None:
+        """A pull answered: counted under its tag, or under the digest asked for."""
+        self.coord.pulls.touch(
+            f"{target}:{reference}" if is_tag(reference) else f"{target}@{digest}"
+        )
 
     def cached(self, target: Target, reference: str) -> Manifest | None:
         """What the cache answers `reference` with now, asking nobody: a tag it holds fresh
         (within its tag_ttl, the same test as manifest()'s), or a digest this repository has
         a revision of. None where only manifest() can answer: a miss, a stale tag, a child
         not recorded yet, a repository under a signature policy. The caller counts the pull
-        (pulls_of) as manifest() does."""
+        (count_pull) as manifest() does."""
         if target.registry.verify_rule(target.repository) is not None:
             return None
         if looks_like_digest(reference):

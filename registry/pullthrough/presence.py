@@ -62,12 +62,9 @@ class Presence:
         self.store = store
         self.deletions = deletions
         self.ttl = ttl
-        self.capacity = capacity
-        self.clock = clock
-        # key -> (token, until, answer)
-        self._known: OrderedDict[Hashable, tuple[str, float, int]] = OrderedDict()
+        self._known = _Memo(capacity, clock)  # what exists, for ttl
         self._out: dict[Hashable, _Question] = {}  # questions being asked now
-        self._missing: OrderedDict[Hashable, tuple[str, float]] = OrderedDict()
+        self._missing = _Memo(capacity, clock)  # blobs the store said it lacks, MISS_HOLD
         self._lock = threading.Lock()
 
     def asking(self) -> Asking:
@@ -102,42 +99,50 @@ class Presence:
             out.done.set()
 
     def recall(self, key: Hashable, token: str | None) -> int | None:
-        if token is None:
-            return None
-        entry = self._known.get(key)
-        if entry is None:
-            return None
-        known_token, until, answer = entry
-        if known_token != token or self.clock() >= until:
-            del self._known[key]
-            return None
-        self._known.move_to_end(key)
-        return answer
-
-    def recently_missing(self, key: Hashable, token: str | None) -> bool:
-        entry = self._missing.get(key) if token is not None else None
-        if entry is None:
-            return False
-        if entry[0] != token or self.clock() >= entry[1]:
-            self._missing.pop(key, None)
-            return False
-        return True
-
-    def remember_missing(self, key: Hashable, token: str | None) -> None:
-        if token is None:
-            return
-        self._missing[key] = (token, self.clock() + min(MISS_HOLD, self.ttl))
-        self._missing.move_to_end(key)
-        while len(self._missing) > self.capacity:
-            self._missing.popitem(last=False)
+        answer = self._known.recall(key, token)
+        return None if answer is UNKNOWN else cast(int, answer)
 
     def remember(self, key: Hashable, token: str | None, answer: int) -> None:
+        self._known.remember(key, token, self.ttl, answer)
+
+    def recently_missing(self, key: Hashable, token: str | None) -> bool:
+        return self._missing.recall(key, token) is not UNKNOWN
+
+    def remember_missing(self, key: Hashable, token: str | None) -> None:
+        self._missing.remember(key, token, min(MISS_HOLD, self.ttl), None)
+
+
+UNKNOWN = object()
+
+
+class _Memo:
+    """Answers kept under the deletion token they were given under, each until its time;
+    the least recently used go past `capacity`. A `token` of None keeps and finds nothing."""
+
+    def __init__(self, capacity: int, clock: Callable[[], float]) -> None:
+        self.capacity = capacity
+        self.clock = clock
+        self._items: OrderedDict[Hashable, tuple[str, float, object]] = OrderedDict()
+
+    def recall(self, key: Hashable, token: str | None) -> object:
+        """The answer kept for `key`, or UNKNOWN."""
+        entry = self._items.get(key) if token is not None else None
+        if entry is None:
+            return UNKNOWN
+        known_token, until, answer = entry
+        if known_token != token or self.clock() >= until:
+            self._items.pop(key, None)
+            return UNKNOWN
+        self._items.move_to_end(key)
+        return answer
+
+    def remember(self, key: Hashable, token: str | None, seconds: float, answer: object) -> None:
         if token is None:
             return
-        self._known[key] = (token, self.clock() + self.ttl, answer)
-        self._known.move_to_end(key)
-        while len(self._known) > self.capacity:
-            self._known.popitem(last=False)
+        self._items[key] = (token, self.clock() + seconds, answer)
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
 
 
 class Asking:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -56,13 +55,6 @@ class RepositoryScan:
     referrers: dict[Digest, float] = field(default_factory=dict)  # by subject
 
 
-@functools.lru_cache(maxsize=1024)
-def _tag_record(data: bytes, of: str) -> TagRecord | None:
-    """A tag file's record, parsed once per process for the same bytes (a cached tag is
-    read on every request for it; its record is immutable)."""
-    return TagRecord.from_json(data, of)
-
-
 def _parse_digest(algorithm: str, hexpart: str) -> Digest | None:
     try:
         return Digest.parse(f"{algorithm}:{hexpart}")
@@ -72,7 +64,8 @@ def _parse_digest(algorithm: str, hexpart: str) -> Digest | None:
 
 # Manifest bodies kept per process, verified once (a few KiB each; 8 MiB holds thousands).
 MANIFEST_MEMO_BYTES = 8 << 20
-# Revision media types kept per process (forgotten all at once past this many).
+# Revision media types and tag records kept per process (each forgotten all at once past
+# this many).
 MEDIA_TYPE_MEMO = 50_000
 
 
@@ -82,6 +75,8 @@ class ContentStore:
         self._manifests: OrderedDict[Digest, bytes] = OrderedDict()
         self._manifest_bytes = 0
         self._media_types: dict[str, str] = {}
+        # A tag file's record, with the file's version it was read from.
+        self._tags: dict[str, tuple[Hashable, TagRecord | None]] = {}
 
     # -- what the store is like (its driver's answers; nobody else reads the driver) -----------
     @property
@@ -335,8 +330,22 @@ class ContentStore:
         return repos
 
     def read_tag_of(self, repo: str, tag: str) -> TagRecord | None:
-        data = self.driver.read(paths.tag(repo, tag))
-        return _tag_record(data, f"{repo}:{tag}") if data is not None else None
+        """The tag's record. Read on every request for the tag: what the file says is
+        remembered while its version (a stat, where the driver has one) is unchanged, so a
+        tag another process or node moved or evicted is seen at once."""
+        path = paths.tag(repo, tag)
+        version = self.driver.version(path)
+        if version is not None:
+            known = self._tags.get(path)
+            if known is not None and known[0] == version:
+                return known[1]
+        data = self.driver.read(path)
+        record = TagRecord.from_json(data, f"{repo}:{tag}") if data is not None else None
+        if version is not None:
+            if len(self._tags) >= MEDIA_TYPE_MEMO:
+                self._tags.clear()
+            self._tags[path] = (version, record)
+        return record
 
     def delete_blob(self, digest: Digest) -> bool:
         path = self.blob_path(digest)

@@ -8,7 +8,7 @@ validated names and digests.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from typing import BinaryIO, Protocol
 
 
@@ -29,6 +29,10 @@ class StorageDriver(Protocol):
     def open_read(self, path: str) -> BinaryIO: ...
 
     def read(self, path: str) -> bytes | None: ...
+
+    def version(self, path: str) -> Hashable | None:
+        """What changes whenever the file at `path` is replaced, where that costs less than
+        reading it (a stat); None when nothing is there, or when it would cost as much."""
 
     def write_atomic(self, path: str, data: bytes) -> None:
         """Write all of `data` so that readers see the old file or the new, never a mix."""

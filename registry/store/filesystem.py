@@ -42,12 +42,6 @@ from registry.store.partial_files import (
 log = logging.getLogger(__name__)
 
 
-# Files read whole of at most this size are kept per process (read()), this many bytes of
-# them in all.
-SMALL_FILE = 64 << 10
-SMALL_FILES_BYTES = 16 << 20
-
-
 class FilesystemDriver:
     """Files under one root directory."""
 
@@ -65,9 +59,6 @@ class FilesystemDriver:
         self.root = Path(root).resolve()
         self._root = str(self.root)
         self._root_prefix = self._root + os.sep
-        # Small files read lately (tags, manifests): path -> ((inode, mtime, size), bytes).
-        self._small: dict[str, tuple[tuple[int, int, int], bytes]] = {}
-        self._small_bytes = 0
         if not self.root.exists():
             # The root closes the tree to other users; what is below inherits nothing.
             self.root.mkdir(self.dir_mode, parents=True, exist_ok=True)
@@ -131,31 +122,20 @@ class FilesystemDriver:
         return open(self._local(path), "rb")
 
     def read(self, path: str) -> bytes | None:
-        """A whole (small) file. A file of at most SMALL_FILE bytes is kept in memory and
-        served again while a stat says it is the same file (inode, mtime, size): every write
-        here is a rename of a new file, so a tag moved or a file deleted by another process
-        or node is seen at once. A stat costs a third of an open, read and close."""
-        local = self._local(path)
         try:
-            info = os.stat(local)
+            with open(self._local(path), "rb", buffering=0) as handle:
+                return handle.readall()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        same = (info.st_ino, info.st_mtime_ns, info.st_size)
-        kept = self._small.get(local)
-        if kept is not None and kept[0] == same:
-            return kept[1]
+
+    def version(self, path: str) -> tuple[int, int, int] | None:
+        """What changes whenever the file at `path` is replaced (every write here is a rename
+        of a new file): its inode, mtime and size. None when nothing is there."""
         try:
-            with open(local, "rb", buffering=0) as handle:
-                data = handle.readall()
+            info = os.stat(self._local(path))
         except (FileNotFoundError, NotADirectoryError):
             return None
-        if len(data) == info.st_size <= SMALL_FILE:
-            if self._small_bytes + len(data) > SMALL_FILES_BYTES:
-                self._small.clear()
-                self._small_bytes = 0
-            self._small[local] = (same, data)
-            self._small_bytes += len(data)
-        return data
+        return info.st_ino, info.st_mtime_ns, info.st_size
 
     def write_atomic(self, path: str, data: bytes) -> None:
         target = self.local_path(path)

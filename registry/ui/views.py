@@ -11,11 +11,12 @@ import time
 from flask import Blueprint, Response, abort, current_app, render_template, request
 from redis.exceptions import RedisError
 
+from registry.clients import Engine
 from registry.coordination.hosts import HostRow
 from registry.errors import RegistryError
 from registry.inventory import tag_rows
 from registry.metrics import totals
-from registry.names import resolve
+from registry.names import Route, resolve
 from registry.pullthrough.service import PullThrough
 from registry.ui import charts
 
@@ -291,18 +292,19 @@ def _host_rows() -> list[dict]:
     return rows
 
 
-ENGINE_NAMES = {
-    "docker": "Docker",
-    "containerd": "containerd",
-    "containers-image": "podman / buildah (containers/image)",
-    "skopeo": "skopeo",
-    "cri-o": "CRI-O",
-    "other": "other",
+# How the Hosts page names each engine and route (the table holds their values).
+ENGINE_NAMES: dict[str, str] = {
+    Engine.DOCKER: "Docker",
+    Engine.CONTAINERD: "containerd",
+    Engine.CONTAINERS_IMAGE: "podman / buildah (containers/image)",
+    Engine.SKOPEO: "skopeo",
+    Engine.CRIO: "CRI-O",
+    Engine.OTHER: "other",
 }
-ROUTE_NAMES = {
-    "mirror": "mirror (registry-mirrors, registries.conf mirror)",
-    "ns": "hosts.toml (?ns=)",
-    "prefix": "path prefix (cache/<registry>/…)",
+ROUTE_NAMES: dict[str, str] = {
+    Route.MIRROR: "mirror (registry-mirrors, registries.conf mirror)",
+    Route.NAMESPACE: "hosts.toml (?ns=)",
+    Route.PREFIX: "path prefix (cache/<registry>/…)",
 }
 
 

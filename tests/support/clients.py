@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import tempfile
 from pathlib import Path
@@ -43,6 +45,17 @@ def skopeo_copy(
         text=True,
         timeout=timeout,
     )
+
+
+def tls_hello(port: int) -> None:
+    """A client that speaks TLS to a plain HTTP port on loopback: its handshake fails."""
+    context = ssl.create_default_context()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        try:
+            context.wrap_socket(raw, server_hostname="127.0.0.1")
+        except (ssl.SSLError, OSError):
+            return
+    raise AssertionError("a TLS handshake with a plain HTTP port succeeded")
 
 
 def fetch(url: str, **kwargs) -> tuple[int, bytes, bool]:
