@@ -52,13 +52,14 @@ def post_worker_init(worker):
         greenlet_errors_logged,
         headers_with_body,
         prompt_graceful_stop,
-        tls_on_plain_port,
+        tls_and_plain,
         zero_copy_sendfile,
     )
 
     greenlet_errors_logged()
-    tls_on_plain_port(worker)
     prompt_graceful_stop(worker)
+    # Outermost: a TLS connection is tracked as the wrapped socket its requests come on.
+    tls_and_plain(worker)
     zero_copy_sendfile()
     cheap_date_header()
     headers_with_body()

@@ -4,6 +4,11 @@ python -m registry check-config
     validate the configuration and exit (2 when invalid)
 python -m registry follow [--now]
     check the followed tags that are due (all of them with --now) and fetch what moved
+python -m registry tls init --host NAME [--ip ADDR ...] [--port PORT] [--dir DIR]
+    a private CA and the cache's server certificate in DIR (default ./tls), and what to
+    configure on the cache and on each engine's host
+python -m registry tls client NAME [--host NAME] [--port PORT] [--dir DIR]
+    a client certificate for one host, signed by that CA, and where each engine wants it
 python -m registry rewrite-compose --cache HOST:PORT [--registry NAME ...] [--undo] FILE ...
     route the image references of compose files through the cache (path-prefix form) for
     the given registries (default: every configured registry but the default one), in
@@ -59,6 +64,37 @@ def rewrite_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+def tls_command(args: argparse.Namespace) -> int:
+    from registry import tls
+
+    directory = Path(args.dir).resolve()
+    if args.tls_command == "init":
+        ca = tls.create_ca(directory)
+        server = tls.issue(
+            directory, args.host, server=True, hosts=[args.host], ips=args.ip or [], days=args.days
+        )
+        print(f"CA: {ca.certificate} (its key {ca.key} stays here: it signs client certificates)")
+        names = ", ".join([args.host, *(args.ip or [])])
+        print(f"server certificate: {server.certificate} for {names}")
+        print("\nIn the cache's config:")
+        print(f"server:\n  tls:\n    cert: {server.certificate}\n    key: {server.key}")
+        print(f"    # client_ca: {ca.certificate}  # to serve only hosts with a client certificate")
+        print(f"\nOn each host that pulls ({args.host}:{args.port}):")
+        print(tls.engine_placement(f"{args.host}:{args.port}", ca.certificate, None))
+        return 0
+    ca_files = [directory / name for name in tls.CA_FILES]
+    if not all(path.exists() for path in ca_files):
+        print(f"no CA in {directory}: run `python -m registry tls init` first", file=sys.stderr)
+        return 1
+    client = tls.issue(
+        directory, args.name, server=False, days=args.days, out=directory / "clients"
+    )
+    print(f"client certificate for {args.name}: {client.certificate}, key {client.key}")
+    print(f"\nOn {args.name}:")
+    print(tls.engine_placement(f"{args.host}:{args.port}", ca_files[0], client))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m registry")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,7 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("ratelimit", help="show upstream quota and breaker state")
     gc = commands.add_parser("gc", help="collect garbage now")
     gc.add_argument("--dry-run", action="store_true", help="report only")
+    tls = commands.add_parser("tls", help="a private CA, server and client certificates")
+    tls_commands = tls.add_subparsers(dest="tls_command", required=True)
+    init = tls_commands.add_parser("init", help="a private CA and the server's certificate")
+    init.add_argument("--host", required=True, help="the name clients reach the cache by")
+    init.add_argument("--ip", action="append", help="an address clients use (repeatable)")
+    client = tls_commands.add_parser("client", help="a client certificate for one host")
+    client.add_argument("name", help="the host's name: its name in the logs and on the Hosts page")
+    client.add_argument("--host", default="CACHE", help="the cache's name, for the paths shown")
+    for sub in (init, client):
+        sub.add_argument("--port", type=int, default=5050, help="the cache's port (default 5050)")
+        sub.add_argument("--dir", default="tls", help="where the CA and certificates are (./tls)")
+        sub.add_argument("--days", type=int, default=825, help="validity in days (825)")
     args = parser.parse_args(argv)
+    if args.command == "tls":
+        return tls_command(args)
     if args.command == "check-config":
         return check_config()
     if args.command == "rewrite-compose":

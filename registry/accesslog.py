@@ -4,8 +4,10 @@ Fields, in this order: client (address), method, registry, repository, reference
 digest asked for), digest (the one served), ns (containerd's `?ns=`), status, bytes (really
 sent: a blob's line is written once its last byte has gone, by sendfile too), ms (from the
 request's first byte to the response's last), cache (hit | miss | joined | stale |
-revalidated), and path for requests that name no repository. A field that does not apply is
-`-`. `PULLTHROUGH_LOG_FORMAT=json` writes the same fields as one JSON object a line.
+revalidated), path for requests that name no repository, and user (the name of the
+client's verified certificate; last, so that parsers of the earlier fields keep working). A
+field that does not apply is `-`. `PULLTHROUGH_LOG_FORMAT=json` writes the same fields as
+one JSON object a line.
 
 A line per request is on the hot path (thousands a second per worker), and the logging
 module's record, formatter and lock cost about a tenth of a cached manifest request. The
@@ -39,6 +41,7 @@ FIELDS = (
     "ms",
     "cache",
     "path",
+    "user",
 )
 
 
@@ -74,13 +77,14 @@ def request(
     ms: float,
     cache: str | None,
     path: str | None,
+    user: str | None = None,
 ) -> None:
     """One request's line (FIELDS); None is written as `-`, or left out in JSON."""
     if not _logger.isEnabledFor(logging.INFO):
         return
     if _json:
         values = (client, method, registry, repository, reference, digest, ns, status, size,
-                  round(ms, 1), cache, path)  # fmt: skip
+                  round(ms, 1), cache, path, user)  # fmt: skip
         data = {k: v for k, v in zip(FIELDS, values, strict=True) if v is not None}
         write(json.dumps({"event": "request", **data}, separators=(",", ":")))
         return
@@ -89,7 +93,7 @@ def request(
         f"request client={client or '-'} method={method} registry={registry or '-'} "
         f"repository={_value(repository)} reference={_value(reference)} "
         f"digest={digest or '-'} ns={_value(ns)} status={status} bytes={size} "
-        f"ms={ms:.1f} cache={cache or '-'} path={_value(path)}"
+        f"ms={ms:.1f} cache={cache or '-'} path={_value(path)} user={_value(user)}"
     )
 
 
@@ -125,14 +129,15 @@ class Pending:
             query_ns(),
             g.get("cache"),
             None if repository else request.path,
+            request.environ.get("REMOTE_USER"),
         )
 
     def write(self, status: int, size: int) -> None:
-        client, method, registry, repository, reference, digest, ns, cache, path = self.fields
+        client, method, registry, repository, reference, digest, ns, cache, path, user = self.fields
         ms = (time.monotonic() - self.started) * 1000
         request(
             client, method, registry, repository, reference, digest, ns, status, size, ms,
-            cache, path,
+            cache, path, user,
         )  # fmt: skip
 
 

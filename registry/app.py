@@ -41,6 +41,7 @@ from registry.names import catalog_name
 from registry.pullthrough.service import PullThrough
 from registry.store import ContentStore, FilesystemDriver, StorageDriver
 from registry.store.tier import LocalTier
+from registry.tls import identified
 from registry.ui.views import bp as ui_bp
 from registry.upstream.client import UpstreamClient
 
@@ -255,6 +256,9 @@ def create_app(
     app.wsgi_app = FastManifests(  # type: ignore[method-assign]
         app.wsgi_app, pullthrough, metrics, clients, allowed_hosts
     )
+    if settings.server_tls is not None:
+        # Outermost: every layer sees https and the client certificate's name.
+        app.wsgi_app = identified(app.wsgi_app)  # type: ignore[method-assign]
     if pullthrough.tier is not None:
         # Copies whose process died: nothing served from them, their space back.
         pullthrough.tier.clean_partials()

@@ -114,25 +114,89 @@ FALLBACK_WAIT = 3.0
 SAID_EVERY = 3600.0
 
 
-def tls_on_plain_port(worker: Any) -> None:
-    """Answer a TLS ClientHello on the plain port by ending the connection, and tell the
-    operator once per client per hour: as a problem with its fix when that client did not
-    come back over http (it was never told the cache is http), as information when it did
-    (podman and skopeo with `insecure = true` try https first on every pull).
+# 426 Upgrade Required (RFC 9110 15.5.22): engines that print only the status code's own
+# text (skopeo's and podman's ping) still say what is wrong.
+PLAIN_REFUSED = (
+    b"HTTP/1.1 426 Upgrade Required: this cache speaks https only, use https://\r\n"
+    b"Upgrade: TLS/1.3, HTTP/1.1\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s"
+)
+PLAIN_REFUSED_BODY = (
+    b'{"errors":[{"code":"UNSUPPORTED","message":"plain HTTP is off (server.plain: false): '
+    b'connect with https://"}]}'
+)
+# A TLS connection's body is read and encrypted this much at a time.
+COPY_CHUNK = 256 << 10
+# A client gets this long to finish its TLS handshake.
+HANDSHAKE_TIMEOUT = 10.0
 
-    One peek at the first byte of each connection (not each request)."""
+
+def tls_and_plain(worker: Any) -> None:
+    """Tell each connection's protocol from its first byte (one peek per connection, not
+    per request). With `server.tls` a ClientHello gets the TLS handshake (a client
+    certificate verified when `client_ca` is set), and plain HTTP is served beside it unless
+    `server.plain` is false, when it gets a 426 saying to use https.
+
+    Without `server.tls` a ClientHello is answered by ending the connection, and the
+    operator is told once per client per hour: as a problem with its fix when that client
+    did not come back over http (it was never told the cache is http), as information when
+    it did (podman and skopeo with `insecure = true` try https first on every pull)."""
     import logging
 
     import gevent
+    from gevent import ssl as gevent_ssl
 
     if worker.cfg.is_ssl:
-        return
+        return  # gunicorn's own TLS (certfile in its config): every connection is TLS
     log = logging.getLogger("registry.access")
-    # The Hosts table of the app this worker serves (another app under this config, the
-    # benchmark's floor, has none: each handshake is then told as it comes).
+    # The app this worker serves (another app under this config, the benchmark's floor,
+    # has neither settings nor a Hosts table: each handshake is then told as it comes).
     pullthrough = getattr(worker.wsgi, "extensions", {}).get("pullthrough")
     hosts = pullthrough.coord.hosts if pullthrough is not None else None
+    settings = pullthrough.settings if pullthrough is not None else None
+    server_tls = None
+    if settings is not None and settings.server_tls is not None:
+        from registry.tls import ServerTls
+
+        server_tls = ServerTls(settings.server_tls, context_class=gevent_ssl.SSLContext)
+    plain = settings is None or settings.server_plain
     handle = worker.handle
+
+    def refuse_tls(client: Any, addr: Any) -> None:
+        address = addr[0] if isinstance(addr, tuple) else str(addr)
+        if hosts is None:
+            log.warning(TLS_ADVICE, address)
+        else:
+            gevent.spawn_later(FALLBACK_WAIT, tell_tls_attempt, hosts, address, time.time(), log)
+        end(client)
+        client.close()
+
+    def handshake(client: Any, addr: Any) -> Any:
+        assert server_tls is not None
+        address = addr[0] if isinstance(addr, tuple) else str(addr)
+        timeout = client.gettimeout()
+        # The wrapper takes the connection over (`client` is detached from it).
+        wrapped = server_tls.context().wrap_socket(
+            client, server_side=True, do_handshake_on_connect=False
+        )
+        try:
+            wrapped.settimeout(HANDSHAKE_TIMEOUT)
+            wrapped.do_handshake()
+            wrapped.settimeout(timeout)
+        except (OSError, ValueError) as exc:
+            # A client without a certificate, with one the CA did not sign or one that
+            # has expired: the alert it got names the reason; this line is the operator's.
+            log.info("TLS handshake from %s failed: %s", address, exc)
+            end(wrapped)
+            wrapped.close()
+            return None
+        return wrapped
+
+    def refuse_plain(client: Any) -> None:
+        with contextlib.suppress(OSError):
+            client.sendall(PLAIN_REFUSED % (len(PLAIN_REFUSED_BODY), PLAIN_REFUSED_BODY))
+        end(client)
+        client.close()
 
     def peeking_handle(listener: Any, client: Any, addr: Any) -> Any:
         try:
@@ -140,16 +204,13 @@ def tls_on_plain_port(worker: Any) -> None:
         except OSError:
             first = b""
         if first == TLS_HANDSHAKE:
-            address = addr[0] if isinstance(addr, tuple) else str(addr)
-            if hosts is None:
-                log.warning(TLS_ADVICE, address)
-            else:
-                gevent.spawn_later(
-                    FALLBACK_WAIT, tell_tls_attempt, hosts, address, time.time(), log
-                )
-            end(client)
-            client.close()
-            return None
+            if server_tls is None:
+                return refuse_tls(client, addr)
+            client = handshake(client, addr)
+            if client is None:
+                return None
+        elif first and not plain:
+            return refuse_plain(client)
         return handle(listener, client, addr)
 
     worker.handle = peeking_handle
@@ -189,44 +250,65 @@ def zero_copy_sendfile() -> None:
     import socket
 
     import gevent
-    from gevent import _socket3
+    from gevent import _socket3, ssl
     from gevent.socket import wait_write
 
     from registry.store.driver import FileSpan
 
     chunk = 4 << 20
 
-    def send_spans(self: Any, items: Any) -> int:
+    def sendfile_span(self: Any, item: FileSpan) -> None:
+        """A span from the page cache, straight to the socket."""
+        out_fd = self.fileno()
+        while item.sent < item.length:
+            try:
+                sent = os.sendfile(
+                    out_fd, item.fd, item.offset + item.sent, min(chunk, item.length - item.sent)
+                )
+            except BlockingIOError:
+                wait_write(out_fd, timeout=self.gettimeout())
+                continue
+            if sent == 0:
+                return  # the file is shorter than it said: the stream offers it again
+            item.sent += sent
+            gevent.sleep(0)
+
+    def copy_span(self: Any, item: FileSpan) -> None:
+        """A span read and sent through the socket's own sendall: a TLS connection's bytes
+        are encrypted in this process (os.sendfile would put them on the wire as they are)."""
+        while item.sent < item.length:
+            want = min(COPY_CHUNK, item.length - item.sent)
+            data = os.pread(item.fd, want, item.offset + item.sent)
+            if not data:
+                return  # the file is shorter than it said: the stream offers it again
+            self.sendall(data)
+            item.sent += len(data)
+
+    def send_items(self: Any, items: Any, send_span: Any) -> int:
         """A growing copy's items as they come: bytes sent as they are, FileSpans of its
-        file from the page cache; each span learns how much of it went."""
-        out_fd, total = self.fileno(), 0
+        file by `send_span`; each span learns how much of it went."""
+        total = 0
         for item in items:
-            if not isinstance(item, FileSpan):
+            if isinstance(item, FileSpan):
+                send_span(self, item)
+                total += item.sent
+            else:
                 self.sendall(item)
                 total += len(item)
-                continue
-            while item.sent < item.length:
-                try:
-                    sent = os.sendfile(
-                        out_fd,
-                        item.fd,
-                        item.offset + item.sent,
-                        min(chunk, item.length - item.sent),
-                    )
-                except BlockingIOError:
-                    wait_write(out_fd, timeout=self.gettimeout())
-                    continue
-                if sent == 0:
-                    break  # the file is shorter than it said: the stream offers it again
-                item.sent += sent
-                gevent.sleep(0)
-            total += item.sent
         return total
 
     def sendfile(self: Any, file: Any, offset: int = 0, count: int | None = None) -> int:
         spans = getattr(file, "spans", None)
+        encrypted = isinstance(self, ssl.SSLSocket)
         if spans is not None:
-            return send_spans(self, spans())
+            return send_items(self, spans(), copy_span if encrypted else sendfile_span)
+        if encrypted:
+            if count is None:
+                count = os.fstat(file.fileno()).st_size - offset
+            span = FileSpan(file.fileno(), offset, count)
+            copy_span(self, span)
+            file.seek(offset + span.sent)
+            return span.sent
         out_fd, in_fd = self.fileno(), file.fileno()
         if count is None:
             count = os.fstat(in_fd).st_size - offset

@@ -132,5 +132,5 @@ class FastManifests:
         self.clients.done(seen, 200, size, "hit", None)
         accesslog.request(
             client, method, registry, target.repository, reference, str(found.digest), None,
-            200, size, seconds * 1000, "hit", None,
+            200, size, seconds * 1000, "hit", None, environ.get("REMOTE_USER"),
         )  # fmt: skip

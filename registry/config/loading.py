@@ -41,6 +41,7 @@ from registry.config.settings import (
     S3Settings,
     Settings,
     TagRule,
+    TlsSettings,
     UpstreamSettings,
     VerifyRule,
 )
@@ -194,8 +195,13 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
         given["redis_url"] = env["REDIS_URL"]
     if env.get("REDIS_SENTINEL_PASSWORD"):
         given["redis_sentinel_password"] = env["REDIS_SENTINEL_PASSWORD"]
-    if "hosts" in data.get("server", {}):
-        given["server_hosts"] = tuple(data["server"]["hosts"])
+    server = data.get("server", {})
+    if "hosts" in server:
+        given["server_hosts"] = tuple(server["hosts"])
+    if "tls" in server:
+        given["server_tls"] = _tls(server["tls"])
+    if "plain" in server:
+        given["server_plain"] = server["plain"]
     given["upstream"] = UpstreamSettings(**_given(UpstreamSettings, data.get("upstream", {})))
     given["limits"] = LimitsSettings(**_given(LimitsSettings, data.get("limits", {})))
     gc = _given(GcSettings, data.get("gc", {}))
@@ -240,6 +246,17 @@ def _registry(entry: dict[str, Any], from_file: dict[str, Credentials]) -> Regis
     if "verify" in given:
         given["verify"] = tuple(_verify_rule(rule) for rule in given["verify"])
     return RegistrySettings(**{**given, "name": name, "url": url.rstrip("/"), "credentials": creds})
+
+
+def _tls(raw: dict[str, Any]) -> TlsSettings:
+    """The files of `server.tls`, each checked readable now (the workers read them later)."""
+    paths = {key: Path(raw[key]).resolve() for key in ("cert", "key", "client_ca") if key in raw}
+    for key, path in paths.items():
+        try:
+            path.read_bytes()
+        except OSError as exc:
+            raise ConfigError([f"server.tls.{key}: cannot read {path}: {exc.strerror}"]) from None
+    return TlsSettings(**paths)
 
 
 def _s3(raw: dict[str, Any]) -> S3Settings:

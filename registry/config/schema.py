@@ -263,9 +263,29 @@ def _host_entry(value: str) -> None:
         raise ValidationError(f"{value!r} is not a host name, host:port or .domain.")
 
 
+class TlsSchema(Schema):
+    cert = fields.String(required=True)
+    key = fields.String(required=True)
+    client_ca = fields.String()
+
+
 class ServerSchema(Schema):
     # `name`, `name:port`, `.domain` (registry/hostnames.py).
     hosts = fields.List(fields.String(validate=_host_entry))
+    tls = fields.Nested(TlsSchema)
+    plain = fields.Boolean()
+
+    @validates_schema
+    def _plain_beside_client_certificates(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("tls", {}).get("client_ca") and "plain" not in data:
+            raise ValidationError(
+                "server.tls.client_ca admits only clients with a certificate, but plain HTTP on "
+                "the same port would serve anyone: set server.plain: false (or true to accept "
+                "that).",
+                "plain",
+            )
+        if data.get("plain") is False and "tls" not in data:
+            raise ValidationError("server.plain: false needs server.tls.", "plain")
 
 
 class SettingsSchema(Schema):

@@ -248,6 +248,16 @@ class LocalCacheSettings:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """`server.tls:`: the cache's own certificate, served on its port (registry/tls.py)."""
+
+    cert: Path
+    key: Path
+    # Only clients with a certificate signed by this CA are served over TLS.
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything configured: a section's settings in the section's dataclass."""
 
@@ -275,6 +285,10 @@ class Settings:
     # Host names (and host:port) requests may address the cache by; empty: any. A web page
     # cannot then reach the cache through a DNS name of its own (DNS rebinding).
     server_hosts: tuple[str, ...] = ()
+    # TLS on the cache's port, beside plain HTTP on the same port while server_plain holds
+    # (each connection's first byte tells them apart).
+    server_tls: TlsSettings | None = None
+    server_plain: bool = True
 
     def registry(self, name: str) -> RegistrySettings | None:
         for registry in self.registries:
