@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from registry import accesslog, logs
 from registry.api import health, v2
 from registry.api.fast import FastManifests
+from registry.auth import Guard
 from registry.clients import Clients, visit
 from registry.config import Settings, config_warnings, load_settings
 from registry.coordination import Coordination, connect
@@ -256,6 +257,11 @@ def create_app(
     app.wsgi_app = FastManifests(  # type: ignore[method-assign]
         app.wsgi_app, pullthrough, metrics, clients, allowed_hosts
     )
+    if settings.auth is not None:
+        # Who may pull: before the cached-manifest layer, which would answer anyone.
+        app.wsgi_app = Guard(  # type: ignore[method-assign]
+            app.wsgi_app, settings, pullthrough.coord.logins, metrics, clients
+        )
     if settings.server_tls is not None:
         # Outermost: every layer sees https and the client certificate's name.
         app.wsgi_app = identified(app.wsgi_app)  # type: ignore[method-assign]

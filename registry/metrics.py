@@ -126,6 +126,12 @@ class Metrics:
             ["registry", "result"],
             registry=reg,
         )
+        self.refused = Counter(
+            "pullthrough_refused_requests",
+            "Requests the auth: section refused, by why (login, password, token, access, locked).",
+            ["reason"],
+            registry=reg,
+        )
         self.fill_failures = Counter(
             "pullthrough_fill_failures",
             "Blob fills that failed, by reason.",

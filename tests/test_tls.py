@@ -10,7 +10,6 @@ saying to use https."""
 
 from __future__ import annotations
 
-import datetime
 import http.client
 import os
 import shutil
@@ -24,6 +23,7 @@ import requests
 
 from registry import tls
 from tests.support.clients import skopeo_copy, skopeo_policy
+from tests.support.pki import client_files, make_pki
 from tests.support.servers import ROOT, Gunicorn, run_module
 
 
@@ -41,33 +41,13 @@ def wait_ready(url: str, **kwargs) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
-    """The CA and server certificate from the command line, a client certificate for
-    `nuc`, and one from another CA and an expired one."""
     directory = tmp_path_factory.mktemp("pki")
-    config = directory / "unused.yaml"
-    config.write_text("{}\n")
-    out = run_module(
-        "registry", config, "tls", "init", "--host", "localhost", "--ip", "127.0.0.1",
-        "--dir", str(directory),
-    ).stdout  # fmt: skip
-    assert f"cert: {directory / 'server.crt'}" in out, out
-    assert "/etc/docker/certs.d/localhost:5050/ca.crt" in out, out
-    out = run_module(
-        "registry", config, "tls", "client", "nuc", "--host", "localhost", "--dir", str(directory)
-    ).stdout
-    client = directory / "clients"
-    assert f"cp {client / 'nuc.crt'} /etc/docker/certs.d/localhost:5050/client.cert" in out, out
-    assert f'client = [["{client / "nuc.crt"}", "{client / "nuc.key"}"]]' in out, out
-    other = directory / "other-ca"
-    tls.create_ca(other)
-    tls.issue(other, "stranger", server=False)
-    tls.issue(
-        directory,
-        "expired",
-        server=False,
-        not_before=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10),
-        days=1,
-    )
+    init, client = make_pki(directory)
+    assert f"cert: {directory / 'server.crt'}" in init, init
+    assert "/etc/docker/certs.d/localhost:5050/ca.crt" in init, init
+    issued = directory / "clients"
+    assert f"cp {issued / 'nuc.crt'} /etc/docker/certs.d/localhost:5050/client.cert" in client
+    assert f'client = [["{issued / "nuc.crt"}", "{issued / "nuc.key"}"]]' in client, client
     return directory
 
 
@@ -80,10 +60,6 @@ def cert_dir(root: Path, name: str, pki: Path, client: tuple[Path, Path] | None)
         shutil.copy(client[0], directory / "client.cert")
         shutil.copy(client[1], directory / "client.key")
     return directory
-
-
-def client_files(directory: Path, name: str) -> tuple[Path, Path]:
-    return directory / f"{name}.crt", directory / f"{name}.key"
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,8 @@ from registry.config.settings import (
     DEFAULT_REGISTRY,
     DOCKER_HUB_URL,
     REDIRECT_TTL,
+    AccessRule,
+    AuthSettings,
     Credentials,
     FollowRule,
     FollowSettings,
@@ -202,6 +204,8 @@ def settings_from_mapping(raw: Any, env: dict[str, str] | None = None) -> Settin
         given["server_tls"] = _tls(server["tls"])
     if "plain" in server:
         given["server_plain"] = server["plain"]
+    if "auth" in data:
+        given["auth"] = _auth(data["auth"])
     given["upstream"] = UpstreamSettings(**_given(UpstreamSettings, data.get("upstream", {})))
     given["limits"] = LimitsSettings(**_given(LimitsSettings, data.get("limits", {})))
     gc = _given(GcSettings, data.get("gc", {}))
@@ -248,15 +252,38 @@ def _registry(entry: dict[str, Any], from_file: dict[str, Credentials]) -> Regis
     return RegistrySettings(**{**given, "name": name, "url": url.rstrip("/"), "credentials": creds})
 
 
-def _tls(raw: dict[str, Any]) -> TlsSettings:
-    """The files of `server.tls`, each checked readable now (the workers read them later)."""
-    paths = {key: Path(raw[key]).resolve() for key in ("cert", "key", "client_ca") if key in raw}
+def _readable(section: str, raw: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Path]:
+    """The files of a section, each checked readable now (the workers read them later)."""
+    paths = {key: Path(raw[key]).resolve() for key in keys if key in raw}
     for key, path in paths.items():
         try:
             path.read_bytes()
         except OSError as exc:
-            raise ConfigError([f"server.tls.{key}: cannot read {path}: {exc.strerror}"]) from None
-    return TlsSettings(**paths)
+            raise ConfigError([f"{section}.{key}: cannot read {path}: {exc.strerror}"]) from None
+    return paths
+
+
+def _auth(raw: dict[str, Any]) -> AuthSettings:
+    given = _given(AuthSettings, raw)
+    given.update(_readable("auth", raw, ("htpasswd", "metrics_token_file")))
+    if "allow_networks" in given:
+        given["allow_networks"] = tuple(given["allow_networks"])
+    if "groups" in given:
+        given["groups"] = tuple(sorted((g, tuple(users)) for g, users in given["groups"].items()))
+    if "access" in given:
+        given["access"] = tuple(
+            AccessRule(
+                repositories=tuple(rule["repositories"]),
+                users=tuple(rule.get("users", ())),
+                groups=tuple(rule.get("groups", ())),
+            )
+            for rule in given["access"]
+        )
+    return AuthSettings(**given)
+
+
+def _tls(raw: dict[str, Any]) -> TlsSettings:
+    return TlsSettings(**_readable("server.tls", raw, ("cert", "key", "client_ca")))
 
 
 def _s3(raw: dict[str, Any]) -> S3Settings:

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from marshmallow import Schema, ValidationError, fields, pre_load, validate, validates_schema
 
-from registry.config.settings import DEFAULT_REGISTRY, VerifyMode
+from registry.config.settings import DEFAULT_REGISTRY, Gate, VerifyMode
 from registry.hostnames import split_host
 from registry.names import REGISTRY_NAME
 
@@ -288,8 +288,57 @@ class ServerSchema(Schema):
             raise ValidationError("server.plain: false needs server.tls.", "plain")
 
 
+def _network(value: str) -> None:
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValidationError(f"{value!r} is not a network (CIDR: 10.0.0.0/8, fd00::/8)") from None
+
+
+USER = fields.String(validate=validate.Regexp(r"^[^\s:]{1,64}$", error="not a user name"))
+
+
+class AccessRuleSchema(Schema):
+    repositories = fields.List(fields.String(validate=validate.Length(min=1, max=255)),
+                               required=True, validate=validate.Length(min=1))  # fmt: skip
+    users = fields.List(USER)
+    groups = fields.List(fields.String(validate=validate.Length(min=1, max=64)))
+
+    @validates_schema
+    def _someone(self, data: dict[str, Any], **_: Any) -> None:
+        if not data.get("users") and not data.get("groups"):
+            raise ValidationError("a rule names users or groups (or both).", "users")
+
+
+class AuthSchema(Schema):
+    htpasswd = fields.String()
+    anonymous = fields.Boolean()
+    allow_networks = fields.List(fields.String(validate=_network))
+    groups = fields.Dict(keys=fields.String(validate=validate.Length(min=1, max=64)),
+                         values=fields.List(USER))  # fmt: skip
+    access = fields.List(fields.Nested(AccessRuleSchema))
+    ui = fields.Enum(Gate, by_value=True)
+    metrics = fields.Enum(Gate, by_value=True)
+    metrics_token_file = fields.String()
+    token_ttl = fields.Integer(validate=validate.Range(min=30, max=86400))
+    max_failed_logins = fields.Integer(validate=validate.Range(min=1, max=10_000))
+
+    @validates_schema
+    def _someone_may_pull(self, data: dict[str, Any], **_: Any) -> None:
+        if not (data.get("htpasswd") or data.get("anonymous") or data.get("allow_networks")):
+            raise ValidationError(
+                "no one could pull: give auth.htpasswd (logins), auth.allow_networks or "
+                "auth.anonymous: true (client certificates alone: server.tls.client_ca, "
+                "without an auth section).",
+                "htpasswd",
+            )
+
+
 class SettingsSchema(Schema):
     server = fields.Nested(ServerSchema)
+    auth = fields.Nested(AuthSchema)
     limits = fields.Nested(LimitsSchema)
     storage = fields.Nested(StorageSchema)
     redis = fields.Nested(RedisSchema)

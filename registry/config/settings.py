@@ -257,6 +257,51 @@ class TlsSettings:
     client_ca: Path | None = None
 
 
+class Gate(StrEnum):
+    """Who may read the web pages (auth.ui) or /metrics (auth.metrics)."""
+
+    OPEN = "open"  # anyone who reaches the port
+    LOGIN = "login"  # the users of auth.htpasswd (and, for /metrics, auth.metrics_token_file)
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """`auth.access[]`: these users (or members of these groups) may pull these
+    repositories (globs over `<repository>` and `<registry>/<repository>`; `*` crosses `/`)."""
+
+    repositories: tuple[str, ...]
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """`auth:`: who may pull (registry/auth.py). Without this section anyone may."""
+
+    # Users and their bcrypt hashes, as `htpasswd -B` writes them; reread when it changes.
+    htpasswd: Path | None = None
+    # Anyone may pull without a login.
+    anonymous: bool = False
+    # Clients from these networks (CIDR) may pull without a login (Docker's registry-mirrors
+    # sends none to a mirror).
+    allow_networks: tuple[str, ...] = ()
+    # Group names and their users, for access rules.
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Empty: every user may pull every repository; else only what a rule grants.
+    access: tuple[AccessRule, ...] = ()
+    ui: Gate = Gate.LOGIN
+    metrics: Gate = Gate.LOGIN
+    # A file holding a bearer token Prometheus may scrape /metrics with.
+    metrics_token_file: Path | None = None
+    # Lifetime of the tokens the cache's token endpoint issues.
+    token_ttl: int = 300
+    # Failed logins one client address may make in 15 minutes before it is refused.
+    max_failed_logins: int = 10
+
+    def groups_of(self, user: str) -> tuple[str, ...]:
+        return tuple(group for group, users in self.groups if user in users)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configured: a section's settings in the section's dataclass."""
@@ -289,6 +334,7 @@ class Settings:
     # (each connection's first byte tells them apart).
     server_tls: TlsSettings | None = None
     server_plain: bool = True
+    auth: AuthSettings | None = None
 
     def registry(self, name: str) -> RegistrySettings | None:
         for registry in self.registries:

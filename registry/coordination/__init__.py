@@ -19,6 +19,7 @@ when missing. Each key has one owner module that alone reads and writes it:
 - registry/coordination/tiers.py: the channel pt:tier:deleted
 - registry/coordination/deletions.py: pt:deletions
 - registry/coordination/hosts.py: pt:hosts, pt:host:*, pt:hosts:tls:*
+- registry/coordination/logins.py: pt:login:key, pt:login:failed:*
 
 `Coordination` (below) is what the rest of the cache holds: one object per process that
 carries each owner.
@@ -178,6 +179,12 @@ carries each owner.
                                         a blob or a repository's link to it exists
                                         (storage.s3.lookup_ttl) only while the token is the
                                         one it read before asking.
+    pt:login:key                string  no TTL. The key the cache's own login tokens are
+                                        signed with (auth:), made by the first process to
+                                        need it; a new one after a FLUSHALL logs clients out.
+    pt:login:failed:<address>   string  TTL 15 min from the first. Failed logins of one client
+                                        address; past auth.max_failed_logins it is refused
+                                        (429) until the key expires.
     rq:*                                rq's own keys for the `pullthrough` queue and worker.
 """
 

@@ -20,6 +20,7 @@ from registry.coordination.hosts import Hosts
 from registry.coordination.hourly import Hourly
 from registry.coordination.leases import Leases
 from registry.coordination.limits import Limits
+from registry.coordination.logins import Logins
 from registry.coordination.missing import NegativeCache
 from registry.coordination.pulls import Pulls
 from registry.coordination.tiers import TierNews
@@ -49,6 +50,7 @@ class Coordination:
         self.tiers = TierNews(client)
         self.deletions = Deletions(client)
         self.hosts = Hosts(client, hosts_max)
+        self.logins = Logins(client)
 
     # For people: /readyz, /metrics, the UI, the admin CLI (these raise RedisError).
     def ping(self) -> None:

@@ -335,8 +335,18 @@ def advice(row: HostRow) -> str | None:
             "The image or tag does not exist upstream (a typo, or a tag that was removed); "
             "a Docker host then asks registry-1.docker.io itself, and fails there too."
         )
+    if row.error_status == 401:
+        return (
+            "The host sent no login the cache accepts (auth:): log it in (the forms each "
+            "engine has are below), or allow its network (auth.allow_networks)."
+        )
+    if row.error_status == 429:
+        return "Too many failed logins from this address: fix its password, then wait 15 minutes."
     if row.error_status == 403:
-        return "The cache's policy refused the image (a signature check): see its cause."
+        return (
+            "Refused: a user without an access rule for this repository (auth.access), or "
+            "the cache's signature policy: see the cause."
+        )
     return "See the cause: the request was refused before it reached an upstream."
 
 
@@ -360,4 +370,13 @@ def setup() -> str:
     failing = []
     with contextlib.suppress(RedisError):
         failing = [r for r in _host_rows() if r["advice"] is not None]
-    return render_template("setup.html", host=host, registries=registries, failing=failing)
+    settings = _pt().settings
+    return render_template(
+        "setup.html",
+        host=host,
+        scheme="https" if settings.server_tls else "http",
+        tls=settings.server_tls,
+        auth=settings.auth,
+        registries=registries,
+        failing=failing,
+    )

@@ -1,0 +1,489 @@
+"""Who may pull (`auth:`), with the real engines over TLS: skopeo (`--src-creds`), podman
+(`podman login`, auth.json, a registries.conf mirror), containerd (`ctr --user`: the token
+flow; a hosts.toml `header`: HTTP Basic) and the Docker daemon (the path form after `docker
+login`; the registry-mirrors form, which presents the CLI's Docker Hub credentials to the
+mirror's token realm and no client certificate, and an allowed network) each pull byte-exact,
+and each refused case (no login, a wrong password, a user without access to the repository)
+reads clearly in the engine's own output. Failed logins are counted per address and lock it
+out; /metrics and the pages are behind the logins (or Prometheus's token file), /healthz
+is open; no password or token is ever written to the log."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support.clients import Dockerd, Podman, skopeo_copy, skopeo_policy
+from tests.support.pki import make_pki
+from tests.support.servers import Containerd, Gunicorn, RedisServer, require
+
+PASSWORDS = {"ci": "ci-secret-1", "bob": "bob-secret-2", "ops": "ops-secret-3"}
+WRONG = "not-the-password-4"
+METRICS_TOKEN = "prometheus-token-5"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("auth-pki")
+    make_pki(directory)
+    return directory
+
+
+def htpasswd(path: Path) -> Path:
+    lines = [
+        subprocess.run(
+            [require("htpasswd"), "-nbB", user, password],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        for user, password in PASSWORDS.items()
+    ]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start(work: Path, redis_url: str, upstream, pki: Path, auth: dict) -> Gunicorn:
+    server = Gunicorn.with_config(
+        work,
+        redis_url,
+        [{"name": "docker.io", "url": upstream.url}],
+        workers=2,
+        server={"tls": {"cert": str(pki / "server.crt"), "key": str(pki / "server.key")}},
+        auth=auth,
+    )
+    server.host = server.url.removeprefix("http://")
+    server.https = f"https://{server.host}"
+    return server
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory):
+    """This module's Redis: its Hosts table and failed logins are its clients' only."""
+    server = RedisServer(tmp_path_factory.mktemp("auth-redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, own_redis, upstream, pki):
+    """Logins only: ci may pull library/*, ops (by its group) anything, bob nothing."""
+    work = tmp_path_factory.mktemp("auth-guarded")
+    (work / "metrics-token").write_text(METRICS_TOKEN + "\n")
+    server = start(
+        work,
+        own_redis.url,
+        upstream,
+        pki,
+        {
+            "htpasswd": str(htpasswd(work / "htpasswd")),
+            "groups": {"operators": ["ops"]},
+            "access": [
+                {"users": ["ci"], "repositories": ["library/*"]},
+                {"groups": ["operators"], "repositories": ["*"]},
+            ],
+            "metrics_token_file": str(work / "metrics-token"),
+            "max_failed_logins": 1000,
+        },
+    )
+    wait_ready(server, pki)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def lan(tmp_path_factory, own_redis, upstream, pki):
+    """Loopback is the LAN: its hosts pull without a login."""
+    work = tmp_path_factory.mktemp("auth-lan")
+    server = start(
+        work,
+        own_redis.url,
+        upstream,
+        pki,
+        {"htpasswd": str(htpasswd(work / "htpasswd")), "allow_networks": ["127.0.0.0/8"]},
+    )
+    wait_ready(server, pki)
+    yield server
+    server.stop()
+
+
+def wait_ready(server: Gunicorn, pki: Path) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            requests.get(f"{server.https}/healthz", verify=str(pki / "ca.crt"), timeout=5)
+            return
+        except requests.RequestException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def certs(directory: Path, pki: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(pki / "ca.crt", directory / "ca.crt")
+    return directory
+
+
+def blobs_equal(directory: Path, image) -> None:
+    for digest, blob in image.blobs.items():
+        assert (directory / digest.split(":")[1]).read_bytes() == blob
+
+
+# -- skopeo ----------------------------------------------------------------------------
+
+
+def skopeo(server, pki, image, work: Path, *creds: str):
+    return skopeo_copy(
+        skopeo_policy(work),
+        f"{server.host}/docker.io/{image.repository}:{image.tag}",
+        work / "copy",
+        "--src-tls-verify=true",
+        "--src-cert-dir",
+        str(certs(work / "certs", pki)),
+        *creds,
+        check=False,
+    )
+
+
+def test_skopeo_pulls_with_a_login_through_the_token_flow(guarded, pki, images, tmp_path):
+    image = images["busybox"]
+    done = skopeo(guarded, pki, image, tmp_path, "--src-creds", f"ci:{PASSWORDS['ci']}")
+    assert done.returncode == 0, done.stderr
+    blobs_equal(tmp_path / "copy", image)
+    log = guarded.log_path.read_text()
+    lines = [line for line in log.splitlines() if "repository=library/busybox" in line]
+    assert any("status=200" in line and line.endswith(" user=ci") for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    ("who", "repository", "said"),
+    [
+        (None, "busybox", "log in to pull from this cache"),
+        (f"ci:{WRONG}", "busybox", "wrong user name or password for ci"),
+        (f"bob:{PASSWORDS['bob']}", "busybox", "user bob may not pull"),
+        (f"ci:{PASSWORDS['ci']}", "ocisingle", "user ci may not pull"),
+    ],
+)
+def test_a_refused_pull_reads_clearly_in_skopeo(
+    guarded, pki, images, tmp_path, who, repository, said
+):
+    creds = ("--src-creds", who) if who else ()
+    done = skopeo(guarded, pki, images[repository], tmp_path, *creds)
+    assert done.returncode != 0
+    assert said in done.stderr, done.stderr
+
+
+def test_a_group_rule_grants_any_repository(guarded, pki, images, tmp_path):
+    image = images["ocisingle"]  # team/app: not library/*
+    done = skopeo(guarded, pki, image, tmp_path, "--src-creds", f"ops:{PASSWORDS['ops']}")
+    assert done.returncode == 0, done.stderr
+    blobs_equal(tmp_path / "copy", image)
+
+
+def test_an_allowed_network_pulls_without_a_login(lan, pki, images, tmp_path):
+    image = images["busybox"]
+    done = skopeo(lan, pki, image, tmp_path)
+    assert done.returncode == 0, done.stderr
+    blobs_equal(tmp_path / "copy", image)
+
+
+# -- podman ----------------------------------------------------------------------------
+
+
+def podman_mirror(podman: Podman, cache: str) -> None:
+    """registries.conf: docker.io's mirror is the cache over verified TLS."""
+    podman.conf.write_text(
+        'unqualified-search-registries = ["docker.io"]\n\n[[registry]]\nprefix = "docker.io"\n'
+        'location = "127.0.0.1:1/docker.io"\n[[registry.mirror]]\n'
+        f'location = "{cache}/docker.io"\n'
+    )
+
+
+def test_podman_logs_in_and_pulls_through_its_mirror(guarded, pki, images, tmp_path):
+    image = images["busybox"]
+    podman = Podman(tmp_path / "podman")
+    podman_mirror(podman, guarded.host)
+    cert_dir = str(certs(tmp_path / "certs", pki))
+    authfile = str(tmp_path / "auth.json")
+    try:
+        login = ("login", "--authfile", authfile, "--cert-dir", cert_dir, "-u", "ci")
+        wrong = podman.run(*login, "-p", WRONG, guarded.host)
+        assert wrong.returncode != 0
+        # podman says it in its own words for a login's 401.
+        assert "invalid username/password" in wrong.stderr, wrong.stderr
+        done = podman.run(*login, "-p", PASSWORDS["ci"], guarded.host)
+        assert done.returncode == 0, done.stderr
+        pull = ("pull", "--authfile", authfile, "--cert-dir", cert_dir)
+        done = podman.run(*pull, f"docker.io/{image.repository}:{image.tag}")
+        assert done.returncode == 0, done.stderr
+        inspect = podman.run("image", "inspect", f"docker.io/{image.repository}:{image.tag}")
+        layers = json.loads(inspect.stdout)[0]["RootFS"]["Layers"]
+        assert len(layers) == len(image.blobs) - 1  # all but the config
+        refused = podman.run(*pull, f"docker.io/{images['ocisingle'].repository}:v1")
+        assert refused.returncode != 0
+        assert "user ci may not pull" in refused.stderr, refused.stderr
+    finally:
+        podman.close()
+    assert "user=ci" in guarded.log_path.read_text()
+
+
+# -- containerd ------------------------------------------------------------------------
+
+
+def hosts_dir(root: Path, cache: str, pki: Path, header: str | None = None) -> Path:
+    directory = root / "certs.d" / "docker.io"
+    directory.mkdir(parents=True)
+    text = f'[host."{cache}"]\n  capabilities = ["pull", "resolve"]\n  ca = "{pki / "ca.crt"}"\n'
+    if header:
+        text += f'  [host."{cache}".header]\n    Authorization = "{header}"\n'
+    (directory / "hosts.toml").write_text(text)
+    return root / "certs.d"
+
+
+@pytest.fixture
+def containerd(short):
+    server = Containerd(short / "containerd").start()
+    yield server
+    server.stop()
+
+
+def test_containerd_pulls_with_a_login_and_with_a_basic_header(
+    guarded, pki, images, tmp_path, containerd
+):
+    image = images["busybox"]
+    ref = f"docker.io/{image.repository}:{image.tag}"
+    pull = ("images", "pull", "--snapshotter", "native")
+    # ctr's --user: the token flow (a 401 names the realm; the password grant is POSTed).
+    plain_dir = hosts_dir(tmp_path / "token", guarded.https, pki)
+    wrong = containerd.ctr(*pull, "--hosts-dir", str(plain_dir), "--user", f"ci:{WRONG}", ref,
+                           check=False)  # fmt: skip
+    assert wrong.returncode != 0
+    assert "wrong user name or password for ci" in wrong.stderr, wrong.stderr
+    done = containerd.ctr(*pull, "--hosts-dir", str(plain_dir), "--user",
+                          f"ci:{PASSWORDS['ci']}", ref, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    containerd.ctr("images", "rm", ref)
+    # A hosts.toml header: HTTP Basic on every request, no token.
+    basic = base64.b64encode(f"ci:{PASSWORDS['ci']}".encode()).decode()
+    header_dir = hosts_dir(tmp_path / "header", guarded.https, pki, f"Basic {basic}")
+    done = containerd.ctr(*pull, "--hosts-dir", str(header_dir), ref, check=False)
+    assert done.returncode == 0, done.stderr
+    other = f"docker.io/{images['ocisingle'].repository}:v1"
+    refused = containerd.ctr(*pull, "--hosts-dir", str(header_dir), other, check=False)
+    assert refused.returncode != 0
+    assert "user ci may not pull" in refused.stderr, refused.stderr
+    nobody = containerd.ctr(*pull, "--hosts-dir", str(plain_dir), ref, check=False)
+    assert nobody.returncode != 0
+    assert "log in to pull from this cache" in nobody.stderr, nobody.stderr
+
+
+# -- Docker ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def short():
+    """A short directory for dockerd: its containerd's socket path must fit in 108 bytes."""
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="pt-d-", dir="/tmp"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def docker_certs(guarded, lan, pki):
+    """The CA where dockerd looks for each cache's host:port (removed afterwards)."""
+    made = []
+    for server in (guarded, lan):
+        directory = Path("/etc/docker/certs.d") / server.host
+        certs(directory, pki)
+        made.append(directory)
+    yield
+    for directory in made:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def docker_config(directory: Path, auths: dict[str, str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = {
+        key: {"auth": base64.b64encode(value.encode()).decode()} for key, value in auths.items()
+    }
+    (directory / "config.json").write_text(json.dumps({"auths": entries}))
+    return directory
+
+
+def test_docker_pulls_by_path_after_docker_login(guarded, images, tmp_path, short, docker_certs):
+    image = images["busybox"]
+    config = str(docker_config(tmp_path / "cli", {}))
+    docker = Dockerd(short / "d", guarded.https).start()
+    try:
+        login = ("--config", config, "login", guarded.host, "-u")
+        done = subprocess.run(
+            ["/usr/bin/docker", "-H", f"unix://{docker.socket}", *login, "ci", "--password-stdin"],
+            input=WRONG, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode != 0
+        assert "wrong user name or password for ci" in done.stderr, done.stderr
+        done = subprocess.run(
+            ["/usr/bin/docker", "-H", f"unix://{docker.socket}", *login, "ci", "--password-stdin"],
+            input=PASSWORDS["ci"], capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        pulled = docker.docker(
+            "--config", config, "pull", f"{guarded.host}/{image.repository}:{image.tag}"
+        )
+        assert pulled.returncode == 0
+        refused = docker.docker(
+            "--config", config, "pull", f"{guarded.host}/{images['ocisingle'].repository}:v1",
+            check=False,
+        )  # fmt: skip
+        assert refused.returncode != 0
+        assert "user ci may not pull" in refused.stderr, refused.stderr
+    finally:
+        docker.stop()
+
+
+def test_docker_through_its_mirror_setting_with_a_login_and_from_an_allowed_network(
+    guarded, lan, pki, images, tmp_path, short, docker_certs, browser
+):
+    """Docker 20.10 presents the pulling CLI's Docker Hub credentials (config.json's
+    https://index.docker.io/v1/ entry) to a mirror's token realm: a cache user's there pull
+    through the mirror. Without them the mirror answers 401 and Docker falls back to Docker
+    Hub (here a dead proxy); the refusal is then on the cache's setup page, read in
+    Chromium, with what to change, and in its log."""
+    image = images["busybox"]
+    ref = f"{image.repository}:{image.tag}"
+    hub = "https://index.docker.io/v1/"
+    docker = Dockerd(short / "d", guarded.https).start()
+    try:
+        anonymous = docker.docker("pull", ref, check=False)
+        assert anonymous.returncode != 0  # fell back to Docker Hub, which is not there
+        assert "registry-1.docker.io" in anonymous.stderr  # all Docker says
+        context = browser.new_context(
+            ignore_https_errors=True,
+            http_credentials={"username": "bob", "password": PASSWORDS["bob"]},
+        )
+        try:
+            page = context.new_page()
+            row = page.locator('#failing tr[data-client="docker@127.0.0.1"]')
+            for _ in range(20):  # each worker writes its Hosts counts once a second
+                page.goto(f"{guarded.https}/ui/setup")
+                if row.count() and "401" in row.inner_text():
+                    break
+                page.wait_for_timeout(250)
+            assert "401 log in to pull from this cache" in row.inner_text()
+            assert "log it in" in row.locator(".advice").inner_text()
+            forms = page.inner_text("#who")
+            assert "Docker presents none to a mirror" in forms
+            assert f'"registry-mirrors": ["{guarded.https}"]' in page.inner_text("#daemon-json")
+        finally:
+            context.close()
+        with_login = str(docker_config(tmp_path / "cli", {hub: f"ci:{PASSWORDS['ci']}"}))
+        done = docker.docker("--config", with_login, "pull", ref, check=False)
+        assert done.returncode == 0, done.stderr
+    finally:
+        docker.stop()
+    lines = guarded.log_path.read_text().splitlines()
+    assert any("path=/v2/ user=-" in line and "status=401" in line for line in lines)
+    docker = Dockerd(short / "lan", lan.https).start()
+    try:
+        done = docker.docker("pull", ref, check=False)
+        assert done.returncode == 0, done.stderr
+    finally:
+        docker.stop()
+
+
+# -- the rest --------------------------------------------------------------------------
+
+
+def test_failed_logins_lock_an_address_out_and_slow_each_guess(tmp_path, upstream, pki):
+    # A Redis of its own: the other tests' wrong passwords from 127.0.0.1 count elsewhere.
+    redis = RedisServer(tmp_path / "redis").start()
+    server = start(
+        tmp_path / "strict",
+        redis.url,
+        upstream,
+        pki,
+        {"htpasswd": str(htpasswd(tmp_path / "htpasswd")), "max_failed_logins": 2},
+    )
+    try:
+        wait_ready(server, pki)
+        context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        port = int(server.host.split(":")[1])
+
+        def login(source: str, password: str) -> tuple[int, str, float]:
+            import time
+
+            connection = http.client.HTTPSConnection(
+                "127.0.0.1", port, context=context, timeout=30, source_address=(source, 0)
+            )
+            basic = base64.b64encode(f"ci:{password}".encode()).decode()
+            started = time.monotonic()
+            connection.request("GET", "/auth/token", headers={"Authorization": f"Basic {basic}"})
+            response = connection.getresponse()
+            response.read()
+            connection.close()
+            return response.status, response.reason, time.monotonic() - started
+
+        for _ in range(2):
+            status, _, seconds = login("127.0.0.2", WRONG)
+            assert status == 401 and seconds >= 1.0
+        status, reason, _ = login("127.0.0.2", PASSWORDS["ci"])
+        assert status == 429
+        assert reason == "Too Many Requests: too many failed logins from 127.0.0.2: wait 15 minutes"
+        # Another address is not locked out.
+        assert login("127.0.0.3", PASSWORDS["ci"])[0] == 200
+        assert (
+            "failed login for user 'ci' from 127.0.0.2 (2 in 15 min)" in server.log_path.read_text()
+        )
+        metrics = requests.get(
+            f"{server.https}/metrics",
+            auth=("ci", PASSWORDS["ci"]),
+            verify=str(pki / "ca.crt"),
+            timeout=10,
+        ).text
+        assert 'pullthrough_refused_requests_total{reason="password"} 2.0' in metrics
+        assert 'pullthrough_refused_requests_total{reason="locked"} 1.0' in metrics
+    finally:
+        server.stop()
+        redis.stop()
+
+
+def test_metrics_and_pages_are_behind_the_logins_and_health_is_open(guarded, pki):
+    ca = str(pki / "ca.crt")
+    get = lambda path, **kw: requests.get(f"{guarded.https}{path}", verify=ca, timeout=10, **kw)  # noqa: E731
+    assert get("/healthz").status_code == 200
+    assert get("/readyz").status_code in (200, 503)
+    for path in ("/metrics", "/ui/", "/"):
+        refused = get(path)
+        assert refused.status_code == 401
+        assert refused.headers["WWW-Authenticate"] == 'Basic realm="pullthrough"'
+        assert refused.reason == "Unauthorized: log in to read this cache"
+    assert get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).status_code == 200
+    assert get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert get("/metrics", auth=("bob", PASSWORDS["bob"])).status_code == 200
+    assert get("/ui/hosts", auth=("bob", PASSWORDS["bob"])).status_code == 200
+
+
+def test_no_password_or_token_is_written_to_the_log(guarded, pki, images, tmp_path):
+    image = images["busybox"]
+    done = skopeo(guarded, pki, image, tmp_path, "--src-creds", f"ci:{PASSWORDS['ci']}")
+    assert done.returncode == 0, done.stderr
+    token = requests.get(
+        f"{guarded.https}/auth/token",
+        auth=("ci", PASSWORDS["ci"]),
+        verify=str(pki / "ca.crt"),
+        timeout=10,
+    ).json()["token"]
+    log = guarded.log_path.read_text()
+    for secret in (*PASSWORDS.values(), WRONG, METRICS_TOKEN, token, token.split(".")[1]):
+        assert secret not in log
