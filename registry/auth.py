@@ -406,7 +406,7 @@ class Guard:
             # mirror's 401 and prints only Docker Hub's answer.
             kind, reference = _kind_of(path)
             seen = visit_of(environ.get("REMOTE_ADDR"), environ.get("HTTP_USER_AGENT", ""),
-                            None, kind, reference)  # fmt: skip
+                            None, kind, reference, environ.get("REMOTE_USER"))  # fmt: skip
             self.clients.done(seen, refusal.status, 0, None, refusal.why)
         accesslog.request(
             environ.get("REMOTE_ADDR"), environ.get("REQUEST_METHOD", "-"), None,

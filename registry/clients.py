@@ -72,6 +72,7 @@ class Visit:
     route: str | None
     kind: str | None  # manifest | blob | None
     pull: bool
+    user: str | None = None  # its login or client certificate's name (REMOTE_USER)
 
 
 # The routes whose answers are image content, by Flask endpoint.
@@ -84,12 +85,13 @@ def visit_of(
     route: str | None,
     kind: str | None,
     reference: str | None,
+    user: str | None = None,
 ) -> Visit:
     """A request's Visit: its client, route and kind (manifest | blob | None), and whether
     it is a pull (a manifest asked for by tag)."""
     engine, version, agent = engine_of(user_agent)
     pull = kind == "manifest" and reference is not None and is_tag(reference)
-    return Visit(address or "-", engine, version, agent, route, kind, pull)
+    return Visit(address or "-", engine, version, agent, route, kind, pull, user)
 
 
 def visit() -> Visit:
@@ -102,6 +104,7 @@ def visit() -> Visit:
         g.get("route"),
         KINDS.get(request.endpoint or ""),
         g.get("reference"),
+        request.environ.get("REMOTE_USER"),
     )
 
 
@@ -125,7 +128,8 @@ class Clients:
             counts["hits"] = int(cache in FROM_CACHE)
         error = (status, cause or "") if status >= 400 else None
         self.hosts.note(
-            seen.address, seen.engine, seen.version, seen.agent, seen.route, counts, error
-        )
+            seen.address, seen.engine, seen.version, seen.agent, seen.route, counts, error,
+            seen.user,
+        )  # fmt: skip
         if self.metrics is not None:
             self.metrics.client_sent(seen.engine, counts["pulls"], size)

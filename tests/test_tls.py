@@ -1,12 +1,15 @@
 """TLS on the cache's own port: `python -m registry tls init` and `tls client` make a private
 CA, the server's certificate and a client's; skopeo pulls through https with a client
 certificate, byte-exact (a 48 MiB blob included: a TLS connection's bytes are encrypted in
-the worker, never sendfile'd as they are); a client without a certificate, with one from
-another CA or with an expired one is refused with the reason in skopeo's own output; the
-client's certificate name is its name in the access log; a renewed certificate is served
-to new connections without a restart while open connections keep working; plain HTTP is
-served beside TLS on the same port, or refused with 426 Upgrade Required, its status line
-saying to use https."""
+the worker, never sendfile'd as they are), and so do podman (`--cert-dir`, through its
+registries.conf mirror) and containerd (hosts.toml `ca` and `client`); a client without a
+certificate, with one from another CA or with an expired one is refused with the reason in
+each engine's own output; the certificate's name is the client's name in the access log and
+on the Hosts page (read in Chromium); a renewed certificate is served to new connections
+without a restart while open connections keep working; plain HTTP is served beside TLS on
+the same port, or refused with 426 Upgrade Required, its status line saying to use https.
+Docker is in tests/test_auth.py: it presents no client certificate to a mirror, and loads
+none for a registry on a loopback address (which it always treats as insecure)."""
 
 from __future__ import annotations
 
@@ -22,9 +25,9 @@ import pytest
 import requests
 
 from registry import tls
-from tests.support.clients import skopeo_copy, skopeo_policy
+from tests.support.clients import Podman, skopeo_copy, skopeo_policy
 from tests.support.pki import client_files, make_pki
-from tests.support.servers import ROOT, Gunicorn, run_module
+from tests.support.servers import ROOT, Containerd, Gunicorn, run_module
 
 
 def wait_ready(url: str, **kwargs) -> None:
@@ -123,7 +126,7 @@ def skopeo_over_tls(work: Path, host: str, image, certs: Path, name: str):
 
 
 def test_skopeo_pulls_through_tls_with_a_client_certificate_byte_exact(
-    mutual, pki, images, tmp_path
+    mutual, pki, images, tmp_path, browser
 ):
     host = mutual.url.removeprefix("http://")
     certs = cert_dir(tmp_path, "nuc", pki, client_files(pki / "clients", "nuc"))
@@ -143,6 +146,25 @@ def test_skopeo_pulls_through_tls_with_a_client_certificate_byte_exact(
     blob = max(images["big"].blobs.values(), key=len)
     assert any("cache=hit" in line and f"bytes={len(blob)}" in line for line in big), big
     assert all(line.endswith(" user=nuc") for line in big), big
+    # The Hosts page, read in Chromium presenting a client certificate of its own, names
+    # skopeo's row by the certificate it pulled with.
+    https = mutual.url.replace("http://", "https://")
+    cert, key = client_files(pki / "clients", "nuc")
+    context = browser.new_context(
+        ignore_https_errors=True,
+        client_certificates=[{"origin": https, "certPath": str(cert), "keyPath": str(key)}],
+    )
+    try:
+        page = context.new_page()
+        row = page.locator('tr[data-client="skopeo@127.0.0.1"] .user')
+        for _ in range(20):  # each worker writes its Hosts counts once a second
+            page.goto(f"{https}/ui/hosts")
+            if row.count():
+                break
+            page.wait_for_timeout(250)
+        assert row.inner_text() == "nuc"
+    finally:
+        context.close()
 
 
 @pytest.mark.parametrize(
@@ -260,3 +282,96 @@ def test_tls_init_keeps_keys_private_and_chains_to_its_ca(pki):
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- podman and containerd with a client certificate -------------------------------------
+
+CERT_CASES = {
+    "no certificate": None,
+    "another CA's certificate": ("other-ca", "stranger"),
+    "an expired certificate": (".", "expired"),
+}
+
+
+def client_of(pki: Path, case: str | None) -> tuple[Path, Path] | None:
+    if case is None:
+        return client_files(pki / "clients", "nuc")
+    where = CERT_CASES[case]
+    return None if where is None else client_files(pki / where[0], where[1])
+
+
+@pytest.fixture
+def short():
+    """A short directory: containerd's socket paths must fit in 108 bytes."""
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="pt-t-", dir="/tmp"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("case", "said"),
+    [
+        (None, None),
+        ("no certificate", "certificate required"),
+        ("another CA's certificate", "unknown certificate authority"),
+        ("an expired certificate", "expired certificate"),
+    ],
+)
+def test_podman_through_its_mirror_with_a_client_certificate(
+    mutual, pki, images, tmp_path, case, said
+):
+    image = images["busybox"]
+    podman = Podman(tmp_path / "podman")
+    podman.conf.write_text(
+        'unqualified-search-registries = ["docker.io"]\n\n[[registry]]\nprefix = "docker.io"\n'
+        'location = "127.0.0.1:1/docker.io"\n[[registry.mirror]]\n'
+        f'location = "{mutual.url.removeprefix("http://")}/docker.io"\n'
+    )
+    certs = cert_dir(tmp_path, "certs", pki, client_of(pki, case))
+    try:
+        done = podman.run(
+            "pull", "--cert-dir", str(certs), f"docker.io/{image.repository}:{image.tag}"
+        )
+    finally:
+        podman.close()
+    if said is None:
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode != 0
+        assert said in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("case", "said"),
+    [
+        (None, None),
+        ("no certificate", "certificate required"),
+        ("another CA's certificate", "unknown certificate authority"),
+        ("an expired certificate", "expired certificate"),
+    ],
+)
+def test_containerd_with_a_client_certificate_in_hosts_toml(mutual, pki, images, short, case, said):
+    image = images["busybox"]
+    hosts = short / "certs.d" / "docker.io"
+    hosts.mkdir(parents=True)
+    https = mutual.url.replace("http://", "https://")
+    text = f'[host."{https}"]\n  capabilities = ["pull", "resolve"]\n  ca = "{pki / "ca.crt"}"\n'
+    client = client_of(pki, case)
+    if client is not None:
+        text += f'  client = [["{client[0]}", "{client[1]}"]]\n'
+    (hosts / "hosts.toml").write_text(text)
+    containerd = Containerd(short / "containerd").start()
+    try:
+        done = containerd.ctr(
+            "images", "pull", "--snapshotter", "native", "--hosts-dir", str(short / "certs.d"),
+            f"docker.io/{image.repository}:{image.tag}", check=False,
+        )  # fmt: skip
+    finally:
+        containerd.stop()
+    if said is None:
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode != 0
+        assert said in done.stderr, done.stderr

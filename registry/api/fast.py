@@ -128,6 +128,7 @@ class FastManifests:
             route_of(name, None, target),
             "manifest",
             reference,
+            environ.get("REMOTE_USER"),
         )
         self.clients.done(seen, 200, size, "hit", None)
         accesslog.request(

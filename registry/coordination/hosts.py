@@ -47,6 +47,7 @@ class Tally:
     last: float = 0.0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
     error: tuple[int, str, float] | None = None  # status, cause, when
+    user: str | None = None  # its login or client certificate's name, when it showed one
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class HostRow:
     error_status: int | None
     error_cause: str
     error_at: float | None
+    user: str = ""  # the last login or client certificate's name it showed
 
     @property
     def hit_ratio(self) -> float | None:
@@ -93,9 +95,10 @@ class Hosts:
         route: str | None,
         counts: dict[str, int],
         error: tuple[int, str] | None = None,
+        user: str | None = None,
     ) -> None:
         """One request of a client: its route (None: the request named none), what to add
-        to its counters, and the error it got (status, cause)."""
+        to its counters, the error it got (status, cause) and the user it showed."""
         key = client_id(engine, address)
         now = time.time()
         with self._lock:
@@ -111,6 +114,8 @@ class Hosts:
                 tally.counts[name] += count
             if error is not None:
                 tally.error = (error[0], error[1], now)
+            if user:
+                tally.user = user
             self._flusher.wake()
 
     def flush(self) -> None:
@@ -132,6 +137,8 @@ class Hosts:
                 }
                 if tally.route is not None:
                     fields["route"] = tally.route
+                if tally.user is not None:
+                    fields["user"] = tally.user
                 if tally.error is not None:
                     status, cause, when = tally.error
                     fields.update(error_status=status, error_cause=cause, error_at=when)
@@ -210,4 +217,5 @@ def _row(raw: dict[str, str]) -> HostRow:
         error_status=status,
         error_cause=raw.get("error_cause", "") if status else "",
         error_at=_when(raw, "error_at") if status else None,
+        user=raw.get("user", ""),
     )
