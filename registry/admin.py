@@ -4,6 +4,7 @@ running cache (single-flight included), so they are safe to run beside it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 from collections.abc import Iterator
@@ -110,6 +111,7 @@ def evict(pt: PullThrough, ref: str) -> str:
         raise LookupError(f"{name}:{tag} is not cached")
     repo = str(target)
     pt.store.delete_tag(repo, tag)
+    pt.store.unpin(repo, tag)
     others = [
         t
         for t in pt.store.list_tags(target)
@@ -126,6 +128,42 @@ def evict(pt: PullThrough, ref: str) -> str:
     except RedisError:
         pass
     return str(record.digest)
+
+
+def evict_repository(pt: PullThrough, name: str) -> list[str]:
+    """Every cached tag of a repository evicted; the tags, as `name:tag`."""
+    target = resolve(pt.settings, name, None)
+    evicted = []
+    for tag in pt.store.list_tags(target):
+        ref = f"{name}:{tag}"
+        with contextlib.suppress(LookupError):  # gone meanwhile
+            evict(pt, ref)
+            evicted.append(ref)
+    if not evicted:
+        raise LookupError(f"{name} has no cached tags")
+    return evicted
+
+
+def refresh(pt: PullThrough, ref: str) -> str:
+    """The tag fetched from upstream now, whatever its tag_ttl says; its digest."""
+    name, tag = split_reference(ref)
+    if looks_like_digest(tag):
+        raise ValueError("refresh takes a tag, not a digest")
+    return str(pt.fetch_tag(resolve(pt.settings, name, None), tag).digest)
+
+
+def pin(pt: PullThrough, ref: str, pinned: bool) -> None:
+    """Keep a cached tag whatever the GC's retention says (or let it go again)."""
+    name, tag = split_reference(ref)
+    if looks_like_digest(tag):
+        raise ValueError("pin takes a tag, not a digest")
+    target = resolve(pt.settings, name, None)
+    if pinned:
+        if pt.store.read_tag(target, tag) is None:
+            raise LookupError(f"{name}:{tag} is not cached")
+        pt.store.pin(str(target), tag)
+    elif not pt.store.unpin(str(target), tag):
+        raise LookupError(f"{name}:{tag} is not pinned")
 
 
 def verify(pt: PullThrough, delete: bool, out: TextIO = sys.stdout) -> int:

@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from registry import accesslog, logs
 from registry.api import health, v2
+from registry.api.admin import bp as admin_bp
 from registry.api.fast import FastManifests
 from registry.auth import Guard
 from registry.clients import Clients, visit
@@ -231,6 +232,8 @@ def create_app(
     app.register_blueprint(v2.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(ui_bp)
+    if settings.auth is not None:
+        app.register_blueprint(admin_bp)  # the Guard lets only auth.admins reach it
     # Request counts and latency per route (url_rule), never per path: one digest per label
     # value would explode. Blob transfers are timed where their bytes flow (api/v2.py).
     exporter = PrometheusMetrics(

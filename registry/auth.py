@@ -237,9 +237,14 @@ def _basic(header: str) -> tuple[str, str] | None:
     return (user, password) if sep else None
 
 
+ADMIN_PREFIX = "/admin/"
+
+
 def _area(path: str) -> str:
     if path == "/v2" or path.startswith("/v2/"):
         return "v2"
+    if path.startswith(ADMIN_PREFIX):
+        return "admin"  # never open, whatever auth.ui says
     return "metrics" if path == "/metrics" else "ui"
 
 
@@ -313,6 +318,11 @@ class Guard:
                 refusal = Refusal(403, "access", f"user {who.user} may not pull {name[:200]}")
                 environ["REMOTE_USER"] = who.user
                 return self.refuse(environ, start_response, refusal, area)
+        if area == "admin" and not self.auth.is_admin(who.user):
+            refusal = Refusal(
+                403, "access", f"user {who.user or '-'} is not an admin (auth.admins)"
+            )
+            return self.refuse(environ, start_response, refusal, area)
         if who.user:
             environ["REMOTE_USER"] = who.user
         return self.app(environ, start_response)

@@ -20,8 +20,9 @@ Safe while serving:
 
 Retention (off unless configured): `keep_pulled_within` drops tags not pulled for that long;
 `max_size` evicts the least recently pulled images (tags, then the blobs only they used) until
-the store would fit in `low_watermark x max_size`; tags matching a `pins` glob are never
-dropped. A blob shared with a kept image is marked through that image and stays.
+the store would fit in `low_watermark x max_size`; tags matching a `pins` glob, or pinned by an
+admin (store/paths.py `_pins`), are never dropped. A blob shared with a kept image is marked
+through that image and stays.
 """
 
 from __future__ import annotations
@@ -181,7 +182,9 @@ class Collector:
                 if record is None:
                     continue  # torn or foreign: not a root, and not ours to delete
                 last = pulled[f"{repo}:{tag}"]
-                pinned = any(fnmatch.fnmatchcase(f"{repo}:{tag}", p) for p in policy.pins)
+                pinned = tag in scan.pins or any(
+                    fnmatch.fnmatchcase(f"{repo}:{tag}", p) for p in policy.pins
+                )
                 too_old = policy.keep_pulled_within and now - last > policy.keep_pulled_within
                 if too_old and not pinned:
                     plan.drop_tags.append((repo, tag))

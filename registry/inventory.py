@@ -3,6 +3,7 @@ pull and pull count. Read by the web UI and the admin CLI."""
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ class TagRow:
     pulls: int
     state: str
     signature: str = ""  # under a verify policy: signed, unsigned, failed (why), not checked
+    pinned: str = ""  # by an admin, or by a gc.pins glob
 
 
 def signature_labels(pt: PullThrough, target: Target, tags: dict[str, Digest]) -> dict[str, str]:
@@ -66,6 +68,8 @@ def tag_rows(pt: PullThrough, target: Target) -> list[TagRow]:
     signatures = signature_labels(
         pt, target, {tag: r.digest for tag, r in records.items() if r is not None}
     )
+    by_admin = pt.store.pinned_tags(str(target))
+    globs = pt.settings.gc.pins
     for tag, last, count in zip(tags, pulled, counts, strict=True):
         record = records[tag]
         if record is None:
@@ -85,6 +89,11 @@ def tag_rows(pt: PullThrough, target: Target) -> list[TagRow]:
                 pulls=count,
                 state=state,
                 signature=signatures.get(tag, ""),
+                pinned="by an admin"
+                if tag in by_admin
+                else "by gc.pins"
+                if any(fnmatch.fnmatchcase(f"{target}:{tag}", glob) for glob in globs)
+                else "",
             )
         )
     return rows

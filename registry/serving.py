@@ -131,6 +131,32 @@ COPY_CHUNK = 256 << 10
 HANDSHAKE_TIMEOUT = 10.0
 
 
+LINGER = 2.0
+
+
+def linger(sock: Any, seconds: float = LINGER) -> None:
+    """End a connection the client may still be writing to: a FIN after what was sent (a
+    TLS alert), what the client sends read and dropped until it closes or `seconds` pass,
+    then close. Closing with its bytes unread would send a reset, which can reach the client
+    before the alert and leave it saying only "broken pipe"."""
+    from gevent.socket import wait_read
+
+    raw = getattr(sock, "_sock", sock)
+    with contextlib.suppress(OSError):
+        raw.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + seconds
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                if not raw.recv(65536):
+                    break
+            except BlockingIOError:
+                wait_read(raw.fileno(), timeout=left)
+    except OSError:  # a reset, or the wait ran out (TimeoutError)
+        pass
+    sock.close()
+
+
 def tls_and_plain(worker: Any) -> None:
     """Tell each connection's protocol from its first byte (one peek per connection, not
     per request). With `server.tls` a ClientHello gets the TLS handshake (a client
@@ -187,8 +213,7 @@ def tls_and_plain(worker: Any) -> None:
             # A client without a certificate, with one the CA did not sign or one that
             # has expired: the alert it got names the reason; this line is the operator's.
             log.info("TLS handshake from %s failed: %s", address, exc)
-            end(wrapped)
-            wrapped.close()
+            linger(wrapped)
             return None
         return wrapped
 

@@ -90,6 +90,7 @@ def guarded(tmp_path_factory, own_redis, upstream, pki):
             ],
             "metrics_token_file": str(work / "metrics-token"),
             "max_failed_logins": 1000,
+            "admins": ["operators"],
         },
     )
     wait_ready(server, pki)
@@ -487,3 +488,99 @@ def test_no_password_or_token_is_written_to_the_log(guarded, pki, images, tmp_pa
     log = guarded.log_path.read_text()
     for secret in (*PASSWORDS.values(), WRONG, METRICS_TOKEN, token, token.split(".")[1]):
         assert secret not in log
+
+
+# -- admin actions ---------------------------------------------------------------------
+
+
+def tag_record(server, repository: str, tag: str) -> dict | None:
+    path = server.data / "repositories" / "docker.io" / repository / "_manifests" / "tags" / tag
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def test_an_admin_refreshes_pins_and_evicts_a_tag_from_the_repository_page(
+    guarded, pki, images, tmp_path, browser
+):
+    """ops (in the operators group, auth.admins) clicks each button on the repository page
+    in Chromium; what it did is on disk and in the log with who did it."""
+    image = images["busybox"]
+    done = skopeo(guarded, pki, image, tmp_path, "--src-creds", f"ci:{PASSWORDS['ci']}")
+    assert done.returncode == 0, done.stderr
+    before = tag_record(guarded, image.repository, image.tag)
+    assert before is not None
+    context = browser.new_context(
+        ignore_https_errors=True,
+        http_credentials={"username": "ops", "password": PASSWORDS["ops"]},
+    )
+    try:
+        page = context.new_page()
+        page.goto(f"{guarded.https}/ui/repositories/{image.repository}")
+        row = page.locator(f'td.actions[data-tag="{image.tag}"]')
+        with page.expect_navigation():
+            row.locator("button", has_text="refresh").click()
+        after = tag_record(guarded, image.repository, image.tag)
+        assert after is not None and after["validated"] > before["validated"]
+
+        with page.expect_navigation():
+            row.locator("button", has_text="pin").click()
+        pin = guarded.data / "repositories" / "docker.io" / image.repository / "_pins" / image.tag
+        assert pin.exists()
+        pinned = page.locator("tr", has=page.locator(f'td.actions[data-tag="{image.tag}"]'))
+        assert pinned.locator("td.pinned").inner_text() == "by an admin"
+        with page.expect_navigation():
+            row.locator("button", has_text="unpin").click()
+        assert not pin.exists()
+
+        with page.expect_navigation():
+            row.locator("button", has_text="evict").click()
+        assert tag_record(guarded, image.repository, image.tag) is None
+    finally:
+        context.close()
+    log = guarded.log_path.read_text()
+    for action in ("refresh", "pin", "unpin", "evict"):
+        assert f"admin {action} {image.repository}:{image.tag} by ops from 127.0.0.1" in log
+
+
+def test_admin_actions_are_refused_to_others_and_to_other_sites(guarded, pki, images, tmp_path):
+    ca = str(pki / "ca.crt")
+    image = images["busybox"]
+    done = skopeo(guarded, pki, image, tmp_path, "--src-creds", f"ci:{PASSWORDS['ci']}")
+    assert done.returncode == 0, done.stderr
+    url = f"{guarded.https}/admin/pin"
+    data = {"image": f"{image.repository}:{image.tag}"}
+    bob = requests.post(url, data=data, auth=("bob", PASSWORDS["bob"]), verify=ca, timeout=10)
+    assert bob.status_code == 403
+    assert bob.reason == "Forbidden: user bob is not an admin (auth.admins)"
+    page = requests.get(f"{guarded.https}/ui/repositories/{image.repository}",
+                        auth=("bob", PASSWORDS["bob"]), verify=ca, timeout=10)  # fmt: skip
+    assert page.status_code == 200 and 'td class="actions"' not in page.text
+    nobody = requests.post(url, data=data, verify=ca, timeout=10)
+    assert nobody.status_code == 401
+    forged = requests.post(
+        url, data=data, auth=("ops", PASSWORDS["ops"]), verify=ca, timeout=10,
+        headers={"Origin": "https://elsewhere.example", "Sec-Fetch-Site": "cross-site"},
+    )  # fmt: skip
+    assert forged.status_code == 403
+    assert forged.text == "refused: not from the cache's own pages\n"
+    older = requests.post(
+        url, data=data, auth=("ops", PASSWORDS["ops"]), verify=ca, timeout=10,
+        headers={"Origin": "https://elsewhere.example"},
+    )  # fmt: skip
+    assert older.status_code == 403
+    pin = guarded.data / "repositories" / "docker.io" / image.repository / "_pins" / image.tag
+    assert not pin.exists()
+    # The same from a shell: curl -u ops -X POST .../admin/pin?image=...
+    done = requests.post(url, params=data, auth=("ops", PASSWORDS["ops"]), verify=ca, timeout=10)
+    assert done.status_code == 200 and pin.exists()
+    requests.post(f"{guarded.https}/admin/unpin", params=data, auth=("ops", PASSWORDS["ops"]),
+                  verify=ca, timeout=10).raise_for_status()  # fmt: skip
+    # A whole repository.
+    app = images["ocisingle"]
+    (tmp_path / "app").mkdir()
+    done = skopeo(guarded, pki, app, tmp_path / "app", "--src-creds", f"ops:{PASSWORDS['ops']}")
+    assert done.returncode == 0, done.stderr
+    evicted = requests.post(f"{guarded.https}/admin/evict", params={"repository": app.repository},
+                            auth=("ops", PASSWORDS["ops"]), verify=ca, timeout=10)  # fmt: skip
+    assert evicted.status_code == 200, evicted.text
+    assert evicted.text == f"evicted 1 tags of {app.repository}\n"
+    assert tag_record(guarded, app.repository, app.tag) is None

@@ -249,6 +249,17 @@ def test_pinned_images_are_never_evicted(store, coord):
     assert complete(store, a) and complete(store, c)
 
 
+def test_tags_an_admin_pinned_are_never_evicted_nor_dropped(store, coord):
+    a, _b, c, _shared, total = pulled_9_5_and_2_days_ago(store, coord, 2)
+    store.pin("docker.io/library/a", "1")  # what POST /admin/pin does (tests/test_auth.py)
+    report = collect(store, coord, later=10 * DAY, max_size=total - 1, low_watermark=1.0)
+    assert report["evicted"] == ["docker.io/library/b:1"]
+    assert complete(store, a) and complete(store, c)
+    report = collect(store, coord, later=40 * DAY, keep_pulled_within=DAY)
+    assert complete(store, a)  # pulled 39 days before, kept
+    assert store.read_tag_of("docker.io/library/c", "1") is None
+
+
 def test_keep_pulled_within_drops_tags_not_pulled_lately(store, coord):
     a, b, _c, shared, _only = images_sharing_a_layer(3)
     for image in (a, b):

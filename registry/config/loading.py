@@ -266,8 +266,9 @@ def _readable(section: str, raw: dict[str, Any], keys: tuple[str, ...]) -> dict[
 def _auth(raw: dict[str, Any]) -> AuthSettings:
     given = _given(AuthSettings, raw)
     given.update(_readable("auth", raw, ("htpasswd", "metrics_token_file")))
-    if "allow_networks" in given:
-        given["allow_networks"] = tuple(given["allow_networks"])
+    for key in ("allow_networks", "admins"):
+        if key in given:
+            given[key] = tuple(given[key])
     if "groups" in given:
         given["groups"] = tuple(sorted((g, tuple(users)) for g, users in given["groups"].items()))
     if "access" in given:

@@ -319,6 +319,7 @@ class AuthSchema(Schema):
     groups = fields.Dict(keys=fields.String(validate=validate.Length(min=1, max=64)),
                          values=fields.List(USER))  # fmt: skip
     access = fields.List(fields.Nested(AccessRuleSchema))
+    admins = fields.List(fields.String(validate=validate.Length(min=1, max=64)))
     ui = fields.Enum(Gate, by_value=True)
     metrics = fields.Enum(Gate, by_value=True)
     metrics_token_file = fields.String()

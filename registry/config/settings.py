@@ -289,6 +289,9 @@ class AuthSettings:
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Empty: every user may pull every repository; else only what a rule grants.
     access: tuple[AccessRule, ...] = ()
+    # Users (or groups) with the admin role: refresh, evict, pin and unpin from the UI or
+    # POST /admin/<action>.
+    admins: tuple[str, ...] = ()
     ui: Gate = Gate.LOGIN
     metrics: Gate = Gate.LOGIN
     # A file holding a bearer token Prometheus may scrape /metrics with.
@@ -300,6 +303,11 @@ class AuthSettings:
 
     def groups_of(self, user: str) -> tuple[str, ...]:
         return tuple(group for group, users in self.groups if user in users)
+
+    def is_admin(self, user: str | None) -> bool:
+        if not user:
+            return False
+        return user in self.admins or any(g in self.admins for g in self.groups_of(user))
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class RepositoryScan:
     tags: dict[str, float]
     links: dict[Digest, float]
     referrers: dict[Digest, float] = field(default_factory=dict)  # by subject
+    pins: set[str] = field(default_factory=set)  # tags an admin pinned
 
 
 def _parse_digest(algorithm: str, hexpart: str) -> Digest | None:
@@ -311,6 +312,7 @@ class ContentStore:
                 (paths.TAGS_MARK, "tags"),
                 (paths.LINKS_MARK, "links"),
                 (paths.REFERRERS_MARK, "referrers"),
+                (paths.PINS_MARK, "pins"),
             ):
                 at = path.find(marker)
                 if at < 0:
@@ -321,6 +323,9 @@ class ContentStore:
                 if kind == "tags":
                     if is_tag(rest):  # nothing else can be a tag's file
                         scan.tags[rest] = mtime
+                elif kind == "pins":
+                    if is_tag(rest):
+                        scan.pins.add(rest)
                 else:
                     algorithm, _, hexpart = rest.partition("/")
                     digest = _parse_digest(algorithm, hexpart)
@@ -358,6 +363,15 @@ class ContentStore:
 
     def delete_tag(self, repo: str, tag: str) -> bool:
         return self.driver.delete(paths.tag(repo, tag))
+
+    def pin(self, repo: str, tag: str) -> None:
+        self.driver.write_atomic(paths.pin(repo, tag), b"")
+
+    def unpin(self, repo: str, tag: str) -> bool:
+        return self.driver.delete(paths.pin(repo, tag))
+
+    def pinned_tags(self, repo: str) -> set[str]:
+        return {name for name in self.driver.list(paths.pins(repo)) if is_tag(name)}
 
     def delete_revision(self, repo: str, digest: Digest) -> bool:
         return self.driver.delete(paths.revision(repo, digest))

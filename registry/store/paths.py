@@ -34,6 +34,9 @@ Disk layout (the one place it is written down; `<root>` is `storage.root`):
         repository, or confirmed with a HEAD that the repository has it). Cached blobs are
         served only through such a link (or a manifest revision of the repository), so one
         repository's private content never leaks to another.
+    <root>/repositories/<registry>/<repository>/_pins/<tag>
+        Empty: an admin pinned this tag (the UI or POST /admin/pin): the GC keeps it and
+        what it needs, as it does a tag matching a `gc.pins` glob.
     <root>/tmp/
         Temporaries of atomic writes.
 
@@ -63,6 +66,7 @@ REVISIONS_MARK = "/_manifests/revisions/"
 TAGS_MARK = "/_manifests/tags/"
 LINKS_MARK = "/_layers/"
 REFERRERS_MARK = "/_referrers/"
+PINS_MARK = "/_pins/"
 
 
 def _by_digest(digest: Digest) -> str:
@@ -113,6 +117,14 @@ def tags(repo: str) -> str:
 
 def tag(repo: str, name: str) -> str:
     return f"{REPOSITORIES}/{stored_repository(repo)}{TAGS_MARK}{Tag(name)}"
+
+
+def pin(repo: str, name: str) -> str:
+    return f"{REPOSITORIES}/{stored_repository(repo)}{PINS_MARK}{Tag(name)}"
+
+
+def pins(repo: str) -> str:
+    return f"{REPOSITORIES}/{stored_repository(repo)}{PINS_MARK}".rstrip("/")
 
 
 def referrers(repo: str, subject: Digest) -> str:

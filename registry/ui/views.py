@@ -207,8 +207,13 @@ def repository(name: str) -> str:
         abort(404)
     if not pt.store.list_tags(target) and not pt.store.has_manifests(f"{target}"):
         abort(404)
+    auth = pt.settings.auth
     return render_template(
-        "repository.html", name=name, target=str(target), rows=tag_rows(pt, target)
+        "repository.html",
+        name=name,
+        target=str(target),
+        rows=tag_rows(pt, target),
+        admin=auth is not None and auth.is_admin(request.environ.get("REMOTE_USER")),
     )
 
 
