@@ -1,7 +1,6 @@
-"""Who may pull (the `auth:` section), as a WSGI layer in front of the app: logins from an
-htpasswd file (bcrypt), spoken as HTTP Basic and as the Docker token flow (a 401 names this
-cache's `/auth/token` as the realm; the token it issues is signed with a key every worker and
-node shares, coordination/logins.py), client certificates (their verified name, set by
+"""Who may pull (the `auth:` section), as a WSGI layer in front of the app: logins
+(registry/logins.py) spoken as HTTP Basic and as the Docker token flow (a 401 names this
+cache's `/auth/token` as the realm), client certificates (their verified name, set by
 tls.identified), networks whose hosts pull without a login, per-user and per-group rules
 over repository globs, and the web pages and /metrics behind the same logins or open.
 
@@ -16,17 +15,14 @@ from __future__ import annotations
 import base64
 import binascii
 import fnmatch
-import hashlib
 import hmac
 import ipaddress
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -37,8 +33,10 @@ from registry.clients import Clients, visit_of
 from registry.config import AuthSettings, Gate, Settings
 from registry.coordination.logins import FAILED_WINDOW, Logins
 from registry.hostnames import OPEN_PATHS
+from registry.logins import Tokens, Users
 from registry.metrics import Metrics
 from registry.names import resolve
+from registry.tls import PEER_KEY
 
 log = logging.getLogger("registry.auth")
 
@@ -47,9 +45,6 @@ TOKEN_PATH = "/auth/token"
 SERVICE = "pullthrough"
 # A failed login is answered this late (per request: other clients are not held up).
 FAILED_DELAY = 1.0
-# A password checked right is remembered this long (bcrypt costs ~0.1 s per check).
-REMEMBER = 300.0
-CHECK_EVERY = 1.0  # how often the htpasswd file is looked at for changes
 
 
 class How(StrEnum):
@@ -77,125 +72,6 @@ class Refusal:
 
 PHRASES = {401: "Unauthorized", 403: "Forbidden", 429: "Too Many Requests"}
 CODES = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}
-
-
-class Users:
-    """The htpasswd file's users (bcrypt hashes only), reread when it changes."""
-
-    def __init__(self, path: Path | None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.path = path
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._version: tuple | None = None
-        self._hashes: dict[str, bytes] = {}
-        self._checked = -CHECK_EVERY
-        # sha256(user, password, hash) of a right check -> when: a client sending Basic on
-        # every request does not pay bcrypt each time; a changed hash no longer matches.
-        self._right: dict[bytes, float] = {}
-        self._reload()
-
-    def _reload(self) -> None:
-        if self.path is None:
-            return
-        now = self.clock()
-        if now - self._checked < CHECK_EVERY:
-            return
-        with self._lock:
-            self._checked = now
-            try:
-                st = self.path.stat()
-                version = (st.st_ino, st.st_mtime_ns, st.st_size)
-                if version == self._version:
-                    return
-                text = self.path.read_text()
-            except OSError as exc:
-                log.error("auth.htpasswd: cannot read %s (%s); keeping its users", self.path, exc)
-                return
-            hashes = {}
-            for number, line in enumerate(text.splitlines(), 1):
-                user, sep, hashed = line.strip().partition(":")
-                if not line.strip() or line.startswith("#"):
-                    continue
-                if not sep or not hashed.startswith(("$2y$", "$2b$", "$2a$")):
-                    log.warning(
-                        "auth.htpasswd line %d: not user:bcrypt-hash (htpasswd -B); skipped",
-                        number,
-                    )
-                    continue
-                hashes[user] = hashed.encode()
-            self._hashes, self._version = hashes, version
-
-    def check(self, user: str, password: str) -> bool:
-        import bcrypt
-
-        self._reload()
-        hashed = self._hashes.get(user)
-        if hashed is None:
-            return False
-        seen = hashlib.sha256(b"\0".join((user.encode(), password.encode(), hashed))).digest()
-        now = self.clock()
-        when = self._right.get(seen)
-        if when is not None and now - when < REMEMBER:
-            return True
-        if not bcrypt.checkpw(password.encode(), hashed):
-            return False
-        if len(self._right) > 10_000:
-            self._right.clear()
-        self._right[seen] = now
-        return True
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-class Tokens:
-    """Bearer tokens this cache issues: `<payload>.<signature>`, the payload its user and
-    expiry, signed with the shared key (HMAC-SHA256)."""
-
-    def __init__(self, logins: Logins, ttl: int, clock: Callable[[], float] = time.time) -> None:
-        self.logins = logins
-        self.ttl = ttl
-        self.clock = clock
-        self._key: bytes | None = None
-        self._read = 0.0
-
-    def _signing_key(self, fresh: bool = False) -> bytes:
-        # Read again when a token does not verify (a FLUSHALL made a new key), once a second.
-        now = time.monotonic()
-        if self._key is None or (fresh and now - self._read > 1.0):
-            self._key, self._read = self.logins.signing_key(), now
-        return self._key
-
-    def _sign(self, payload: str, key: bytes) -> str:
-        return _b64(hmac.new(key, payload.encode(), hashlib.sha256).digest())
-
-    def issue(self, user: str | None) -> str:
-        payload = _b64(
-            json.dumps({"sub": user or "", "exp": int(self.clock()) + self.ttl}).encode()
-        )
-        return f"{payload}.{self._sign(payload, self._signing_key())}"
-
-    def user_of(self, token: str) -> str | None:
-        """The token's user ("" for an anonymous one), or None when it is not one of ours
-        or has expired."""
-        payload, _, signature = token.partition(".")
-        for fresh in (False, True):
-            if hmac.compare_digest(self._sign(payload, self._signing_key(fresh)), signature):
-                break
-        else:
-            return None
-        try:
-            claims = json.loads(_unb64(payload))
-        except (ValueError, binascii.Error):
-            return None
-        if not isinstance(claims, dict) or claims.get("exp", 0) < self.clock():
-            return None
-        return str(claims.get("sub", ""))
 
 
 class Access:
@@ -299,6 +175,10 @@ class Guard:
     # -- the layer ---------------------------------------------------------------------
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        # Only this layer names the user (a front proxy's header would not be checked).
+        environ.pop("REMOTE_USER", None)
+        if environ.get(PEER_KEY):
+            environ["REMOTE_USER"] = environ[PEER_KEY]
         path = environ.get("PATH_INFO", "")
         if path in OPEN_PATHS:
             return self.app(environ, start_response)
@@ -341,8 +221,8 @@ class Guard:
 
     def identify(self, environ: dict, area: str) -> Who | Refusal:
         address = environ.get("REMOTE_ADDR")
-        if environ.get("REMOTE_USER"):  # a verified client certificate (tls.identified)
-            return Who(environ["REMOTE_USER"], How.CERTIFICATE)
+        if environ.get(PEER_KEY):  # a verified client certificate (tls.identified)
+            return Who(environ[PEER_KEY], How.CERTIFICATE)
         scheme, _, credentials = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
         scheme = scheme.lower()
         if scheme == "bearer" and credentials:
@@ -459,15 +339,19 @@ class Guard:
             scheme, _, credentials = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
             if scheme.lower() == "basic" and credentials:
                 who = self.password(address, credentials.strip())
-            elif environ.get("REMOTE_USER"):
-                who = Who(environ["REMOTE_USER"], How.CERTIFICATE)
+            elif environ.get(PEER_KEY):
+                who = Who(environ[PEER_KEY], How.CERTIFICATE)
             elif self.auth.anonymous or self.access.from_allowed_network(address):
                 who = Who(None, How.ANONYMOUS)
             else:
                 who = Refusal(401, "login", "log in to pull from this cache")
         if isinstance(who, Refusal):
             return self.refuse(environ, start_response, who, "token")
-        token = self.tokens.issue(who.user)
+        try:
+            token = self.tokens.issue(who.user)
+        except RedisError:
+            status = "503 Service Unavailable: Redis is unreachable, no login tokens"
+            return self._json(start_response, status, {"error": "redis_unavailable"})
         issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return self._json(start_response, "200 OK", {
             "token": token, "access_token": token, "expires_in": self.auth.token_ttl,

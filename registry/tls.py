@@ -292,6 +292,9 @@ def engine_placement(host_port: str, ca: Path, client: Issued | None) -> str:
 
 
 _UNKNOWN = object()
+# The verified client certificate's name, where registry/auth.py reads it (REMOTE_USER is
+# for the log; the Guard trusts only this key, which no request header can set).
+PEER_KEY = "pullthrough.peer"
 
 
 def identified(app: Any) -> Any:
@@ -310,7 +313,7 @@ def identified(app: Any) -> Any:
                 with contextlib.suppress(AttributeError):
                     sock.pullthrough_peer = name
             if name:
-                environ["REMOTE_USER"] = name
+                environ[PEER_KEY] = environ["REMOTE_USER"] = name
         return app(environ, start_response)
 
     return call

@@ -643,3 +643,59 @@ def test_anonymous_pulls_need_no_login_but_the_pages_still_do(
         assert requests.get(f"{server.https}/ui/", verify=ca, timeout=10).status_code == 401
     finally:
         server.stop()
+
+
+# -- the layer itself, in process --------------------------------------------------------
+
+
+@pytest.fixture
+def layer_app(tmp_path, redis_server, redis_client, upstream):
+    from registry import create_app
+    from registry.config import settings_from_mapping
+
+    settings = settings_from_mapping(
+        {
+            "storage": {"root": str(tmp_path / "data")},
+            "redis": {"url": redis_server.url},
+            "registries": [{"name": "docker.io", "url": upstream.url}],
+            "auth": {"htpasswd": str(htpasswd(tmp_path / "htpasswd")), "admins": ["ops"]},
+        },
+        env={},
+    )
+    return create_app(settings).test_client()
+
+
+def test_a_user_name_set_before_the_layer_is_not_believed(layer_app):
+    """A front proxy's REMOTE_USER (gunicorn's forwarder_headers) is no login."""
+    refused = layer_app.post(
+        "/admin/pin?image=library/busybox:1.36", environ_overrides={"REMOTE_USER": "ops"}
+    )
+    assert refused.status_code == 401
+    assert layer_app.get("/v2/", environ_overrides={"REMOTE_USER": "ci"}).status_code == 401
+
+
+def test_tokens_need_the_shared_key_and_redis_for_a_new_one(layer_app, monkeypatch):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from registry.coordination.logins import Logins
+
+    def down(*_args, **_kwargs):
+        raise RedisConnectionError("down")
+
+    basic = {
+        "Authorization": "Basic " + base64.b64encode(f"ci:{PASSWORDS['ci']}".encode()).decode()
+    }
+    # A process that has not read the shared key yet cannot sign with it.
+    monkeypatch.setattr(Logins, "signing_key", down)
+    answered = layer_app.get("/auth/token", headers=basic)
+    assert answered.status_code == 503
+    assert answered.status == "503 Service Unavailable: Redis is unreachable, no login tokens"
+    monkeypatch.undo()
+    token = layer_app.get("/auth/token", headers=basic).json["token"]
+    assert layer_app.get("/v2/", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    payload, _, signature = token.partition(".")
+    other = ("A" if signature[0] != "A" else "B") + signature[1:]
+    forged = {"Authorization": f"Bearer {payload}.{other}"}
+    refused = layer_app.get("/v2/", headers=forged)
+    assert refused.status_code == 401
+    assert refused.status == "401 Unauthorized: the token expired or is not this cache's: log in"
