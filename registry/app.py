@@ -263,7 +263,7 @@ def create_app(
     if settings.auth is not None:
         # Who may pull: before the cached-manifest layer, which would answer anyone.
         app.wsgi_app = Guard(  # type: ignore[method-assign]
-            app.wsgi_app, settings, pullthrough.coord.logins, metrics, clients
+            app.wsgi_app, settings, pullthrough.coord.logins, metrics, clients, url_map=app.url_map
         )
     if settings.server_tls is not None:
         # Outermost: every layer sees https and the client certificate's name.

@@ -27,6 +27,8 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from redis.exceptions import RedisError
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map
 
 from registry import accesslog
 from registry.clients import Clients, visit_of
@@ -124,16 +126,6 @@ def _area(path: str) -> str:
     return "metrics" if path == "/metrics" else "ui"
 
 
-def _repository_of(path: str) -> str | None:
-    """The repository name a /v2/ path names, as the client wrote it."""
-    rest = path[4:]
-    for marker in ("/manifests/", "/blobs/", "/tags/list", "/referrers/"):
-        name, found, _ = rest.rpartition(marker)
-        if found and name:
-            return name
-    return None
-
-
 def _kind_of(path: str) -> tuple[str | None, str | None]:
     """A /v2/ path's kind (manifest | blob | None) and reference."""
     for marker, kind in (("/manifests/", "manifest"), ("/blobs/", "blob")):
@@ -155,6 +147,7 @@ class Guard:
         metrics: Metrics | None,
         clients: Clients | None = None,
         users: Users | None = None,
+        url_map: Map | None = None,
     ) -> None:
         assert settings.auth is not None
         self.app = app
@@ -163,6 +156,9 @@ class Guard:
         self.logins = logins
         self.metrics = metrics
         self.clients = clients
+        # The app's own router: a repository is named here exactly as the route that
+        # answers will name it (a name may contain `/manifests/` or `/blobs/`).
+        self.router = url_map.bind("localhost") if url_map is not None else None
         self.users = users or Users(self.auth.htpasswd)
         self.tokens = Tokens(logins, self.auth.token_ttl)
         self.access = Access(self.auth)
@@ -193,7 +189,7 @@ class Guard:
         if isinstance(who, Refusal):
             return self.refuse(environ, start_response, who, area)
         if area == "v2" and who.user is not None:
-            name = _repository_of(path)
+            name = self._repository_of(environ)
             if name is not None and not self.access.may_pull(who.user, self._names(name, environ)):
                 refusal = Refusal(403, "access", f"user {who.user} may not pull {name[:200]}")
                 environ["REMOTE_USER"] = who.user
@@ -206,6 +202,19 @@ class Guard:
         if who.user:
             environ["REMOTE_USER"] = who.user
         return self.app(environ, start_response)
+
+    def _repository_of(self, environ: dict) -> str | None:
+        """The repository name the route answering this request reads from its path."""
+        if self.router is None:
+            return None
+        try:
+            _, args = self.router.match(
+                environ.get("PATH_INFO", ""), method=environ.get("REQUEST_METHOD", "GET")
+            )
+        except HTTPException:  # no route, or not this method: the app answers it
+            return None
+        name = args.get("name")
+        return name if isinstance(name, str) else None
 
     def _names(self, name: str, environ: dict) -> list[str]:
         """What access globs are matched against: the name as written, the repository, and
@@ -300,7 +309,8 @@ class Guard:
             self.clients.done(seen, refusal.status, 0, None, refusal.why)
         accesslog.request(
             environ.get("REMOTE_ADDR"), environ.get("REQUEST_METHOD", "-"), None,
-            _repository_of(path) if area == "v2" else None, None, None, None, refusal.status,
+            self._repository_of(environ) if area == "v2" else None, None, None, None,
+            refusal.status,
             0, 0.0, None, path, environ.get("REMOTE_USER"),
         )  # fmt: skip
         phrase = f"{refusal.status} {PHRASES[refusal.status]}: {refusal.why}"
@@ -313,7 +323,7 @@ class Guard:
         host = environ.get("HTTP_HOST") or environ.get("SERVER_NAME", "localhost")
         realm = f"{environ.get('wsgi.url_scheme', 'http')}://{host}{TOKEN_PATH}"
         out = f'Bearer realm="{realm}",service="{SERVICE}"'
-        name = _repository_of(environ.get("PATH_INFO", ""))
+        name = self._repository_of(environ)
         if name is not None:
             out += f',scope="repository:{name}:pull"'
         return out

@@ -129,8 +129,7 @@ PLAIN_REFUSED_BODY = (
 COPY_CHUNK = 256 << 10
 # A client gets this long to finish its TLS handshake.
 HANDSHAKE_TIMEOUT = 10.0
-
-
+# A refused TLS client gets this long to read the alert before the connection closes.
 LINGER = 2.0
 
 
@@ -308,6 +307,7 @@ def zero_copy_sendfile() -> None:
                 return  # the file is shorter than it said: the stream offers it again
             self.sendall(data)
             item.sent += len(data)
+            gevent.sleep(0)  # as between sendfile chunks: the worker's others get a turn
 
     def send_items(self: Any, items: Any, send_span: Any) -> int:
         """A growing copy's items as they come: bytes sent as they are, FileSpans of its

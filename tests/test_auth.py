@@ -658,7 +658,11 @@ def layer_app(tmp_path, redis_server, redis_client, upstream):
             "storage": {"root": str(tmp_path / "data")},
             "redis": {"url": redis_server.url},
             "registries": [{"name": "docker.io", "url": upstream.url}],
-            "auth": {"htpasswd": str(htpasswd(tmp_path / "htpasswd")), "admins": ["ops"]},
+            "auth": {
+                "htpasswd": str(htpasswd(tmp_path / "htpasswd")),
+                "admins": ["ops"],
+                "access": [{"users": ["ci"], "repositories": ["library/busybox"]}],
+            },
         },
         env={},
     )
@@ -699,3 +703,15 @@ def test_tokens_need_the_shared_key_and_redis_for_a_new_one(layer_app, monkeypat
     refused = layer_app.get("/v2/", headers=forged)
     assert refused.status_code == 401
     assert refused.status == "401 Unauthorized: the token expired or is not this cache's: log in"
+
+
+def test_a_rule_sees_the_repository_the_route_will_serve(layer_app):
+    """A repository name may itself contain `/manifests/`: the rule is checked against the
+    name the blob route reads, not the first name-looking part of the path."""
+    ci = {"Authorization": "Basic " + base64.b64encode(f"ci:{PASSWORDS['ci']}".encode()).decode()}
+    digest = "sha256:" + "0" * 64
+    refused = layer_app.get(f"/v2/library/busybox/manifests/x/blobs/{digest}", headers=ci)
+    assert refused.status_code == 403
+    assert refused.status == "403 Forbidden: user ci may not pull library/busybox/manifests/x"
+    allowed = layer_app.get(f"/v2/library/busybox/blobs/{digest}", headers=ci)
+    assert allowed.status_code == 404  # past the layer: the cache has no such blob
