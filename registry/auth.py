@@ -313,8 +313,10 @@ class Guard:
             refusal.status,
             0, 0.0, None, path, environ.get("REMOTE_USER"),
         )  # fmt: skip
-        phrase = f"{refusal.status} {PHRASES[refusal.status]}: {refusal.why}"
-        start_response(phrase.encode("ascii", "replace").decode("latin-1"), headers)
+        # The reason names what the client sent (a user, a repository): printable ASCII only,
+        # so no line break of theirs reaches the status line.
+        why = "".join(c if " " <= c <= "~" else "?" for c in refusal.why)
+        start_response(f"{refusal.status} {PHRASES[refusal.status]}: {why}", headers)
         return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
     def challenge(self, environ: dict, area: str) -> str:

@@ -715,3 +715,12 @@ def test_a_rule_sees_the_repository_the_route_will_serve(layer_app):
     assert refused.status == "403 Forbidden: user ci may not pull library/busybox/manifests/x"
     allowed = layer_app.get(f"/v2/library/busybox/blobs/{digest}", headers=ci)
     assert allowed.status_code == 404  # past the layer: the cache has no such blob
+
+
+def test_what_a_client_sent_cannot_break_the_status_line(layer_app):
+    ci = {"Authorization": "Basic " + base64.b64encode(f"ci:{PASSWORDS['ci']}".encode()).decode()}
+    refused = layer_app.get("/v2/a%09%7fb/manifests/x", headers=ci)
+    assert refused.status == "403 Forbidden: user ci may not pull a??b"
+    user = base64.b64encode(b"ci\r\nX-Evil: 1:wrong").decode()
+    refused = layer_app.get("/v2/", headers={"Authorization": f"Basic {user}"})
+    assert refused.status == "401 Unauthorized: wrong user name or password for ci??X-Evil"
