@@ -329,6 +329,15 @@ def test_docker_pulls_by_path_after_docker_login(guarded, images, tmp_path, shor
     config = str(docker_config(tmp_path / "cli", {}))
     docker = Dockerd(short / "d", guarded.https).start()
     try:
+        nobody = docker.docker(
+            "--config",
+            config,
+            "pull",
+            f"{guarded.host}/{image.repository}:{image.tag}",
+            check=False,
+        )
+        assert nobody.returncode != 0
+        assert "log in to pull from this cache" in nobody.stderr, nobody.stderr
         login = ("--config", config, "login", guarded.host, "-u")
         done = subprocess.run(
             ["/usr/bin/docker", "-H", f"unix://{docker.socket}", *login, "ci", "--password-stdin"],
@@ -388,6 +397,7 @@ def test_docker_through_its_mirror_setting_with_a_login_and_from_an_allowed_netw
             forms = page.inner_text("#who")
             assert "Docker presents none to a mirror" in forms
             assert f'"registry-mirrors": ["{guarded.https}"]' in page.inner_text("#daemon-json")
+            assert f"/etc/docker/certs.d/{guarded.host}/ca.crt" in page.inner_text("#tls")
         finally:
             context.close()
         with_login = str(docker_config(tmp_path / "cli", {hub: f"ci:{PASSWORDS['ci']}"}))
