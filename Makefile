@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test check lint format bench bench-s3 soak clean
+.PHONY: run test test-deploy check lint format bench bench-s3 soak clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -33,7 +33,14 @@ test: $(VENV)/.test-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n 3 --dist loadfile
+	$(BIN)/python -m pytest -n 3 --dist loadfile --ignore=tests/deploy
+
+# What an operator deploys, for real: the image built from deploy/Dockerfile on base images
+# made here (debootstrap), the compose stack run with docker-compose and pulled through.
+test-deploy: $(VENV)/.test-deps
+	@scripts/ensure-debs dockerd=docker.io docker-compose=docker-compose debootstrap=debootstrap \
+		skopeo=skopeo docker-registry=docker-registry redis-server=redis-server
+	$(BIN)/python -m pytest -q tests/deploy
 
 # The edit-test loop: lint, types and the tests not marked slow (about a minute).
 check: $(VENV)/.test-deps
@@ -42,7 +49,7 @@ check: $(VENV)/.test-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n 3 --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -n 3 --dist loadfile -m "not slow" --ignore=tests/deploy
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .
