@@ -3,6 +3,7 @@
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 
 bind = os.environ.get("PULLTHROUGH_BIND", "0.0.0.0:5050")
@@ -31,6 +32,12 @@ os.environ.setdefault(
 
 
 def on_starting(server):
+    # A configuration that does not load stops the master here, with its problems one a line
+    # (a container's log), rather than as a traceback in every worker that tries to boot.
+    from registry.config import load_settings_or_report
+
+    if load_settings_or_report() is None:
+        sys.exit(2)
     # Counters of a previous run must not be added to this one's.
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(path, ignore_errors=True)

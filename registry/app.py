@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -178,14 +179,49 @@ def build_collector(settings: Settings, redis_client: redis.Redis | None = None)
     )
 
 
-def clean_stale_uploads(pullthrough: PullThrough) -> None:
+def say_what_is_missing(pullthrough: PullThrough, redis_client: redis.Redis) -> bool:
+    """At start-up, one line for each of Redis and the storage that cannot be used: what,
+    where and what it means (a container's log is where an operator looks). True when Redis
+    answers."""
+    redis_ok = True
+    try:
+        pullthrough.coord.ping()
+    except redis.RedisError as exc:
+        redis_ok = False
+        log.error(
+            "Redis at %s is unreachable (%s): serving only what the store holds, one upstream "
+            "fetch per process; /readyz answers 503 until Redis answers",
+            redis_address(redis_client),
+            exc,
+        )
+    try:
+        pullthrough.store.probe_writable(f"start-{os.getpid()}")
+    except OSError as exc:
+        where = pullthrough.settings.s3.endpoint if pullthrough.settings.s3 else None
+        log.error(
+            "the storage %s is not writable by uid %d (%s): nothing can be cached and /readyz "
+            "answers 503; give it to that user (a volume: chown -R %d)",
+            where or pullthrough.settings.storage_root,
+            os.getuid(),
+            exc.strerror or exc,
+            os.getuid(),
+        )
+    return redis_ok
+
+
+def redis_address(client: redis.Redis) -> str:
+    """host:port (or the socket) of a client, never its password."""
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+
+
+def clean_stale_uploads(pullthrough: PullThrough, redis_ok: bool) -> None:
     """Remove partial files left by dead fills (no live lease), keeping resumable ones fresh."""
     coordination = pullthrough.coord
-    try:
-        coordination.ping()
-    except redis.RedisError:
-        log.warning("Redis unreachable at start-up: partial files are left for the next start")
-        return
+    if not redis_ok:
+        return  # no leases to ask: partial files are left for the next start
     try:
         removed = pullthrough.store.clean_uploads(
             lambda digest: coordination.leases.blob_held(digest),
@@ -254,8 +290,10 @@ def create_app(
         body = scrape(pullthrough.coord, registries, metrics_registry, pullthrough.tier)
         return Response(body, mimetype=CONTENT_TYPE_LATEST)
 
-    clean_stale_uploads(pullthrough)
-    count_an_empty_store(pullthrough)
+    redis_ok = say_what_is_missing(pullthrough, pullthrough.coord.redis)
+    clean_stale_uploads(pullthrough, redis_ok)
+    if redis_ok:
+        count_an_empty_store(pullthrough)
     # A cached manifest is answered before Flask's request machinery (api/fast.py).
     app.wsgi_app = FastManifests(  # type: ignore[method-assign]
         app.wsgi_app, pullthrough, metrics, clients, allowed_hosts

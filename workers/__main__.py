@@ -17,7 +17,10 @@ import argparse
 import json
 import sys
 
+from redis.exceptions import RedisError
+
 from registry import logs
+from registry.app import redis_address
 from registry.config import load_settings_or_report
 from registry.gc import command as gc_command
 from registry.memory import keep_chunk_memory
@@ -42,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     if settings is None:
         return 2
     client = redis_client(settings)
+    try:
+        client.ping()
+    except RedisError as exc:
+        # Nothing to work on without it: one line for the container's log, then exit (the
+        # container's restart policy tries again).
+        print(f"Redis at {redis_address(client)} is unreachable: {exc}", file=sys.stderr)
+        return 1
 
     if args.command == "worker":
         keep_chunk_memory()  # the follower's fills run in the work horses it forks
