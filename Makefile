@@ -26,7 +26,7 @@ run: $(VENV)/.run-deps
 test: $(VENV)/.test-deps
 	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry skopeo=skopeo \
 		promtool=prometheus chromium=chromium htpasswd=apache2-utils ctr=containerd \
-		podman=podman dockerd=docker.io \
+		podman=podman dockerd=docker.io docker-compose=docker-compose \
 		swift-proxy-server=swift-proxy swift-object-server=swift-object \
 		swift-container-server=swift-container swift-account-server=swift-account \
 		swift-ring-builder=swift memcached=memcached

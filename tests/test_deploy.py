@@ -5,12 +5,15 @@ credentials read-only and never in the image."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 
+import pytest
 import yaml
 
 from registry.config import settings_from_mapping
-from tests.support.servers import ROOT
+from tests.support.servers import ROOT, require
 
 DEPLOY = ROOT / "deploy"
 
@@ -111,3 +114,16 @@ def test_cluster_example_runs_two_nodes_on_one_bucket_behind_a_balancer():
     assert settings.s3 is not None and settings.s3.bucket == "pullthrough"
     assert "store/pullthrough" in services["bucket-setup"]["command"][0]
     assert "uploads/" in services["bucket-setup"]["command"][0]
+
+
+@pytest.mark.parametrize("compose", ["docker-compose.yml", "cluster/docker-compose.yml"])
+def test_debians_docker_compose_accepts_each_compose_file(tmp_path, compose):
+    """docker-compose 1.29 (Debian 12's) reads the file as shipped: it refused a top-level
+    `name:` until .env's COMPOSE_PROJECT_NAME took its place."""
+    path = DEPLOY / compose
+    env = {**os.environ, "REDIS_PASSWORD": "x", "COMPOSE_PROJECT_NAME": "check"}
+    done = subprocess.run(
+        [require("docker-compose"), "-f", str(path), "config", "--quiet"],
+        capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
