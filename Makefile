@@ -45,7 +45,7 @@ test-deploy: $(VENV)/.test-deps
 # The edit-test loop: lint, types and the tests not marked slow (about a minute).
 check: $(VENV)/.test-deps
 	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry skopeo=skopeo \
-		promtool=prometheus htpasswd=apache2-utils
+		promtool=prometheus htpasswd=apache2-utils docker-compose=docker-compose
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

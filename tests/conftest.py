@@ -204,6 +204,7 @@ def browser():
 SLOW_MODULES = (
     "test_ranges",
     "test_tier",
+    "test_auth",
     "test_fill_model",
     "test_real_clients",
     "test_faults",
@@ -217,6 +218,7 @@ SLOW_MODULES = (
     "test_follow",
     "test_referrers",
     "test_signatures",
+    "test_tls",
     "test_ui",
     "test_make_run",
     "test_sentinel",
