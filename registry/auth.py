@@ -162,11 +162,12 @@ class Guard:
         self.users = users or Users(self.auth.htpasswd)
         self.tokens = Tokens(logins, self.auth.token_ttl)
         self.access = Access(self.auth)
+        # An empty file is no token (an empty Bearer must not match it).
         self.metrics_token = (
             self.auth.metrics_token_file.read_text().strip()
             if self.auth.metrics_token_file
             else None
-        )
+        ) or None
 
     # -- the layer ---------------------------------------------------------------------
 
@@ -233,22 +234,22 @@ class Guard:
         if environ.get(PEER_KEY):  # a verified client certificate (tls.identified)
             return Who(environ[PEER_KEY], How.CERTIFICATE)
         scheme, _, credentials = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-        scheme = scheme.lower()
+        scheme, credentials = scheme.lower(), credentials.strip()
         if scheme == "bearer" and credentials:
             if (
                 area == "metrics"
                 and self.metrics_token is not None
-                and hmac.compare_digest(credentials.strip(), self.metrics_token)
+                and hmac.compare_digest(credentials, self.metrics_token)
             ):
                 return Who(None, How.TOKEN)
-            user = self.tokens.user_of(credentials.strip())
+            user = self.tokens.user_of(credentials)
             if user is None:
                 return Refusal(401, "token", "the token expired or is not this cache's: log in")
             if user:
                 return Who(user, How.TOKEN)
             # An anonymous token: whatever lets this client pull without a login decides.
         elif scheme == "basic" and credentials:
-            return self.password(address, credentials.strip())
+            return self.password(address, credentials)
         if area == "v2":
             if self.auth.anonymous:
                 return Who(None, How.ANONYMOUS)

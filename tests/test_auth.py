@@ -734,3 +734,26 @@ def test_what_a_client_sent_cannot_break_the_status_line(layer_app):
     user = base64.b64encode(b"ci\r\nX-Evil: 1:wrong").decode()
     refused = layer_app.get("/v2/", headers={"Authorization": f"Basic {user}"})
     assert refused.status == "401 Unauthorized: wrong user name or password for ci??X-Evil"
+
+
+def test_an_empty_metrics_token_file_admits_no_empty_bearer(
+    tmp_path, redis_server, redis_client, upstream
+):
+    from registry import create_app
+    from registry.config import settings_from_mapping
+
+    (tmp_path / "token").write_text("\n")
+    settings = settings_from_mapping(
+        {
+            "storage": {"root": str(tmp_path / "data")},
+            "redis": {"url": redis_server.url},
+            "registries": [{"name": "docker.io", "url": upstream.url}],
+            "auth": {"anonymous": True, "metrics_token_file": str(tmp_path / "token")},
+        },
+        env={},
+    )
+    client = create_app(settings).test_client()
+    for header in ("Bearer ", "Bearer  ", "Bearer \t"):
+        # In the environ as a server hands it over (the test client's headers are trimmed).
+        answer = client.get("/metrics", environ_overrides={"HTTP_AUTHORIZATION": header})
+        assert answer.status_code == 401, header
