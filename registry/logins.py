@@ -39,6 +39,7 @@ class Users:
         # sha256(user, password, hash) of a right check -> when: a client sending Basic on
         # every request does not pay bcrypt each time; a changed hash no longer matches.
         self._right: dict[bytes, float] = {}
+        self._decoy_hash: bytes | None = None
         self._reload()
 
     def _reload(self) -> None:
@@ -72,19 +73,35 @@ class Users:
                 hashes[user] = hashed.encode()
             self._hashes, self._version = hashes, version
 
+    def _decoy(self) -> bytes:
+        """A hash of the file's own cost (its first user's), to check unknown users against."""
+        import bcrypt
+
+        cost = 5  # htpasswd -B's
+        for hashed in self._hashes.values():
+            cost = int(hashed.split(b"$")[2])
+            break
+        if self._decoy_hash is None or int(self._decoy_hash.split(b"$")[2]) != cost:
+            self._decoy_hash = bcrypt.hashpw(b"decoy", bcrypt.gensalt(rounds=cost))
+        return self._decoy_hash
+
     def check(self, user: str, password: str) -> bool:
         import bcrypt
 
         self._reload()
+        # bcrypt reads the first 72 bytes (htpasswd -B hashes those): more is no error.
+        secret = password.encode()[:72]
         hashed = self._hashes.get(user)
         if hashed is None:
+            # As long as a wrong password: the time of the answer does not say who exists.
+            bcrypt.checkpw(secret, self._decoy())
             return False
-        seen = hashlib.sha256(b"\0".join((user.encode(), password.encode(), hashed))).digest()
+        seen = hashlib.sha256(b"\0".join((user.encode(), secret, hashed))).digest()
         now = self.clock()
         when = self._right.get(seen)
         if when is not None and now - when < REMEMBER:
             return True
-        if not bcrypt.checkpw(password.encode(), hashed):
+        if not bcrypt.checkpw(secret, hashed):
             return False
         if len(self._right) > 10_000:
             self._right.clear()

@@ -757,3 +757,12 @@ def test_an_empty_metrics_token_file_admits_no_empty_bearer(
         # In the environ as a server hands it over (the test client's headers are trimmed).
         answer = client.get("/metrics", environ_overrides={"HTTP_AUTHORIZATION": header})
         assert answer.status_code == 401, header
+
+
+def test_a_password_longer_than_bcrypt_reads_is_refused_not_a_500(layer_app):
+    long = base64.b64encode(b"ci:" + b"x" * 200).decode()
+    refused = layer_app.get("/v2/", headers={"Authorization": f"Basic {long}"})
+    assert refused.status == "401 Unauthorized: wrong user name or password for ci"
+    unknown = base64.b64encode(b"nobody:" + b"x" * 200).decode()
+    refused = layer_app.get("/v2/", headers={"Authorization": f"Basic {unknown}"})
+    assert refused.status == "401 Unauthorized: wrong user name or password for nobody"
