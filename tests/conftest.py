@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 import redis as redis_lib
@@ -185,6 +187,15 @@ def model_examples(default: int) -> int:
     """How many examples a state-machine model runs: `default` in make test,
     PULLTHROUGH_MODEL_EXAMPLES in `make soak` (the models run longer there)."""
     return int(os.environ.get("PULLTHROUGH_MODEL_EXAMPLES") or default)
+
+
+@pytest.fixture
+def short():
+    """A directory with a short path, for daemons whose unix sockets go under it (dockerd's
+    containerd, containerd itself): a socket's path must fit in 108 bytes."""
+    directory = Path(tempfile.mkdtemp(prefix="pt-", dir="/tmp"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

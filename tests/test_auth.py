@@ -293,16 +293,6 @@ def test_containerd_pulls_with_a_login_and_with_a_basic_header(
 
 
 @pytest.fixture
-def short():
-    """A short directory for dockerd: its containerd's socket path must fit in 108 bytes."""
-    import tempfile
-
-    directory = Path(tempfile.mkdtemp(prefix="pt-d-", dir="/tmp"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
 def docker_certs(guarded, lan, pki):
     """The CA where dockerd looks for each cache's host:port (removed afterwards)."""
     made = []

@@ -300,16 +300,6 @@ def client_of(pki: Path, case: str | None) -> tuple[Path, Path] | None:
     return None if where is None else client_files(pki / where[0], where[1])
 
 
-@pytest.fixture
-def short():
-    """A short directory: containerd's socket paths must fit in 108 bytes."""
-    import tempfile
-
-    directory = Path(tempfile.mkdtemp(prefix="pt-t-", dir="/tmp"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-
-
 @pytest.mark.parametrize(
     ("case", "said"),
     [

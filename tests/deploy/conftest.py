@@ -36,7 +36,7 @@ def run(*command: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def short():
+def short():  # this session's: the daemon and the stack live for all its tests
     """A short directory: dockerd's containerd socket path must fit in 108 bytes."""
     directory = Path(tempfile.mkdtemp(prefix="pt-deploy-", dir="/tmp"))
     yield directory
