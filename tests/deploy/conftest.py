@@ -3,7 +3,8 @@ Dockerd), the base images the Dockerfile and the compose file name, made here (D
 out of reach): a Debian bookworm root from Debian's mirror (debootstrap, minbase) with Python
 3.11, pip and Redis, shaped as the official images are (no EXTERNALLY-MANAGED marker, a
 `python` link, this machine's CA bundle for PyPI), imported under both names; and the
-pullthrough image built from deploy/Dockerfile unchanged."""
+pullthrough image built from deploy/Dockerfile unchanged. The same root stands in for the
+cluster example's nginx (Debian's nginx-light)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ PYTHON_BASE = next(
     line.split()[1] for line in DOCKERFILE.read_text().splitlines() if line.startswith("FROM ")
 )
 REDIS_BASE = COMPOSE["services"]["redis"]["image"]
+CLUSTER = yaml.safe_load((ROOT / "deploy" / "cluster" / "docker-compose.yml").read_text())
+NGINX_BASE = CLUSTER["services"]["balancer"]["image"]
 IMAGE = COMPOSE["x-pullthrough"]["image"]
 MIRROR = "http://deb.debian.org/debian"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -68,7 +71,7 @@ def debootstrap_root(directory: Path) -> Path:
     run(
         require("debootstrap"), "--variant=minbase",
         "--include=python3.11,python3-pip,python3-venv,ca-certificates,passwd,"
-        "redis-server,redis-tools",
+        "redis-server,redis-tools,nginx-light",
         "bookworm", str(root), MIRROR,
     )  # fmt: skip
     # As the official python image has them: pip may install into the system's Python, and
@@ -86,9 +89,13 @@ def debootstrap_root(directory: Path) -> Path:
 def image(docker, short) -> str:
     """The pullthrough image from deploy/Dockerfile, on base images made here."""
     have = set(docker.docker("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split())
-    if not {PYTHON_BASE, REDIS_BASE} <= have:
+    if not {PYTHON_BASE, REDIS_BASE, NGINX_BASE} <= have:
         root = debootstrap_root(short / "base")
-        for tag, cmd in ((PYTHON_BASE, '["python3"]'), (REDIS_BASE, '["redis-server"]')):
+        for tag, cmd in (
+            (PYTHON_BASE, '["python3"]'),
+            (REDIS_BASE, '["redis-server"]'),
+            (NGINX_BASE, '["nginx", "-g", "daemon off;"]'),
+        ):
             tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
             imported = subprocess.run(
                 ["/usr/bin/docker", "-H", f"unix://{docker.socket}", "import",
