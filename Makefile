@@ -40,7 +40,7 @@ test: $(VENV)/.test-deps
 test-deploy: $(VENV)/.test-deps
 	@scripts/ensure-debs dockerd=docker.io docker-compose=docker-compose debootstrap=debootstrap \
 		skopeo=skopeo docker-registry=docker-registry redis-server=redis-server
-	$(BIN)/python -m pytest -q tests/deploy
+	$(BIN)/python -m pytest -q -s tests/deploy  # -s: the image size is printed
 
 # The edit-test loop: lint, types and the tests not marked slow (about a minute).
 check: $(VENV)/.test-deps
