@@ -24,7 +24,7 @@ from registry.api.fast import FastManifests
 from registry.auth import Guard
 from registry.clients import Clients, visit
 from registry.config import Settings, config_warnings, load_settings
-from registry.coordination import Coordination, connect
+from registry.coordination import Coordination, connect, redis_address
 from registry.coordination.tokens import SharedTokenCache
 from registry.coordination.upstream_health import UpstreamHealth
 from registry.digests import Digest, looks_like_digest
@@ -207,14 +207,6 @@ def say_what_is_missing(pullthrough: PullThrough, redis_client: redis.Redis) -> 
             os.getuid(),
         )
     return redis_ok
-
-
-def redis_address(client: redis.Redis) -> str:
-    """host:port (or the socket) of a client, never its password."""
-    kwargs = client.connection_pool.connection_kwargs
-    if "path" in kwargs:
-        return str(kwargs["path"])
-    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
 
 
 def clean_stale_uploads(pullthrough: PullThrough, redis_ok: bool) -> None:

@@ -20,8 +20,8 @@ import sys
 from redis.exceptions import RedisError
 
 from registry import logs
-from registry.app import redis_address
 from registry.config import load_settings_or_report
+from registry.coordination import redis_address
 from registry.gc import command as gc_command
 from registry.memory import keep_chunk_memory
 from workers.gc import QUEUE, JobScheduler, collector, enqueue, redis_client, worker

@@ -188,7 +188,7 @@ carries each owner.
     rq:*                                rq's own keys for the `pullthrough` queue and worker.
 """
 
-from registry.coordination.handle import Coordination, connect
+from registry.coordination.handle import Coordination, connect, redis_address
 from registry.coordination.leases import Lease, blob_lease_key, tag_lease_key
 from registry.coordination.missing import missing_key
 
@@ -198,5 +198,6 @@ __all__ = [
     "blob_lease_key",
     "connect",
     "missing_key",
+    "redis_address",
     "tag_lease_key",
 ]

@@ -94,3 +94,11 @@ def connect(
 
 # What redis.url still says when sentinels find the server.
 AUTH_OPTIONS = ("db", "username", "password")
+
+
+def redis_address(client: redis.Redis) -> str:
+    """host:port (or the socket) of a client, never its password."""
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
