@@ -36,6 +36,14 @@ def split_reference(ref: str) -> tuple[str, str]:
     return ref, "latest"
 
 
+def tagged(pt: PullThrough, ref: str, action: str) -> tuple[str, str, Target]:
+    """`name[:tag]` for an action that takes a tag: (name, tag, its Target)."""
+    name, tag = split_reference(ref)
+    if looks_like_digest(tag):
+        raise ValueError(f"{action} takes a tag, not a digest")
+    return name, tag, resolve(pt.settings, name, None)
+
+
 def images(pt: PullThrough) -> Iterator[dict]:
     for name in pt._catalog_names():
         target = resolve(pt.settings, name, None)
@@ -102,10 +110,7 @@ def follow(pt: PullThrough, now: bool, out: TextIO = sys.stderr) -> int:
 def evict(pt: PullThrough, ref: str) -> str:
     """Drop a tag and, when no other tag of its repository uses it, its manifest; the blobs
     only it used are freed by the next GC run (after gc.delay)."""
-    name, tag = split_reference(ref)
-    if looks_like_digest(tag):
-        raise ValueError("evict takes a tag, not a digest")
-    target = resolve(pt.settings, name, None)
+    name, tag, target = tagged(pt, ref, "evict")
     record = pt.store.read_tag(target, tag)
     if record is None:
         raise LookupError(f"{name}:{tag} is not cached")
@@ -146,18 +151,13 @@ def evict_repository(pt: PullThrough, name: str) -> list[str]:
 
 def refresh(pt: PullThrough, ref: str) -> str:
     """The tag fetched from upstream now, whatever its tag_ttl says; its digest."""
-    name, tag = split_reference(ref)
-    if looks_like_digest(tag):
-        raise ValueError("refresh takes a tag, not a digest")
-    return str(pt.fetch_tag(resolve(pt.settings, name, None), tag).digest)
+    _, tag, target = tagged(pt, ref, "refresh")
+    return str(pt.fetch_tag(target, tag).digest)
 
 
 def pin(pt: PullThrough, ref: str, pinned: bool) -> None:
     """Keep a cached tag whatever the GC's retention says (or let it go again)."""
-    name, tag = split_reference(ref)
-    if looks_like_digest(tag):
-        raise ValueError("pin takes a tag, not a digest")
-    target = resolve(pt.settings, name, None)
+    name, tag, target = tagged(pt, ref, "pin")
     if pinned:
         if pt.store.read_tag(target, tag) is None:
             raise LookupError(f"{name}:{tag} is not cached")

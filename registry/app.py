@@ -179,7 +179,7 @@ def build_collector(settings: Settings, redis_client: redis.Redis | None = None)
     )
 
 
-def say_what_is_missing(pullthrough: PullThrough, redis_client: redis.Redis) -> bool:
+def say_what_is_missing(pullthrough: PullThrough) -> bool:
     """At start-up, one line for each of Redis and the storage that cannot be used: what,
     where and what it means (a container's log is where an operator looks). True when Redis
     answers."""
@@ -191,7 +191,7 @@ def say_what_is_missing(pullthrough: PullThrough, redis_client: redis.Redis) -> 
         log.error(
             "Redis at %s is unreachable (%s): serving only what the store holds, one upstream "
             "fetch per process; /readyz answers 503 until Redis answers",
-            redis_address(redis_client),
+            redis_address(pullthrough.coord.redis),
             exc,
         )
     try:
@@ -282,7 +282,7 @@ def create_app(
         body = scrape(pullthrough.coord, registries, metrics_registry, pullthrough.tier)
         return Response(body, mimetype=CONTENT_TYPE_LATEST)
 
-    redis_ok = say_what_is_missing(pullthrough, pullthrough.coord.redis)
+    redis_ok = say_what_is_missing(pullthrough)
     clean_stale_uploads(pullthrough, redis_ok)
     if redis_ok:
         count_an_empty_store(pullthrough)

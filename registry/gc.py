@@ -27,7 +27,6 @@ through that image and stays.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import sys
@@ -182,9 +181,7 @@ class Collector:
                 if record is None:
                     continue  # torn or foreign: not a root, and not ours to delete
                 last = pulled[f"{repo}:{tag}"]
-                pinned = tag in scan.pins or any(
-                    fnmatch.fnmatchcase(f"{repo}:{tag}", p) for p in policy.pins
-                )
+                pinned = tag in scan.pins or policy.pinned(repo, tag)
                 too_old = policy.keep_pulled_within and now - last > policy.keep_pulled_within
                 if too_old and not pinned:
                     plan.drop_tags.append((repo, tag))

@@ -3,7 +3,6 @@ pull and pull count. Read by the web UI and the admin CLI."""
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from dataclasses import dataclass
 
@@ -69,7 +68,12 @@ def tag_rows(pt: PullThrough, target: Target) -> list[TagRow]:
         pt, target, {tag: r.digest for tag, r in records.items() if r is not None}
     )
     by_admin = pt.store.pinned_tags(str(target))
-    globs = pt.settings.gc.pins
+
+    def pinned(tag: str) -> str:
+        if tag in by_admin:
+            return "by an admin"
+        return "by gc.pins" if pt.settings.gc.pinned(str(target), tag) else ""
+
     for tag, last, count in zip(tags, pulled, counts, strict=True):
         record = records[tag]
         if record is None:
@@ -89,11 +93,7 @@ def tag_rows(pt: PullThrough, target: Target) -> list[TagRow]:
                 pulls=count,
                 state=state,
                 signature=signatures.get(tag, ""),
-                pinned="by an admin"
-                if tag in by_admin
-                else "by gc.pins"
-                if any(fnmatch.fnmatchcase(f"{target}:{tag}", glob) for glob in globs)
-                else "",
+                pinned=pinned(tag),
             )
         )
     return rows

@@ -18,6 +18,7 @@ from pathlib import Path
 from redis.exceptions import RedisError
 
 from registry.coordination.logins import Logins
+from registry.store.filesystem import file_version
 
 log = logging.getLogger("registry.auth")
 
@@ -51,8 +52,7 @@ class Users:
         with self._lock:
             self._checked = now
             try:
-                st = self.path.stat()
-                version = (st.st_ino, st.st_mtime_ns, st.st_size)
+                version = file_version(self.path)
                 if version == self._version:
                     return
                 text = self.path.read_text()

@@ -116,28 +116,33 @@ SAID_EVERY = 3600.0
 
 # 426 Upgrade Required (RFC 9110 15.5.22): engines that print only the status code's own
 # text (skopeo's and podman's ping) still say what is wrong.
-PLAIN_REFUSED = (
-    b"HTTP/1.1 426 Upgrade Required: this cache speaks https only, use https://\r\n"
-    b"Upgrade: TLS/1.3, HTTP/1.1\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    b"Content-Length: %d\r\n\r\n%s"
-)
 PLAIN_REFUSED_BODY = (
     b'{"errors":[{"code":"UNSUPPORTED","message":"plain HTTP is off (server.plain: false): '
     b'connect with https://"}]}'
+)
+PLAIN_REFUSED = (
+    b"HTTP/1.1 426 Upgrade Required: this cache speaks https only, use https://\r\n"
+    b"Upgrade: TLS/1.3, HTTP/1.1\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(PLAIN_REFUSED_BODY), PLAIN_REFUSED_BODY)
 )
 # A TLS connection's body is read and encrypted this much at a time.
 COPY_CHUNK = 256 << 10
 # A client gets this long to finish its TLS handshake.
 HANDSHAKE_TIMEOUT = 10.0
-# A refused TLS client gets this long to read the alert before the connection closes.
+# A refused client gets this long to read its answer (a TLS alert, the 426) before the
+# connection closes.
 LINGER = 2.0
+
+
+def _address(addr: Any) -> str:
+    return addr[0] if isinstance(addr, tuple) else str(addr)
 
 
 def linger(sock: Any, seconds: float = LINGER) -> None:
     """End a connection the client may still be writing to: a FIN after what was sent (a
-    TLS alert), what the client sends read and dropped until it closes or `seconds` pass,
-    then close. Closing with its bytes unread would send a reset, which can reach the client
-    before the alert and leave it saying only "broken pipe"."""
+    TLS alert, an error answer), what the client sends read and dropped until it closes or
+    `seconds` pass, then close. Closing with its bytes unread would send a reset, which can
+    reach the client before the answer and leave it saying only "broken pipe"."""
     from gevent.socket import wait_read
 
     raw = getattr(sock, "_sock", sock)
@@ -188,7 +193,7 @@ def tls_and_plain(worker: Any) -> None:
     handle = worker.handle
 
     def refuse_tls(client: Any, addr: Any) -> None:
-        address = addr[0] if isinstance(addr, tuple) else str(addr)
+        address = _address(addr)
         if hosts is None:
             log.warning(TLS_ADVICE, address)
         else:
@@ -198,7 +203,7 @@ def tls_and_plain(worker: Any) -> None:
 
     def handshake(client: Any, addr: Any) -> Any:
         assert server_tls is not None
-        address = addr[0] if isinstance(addr, tuple) else str(addr)
+        address = _address(addr)
         timeout = client.gettimeout()
         # The wrapper takes the connection over (`client` is detached from it).
         wrapped = server_tls.context().wrap_socket(
@@ -218,9 +223,8 @@ def tls_and_plain(worker: Any) -> None:
 
     def refuse_plain(client: Any) -> None:
         with contextlib.suppress(OSError):
-            client.sendall(PLAIN_REFUSED % (len(PLAIN_REFUSED_BODY), PLAIN_REFUSED_BODY))
-        end(client)
-        client.close()
+            client.sendall(PLAIN_REFUSED)
+        linger(client)  # its request is unread: a plain close could reset the answer away
 
     def peeking_handle(listener: Any, client: Any, addr: Any) -> Any:
         try:
@@ -327,41 +331,21 @@ def zero_copy_sendfile() -> None:
         encrypted = isinstance(self, ssl.SSLSocket)
         if spans is not None:
             return send_items(self, spans(), copy_span if encrypted else sendfile_span)
-        if encrypted:
-            if count is None:
-                count = os.fstat(file.fileno()).st_size - offset
-            span = FileSpan(file.fileno(), offset, count)
-            copy_span(self, span)
-            file.seek(offset + span.sent)
-            return span.sent
-        out_fd, in_fd = self.fileno(), file.fileno()
         if count is None:
-            count = os.fstat(in_fd).st_size - offset
-        sent_total = 0
-        # Cork: only full segments go out while we push the file (as nginx's tcp_nopush);
-        # one client's warm blob went from about 0.65x to 0.9x of nginx's speed.
-        cork = self.family in (socket.AF_INET, socket.AF_INET6)  # not on a unix socket
+            count = os.fstat(file.fileno()).st_size - offset
+        span = FileSpan(file.fileno(), offset, count)
+        # Cork: only full segments go out while the file is pushed (as nginx's tcp_nopush).
+        cork = not encrypted and self.family in (socket.AF_INET, socket.AF_INET6)
         if cork:
             self.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
         try:
-            while sent_total < count:
-                try:
-                    sent = os.sendfile(
-                        out_fd, in_fd, offset + sent_total, min(chunk, count - sent_total)
-                    )
-                except BlockingIOError:
-                    wait_write(out_fd, timeout=self.gettimeout())
-                    continue
-                if sent == 0:
-                    break  # the file ended early
-                sent_total += sent
-                gevent.sleep(0)
+            (copy_span if encrypted else sendfile_span)(self, span)
         finally:
             if cork:
                 with contextlib.suppress(OSError):  # the client may be gone
                     self.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-            file.seek(offset + sent_total)
-        return sent_total
+            file.seek(offset + span.sent)
+        return span.sent
 
     _socket3.socket.sendfile = sendfile
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.config import TlsSettings
+from registry.store.filesystem import file_version
 
 log = logging.getLogger("registry.tls")
 
@@ -26,15 +27,7 @@ CHECK_EVERY = 1.0
 
 
 def _version(paths: Iterable[Path]) -> tuple:
-    out: list[tuple[int, int, int] | None] = []
-    for path in paths:
-        try:
-            st = path.stat()
-        except OSError:
-            out.append(None)
-        else:
-            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
-    return tuple(out)
+    return tuple(file_version(path) for path in paths)
 
 
 class ServerTls:

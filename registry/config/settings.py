@@ -99,6 +99,10 @@ class GcSettings:
     low_watermark: float = 0.9  # evict down to this fraction of max_size
     pins: tuple[str, ...] = ()  # globs over "<registry>/<repository>:<tag>", never evicted
 
+    def pinned(self, repo: str, tag: str) -> bool:
+        """Whether a `pins` glob keeps `<repo>:<tag>` (repo: `<registry>/<repository>`)."""
+        return any(fnmatch.fnmatchcase(f"{repo}:{tag}", glob) for glob in self.pins)
+
 
 @dataclass(frozen=True)
 class FollowRule:

@@ -83,8 +83,7 @@ class ManifestPulls(PullThroughBase):
         found = self._cached_tag(target, reference)
         if found is None:
             return None
-        ttl = target.registry.ttl_of(target.repository, reference)
-        return found[0] if self.clock() - found[1].validated < ttl else None
+        return found[0] if self._fresh(target, reference, found[1]) else None
 
     def fetch_tag(self, target: Target, tag: str) -> Manifest:
         """The tag as upstream has it now, fetched and stored whatever its TTL says (the
@@ -142,8 +141,7 @@ class ManifestPulls(PullThroughBase):
 
     def _manifest_by_tag(self, target: Target, tag: str, client: str | None) -> Manifest:
         cached = self._cached_tag(target, tag)
-        ttl = target.registry.ttl_of(target.repository, tag)
-        if cached is not None and self.clock() - cached[1].validated < ttl:
+        if cached is not None and self._fresh(target, tag, cached[1]):
             return cached[0]
         try:
             lease = self.coord.leases.tag(str(target), tag)
@@ -160,7 +158,7 @@ class ManifestPulls(PullThroughBase):
             assert lease is not None
             # The previous holder may have refreshed the tag between our read and our lease.
             again = self._cached_tag(target, tag)
-            if again is not None and self.clock() - again[1].validated < ttl:
+            if again is not None and self._fresh(target, tag, again[1]):
                 lease.release()
                 return again[0]
             cached = again if again is not None else cached
@@ -169,6 +167,10 @@ class ManifestPulls(PullThroughBase):
         finally:
             if lease is not None and acquired:
                 lease.release()
+
+    def _fresh(self, target: Target, tag: str, record: TagRecord) -> bool:
+        """Whether upstream was asked about the tag within its tag_ttl."""
+        return self.clock() - record.validated < target.registry.ttl_of(target.repository, tag)
 
     def _cached_tag(self, target: Target, tag: str) -> tuple[Manifest, TagRecord] | None:
         record = self.store.read_tag(target, tag)

@@ -42,6 +42,17 @@ from registry.store.partial_files import (
 log = logging.getLogger(__name__)
 
 
+def file_version(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """What changes whenever the file at `path` is replaced or rewritten: its inode, mtime
+    and size (one stat). None when nothing is there, or it cannot be looked at (a reader of
+    it then meets the reason)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
+
+
 class FilesystemDriver:
     """Files under one root directory."""
 
@@ -131,11 +142,7 @@ class FilesystemDriver:
     def version(self, path: str) -> tuple[int, int, int] | None:
         """What changes whenever the file at `path` is replaced (every write here is a rename
         of a new file): its inode, mtime and size. None when nothing is there."""
-        try:
-            info = os.stat(self._local(path))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return info.st_ino, info.st_mtime_ns, info.st_size
+        return file_version(self._local(path))
 
     def write_atomic(self, path: str, data: bytes) -> None:
         target = self.local_path(path)
