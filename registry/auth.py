@@ -189,7 +189,7 @@ class Guard:
         who = self.identify(environ, area)
         if isinstance(who, Refusal):
             return self.refuse(environ, start_response, who, area)
-        if area == "v2" and who.user is not None:
+        if area == "v2" and who.user is not None and self.auth.access:  # no rules: all
             name = self._repository_of(environ)
             if name is not None and not self.access.may_pull(who.user, self._names(name, environ)):
                 refusal = Refusal(403, "access", f"user {who.user} may not pull {name[:200]}")
