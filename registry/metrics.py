@@ -13,7 +13,7 @@ Counters (all with the `pullthrough_` prefix; README lists them with their label
     upstream_bytes_total{registry}                 blob bytes fetched from upstream
     fills_total{registry, role}                    role: fetcher (started) | follower (joined)
     fill_failures_total{registry, reason}          digest_mismatch | upstream_error | timeout |
-                                                   storage_error
+                                                   storage_error | coordination_error
     manifest_seconds{method, result}               histogram of manifest answers (the route
                                                    prometheus-flask-exporter does not time)
     client_pulls_total{engine}                     pulls (manifest requests by tag) by

@@ -346,3 +346,105 @@ def test_a_client_that_disconnects_does_not_cancel_the_fill(cache, fake):
     status, body, complete = fetch(url)
     assert status == 200 and complete and body == data
     assert fake.count("GET", digest) == 1
+
+
+# -- a fill's end, when the store or Redis fails under it (found by `make soak-cluster`) ----------
+def _stub_fill(tmp_path, redis_client, data: bytes):
+    """A BlobFiller on a filesystem store with a scripted upstream (tests/test_fill_model)."""
+    from types import SimpleNamespace
+
+    from registry.coordination import Coordination
+    from registry.digests import Digest
+    from registry.names import Target
+    from registry.pullthrough.fill import BlobFiller
+    from registry.store import ContentStore
+    from registry.store.filesystem import FilesystemDriver
+    from tests.test_fill_model import ScriptedUpstream
+
+    store = ContentStore(FilesystemDriver(tmp_path / "data"))
+    coord = Coordination(redis_client, 1.0)
+    filler = BlobFiller(
+        store, coord, start_timeout=8, stall_timeout=6, max_fills=10, max_fills_per_client=0,
+        parallel_ranges=1, range_min_size=32 << 20,
+    )  # fmt: skip
+    upstream = ScriptedUpstream(data).view(SimpleNamespace(killed=False))
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    return store, coord, filler, upstream, Target(upstream.registry, "library/ends"), digest
+
+
+def _ended(coord, digest, timeout: float = 15):
+    deadline = time.monotonic() + timeout
+    while True:
+        record = coord.fills.read(digest)
+        if record.state in (FillState.FAILED, FillState.COMMITTED) or time.monotonic() > deadline:
+            return record
+        time.sleep(0.05)
+
+
+def test_a_fill_whose_store_fails_at_the_commit_and_at_the_cleanup_records_its_failure(
+    tmp_path, redis_client
+):
+    """The S3 endpoint goes away between the fill's last byte and its commit: the commit
+    fails, and so does dropping the pieces. The record must still say `failed` (it said
+    `committing` for its hour, the cleanup's error ending the fill's thread) and the
+    lease must go."""
+    import errno
+
+    from registry.coordination.fill_records import FailReason
+
+    data = random.randbytes(256 * 1024)
+    store, coord, filler, upstream, target, digest = _stub_fill(tmp_path, redis_client, data)
+
+    def unreachable(*_args, **_kwargs):
+        raise OSError(errno.EIO, "the bucket is unreachable")
+
+    opened = store.open_upload
+
+    def open_upload(*args, **kwargs):
+        upload = opened(*args, **kwargs)
+        upload.discard = unreachable
+        return upload
+
+    store.open_upload = open_upload
+    store.commit_upload = unreachable
+    filler.start(target, upstream, digest)
+    record = _ended(coord, digest)
+    assert record.state is FillState.FAILED, record
+    assert record.reason is FailReason.STORAGE_ERROR
+    time.sleep(0.2)
+    assert not coord.leases.blob_held(digest)
+
+
+def test_a_fill_failure_redis_cannot_take_at_once_is_recorded_once_it_can(
+    tmp_path, redis_client, monkeypatch
+):
+    """Redis fails over as a fill ends (the failure of the commit itself, say): writing the
+    failure is tried again until the new master takes it, so the record does not say
+    `committing` for its hour with no fill behind it."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from registry.coordination.fill_records import FillWriter
+    from registry.pullthrough import fetch
+
+    monkeypatch.setattr(fetch, "RECORD_RETRY", 0.05)
+    data = random.randbytes(256 * 1024)
+    store, coord, filler, upstream, target, digest = _stub_fill(tmp_path, redis_client, data)
+    store.commit_upload = lambda *_a, **_k: (_ for _ in ()).throw(
+        RedisConnectionError("Connection refused")
+    )
+    refusals = []
+    failed = FillWriter.failed
+
+    def failing_over(self, *args, **kwargs):
+        if len(refusals) < 3:
+            refusals.append(1)
+            raise RedisConnectionError("Error 111 connecting: Connection refused")
+        return failed(self, *args, **kwargs)
+
+    monkeypatch.setattr(FillWriter, "failed", failing_over)
+    filler.start(target, upstream, digest)
+    record = _ended(coord, digest)
+    assert record.state is FillState.FAILED, record
+    assert len(refusals) == 3
+    # Redis's failure, named as ours: not blamed on the upstream.
+    assert "coordination store" in record.error_message

@@ -20,11 +20,18 @@ from playwright.sync_api import sync_playwright
 
 from registry import build_pullthrough
 from registry.config import settings_from_mapping
+from registry.digests import Digest
+from registry.errors import CacheUnavailable
 from registry.gc import Collector
+from registry.pullthrough.tiering import TierServing
+from registry.store import ContentStore
+from registry.store.filesystem import FilesystemDriver
+from registry.store.tier import LocalTier
 from tests.conftest import s3_section
 from tests.support.clients import fetch
 from tests.support.fakes import Route
-from tests.support.servers import Gunicorn, ThrottledRelay, require
+from tests.support.images import Pusher, make_layer, single
+from tests.support.servers import Gunicorn, ThrottledRelay, require, run_module
 
 MIB = 1 << 20
 
@@ -551,3 +558,48 @@ def test_a_node_killed_mid_copy_serves_nothing_of_the_partial_after_restart(
     finally:
         node.stop()
         link.stop()
+
+
+def test_warm_through_a_tier_ends_only_once_the_bucket_holds_what_it_fetched(
+    tmp_path, redis_server, swift, upstream, token_server, prefix
+):
+    """`warm` (and the follower's job, which rq ends with os._exit) returns when the last
+    byte is read; through a tier that byte comes once the fill's bytes are verified, before
+    the bucket's commit, which the fill's daemon thread would never make once the process
+    ended: the blob would be in the node's tier and nowhere else."""
+    image = single("tier/warmexit", "1", [make_layer(int.from_bytes(os.urandom(4)), 7 * MIB)])
+    Pusher(upstream.url, token_server.realm, token_server.service).push(image)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": s3_section(
+                    swift, prefix, local_cache={"path": str(tmp_path / "tier"), "max_size": "1GiB"}
+                ),
+                "redis": {"url": redis_server.url},
+                "registries": [{"name": "docker.io", "url": upstream.url}],
+            }
+        )
+    )
+    run_module("registry", config, "warm", "tier/warmexit:1")
+    for digest in image.blobs:
+        assert in_the_bucket(swift, prefix, digest), digest
+
+
+def test_a_copy_its_fill_put_in_place_goes_when_the_bucket_then_refuses_the_blob(tmp_path):
+    """The fill's own copy goes into the tier when its bytes verify, before the bucket's
+    commit; a commit that then fails (the S3 endpoint gone) must not leave the node a copy
+    of a blob the bucket never got (the soak found them: `make soak-cluster`)."""
+    tier = LocalTier(tmp_path / "tier", 1 << 30)
+    serving = TierServing(ContentStore(FilesystemDriver(tmp_path / "data")), tier, stall_timeout=5)
+    data = os.urandom(100_000)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    copy = serving.node_copy(digest, len(data), 0)
+    assert copy is not None
+    copy.write(0, data)
+    copy.verified()
+    assert tier.complete(digest)  # its clients' last byte
+    copy.failed(CacheUnavailable("the store is unreachable", reason="store unreachable"))
+    copy.close()
+    assert not tier.complete(digest)
+    assert not any((tmp_path / "tier").rglob(digest.hex))

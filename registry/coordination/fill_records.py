@@ -73,6 +73,7 @@ class FailReason(StrEnum):
     UPSTREAM_ERROR = "upstream_error"
     TIMEOUT = "timeout"
     STORAGE_ERROR = "storage_error"
+    COORDINATION_ERROR = "coordination_error"  # Redis failed under the fill
 
 
 _REASONS = frozenset(reason.value for reason in FailReason)

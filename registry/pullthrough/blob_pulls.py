@@ -161,6 +161,16 @@ class BlobPulls(PullThroughBase):
         found = self.blob(target, digest)
         on_disk = found.stream is None  # cached before, or a fill that finished at once
         found.drain(progress)
+        if not on_disk and found.cache == "miss" and self.tiering is not None and found.size:
+            # Through a node's tier the last byte comes once the fill's bytes are verified,
+            # before the bucket's commit: a prefetch that returned then could end its
+            # process (a worker's job, `warm`) with the fill it runs still uncommitted.
+            # The fill's own last byte waits for the commit.
+            tail = self.filler.stream(
+                target, self.upstream(target), digest, found.size, found.size - 1, found.size - 1
+            )
+            for _ in tail:
+                pass
         miss = found.cache == "miss"  # a committed blob through a node's tier is no miss
         if on_disk and miss and progress is not None:
             progress(found.size, found.size)

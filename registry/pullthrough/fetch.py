@@ -6,6 +6,7 @@ fetches, and every client streaming the fill) is fill.py."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -13,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from redis.exceptions import RedisError
 
 from registry.coordination import Coordination, Lease
 from registry.coordination.fill_records import (
@@ -29,6 +32,7 @@ from registry.errors import (
     TooManyRequests,
     UpstreamError,
     UpstreamUnavailable,
+    redis_unavailable,
     storage_failure,
 )
 from registry.metrics import Metrics
@@ -50,6 +54,10 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
 PROGRESS_INTERVAL = 0.2
+# A failure the record could not take (Redis down) is written again this often, this many
+# times: a Sentinel failover takes a few seconds.
+RECORD_RETRY = 1.0
+RECORD_ATTEMPTS = 15
 
 # Failures cross processes by class name; the nearest of these in an error's MRO is recorded.
 RECORDED_ERRORS: dict[str, type[RegistryError]] = {
@@ -411,6 +419,8 @@ class Fetcher:
             return FailReason.DIGEST_MISMATCH, exc
         if isinstance(exc, RegistryError):
             return FailReason.UPSTREAM_ERROR, exc
+        if isinstance(exc, RedisError):  # ours (a failover, say), not the upstream's
+            return FailReason.COORDINATION_ERROR, redis_unavailable(exc)
         error: RegistryError | None = storage_failure(exc)
         if error is None and isinstance(exc, OSError) and not fill.streaming:
             # Upstream's failures arrive as RegistryErrors until it has answered with the
@@ -421,9 +431,12 @@ class Fetcher:
             # Our disk, not the upstream: drop the partial so that it does not go on holding
             # the space (unless the lease, and so the file, is someone else's).
             if fill.upload is not None and not fill.lease.lost:
-                fill.upload.discard()
-                if fill.ranged is not None:
-                    fill.ranged.discard_extents()
+                try:
+                    fill.upload.discard()
+                    if fill.ranged is not None:
+                        fill.ranged.discard_extents()
+                except OSError as gone:  # the store is down: the GC drops stale pieces
+                    log.warning("could not drop the pieces of %s: %s", fill.digest, gone)
             return FailReason.STORAGE_ERROR, error
         timed_out = "timeout" in type(exc).__name__.lower()
         return (
@@ -437,23 +450,30 @@ class Fetcher:
     def _close(self, fill: _Fill, client: str | None) -> None:
         """Every fill's end, whatever happened: the limits, the metric, the stream, the
         upload (dropped if it holds nothing to resume from) and, last, the lease."""
-        self.coord.limits.end_fill(fill.digest, client)
-        if self.metrics is not None and fill.streaming:
-            self.metrics.upstream_bytes.labels(fill.registry).inc(fill.fetched)
-        if fill.stream is not None:
-            fill.stream.close()
-        if fill.copy is not None:
-            fill.copy.close()
-        extents = fill.ranged is not None and fill.ranged.has_extents()
-        if fill.ranged is not None:
-            fill.ranged.close()
-        if fill.upload is not None:
-            if fill.offset == 0 and not extents and not fill.lease.lost:
-                # Nothing to resume from (a no-op after a commit). Not once the lease is
-                # lost: the file may be another fetcher's by now.
-                fill.upload.discard()
-            fill.upload.close()
-        fill.lease.release()
+        try:
+            if self.metrics is not None and fill.streaming:
+                self.metrics.upstream_bytes.labels(fill.registry).inc(fill.fetched)
+            if fill.stream is not None:
+                fill.stream.close()
+            if fill.copy is not None:
+                fill.copy.close()
+            extents = fill.ranged is not None and fill.ranged.has_extents()
+            if fill.ranged is not None:
+                fill.ranged.close()
+            if fill.upload is not None:
+                if fill.offset == 0 and not extents and not fill.lease.lost:
+                    # Nothing to resume from (a no-op after a commit). Not once the lease is
+                    # lost: the file may be another fetcher's by now.
+                    fill.upload.discard()
+                fill.upload.close()
+        except OSError as exc:  # the store is down: what is left is resumed or swept
+            log.warning("fill of %s: could not tidy its upload: %s", fill.digest, exc)
+        finally:
+            # Redis may be down too (these then wait for their TTLs).
+            with contextlib.suppress(RedisError):
+                self.coord.limits.end_fill(fill.digest, client)
+            with contextlib.suppress(RedisError):
+                fill.lease.release()
 
     def _fail(
         self,
@@ -466,19 +486,28 @@ class Fetcher:
         log.warning("fill of %s failed (%s): %s", writer.digest, reason.value, error.message)
         if self.metrics is not None:
             self.metrics.fill_failures.labels(registry, reason.value).inc()
-        try:
-            writer.failed(
-                reason,
-                FillPhase.STREAMING if streaming else FillPhase.STARTING,
-                error_class=next(
-                    c.__name__ for c in type(error).__mro__ if c.__name__ in RECORDED_ERRORS
-                ),
-                error_message=error.message,
-                error_reason=error.reason or "",
-                retry_after=error.headers.get("Retry-After", ""),
-            )
-        except Exception:
-            log.warning("could not record the failure of the fill of %s", writer.digest)
+        # Its followers in every process learn of it from the record. Redis may be failing
+        # over: ask again for a while, or the record would say `committing` (or streaming)
+        # for its hour with no fill behind it.
+        for attempt in range(RECORD_ATTEMPTS):
+            try:
+                writer.failed(
+                    reason,
+                    FillPhase.STREAMING if streaming else FillPhase.STARTING,
+                    error_class=next(
+                        c.__name__ for c in type(error).__mro__ if c.__name__ in RECORDED_ERRORS
+                    ),
+                    error_message=error.message,
+                    error_reason=error.reason or "",
+                    retry_after=error.headers.get("Retry-After", ""),
+                )
+                return
+            except RedisError:
+                if attempt + 1 < RECORD_ATTEMPTS:
+                    time.sleep(RECORD_RETRY)
+            except Exception:
+                break
+        log.warning("could not record the failure of the fill of %s", writer.digest)
 
     # -- every client ----------------------------------------------------------------------------
 

@@ -290,6 +290,7 @@ class TierNodeCopy:
         self.serving = serving
         self.copy = copy
         self.broken = False
+        self.in_place = False  # verified and renamed into place, before the bucket's commit
         self.started = time.monotonic()
 
     def write(self, pos: int, data: bytes) -> None:
@@ -320,6 +321,7 @@ class TierNodeCopy:
             return
         try:
             self.serving._into_place(self.copy, self.started, " (written by its fill)")
+            self.in_place = True
         except OSError as exc:  # the node's disk: the fill and its commit go on
             log.warning(
                 "local tier copy of %s could not be put in place: %s", self.copy.digest, exc
@@ -327,9 +329,16 @@ class TierNodeCopy:
             self.copy.discard()
 
     def failed(self, error: RegistryError) -> None:
-        """The fill failed: the node's clients hear why. A copy that broke is left alone: its
-        file may be another copy's by now, which hears of the failure from the fill."""
-        if not self.broken:
+        """The fill failed: the node's clients hear why. A copy already in place goes: the
+        bucket never got the blob, and the tier holds only what the bucket has. A copy that
+        broke is left alone: its file may be another copy's by now, which hears of the
+        failure from the fill."""
+        if self.in_place:
+            self.serving.tier.forget(self.copy.digest)
+            log.warning(
+                "local tier dropped %s: its fill failed after the copy: %s", self.copy.digest, error
+            )
+        elif not self.broken:
             self.serving._ended_with_fill(self.copy, error)
 
     def close(self) -> None:

@@ -161,10 +161,12 @@ class RedisSentinel:
         *,
         password: str | None = None,
         master_password: str | None = None,
+        quorum: int = 1,
     ) -> None:
         self.workdir = workdir
         self.master_port = master_port
         self.name = name
+        self.quorum = quorum  # sentinels that must agree the master is down
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.password = password  # the sentinel's own requirepass
@@ -175,7 +177,7 @@ class RedisSentinel:
         config = self.workdir / "sentinel.conf"  # sentinel rewrites it as it learns
         config.write_text(
             f"bind 127.0.0.1\nport {self.port}\ndir {self.workdir}\n"
-            f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} 1\n"
+            f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} {self.quorum}\n"
             f"sentinel down-after-milliseconds {self.name} 500\n"
             f"sentinel failover-timeout {self.name} 5000\n"
             + (f"requirepass {self.password}\n" if self.password else "")

@@ -213,25 +213,38 @@ class Swift:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        python = "/usr/bin/python3"
         for name in (*_SERVERS, "proxy"):
-            self.procs[name] = subprocess.Popen(
-                [
-                    python,
-                    "-c",
-                    _LAUNCH,
-                    str(self.dir / "swift.conf"),
-                    str(self.dir / f"{name}-server.conf"),
-                    f"{name}-server",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            self._spawn(name)
         for name, proc in self.procs.items():
             wait_for_port(self.ports[name], 30, proc)
         self._wait_ready()
         return self
+
+    def _spawn(self, name: str) -> None:
+        log = open(self.dir / "swift.log", "ab")  # noqa: SIM115 (the process keeps it)
+        self.procs[name] = subprocess.Popen(
+            [
+                "/usr/bin/python3",
+                "-c",
+                _LAUNCH,
+                str(self.dir / "swift.conf"),
+                str(self.dir / f"{name}-server.conf"),
+                f"{name}-server",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def stop_endpoint(self) -> None:
+        """The S3 endpoint goes away (the proxy stops; the data stays)."""
+        stop(self.procs["proxy"])
+
+    def start_endpoint(self) -> None:
+        """The S3 endpoint back on its port."""
+        self._spawn("proxy")
+        wait_for_port(self.ports["proxy"], 30, self.procs["proxy"])
+        self._wait_ready()
 
     def _wait_ready(self) -> None:
         # The proxy answers before its rings and backends are usable: ask until a listing works.
