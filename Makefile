@@ -1,10 +1,11 @@
-# The README's commands: `make run` and `make test` (plus `make check`, `make bench`, `make soak`, `make lint`).
+# The README's commands: `make run` and `make test` (plus `make check`, `make bench`, `make soak`,
+# `make soak-cluster`, `make lint`).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-deploy check lint format bench bench-s3 soak clean
+.PHONY: run test test-deploy check lint format bench bench-s3 soak soak-cluster clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -88,6 +89,15 @@ soak: $(VENV)/.test-deps
 	# The hostile-upstream fuzzer, longer than make test's seeded run, with a seed of its own.
 	PULLTHROUGH_FUZZ_EXAMPLES=3000 PULLTHROUGH_FUZZ_SEED=$$RANDOM \
 		$(BIN)/python -m pytest -q -W ignore tests/test_fuzz_upstream.py
+
+# Three nodes on one bucket (Swift) behind nginx, Redis with Sentinels, faults on a schedule
+# (bench/soak_cluster.py): 150 clients for 10 minutes; its section of docs/reliability.md.
+soak-cluster: $(VENV)/.test-deps
+	@scripts/ensure-debs redis-server=redis-server docker-registry=docker-registry nginx=nginx \
+		swift-proxy-server=swift-proxy swift-object-server=swift-object \
+		swift-container-server=swift-container swift-account-server=swift-account \
+		swift-ring-builder=swift memcached=memcached
+	$(BIN)/python -m bench.soak_cluster
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -554,6 +554,7 @@ class Faults:
         self.rng = random.Random(7)
         self.herds: list[threading.Thread] = []
         self.sweeps: list[dict] = []
+        self.killed: Node | None = None
         self.n = 0
 
     def run(self, kind: str) -> Fault:
@@ -594,6 +595,7 @@ class Faults:
             fault.detail = f"{victim.name} SIGKILLed (its fill not seen streaming)"
         else:
             fault.detail = f"{victim.name} SIGKILLed mid-fill of {layer.digest[:19]}"
+        self.killed = victim
         os.killpg(victim.server.proc.pid, signal.SIGKILL)
         victim.server.proc.wait()
         time.sleep(2)
@@ -602,7 +604,9 @@ class Faults:
             self.catalogue.big.append(image)
 
     def graceful_restart(self, fault: Fault) -> None:
-        node = self.rng.choice(self.site.nodes)
+        # The node last killed: what it resumed after its crash (fills, tier copies) is
+        # under way when it is asked to stop.
+        node = self.killed or self.rng.choice(self.site.nodes)
         node.server.proc.send_signal(signal.SIGTERM)
         node.server.proc.wait(timeout=90)
         node.server.start()

@@ -44,6 +44,16 @@ def on_starting(server):
     os.makedirs(path, exist_ok=True)
 
 
+def post_fork(server, worker):
+    # Until the worker sets up its own signals (after gevent's patching, a tenth of a second)
+    # a SIGTERM would reach the master's handler, copied into this process, and be lost:
+    # the worker served on until graceful_timeout and was then killed mid-transfer (`make
+    # soak-cluster` stopped a node just after it started). Remember it instead.
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: setattr(worker, "alive", False))
+
+
 def child_exit(server, worker):
     # A dead worker's live gauges stop counting; its counters stay in the sums.
     from prometheus_client import multiprocess

@@ -315,3 +315,26 @@ def test_service_returns_within_seconds_of_the_upstream_and_a_dead_one_gets_few_
         link.stop()
         own.stop()
         own_redis.stop()
+
+
+def test_a_node_stopped_as_its_workers_boot_stops_without_waiting_out_the_grace(
+    tmp_path, redis_server
+):
+    """SIGTERM right after the start (a restart straight after a crash, a rollout): a
+    worker still booting lost the signal, served on until graceful_timeout and was then
+    killed mid-transfer. Each worker's boot line is the moment to send it."""
+    node = Gunicorn.with_config(
+        tmp_path, redis_server.url, [{"name": "docker.io", "url": "http://127.0.0.1:9"}],
+        workers=4, env={"PULLTHROUGH_GRACEFUL_TIMEOUT": "20"},
+    )  # fmt: skip
+    node.stop()
+    booted = node.log().count("Booting worker")
+    node.start()
+    deadline = time.monotonic() + 20
+    while node.log().count("Booting worker") < booted + 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    began = time.monotonic()
+    node.proc.send_signal(signal.SIGTERM)
+    node.proc.wait(timeout=40)
+    assert time.monotonic() - began < 12, "a booting worker waited out graceful_timeout"
