@@ -46,12 +46,20 @@ def on_starting(server):
 
 def post_fork(server, worker):
     # Until the worker sets up its own signals (after gevent's patching, a tenth of a second)
-    # a SIGTERM would reach the master's handler, copied into this process, and be lost:
-    # the worker served on until graceful_timeout and was then killed mid-transfer (`make
-    # soak-cluster` stopped a node just after it started). Remember it instead.
+    # a SIGTERM reaches the master's handler, copied into this process, which queues it in
+    # the master's queue, copied too: nobody reads it here, and the worker served on until
+    # graceful_timeout and was then killed mid-transfer (`make soak-cluster` stopped a node
+    # just after it started). Take it from there, and from now on remember it.
+    import queue
     import signal
 
     signal.signal(signal.SIGTERM, lambda _sig, _frame: setattr(worker, "alive", False))
+    while True:
+        try:
+            if server.SIG_QUEUE.get_nowait() == signal.SIGTERM:
+                worker.alive = False  # the master's own, or ours: the master is stopping
+        except queue.Empty:
+            break
 
 
 def child_exit(server, worker):

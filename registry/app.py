@@ -147,8 +147,17 @@ def listen_for_deletions(pullthrough: PullThrough) -> threading.Thread:
             if looks_like_digest(text):
                 tiering.forget(Digest.parse(text))
 
+    def reconcile() -> None:
+        # What a sweep deleted while this node was not listening (stopped, Redis away).
+        try:
+            tiering.reconcile(pullthrough.coord.leases.blob_held)
+        except (OSError, redis.RedisError) as exc:  # the bucket or Redis: the next time
+            log.warning("local tier: comparing with the bucket failed: %s", exc)
+
     thread = threading.Thread(
-        target=lambda: pullthrough.coord.tiers.listen(drop), name="tier-deletions", daemon=True
+        target=lambda: pullthrough.coord.tiers.listen(drop, reconcile),
+        name="tier-deletions",
+        daemon=True,
     )
     thread.start()
     return thread

@@ -184,3 +184,17 @@ def error_response(error: RegistryError, *, head: bool = False) -> Response:
     for name, value in error.headers.items():
         response.headers[name] = value
     return response
+
+
+# Failures cross processes by class name; the nearest of these in an error's MRO is recorded.
+RECORDED_ERRORS: dict[str, type[RegistryError]] = {
+    cls.__name__: cls
+    for cls in (
+        BlobUnknown,
+        NameUnknown,
+        TooManyRequests,
+        UpstreamUnavailable,
+        UpstreamError,
+        CacheUnavailable,
+    )
+}

@@ -423,25 +423,24 @@ def test_a_fill_failure_redis_cannot_take_at_once_is_recorded_once_it_can(
     `committing` for its hour with no fill behind it."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from registry.coordination.fill_records import FillWriter
-    from registry.pullthrough import fetch
+    from registry.coordination import fill_records
 
-    monkeypatch.setattr(fetch, "RECORD_RETRY", 0.05)
+    monkeypatch.setattr(fill_records, "RECORD_RETRY", 0.05)
     data = random.randbytes(256 * 1024)
     store, coord, filler, upstream, target, digest = _stub_fill(tmp_path, redis_client, data)
     store.commit_upload = lambda *_a, **_k: (_ for _ in ()).throw(
         RedisConnectionError("Connection refused")
     )
     refusals = []
-    failed = FillWriter.failed
+    move = fill_records.FillWriter._move
 
-    def failing_over(self, *args, **kwargs):
-        if len(refusals) < 3:
+    def failing_over(self, state, *args, **kwargs):
+        if state is FillState.FAILED and len(refusals) < 3:
             refusals.append(1)
             raise RedisConnectionError("Error 111 connecting: Connection refused")
-        return failed(self, *args, **kwargs)
+        return move(self, state, *args, **kwargs)
 
-    monkeypatch.setattr(FillWriter, "failed", failing_over)
+    monkeypatch.setattr(fill_records.FillWriter, "_move", failing_over)
     filler.start(target, upstream, digest)
     record = _ended(coord, digest)
     assert record.state is FillState.FAILED, record

@@ -22,7 +22,14 @@ from registry import create_app
 from tests.conftest import make_settings
 from tests.support.clients import fetch, skopeo_copy, skopeo_policy
 from tests.support.images import Pusher
-from tests.support.servers import Distribution, Gunicorn, RedisServer, ThrottledRelay, run_module
+from tests.support.servers import (
+    ROOT,
+    Distribution,
+    Gunicorn,
+    RedisServer,
+    ThrottledRelay,
+    run_module,
+)
 
 pytestmark = pytest.mark.usefixtures("forget_upstream_health")
 
@@ -320,20 +327,30 @@ def test_service_returns_within_seconds_of_the_upstream_and_a_dead_one_gets_few_
 def test_a_node_stopped_as_its_workers_boot_stops_without_waiting_out_the_grace(
     tmp_path, redis_server
 ):
-    """SIGTERM right after the start (a restart straight after a crash, a rollout): a
-    worker still booting lost the signal, served on until graceful_timeout and was then
-    killed mid-transfer. Each worker's boot line is the moment to send it."""
+    """SIGTERM right after the start (a restart straight after a crash, a rollout) on a
+    loaded machine, where a new worker runs late: the signal reached it before it set up
+    its own, was lost, and the worker served on until graceful_timeout and was then killed
+    mid-transfer. Here each new worker sleeps before its post_fork (deploy's runs after)."""
+    config = tmp_path / "gunicorn.conf.py"
+    config.write_text(
+        f"exec(open({str(ROOT / 'deploy' / 'gunicorn.conf.py')!r}).read())\n"
+        "_post_fork = post_fork\n"
+        "def post_fork(server, worker):\n"
+        "    import time\n"
+        "    time.sleep(1)  # not scheduled yet: the machine is busy\n"
+        "    _post_fork(server, worker)\n"
+    )
     node = Gunicorn.with_config(
         tmp_path, redis_server.url, [{"name": "docker.io", "url": "http://127.0.0.1:9"}],
-        workers=4, env={"PULLTHROUGH_GRACEFUL_TIMEOUT": "20"},
+        workers=2, env={"PULLTHROUGH_GRACEFUL_TIMEOUT": "20"}, command=("-c", str(config)),
     )  # fmt: skip
     node.stop()
     booted = node.log().count("Booting worker")
     node.start()
     deadline = time.monotonic() + 20
-    while node.log().count("Booting worker") < booted + 1:
+    while node.log().count("Booting worker") < booted + 2:
         assert time.monotonic() < deadline
-        time.sleep(0.002)
+        time.sleep(0.01)
     began = time.monotonic()
     node.proc.send_signal(signal.SIGTERM)
     node.proc.wait(timeout=40)

@@ -603,3 +603,34 @@ def test_a_copy_its_fill_put_in_place_goes_when_the_bucket_then_refuses_the_blob
     copy.close()
     assert not tier.complete(digest)
     assert not any((tmp_path / "tier").rglob(digest.hex))
+
+
+def test_a_node_that_missed_a_sweeps_message_drops_those_copies_once_it_listens(
+    tmp_path, writer, fake, swift, redis_server, prefix
+):
+    """A sweep deleted blobs while the node was stopped (its message to the tiers went to
+    nobody): once the node listens again it compares its tier with the bucket and drops
+    those copies, not only the ones somebody asks for (`make soak-cluster` found nine)."""
+    node = start_node(tmp_path / "node", redis_server, swift, fake, prefix)
+    try:
+        _data, digest = in_bucket(writer, fake, "tierstopped", 2 * MIB)
+        kept_data, kept = in_bucket(writer, fake, "tierkept", 1 * MIB)
+        for name, blob in (("tierstopped", digest), ("tierkept", kept)):
+            status, _body, _complete = fetch(f"{node.url}/v2/library/{name}/blobs/{blob}")
+            assert status == 200
+        wait_for(lambda: local_copy(node, digest).exists() and local_copy(node, kept).exists())
+    finally:
+        node.stop()
+    del fake.routes[f"/v2/library/tierstopped/blobs/{digest}"]
+    report = sweep(swift, prefix, redis_server, fake)  # nobody listening on the node
+    assert report["deleted_blobs"] >= 1 and not in_the_bucket(swift, prefix, digest)
+    assert local_copy(node, digest).exists()
+    # Unreferenced, the other went too; pulled again through another node, it is back.
+    status, body, _complete = fetch(f"{writer.url}/v2/library/tierkept/blobs/{kept}")
+    assert status == 200 and body == kept_data and in_the_bucket(swift, prefix, kept)
+    node.start()
+    try:
+        wait_for(lambda: not local_copy(node, digest).exists())
+        assert local_copy(node, kept).exists()  # the bucket has it: it stays
+    finally:
+        node.stop()

@@ -35,6 +35,9 @@ RECORD_TTL = 3600
 # A failed fill's record only has to reach the clients waiting on it: keep it briefly, so
 # that requests for random digests do not leave an hour of records each.
 FAILED_TTL = 120
+# A failure Redis could not take (failing over) is written again this often, this many times.
+RECORD_RETRY = 1.0
+RECORD_ATTEMPTS = 15
 
 
 class FillState(StrEnum):
@@ -203,16 +206,27 @@ class FillWriter:
         error_reason: str,
         retry_after: str,
     ) -> None:
-        self._move(
-            FillState.FAILED,
-            FAILED_TTL,
-            reason=reason.value,
-            phase=phase.value,
-            error_class=error_class,
-            error_message=error_message,
-            error_reason=error_reason,
-            retry_after=retry_after,
-        )
+        """The fill failed: its followers in every process learn it from here. Redis may be
+        failing over as the fill ends: written again every RECORD_RETRY s, RECORD_ATTEMPTS
+        times in all, or the record would say `committing` (or streaming) for its hour with
+        no fill behind it."""
+        for attempt in range(RECORD_ATTEMPTS):
+            try:
+                self._move(
+                    FillState.FAILED,
+                    FAILED_TTL,
+                    reason=reason.value,
+                    phase=phase.value,
+                    error_class=error_class,
+                    error_message=error_message,
+                    error_reason=error_reason,
+                    retry_after=retry_after,
+                )
+                return
+            except redis.RedisError:
+                if attempt + 1 == RECORD_ATTEMPTS:
+                    raise
+                time.sleep(RECORD_RETRY)
 
 
 class FillRecords:

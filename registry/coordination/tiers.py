@@ -1,8 +1,9 @@
 """The owner of the channel pt:tier:deleted (pub/sub, not a key): the GC's sweep names the
 blobs it deleted from the store, and every node's local tier (store/tier.py) drops its copy
 at once, without waiting for its LRU. A node that was not listening (restarting, Redis
-away) is covered by the check on serve: a copy is only served after the store said it has
-the blob (pullthrough/tiering.py)."""
+away) compares its tier with the bucket once it listens again, and until then the check on
+serve covers it: a copy is only served after the store said it has the blob
+(pullthrough/tiering.py)."""
 
 from __future__ import annotations
 
@@ -30,13 +31,22 @@ class TierNews:
         for at in range(0, len(digests), BATCH):
             self.redis.publish(CHANNEL, " ".join(digests[at : at + BATCH]))
 
-    def listen(self, on_deleted: Callable[[list[str]], None], *, retry: float = 2.0) -> None:
+    def listen(
+        self,
+        on_deleted: Callable[[list[str]], None],
+        on_subscribed: Callable[[], None] = lambda: None,
+        *,
+        retry: float = 2.0,
+    ) -> None:
         """Call on_deleted with each message's digests, forever; after a Redis failure,
-        subscribe again (what was published meanwhile is missed: the check on serve)."""
+        subscribe again. What was published while not subscribed is missed: on_subscribed
+        runs after each subscription (a comparison with the bucket), and the check on
+        serve covers what is asked for before it ends."""
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(CHANNEL)
+                on_subscribed()
                 while True:
                     # A short wait rather than listen(): the client's socket timeout would
                     # end a blocking read on a quiet channel.

@@ -25,11 +25,9 @@ from registry.coordination.fill_records import (
 )
 from registry.digests import Digest
 from registry.errors import (
-    BlobUnknown,
+    RECORDED_ERRORS,
     CacheUnavailable,
-    NameUnknown,
     RegistryError,
-    TooManyRequests,
     UpstreamError,
     UpstreamUnavailable,
     redis_unavailable,
@@ -54,23 +52,6 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
 PROGRESS_INTERVAL = 0.2
-# A failure the record could not take (Redis down) is written again this often, this many
-# times: a Sentinel failover takes a few seconds.
-RECORD_RETRY = 1.0
-RECORD_ATTEMPTS = 15
-
-# Failures cross processes by class name; the nearest of these in an error's MRO is recorded.
-RECORDED_ERRORS: dict[str, type[RegistryError]] = {
-    cls.__name__: cls
-    for cls in (
-        BlobUnknown,
-        NameUnknown,
-        TooManyRequests,
-        UpstreamUnavailable,
-        UpstreamError,
-        CacheUnavailable,
-    )
-}
 
 
 class _DigestMismatch(UpstreamError):
@@ -486,28 +467,19 @@ class Fetcher:
         log.warning("fill of %s failed (%s): %s", writer.digest, reason.value, error.message)
         if self.metrics is not None:
             self.metrics.fill_failures.labels(registry, reason.value).inc()
-        # Its followers in every process learn of it from the record. Redis may be failing
-        # over: ask again for a while, or the record would say `committing` (or streaming)
-        # for its hour with no fill behind it.
-        for attempt in range(RECORD_ATTEMPTS):
-            try:
-                writer.failed(
-                    reason,
-                    FillPhase.STREAMING if streaming else FillPhase.STARTING,
-                    error_class=next(
-                        c.__name__ for c in type(error).__mro__ if c.__name__ in RECORDED_ERRORS
-                    ),
-                    error_message=error.message,
-                    error_reason=error.reason or "",
-                    retry_after=error.headers.get("Retry-After", ""),
-                )
-                return
-            except RedisError:
-                if attempt + 1 < RECORD_ATTEMPTS:
-                    time.sleep(RECORD_RETRY)
-            except Exception:
-                break
-        log.warning("could not record the failure of the fill of %s", writer.digest)
+        try:
+            writer.failed(
+                reason,
+                FillPhase.STREAMING if streaming else FillPhase.STARTING,
+                error_class=next(
+                    c.__name__ for c in type(error).__mro__ if c.__name__ in RECORDED_ERRORS
+                ),
+                error_message=error.message,
+                error_reason=error.reason or "",
+                retry_after=error.headers.get("Retry-After", ""),
+            )
+        except Exception:
+            log.warning("could not record the failure of the fill of %s", writer.digest)
 
     # -- every client ----------------------------------------------------------------------------
 

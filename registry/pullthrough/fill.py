@@ -43,6 +43,7 @@ from registry.coordination.fill_records import (
 )
 from registry.digests import Digest
 from registry.errors import (
+    RECORDED_ERRORS,
     RegistryError,
     TooManyRequests,
     UpstreamError,
@@ -51,7 +52,7 @@ from registry.errors import (
 from registry.metrics import Metrics
 from registry.names import Target
 from registry.offload import spawn as spawn_thread
-from registry.pullthrough.fetch import READ_CHUNK, RECORDED_ERRORS, Fetcher, NodeCopy
+from registry.pullthrough.fetch import READ_CHUNK, Fetcher, NodeCopy
 from registry.store import ContentStore
 from registry.store.driver import FileSpan, GrowingReader
 from registry.upstream.client import UpstreamClient

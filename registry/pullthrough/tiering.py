@@ -89,6 +89,29 @@ class TierServing:
         or a fill's pieces, per client)."""
         return self.tier.keeps(size)
 
+    def reconcile(self, fill_running: Callable[[Digest], bool]) -> int:
+        """Drop the copies of blobs the bucket no longer has: deletions the node did not hear
+        of (it was stopped, or Redis failed over, while a sweep told the tiers), which the
+        check on serve would only find for a copy somebody asks for. One process of the
+        node at a time; a copy whose fill is running (in place before the bucket's commit)
+        is kept. How many went."""
+        with self.tier.reconciling() as ours:
+            if not ours:
+                return 0
+            copies = self.tier.copies()
+            if not copies:
+                return 0
+            in_bucket = {digest for digest, _size, _mtime in self.store.iter_blobs()}
+            dropped = 0
+            for digest in copies:
+                if digest in in_bucket or fill_running(digest):
+                    continue
+                if self.store.blob_size(digest) is None and self.tier.forget(digest):
+                    dropped += 1  # (asked again: committed since the listing, it stays)
+            if dropped:
+                log.info("local tier dropped %d copies the bucket no longer has", dropped)
+            return dropped
+
     def node_copy(self, digest: Digest, size: int, at: int) -> TierNodeCopy | None:
         """The node's copy, for a fill this process runs to write from the bytes it hashes
         (`at` of them hashed already); None when a live process of the node holds the copy,

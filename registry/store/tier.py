@@ -12,6 +12,9 @@ Layout under `path` (the one place it is written down):
         A copy in progress, read by this node's clients as it grows, never served as
         complete. Its writer holds an exclusive flock(2) on it: any process of the node can
         tell a live copy from one whose process died (whose file is resumed or removed).
+    reconcile
+        Empty; flock(2)ed by the one process of the node comparing the tier with the bucket
+        (pullthrough/tiering.py TierServing.reconcile).
 
 Node-local on purpose: the flock is the single flight of the node's processes (one bucket
 read per node per blob), with no Redis key.
@@ -24,7 +27,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 BLOBS = paths.BLOBS
 PARTIAL = "partial"
+RECONCILE = "reconcile"  # the flock of the process comparing the tier with the bucket
 # A served copy's mtime is moved forward at most this often (the LRU needs no finer order).
 TOUCH_EVERY = 60.0
 
@@ -173,6 +177,32 @@ class LocalTier:
     def forget(self, digest: Digest) -> bool:
         """Drop the local copy of a blob the bucket no longer has (the GC deleted it)."""
         return self.disk.delete(self.blob_path(digest))
+
+    def copies(self) -> list[Digest]:
+        """The digests of the verified copies now."""
+        found = []
+        for rel, _size, _mtime in self.disk.walk_stat(BLOBS):
+            parts = rel.split("/")  # blobs/<algo>/<hex[:2]>/<hex>
+            with contextlib.suppress(Exception):
+                found.append(Digest.parse(f"{parts[1]}:{parts[3]}"))
+        return found
+
+    @contextlib.contextmanager
+    def reconciling(self) -> Iterator[bool]:
+        """Whether this process is the one of the node to compare the tier with the bucket
+        now (an exclusive flock on `reconcile`: the others skip it)."""
+        path = self.disk.local_path(RECONCILE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, self.disk.file_mode)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
 
     def clean_partials(self) -> int:
         """Remove the copies of processes that died (at start-up)."""
