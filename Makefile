@@ -30,7 +30,7 @@ test: $(VENV)/.test-deps
 		podman=podman dockerd=docker.io docker-compose=docker-compose \
 		swift-proxy-server=swift-proxy swift-object-server=swift-object \
 		swift-container-server=swift-container swift-account-server=swift-account \
-		swift-ring-builder=swift memcached=memcached
+		swift-ring-builder=swift memcached=memcached nginx=nginx
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

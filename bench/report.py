@@ -488,11 +488,16 @@ MANIFEST_TARGETS = {"tag": 15.0, "digest": 4.5}
 
 
 def write_section(out: Path, marker: str, lines: list[str]) -> None:
-    """Replace what follows `marker` in `out` with `lines` (the rest of the file is another
-    run's)."""
+    """Replace what follows `marker` in `out`, up to the next section's marker (a line that
+    starts `<!-- `) or the end, with `lines`; the rest of the file is other runs'."""
     existing = out.read_text() if out.exists() else ""
-    head = existing.split(marker)[0] if marker in existing else existing
-    out.write_text(head.rstrip() + "\n\n" + marker + "\n" + "\n".join(lines))
+    head, _, rest = existing.partition(marker)
+    if not _:
+        head, rest = existing, ""
+    after = re.search(r"^<!-- ", rest, flags=re.M)
+    tail = "\n\n" + rest[after.start() :].rstrip() + "\n" if after else "\n"
+    body = "\n".join(lines).rstrip()
+    out.write_text(head.rstrip() + "\n\n" + marker + "\n" + body + tail)
 
 
 # Why a target can be missed on this machine: printed under the table for each one missed.

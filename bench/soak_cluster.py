@@ -90,6 +90,7 @@ TAG_TTL = 10
 S3_OUTAGE = 5.0 if SHORT else 20.0
 UPSTREAM_OUTAGE = 8.0 if SHORT else 30.0
 BIG = 64 << 20  # the layer a node is killed in the middle of filling
+SWEEP_PATIENCE = 900.0  # for the evicting sweep, waits for a scheduled one included
 
 # How long after a fault's action ends its failures may go on (the bound of its window),
 # and why failures are expected at all.
@@ -409,8 +410,12 @@ class Redises:
     def __init__(self, work: Path) -> None:
         self.servers = [RedisServer(work / "redis-1").start()]
         self.servers.append(RedisServer(work / "redis-2", replica_of=self.servers[0].port).start())
+        # Down after 3 s of silence: under this load 500 ms made the Sentinels fail over
+        # on their own, the master only slow.
         self.sentinels = [
-            RedisSentinel(work / f"sentinel-{i}", self.servers[0].port, MASTER, quorum=2).start()
+            RedisSentinel(
+                work / f"sentinel-{i}", self.servers[0].port, MASTER, quorum=2, down_after_ms=3000
+            ).start()
             for i in range(3)
         ]
         self.sentinel = Sentinel([("127.0.0.1", s.port) for s in self.sentinels], socket_timeout=2)
@@ -441,18 +446,27 @@ class Fault:
 class Site:
     def __init__(self, work: Path) -> None:
         self.work = work
+        self.nodes: list[Node] = []
+        self.jobs: dict[str, subprocess.Popen] = {}
+        try:
+            self._start(work)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, work: Path) -> None:
         self.redises = Redises(work)
-        self.swift = Swift(work / "swift").start()
+        self.swift = Swift(work / "swift", workers=2).start()
         self.swift.create_bucket(BUCKET)
         self.token = TokenServer(work / "token").start()
         self.upstream = Distribution(work / "upstream", token=self.token).start()
         self.link = ThrottledRelay(self.upstream.port, LINK_MIBPS).start()
         self.pusher = Pusher(self.upstream.url, self.token.realm, self.token.service)
         self.prefix = f"soak-{os.getpid()}"
-        self.nodes = [self._node(name) for name in NODES]
+        for name in NODES:
+            self.nodes.append(self._node(name))
         self.balancer = Balancer(work / "balancer", [n.server.port for n in self.nodes]).start()
         self.gc_config = self.nodes[0].server.config_path
-        self.jobs: dict[str, subprocess.Popen] = {}
         self.job_restarts: collections.Counter = collections.Counter()
         for job in ("worker", "scheduler"):
             self._start_job(job)
@@ -531,16 +545,19 @@ class Site:
         return found
 
     def stop(self) -> None:
+        """Everything that started (also after a start that failed half-way)."""
         for proc in self.jobs.values():
             stop(proc)
-        self.balancer.stop()
-        for node in self.nodes:
-            node.server.stop()
-        self.link.stop()
-        self.upstream.stop()
-        self.token.stop()
-        self.swift.stop()
-        self.redises.stop()
+        parts = [
+            getattr(self, "balancer", None),
+            *(node.server for node in self.nodes),
+            *(getattr(self, name, None) for name in ("link", "upstream", "token", "swift")),
+            getattr(self, "redises", None),
+        ]
+        for part in parts:
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.stop()
 
 
 # -- the faults ---------------------------------------------------------------------------------
@@ -665,12 +682,22 @@ class Faults:
         config = self.site.work / f"evict-{self.n}.yaml"
         settings = self.site.config("node-a", max_size=budget)
         config.write_text(yaml.safe_dump(settings))
-        for _ in range(30):  # a scheduled sweep may be running: wait for it
-            run = run_module("workers", config, "gc", check=False, timeout=300)
-            if run.returncode == 0:
-                break
-            time.sleep(1)
-        report = json.loads(run.stdout) if run.returncode == 0 else {"rc": run.returncode}
+        report: dict = {}
+        deadline = time.monotonic() + SWEEP_PATIENCE
+        with open(self.site.work / "evict.log", "ab") as log:
+            while time.monotonic() < deadline:  # a scheduled sweep may be running: wait
+                run = subprocess.run(
+                    [sys.executable, "-m", "workers", "gc"],
+                    cwd=ROOT,
+                    env={**os.environ, "PULLTHROUGH_CONFIG": str(config)},
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    timeout=SWEEP_PATIENCE,
+                )
+                report = json.loads(run.stdout) if run.returncode == 0 else {}
+                if run.returncode == 0 and not report.get("error"):
+                    break
+                time.sleep(1)
         self.sweeps.append(report)
         fault.detail = (
             f"sweep with max_size {budget >> 20} MiB of {stored >> 20} MiB stored: "
@@ -859,6 +886,26 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pt-soak-cluster-"))
     say(f"soak-cluster: {len(NODES)} nodes, {CLIENTS} clients, {SECONDS:.0f} s, in {work}")
     site = Site(work)
+    try:
+        result = soak(site)
+    finally:
+        site.stop()
+    problems = judge(result)
+    result["problems"] = problems
+    if out := os.environ.get("SOAK_RESULT"):
+        Path(out).write_text(json.dumps(result, indent=1, default=str))
+    if not SHORT:
+        write_section(ROOT / "docs" / "reliability.md", "<!-- soak-cluster -->", report(result))
+    print("\n".join(report(result)))
+    if problems:
+        print(f"soak-cluster failed ({work} kept): " + "; ".join(problems), file=sys.stderr)
+    elif not os.environ.get("SOAK_KEEP"):
+        shutil.rmtree(work, ignore_errors=True)
+    sys.exit(1 if problems else 0)
+
+
+def soak(site: Site) -> dict:
+    """The load and the faults on the site, then what they left: the figures."""
     catalogue = seed_upstream(site)
     push_round(site, catalogue, 0)
     tally, samples, stop_event = Tally(), [], threading.Event()
@@ -896,9 +943,8 @@ def main() -> None:
     tiers = tiers_against_bucket(site, in_bucket)
     refetches = upstream_refetches(site, catalogue, faults.done)
     answered = site.balancer.answered_by()
-    site.stop()
     per, unexplained = attribute(faults.done, tally.failures)
-    result = {
+    return {
         "seconds": round(wall),
         "clients": CLIENTS,
         "requests": tally.total(),
@@ -914,6 +960,7 @@ def main() -> None:
                 "took": round(f.ended - f.started, 1),
                 "bound": f.bound,
                 "failures": collections.Counter(o.what for o in per.get(i, [])),
+                "failed_ops": collections.Counter(o.op for o in per.get(i, [])),
                 "recovered_after": round(max([0.0, *(o.at - f.ended for o in per.get(i, []))]), 1),
             }
             for i, f in enumerate(faults.done)
@@ -937,18 +984,6 @@ def main() -> None:
         "job_restarts": dict(site.job_restarts),
         "sweeps": faults.sweeps,
     }
-    problems = judge(result)
-    result["problems"] = problems
-    if out := os.environ.get("SOAK_RESULT"):
-        Path(out).write_text(json.dumps(result, indent=1, default=str))
-    if not SHORT:
-        write_section(ROOT / "docs" / "reliability.md", "<!-- soak-cluster -->", report(result))
-    print("\n".join(report(result)))
-    if problems:
-        print(f"soak-cluster failed ({work} kept): " + "; ".join(problems), file=sys.stderr)
-    elif not os.environ.get("SOAK_KEEP"):
-        shutil.rmtree(work, ignore_errors=True)
-    sys.exit(1 if problems else 0)
 
 
 def judge(result: dict) -> list[str]:
@@ -1022,11 +1057,13 @@ def report(result: dict) -> list[str]:
         "",
         "### Faults",
         "",
-        "| at (s) | fault | took (s) | failed requests | recovered (s after) | bound (s) |",
-        "|---|---|---|---|---|---|",
+        "| at (s) | fault | took (s) | failed requests | of which | recovered (s after) "
+        "| bound (s) |",
+        "|---|---|---|---|---|---|---|",
         *[
             f"| {f['at']} | {f['kind']}: {f['detail']} | {f['took']} | "
             f"{', '.join(f'{n} {w}' for w, n in f['failures'].items()) or 0} | "
+            f"{', '.join(f'{n} {op}' for op, n in sorted(f['failed_ops'].items())) or '-'} | "
             f"{f['recovered_after']} | {f['bound']:.0f} |"
             for f in result["faults"]
         ],

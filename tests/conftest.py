@@ -213,6 +213,7 @@ def browser():
 
 
 SLOW_MODULES = (
+    "test_soak_cluster",
     "test_ranges",
     "test_tier",
     "test_auth",

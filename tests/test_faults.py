@@ -447,3 +447,29 @@ def test_a_fill_failure_redis_cannot_take_at_once_is_recorded_once_it_can(
     assert len(refusals) == 3
     # Redis's failure, named as ours: not blamed on the upstream.
     assert "coordination store" in record.error_message
+
+
+def test_the_record_of_a_fill_whose_process_died_goes_soon_after_its_lease(redis_client):
+    """A node SIGKILLed while its fill commits: its record said `committing` for its hour
+    with nothing behind it (`make soak-cluster` found them at its end). A running fill's
+    record is refreshed with its lease; once the lease stops, the record goes."""
+    import threading
+
+    from registry.coordination.fill_records import FillRecords
+    from registry.coordination.leases import Lease
+    from registry.digests import Digest
+
+    digest = Digest("sha256", hashlib.sha256(os.urandom(8)).hexdigest())
+    lease = Lease(redis_client, f"pt:lease:blob:{digest}", 0.6, "node:1")
+    assert lease.acquire()
+    writer = FillRecords(redis_client).begin(digest, lease.token, "docker.io/x", live_ttl=2)
+    writer.streaming(10, 10, "docker.io")
+    writer.committing(10)
+    running = threading.Event()
+    running.set()
+    lease.keep_alive(running.is_set, writer.touch)
+    time.sleep(3)  # past the record's TTL: the renewals kept it
+    assert FillRecords(redis_client).read(digest).state is FillState.COMMITTING
+    running.clear()  # kill -9: nothing renews the lease or the record
+    time.sleep(3)
+    assert redis_client.exists(f"pt:fill:{digest}") == 0

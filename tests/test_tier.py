@@ -634,3 +634,30 @@ def test_a_node_that_missed_a_sweeps_message_drops_those_copies_once_it_listens(
         assert local_copy(node, kept).exists()  # the bucket has it: it stays
     finally:
         node.stop()
+
+
+def test_a_reader_of_a_copy_dropped_and_made_anew_gets_the_one_in_place(tmp_path):
+    """A client follows the node's copy as it grows; that copy breaks off and is dropped
+    (its file unlinked), and another process copies the blob anew and puts it in place.
+    The client's file never grows again: it must read the copy in place, not wait for the
+    stall timeout and be cut at its last byte."""
+    tier = LocalTier(tmp_path / "tier", 1 << 30)
+    serving = TierServing(ContentStore(FilesystemDriver(tmp_path / "data")), tier, stall_timeout=2)
+    data = os.urandom(4 * MIB)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    first = tier.claim(digest, len(data))
+    assert first is not None
+    first.write(data[: 2 * MIB])
+    stream = serving.stream(digest, len(data), 0, len(data) - 1)
+    got = next(stream)
+    while len(got) < 2 * MIB:
+        got += next(stream)
+    first.discard()  # it broke off (the bucket went away) and was dropped
+    first.close()
+    second = tier.claim(digest, len(data))
+    assert second is not None
+    second.write(data)
+    assert second.commit()
+    second.close()
+    got += b"".join(stream)
+    assert got == data

@@ -27,8 +27,10 @@ carries each owner.
     pt:lease:blob:<digest>      string  TTL lease_ttl (5 s), renewed every lease_ttl/3 by the
                                         holder. The fill lease of a blob; the value names the
                                         holder: `<host>:<pid>:<token>`.
-    pt:fill:<digest>            hash    TTL 1 h, refreshed as the fill runs (2 min once failed:
-                                        only its waiting clients need it). Owned by
+    pt:fill:<digest>            hash    TTL 30 s (or 3 lease_ttl) while the fill runs,
+                                        refreshed with its lease, so a dead process's record
+                                        goes soon; 1 h once committed; 2 min once failed
+                                        (only its waiting clients need it). Owned by
                                         registry/coordination/fill_records.py (FillRecord,
                                         FillState and its transitions). Progress of the
                                         fill for followers in any process: owner, upstream,

@@ -32,6 +32,10 @@ from registry.numbers import count_or_none
 
 PREFIX = "pt:"
 RECORD_TTL = 3600
+# While a fill runs its record lives this long (at least: 3 lease TTLs), refreshed with its
+# lease: the record of a fill whose process died goes soon after (it said `committing` or
+# `streaming` for its hour, with no fill behind it).
+LIVE_TTL = 30
 # A failed fill's record only has to reach the clients waiting on it: keep it briefly, so
 # that requests for random digests do not leave an hour of records each.
 FAILED_TTL = 120
@@ -171,14 +175,20 @@ class FillWriter:
     records: FillRecords
     digest: object
     state: FillState = FillState.STARTING
+    live_ttl: int = LIVE_TTL  # the record's TTL until the fill ends
 
-    def _move(self, to: FillState, ttl: int = RECORD_TTL, **fields: object) -> None:
+    def _move(self, to: FillState, ttl: int | None = None, **fields: object) -> None:
         if to not in TRANSITIONS[self.state]:
             raise IllegalTransition(f"fill of {self.digest}: {self.state.value} -> {to.value}")
         if to is not self.state:
             fields["state"] = to.value
-        self.records.write(self.digest, ttl, **fields)
+        self.records.write(self.digest, ttl or self.live_ttl, **fields)
         self.state = to
+
+    def touch(self) -> None:
+        """The fill runs on (its lease was renewed): its record stays."""
+        if self.state in (FillState.STARTING, FillState.STREAMING, FillState.COMMITTING):
+            self.records.redis.expire(record_key(self.digest), self.live_ttl)
 
     def streaming(self, size: int, written: int, upstream: str) -> None:
         self._move(FillState.STREAMING, size=size, written=written, upstream=upstream)
@@ -195,7 +205,7 @@ class FillWriter:
         self._move(FillState.COMMITTING, written=size, stored=size)
 
     def committed(self, size: int) -> None:
-        self._move(FillState.COMMITTED, size=size, written=size)
+        self._move(FillState.COMMITTED, RECORD_TTL, size=size, written=size)
 
     def failed(
         self,
@@ -238,8 +248,11 @@ class FillRecords:
     def read(self, digest: object) -> FillRecord:
         return FillRecord.parse(self.redis.hgetall(record_key(digest)))
 
-    def begin(self, digest: object, owner: str, repository: str) -> FillWriter:
-        """A fresh record for the new lease holder, replacing whatever the last one said."""
+    def begin(
+        self, digest: object, owner: str, repository: str, live_ttl: int = LIVE_TTL
+    ) -> FillWriter:
+        """A fresh record for the new lease holder, replacing whatever the last one said;
+        it lives `live_ttl` unless written or touched again, until the fill ends."""
         key = record_key(digest)
         pipe = self.redis.pipeline()
         pipe.delete(key)
@@ -253,9 +266,9 @@ class FillRecords:
                 "updated": f"{time.time():.3f}",
             },
         )
-        pipe.expire(key, RECORD_TTL)
+        pipe.expire(key, live_ttl)
         pipe.execute()
-        return FillWriter(self, digest)
+        return FillWriter(self, digest, live_ttl=live_ttl)
 
     def write(self, digest: object, ttl: int, **fields: object) -> None:
         key = record_key(digest)

@@ -72,8 +72,11 @@ class Lease:
         while self.holder() is not None and time.monotonic() < deadline:
             time.sleep(step)
 
-    def keep_alive(self, alive: Callable[[], bool]) -> threading.Thread:
-        """Renew every ttl/3 while `alive()`; a failed renewal ends the keep-alive."""
+    def keep_alive(
+        self, alive: Callable[[], bool], renewed: Callable[[], None] = lambda: None
+    ) -> threading.Thread:
+        """Renew every ttl/3 while `alive()`, calling `renewed()` after each renewal; a
+        failed renewal ends the keep-alive."""
 
         def run() -> None:
             while alive():
@@ -81,6 +84,8 @@ class Lease:
                 if alive() and not self.renew():
                     self.lost = True
                     return
+                with contextlib.suppress(redis.RedisError):
+                    renewed()
 
         thread = threading.Thread(target=run, name=f"lease {self.key}", daemon=True)
         thread.start()

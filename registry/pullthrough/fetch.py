@@ -159,7 +159,7 @@ class Fetcher:
         """The fill itself, in the background: open (or resume), copy, verify and commit;
         a failure is classified and recorded before the lease goes."""
         done = threading.Event()
-        lease.keep_alive(lambda: not done.is_set())
+        lease.keep_alive(lambda: not done.is_set(), writer.touch)
         fill = _Fill(target, upstream, digest, lease, writer)
         started = time.monotonic()
         try:

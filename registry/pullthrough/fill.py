@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from redis.exceptions import RedisError
 
 from registry.coordination import Coordination
 from registry.coordination.fill_records import (
+    LIVE_TTL,
     FailReason,
     FillRecord,
     FillState,
@@ -167,7 +169,8 @@ class BlobFiller:
                 message = f"the cache is busy ({refused}); retry in {BUSY_RETRY} s"
                 headers = {"Retry-After": str(BUSY_RETRY)}
                 raise TooManyRequests(message, headers=headers, reason=message)
-            writer = self.coord.fills.begin(digest, lease.token, str(target))
+            live_ttl = max(LIVE_TTL, math.ceil(3 * lease.ttl))
+            writer = self.coord.fills.begin(digest, lease.token, str(target), live_ttl)
         except BaseException:
             lease.release()
             raise

@@ -249,6 +249,7 @@ class TierServing:
         last_progress = time.monotonic()
         sleep = 0.001
         complete = self.tier.complete(digest)
+        reopened = False
         try:
             while pos <= end:
                 # The last byte waits for the copy's verified rename.
@@ -277,6 +278,16 @@ class TierServing:
                 # Nothing to send: only now look at the tier again, never per chunk.
                 if not complete and self.tier.complete(digest):
                     complete = True
+                    continue
+                if complete and not reopened:
+                    # In place, yet this reader's file has no more: it followed a partial
+                    # that was dropped (its copy broke) and copied anew. Read the one in
+                    # place (it waited for the stall timeout and cut the client at its
+                    # last byte: `make soak-cluster`).
+                    reopened = True
+                    if handle is not None:
+                        handle.close()
+                    handle = self.tier.follow(digest)
                     continue
                 nobody = not complete and not self.tier.copying(digest)
                 error = self._errors.get(digest)

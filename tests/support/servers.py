@@ -151,7 +151,8 @@ class RedisServer:
 
 class RedisSentinel:
     """One Redis Sentinel (redis-server in sentinel mode) watching the master on
-    `master_port`, quick to fail over: the master is down after 500 ms of silence."""
+    `master_port`, quick to fail over: the master is down after `down_after_ms` of silence
+    (500 ms)."""
 
     def __init__(
         self,
@@ -162,11 +163,13 @@ class RedisSentinel:
         password: str | None = None,
         master_password: str | None = None,
         quorum: int = 1,
+        down_after_ms: int = 500,
     ) -> None:
         self.workdir = workdir
         self.master_port = master_port
         self.name = name
         self.quorum = quorum  # sentinels that must agree the master is down
+        self.down_after_ms = down_after_ms  # silence that makes the master down
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.password = password  # the sentinel's own requirepass
@@ -178,7 +181,7 @@ class RedisSentinel:
         config.write_text(
             f"bind 127.0.0.1\nport {self.port}\ndir {self.workdir}\n"
             f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} {self.quorum}\n"
-            f"sentinel down-after-milliseconds {self.name} 500\n"
+            f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}\n"
             f"sentinel failover-timeout {self.name} 5000\n"
             + (f"requirepass {self.password}\n" if self.password else "")
             + (

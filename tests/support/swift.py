@@ -47,8 +47,9 @@ PROXY_PIPELINE = (
 
 
 class Swift:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, workers: int = 1) -> None:
         self.dir = workdir / "swift"
+        self.workers = workers  # processes of each server (the proxy's carry the S3 API)
         self.ports = {name: free_port() for name in (*_SERVERS, "proxy", "memcached")}
         self.procs: dict[str, subprocess.Popen] = {}
         # The proxy's access log, as syslog lines over UDP: the truth of what was read.
@@ -77,7 +78,7 @@ class Swift:
         common = textwrap.dedent(f"""\
             [DEFAULT]
             bind_ip = 127.0.0.1
-            workers = 1
+            workers = {self.workers}
             user = {os.environ.get("USER") or "root"}
             swift_dir = {self.dir}
             devices = {devices}
