@@ -99,3 +99,29 @@ def test_node_follows_a_sentinel_failover(tmp_path, sentinel_set, upstream, imag
         assert {f"pt:fill:{d}" for d in after.blobs} <= fill_keys(replica.port)
     finally:
         node.stop()
+
+
+def test_a_worker_that_finds_no_master_says_which_sentinels_it_asked(tmp_path):
+    """The GC worker starts while the Sentinels know no master (all down, or mid-failover):
+    its one line names the master and the Sentinels asked (it said `Redis at ?:?`)."""
+    import yaml
+
+    from tests.support.servers import free_port, run_module
+
+    port = free_port()  # nobody listens: no Sentinel answers
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"root": str(tmp_path / "data")},
+                "redis": {
+                    "url": "redis://127.0.0.1/0",
+                    "sentinels": [f"127.0.0.1:{port}"],
+                    "master": "pt",
+                },
+            }
+        )
+    )
+    run = run_module("workers", config, "worker", check=False, timeout=60)
+    assert run.returncode == 1
+    assert f"Redis at master 'pt' (Sentinels 127.0.0.1:{port}) is unreachable" in run.stderr

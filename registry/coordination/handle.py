@@ -97,8 +97,14 @@ AUTH_OPTIONS = ("db", "username", "password")
 
 
 def redis_address(client: redis.Redis) -> str:
-    """host:port (or the socket) of a client, never its password."""
-    kwargs = client.connection_pool.connection_kwargs
+    """host:port (or the socket) of a client, never its password; for a client of the
+    master the Sentinels name, that master and the Sentinels."""
+    pool = client.connection_pool
+    service = getattr(pool, "service_name", None)
+    if service is not None:  # redis.sentinel.SentinelConnectionPool
+        sentinels = ", ".join(redis_address(s) for s in pool.sentinel_manager.sentinels)
+        return f"master {service!r} (Sentinels {sentinels})"
+    kwargs = pool.connection_kwargs
     if "path" in kwargs:
         return str(kwargs["path"])
     return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
