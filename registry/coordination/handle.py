@@ -9,6 +9,7 @@ import socket
 from typing import Any
 
 import redis
+from redis.sentinel import SentinelConnectionPool
 
 from registry.config import HostsSettings, Settings
 from registry.coordination.catalog import CatalogIndex
@@ -100,10 +101,9 @@ def redis_address(client: redis.Redis) -> str:
     """host:port (or the socket) of a client, never its password; for a client of the
     master the Sentinels name, that master and the Sentinels."""
     pool = client.connection_pool
-    service = getattr(pool, "service_name", None)
-    if service is not None:  # redis.sentinel.SentinelConnectionPool
+    if isinstance(pool, SentinelConnectionPool):
         sentinels = ", ".join(redis_address(s) for s in pool.sentinel_manager.sentinels)
-        return f"master {service!r} (Sentinels {sentinels})"
+        return f"master {pool.service_name!r} (Sentinels {sentinels})"
     kwargs = pool.connection_kwargs
     if "path" in kwargs:
         return str(kwargs["path"])
