@@ -953,6 +953,9 @@ def soak(site: Site) -> dict:
     while in_flight(master) != ([], []) and time.monotonic() < deadline:
         time.sleep(1)
     leases, fills = in_flight(master)
+    for proc in site.jobs.values():  # no sweep under the checks below
+        stop(proc)
+    site.jobs.clear()
     verify = run_module("registry", site.gc_config, "verify", check=False, timeout=900)
     in_bucket = site.bucket_blobs()
     tiers = tiers_against_bucket(site, in_bucket)
@@ -982,7 +985,10 @@ def soak(site: Site) -> dict:
         ],
         "leases_left": leases,
         "fills_left": fills,
-        "verify": {"rc": verify.returncode, "out": verify.stdout.strip()[-300:]},
+        "verify": {
+            "rc": verify.returncode,
+            "out": (verify.stdout.strip() or verify.stderr.strip())[-300:],
+        },
         "blobs_in_bucket": len(in_bucket),
         "tiers": tiers,
         "upstream": refetches,

@@ -170,11 +170,14 @@ def verify(pt: PullThrough, delete: bool, out: TextIO = sys.stdout) -> int:
     """Re-hash every stored blob; report (and with `delete`, remove) the corrupt ones."""
     checked = corrupt = 0
     for digest, _size, _mtime in pt.store.iter_blobs():
-        checked += 1
         hasher = hashlib.new(digest.algorithm)
-        with pt.store.open_blob(digest) as handle:
-            while chunk := handle.read(1 << 20):
-                hasher.update(chunk)
+        try:
+            with pt.store.open_blob(digest) as handle:
+                while chunk := handle.read(1 << 20):
+                    hasher.update(chunk)
+        except FileNotFoundError:
+            continue  # a sweep deleted it since the listing: nothing to check
+        checked += 1
         if hasher.hexdigest() == digest.hex:
             continue
         corrupt += 1
