@@ -176,9 +176,12 @@ def blob(name: str, digest: str) -> Response:
     if found.stream is not None:
         # Wait for the first byte here, where a failed fill is still an OCI error with its
         # status: once the headers are out it can only cut the connection short.
+        # Its log line is written when the last byte goes (_Sent), once there is a body:
+        # a first byte that fails is the error's answer, logged as any other.
         if wrapper is not None and sendfile and found.spans is not None:
+            spans = _primed(found.spans(start, end))
             sent = _Sent(_metrics(), target.registry.name, status)
-            body = _SpanBody(_primed(found.spans(start, end)), sent, _source(found))
+            body = _SpanBody(spans, sent, _source(found))
             return Response(
                 wrapper(body, FILE_CHUNK), status=status, headers=headers, direct_passthrough=True
             )
