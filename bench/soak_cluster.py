@@ -89,7 +89,7 @@ PUSH_EVERY = 3.0 if SHORT else 5.0
 TAG_TTL = 10
 S3_OUTAGE = 5.0 if SHORT else 20.0
 UPSTREAM_OUTAGE = 8.0 if SHORT else 30.0
-BIG = 64 << 20  # the layer a node is killed in the middle of filling
+BIG = (32 if SHORT else 64) << 20  # the layer a node is killed in the middle of filling
 SWEEP_PATIENCE = 900.0  # for the evicting sweep, waits for a scheduled one included
 BACKGROUND = ("gc-evict",)  # faults that run while the next ones arrive
 

@@ -22,7 +22,7 @@ def test_a_cluster_gets_through_each_of_its_faults_once_in_a_minute(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "bench.soak_cluster"],
         cwd=ROOT,
-        env={**os.environ, "SOAK_SECONDS": "60", "SOAK_CLIENTS": "24", "SOAK_RESULT": str(result)},
+        env={**os.environ, "SOAK_SECONDS": "60", "SOAK_CLIENTS": "12", "SOAK_RESULT": str(result)},
         capture_output=True,
         text=True,
         timeout=600,
