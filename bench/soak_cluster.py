@@ -79,17 +79,17 @@ from tests.support.swift import ACCESS_KEY, REGION, SECRET_KEY, Swift
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
 CLIENTS = int(os.environ.get("SOAK_CLIENTS", "150"))
-SHORT = SECONDS < 300  # the one-minute version in make test: each fault once, shorter outages
+SHORT = SECONDS < 300  # the short version in make test: each fault once, shorter outages
 NODES = ("node-a", "node-b", "node-c")
-NODE_WORKERS = 2
+NODE_WORKERS = 1 if SHORT else 2  # the short run shares make test's two cores
 LINK_MIBPS = 40.0
 BUCKET = "pullthrough-soak"
 MASTER = "pt"
 PUSH_EVERY = 3.0 if SHORT else 5.0
 TAG_TTL = 10
-S3_OUTAGE = 5.0 if SHORT else 20.0
-UPSTREAM_OUTAGE = 8.0 if SHORT else 30.0
-BIG = (32 if SHORT else 64) << 20  # the layer a node is killed in the middle of filling
+S3_OUTAGE = 4.0 if SHORT else 20.0
+UPSTREAM_OUTAGE = 6.0 if SHORT else 30.0
+BIG = (24 if SHORT else 64) << 20  # the layer a node is killed in the middle of filling
 SWEEP_PATIENCE = 900.0  # for the evicting sweep, waits for a scheduled one included
 BACKGROUND = ("gc-evict",)  # faults that run while the next ones arrive
 
