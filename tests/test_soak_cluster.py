@@ -1,7 +1,7 @@
-"""The one-minute version of `make soak-cluster` (bench/soak_cluster.py): three nodes on one
-Swift bucket with local tiers behind the shipped nginx configuration, Redis with a replica
-and three Sentinels, the GC worker and scheduler, clients checking every byte, and each fault
-once: a node SIGKILLed mid-fill, the same node stopped as it comes back, the Redis master
+"""The short version of `make soak-cluster` (bench/soak_cluster.py), 45 s: three nodes on
+one Swift bucket with local tiers behind the shipped nginx configuration, Redis with a
+replica and three Sentinels, the GC worker and scheduler, clients checking every byte, and
+each fault once: a node SIGKILLed mid-fill, the same node stopped as it comes back, the Redis master
 killed, the S3 endpoint and the upstream stopped, a tier deleted, an evicting sweep during a
 herd. The figures come from the run's own report, checked against the truth it gathered:
 the bucket listed, each tier's files hashed, the upstream's and Swift's logs, Redis's keys."""
@@ -17,7 +17,7 @@ from bench.soak_cluster import BOUNDS
 from tests.support.servers import ROOT
 
 
-def test_a_cluster_gets_through_each_of_its_faults_once_in_a_minute(tmp_path):
+def test_a_cluster_gets_through_each_of_its_faults_once(tmp_path):
     result = tmp_path / "result.json"
     run = subprocess.run(
         [sys.executable, "-m", "bench.soak_cluster"],
