@@ -92,6 +92,7 @@ UPSTREAM_OUTAGE = 6.0 if SHORT else 30.0
 BIG = (24 if SHORT else 64) << 20  # the layer a node is killed in the middle of filling
 SWEEP_PATIENCE = 900.0  # for the evicting sweep, waits for a scheduled one included
 BACKGROUND = ("gc-evict",)  # faults that run while the next ones arrive
+SWEEP_RETRY = 10.0  # between tries of the evicting sweep while another sweep runs
 
 # How long after a fault's action ends its failures may go on (the bound of its window),
 # and why failures are expected at all.
@@ -710,7 +711,7 @@ class Faults:
                 report = json.loads(run.stdout) if run.returncode == 0 else {}
                 if run.returncode == 0 and not report.get("error"):
                     break
-                time.sleep(1)
+                time.sleep(SWEEP_RETRY)  # each try is a process: not a busy loop
         self.sweeps.append(report)
         fault.detail = (
             f"sweep with max_size {budget >> 20} MiB of {stored >> 20} MiB stored: "
@@ -940,12 +941,12 @@ def soak(site: Site) -> dict:
             if int(elapsed) % 30 == 0 and elapsed - int(elapsed) < 0.2:
                 say(f"{elapsed:.0f} s: {tally.total()} requests, {len(tally.failures)} failed, "
                     f"{len(tally.wrong)} wrong")  # fmt: skip
-        for thread in faults.background:  # a sweep still running is part of the run
-            thread.join(timeout=SWEEP_PATIENCE)
     finally:
         stop_event.set()
         for thread in [*threads, *faults.herds]:
             thread.join(timeout=180)
+    for thread in faults.background:  # a sweep still running ends before the checks
+        thread.join(timeout=SWEEP_PATIENCE)
     wall = time.monotonic() - started
     say(f"load stopped after {wall:.0f} s; waiting for fills to end")
     master = site.redises.master()
