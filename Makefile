@@ -34,7 +34,7 @@ test: $(VENV)/.test-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n 3 --dist loadfile --ignore=tests/deploy
+	$(BIN)/python -m pytest -n 4 --dist loadfile --ignore=tests/deploy
 
 # What an operator deploys, for real: the image built from deploy/Dockerfile on base images
 # made here (debootstrap), the compose stack run with docker-compose and pulled through.

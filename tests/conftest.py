@@ -182,7 +182,8 @@ def s3_section(swift, prefix: str, **extra) -> dict:
 
 # The test modules that take long (start daemons, clusters, models, browsers), longest first.
 # They are marked `slow` (`make check` leaves them out) and handed out first: with several
-# test processes (make test runs three) the last module handed out is then a short one.
+# test processes (make test runs four: most modules wait on daemons more than they use
+# the two cores) the last module handed out is then a short one.
 def model_examples(default: int) -> int:
     """How many examples a state-machine model runs: `default` in make test,
     PULLTHROUGH_MODEL_EXAMPLES in `make soak` (the models run longer there)."""
