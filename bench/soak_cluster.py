@@ -412,8 +412,7 @@ class Redises:
     def __init__(self, work: Path) -> None:
         self.servers = [RedisServer(work / "redis-1").start()]
         self.servers.append(RedisServer(work / "redis-2", replica_of=self.servers[0].port).start())
-        # Down after 3 s of silence: under this load 500 ms made the Sentinels fail over
-        # on their own, the master only slow.
+        # Down after 3 s of silence: a master slowed by this load is not taken for dead.
         self.sentinels = [
             RedisSentinel(
                 work / f"sentinel-{i}", self.servers[0].port, MASTER, quorum=2, down_after_ms=3000
@@ -829,7 +828,7 @@ def tiers_against_bucket(site: Site, in_bucket: dict[str, int]) -> dict[str, dic
 # (all of them, or those past the pieces it had stored).
 CUTS_FILLS = ("node-kill", "graceful-restart", "redis-failover", "s3-stop", "upstream-stop")
 # How long after the upstream sent a blob its fill may still be storing and committing it
-# under this load (the soak saw commits fail in an S3 outage that began 4 s after the fetch).
+# under this load.
 FILL_SPAN = 15.0
 
 

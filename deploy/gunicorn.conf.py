@@ -45,11 +45,11 @@ def on_starting(server):
 
 
 def post_fork(server, worker):
-    # Until the worker sets up its own signals (after gevent's patching, a tenth of a second)
-    # a SIGTERM reaches the master's handler, copied into this process, which queues it in
-    # the master's queue, copied too: nobody reads it here, and the worker served on until
-    # graceful_timeout and was then killed mid-transfer (`make soak-cluster` stopped a node
-    # just after it started). Take it from there, and from now on remember it.
+    # Until the worker sets up its own signals (after gevent's patching) a SIGTERM reaches
+    # the master's handler, copied into this process, which queues it in the master's
+    # queue, copied too, that nobody here reads: the worker would serve on until
+    # graceful_timeout and then be killed mid-transfer. Take it from there, and from now on
+    # remember it.
     import queue
     import signal
 

@@ -348,7 +348,7 @@ def test_a_client_that_disconnects_does_not_cancel_the_fill(cache, fake):
     assert fake.count("GET", digest) == 1
 
 
-# -- a fill's end, when the store or Redis fails under it (found by `make soak-cluster`) ----------
+# -- a fill's end, when the store or Redis fails under it ------------------------------------------
 def _stub_fill(tmp_path, redis_client, data: bytes):
     """A BlobFiller on a filesystem store with a scripted upstream (tests/test_fill_model)."""
     from types import SimpleNamespace
@@ -451,7 +451,7 @@ def test_a_fill_failure_redis_cannot_take_at_once_is_recorded_once_it_can(
 
 def test_the_record_of_a_fill_whose_process_died_goes_soon_after_its_lease(redis_client):
     """A node SIGKILLed while its fill commits: its record said `committing` for its hour
-    with nothing behind it (`make soak-cluster` found them at its end). A running fill's
+    with nothing behind it. A running fill's
     record is refreshed with its lease; once the lease stops, the record goes."""
     import threading
 

@@ -215,8 +215,7 @@ def test_storage_failing_before_a_joined_clients_first_byte_is_a_503(
         error = json.loads(body)["errors"][0]
         assert error["code"] == "UNAVAILABLE" and "storage" in error["message"], error
         assert fake.count("GET", digest) > 1  # the client did join a streaming fill
-        # And its access line says so (the line waited for a last byte that never went:
-        # `make soak-cluster` saw 503s that no node had logged).
+        # And its access line says so (not left waiting for a last byte that never goes).
         time.sleep(0.5)
         assert any(
             f"digest={digest}" in line and "status=503" in line

@@ -589,7 +589,7 @@ def test_warm_through_a_tier_ends_only_once_the_bucket_holds_what_it_fetched(
 def test_a_copy_its_fill_put_in_place_goes_when_the_bucket_then_refuses_the_blob(tmp_path):
     """The fill's own copy goes into the tier when its bytes verify, before the bucket's
     commit; a commit that then fails (the S3 endpoint gone) must not leave the node a copy
-    of a blob the bucket never got (the soak found them: `make soak-cluster`)."""
+    of a blob the bucket never got."""
     tier = LocalTier(tmp_path / "tier", 1 << 30)
     serving = TierServing(ContentStore(FilesystemDriver(tmp_path / "data")), tier, stall_timeout=5)
     data = os.urandom(100_000)
@@ -610,7 +610,7 @@ def test_a_node_that_missed_a_sweeps_message_drops_those_copies_once_it_listens(
 ):
     """A sweep deleted blobs while the node was stopped (its message to the tiers went to
     nobody): once the node listens again it compares its tier with the bucket and drops
-    those copies, not only the ones somebody asks for (`make soak-cluster` found nine)."""
+    those copies, not only the ones somebody asks for."""
     node = start_node(tmp_path / "node", redis_server, swift, fake, prefix)
     try:
         _data, digest = in_bucket(writer, fake, "tierstopped", 2 * MIB)

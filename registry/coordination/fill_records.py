@@ -33,8 +33,8 @@ from registry.numbers import count_or_none
 PREFIX = "pt:"
 RECORD_TTL = 3600
 # While a fill runs its record lives this long (at least: 3 lease TTLs), refreshed with its
-# lease: the record of a fill whose process died goes soon after (it said `committing` or
-# `streaming` for its hour, with no fill behind it).
+# lease: the record of a fill whose process died goes soon after, rather than saying
+# `committing` or `streaming` with no fill behind it.
 LIVE_TTL = 30
 # A failed fill's record only has to reach the clients waiting on it: keep it briefly, so
 # that requests for random digests do not leave an hour of records each.
@@ -188,7 +188,7 @@ class FillWriter:
     def touch(self) -> None:
         """The fill runs on (its lease was renewed): its record stays."""
         if self.state in (FillState.STARTING, FillState.STREAMING, FillState.COMMITTING):
-            self.records.redis.expire(record_key(self.digest), self.live_ttl)
+            self.records.keep(self.digest, self.live_ttl)
 
     def streaming(self, size: int, written: int, upstream: str) -> None:
         self._move(FillState.STREAMING, size=size, written=written, upstream=upstream)
@@ -218,8 +218,8 @@ class FillWriter:
     ) -> None:
         """The fill failed: its followers in every process learn it from here. Redis may be
         failing over as the fill ends: written again every RECORD_RETRY s, RECORD_ATTEMPTS
-        times in all, or the record would say `committing` (or streaming) for its hour with
-        no fill behind it."""
+        times in all, so that the record does not go on saying `committing` (or streaming)
+        with no fill behind it."""
         for attempt in range(RECORD_ATTEMPTS):
             try:
                 self._move(
@@ -269,6 +269,10 @@ class FillRecords:
         pipe.expire(key, live_ttl)
         pipe.execute()
         return FillWriter(self, digest, live_ttl=live_ttl)
+
+    def keep(self, digest: object, ttl: int) -> None:
+        """The record lives `ttl` more seconds."""
+        self.redis.expire(record_key(digest), ttl)
 
     def write(self, digest: object, ttl: int, **fields: object) -> None:
         key = record_key(digest)

@@ -280,10 +280,9 @@ class TierServing:
                     complete = True
                     continue
                 if complete and not reopened:
-                    # In place, yet this reader's file has no more: it followed a partial
-                    # that was dropped (its copy broke) and copied anew. Read the one in
-                    # place (it waited for the stall timeout and cut the client at its
-                    # last byte: `make soak-cluster`).
+                    # In place, yet this reader's file may have no more: it followed a
+                    # partial that was dropped (its copy broke) and copied anew. Read the
+                    # one in place rather than wait out the stall timeout.
                     reopened = True
                     if handle is not None:
                         handle.close()
