@@ -563,11 +563,10 @@ class Site:
 
 # -- the faults ---------------------------------------------------------------------------------
 class Faults:
-    def __init__(self, site: Site, catalogue: Catalogue, tally: Tally, stop_event) -> None:
+    def __init__(self, site: Site, catalogue: Catalogue, tally: Tally) -> None:
         self.site = site
         self.catalogue = catalogue
         self.tally = tally
-        self.stop_event = stop_event
         self.done: list[Fault] = []
         self.rng = random.Random(7)
         self.herds: list[threading.Thread] = []
@@ -774,20 +773,14 @@ def pusher_loop(site: Site, catalogue: Catalogue, stop_event: threading.Event) -
             push_round(site, catalogue, n)  # the next round pushes again
 
 
-def watch(site: Site, samples: list, stop_event: threading.Event) -> None:
+def watch(site: Site, stop_event: threading.Event) -> None:
+    """Every 2 s: restart a background job that exited, and sample the nodes' workers' RSS."""
     while not stop_event.wait(2):
         site.supervise()
-        try:
-            master = site.redises.master()
-            leases = sum(1 for _ in master.scan_iter("pt:lease:*"))
-            keys = master.dbsize()
-        except (redis.RedisError, OSError):
-            leases = keys = -1
         for node in site.nodes:
             rss = sum(rss_mib(pid) for pid in node.server.worker_pids())
             if rss:
                 node.rss.append((time.time(), rss))
-        samples.append({"t": time.time(), "leases": leases, "keys": keys})
 
 
 def in_flight(master: redis.Redis) -> tuple[list[str], list[dict]]:
@@ -927,12 +920,12 @@ def soak(site: Site) -> dict:
     """The load and the faults on the site, then what they left: the figures."""
     catalogue = seed_upstream(site)
     push_round(site, catalogue, 0)
-    tally, samples, stop_event = Tally(), [], threading.Event()
+    tally, stop_event = Tally(), threading.Event()
     clients = [Client(site.balancer.url, catalogue, tally, i) for i in range(CLIENTS)]
     threads = [threading.Thread(target=client_loop, args=(c, stop_event)) for c in clients]
     threads.append(threading.Thread(target=pusher_loop, args=(site, catalogue, stop_event)))
-    threads.append(threading.Thread(target=watch, args=(site, samples, stop_event)))
-    faults = Faults(site, catalogue, tally, stop_event)
+    threads.append(threading.Thread(target=watch, args=(site, stop_event)))
+    faults = Faults(site, catalogue, tally)
     started_at, started = time.time(), time.monotonic()
     for thread in threads:
         thread.start()
