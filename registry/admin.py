@@ -127,6 +127,7 @@ def evict(pt: PullThrough, ref: str) -> str:
     pt.store.prune_repository(repo)
     try:
         pt.coord.deletions.happened()  # no process reuses what it knew of this revision
+        pt.coord.tag_moves.happened()  # nor the tag's record
         pt.coord.pulls.forget([f"{repo}:{tag}"])
         if not pt.store.has_manifests(repo):
             pt.coord.catalog.remove([pt.catalog_name(repo)])

@@ -342,6 +342,8 @@ class Collector:
                 # (pullthrough/presence.py), after a sweep that failed half-way too.
                 try:
                     coord.deletions.happened()
+                    if plan.drop_tags:
+                        coord.tag_moves.happened()
                 except RedisError as exc:
                     log.warning("gc: could not tell nodes of its deletions (%s)", exc)
         if gone:

@@ -26,6 +26,7 @@ from registry.config import settings_from_mapping
 from registry.digests import Digest
 from registry.gc import Collector, GcBusy
 from registry.mediatypes import MANIFEST_TYPES
+from registry.store import paths
 from tests.conftest import s3_section
 from tests.support.clients import skopeo_copy, skopeo_policy
 from tests.support.images import Pusher, make_layer, single
@@ -34,6 +35,7 @@ from tests.support.stores import cache_image, needed
 
 ACCEPT = {"Accept": ", ".join(MANIFEST_TYPES)}
 LAYER = 40 << 20  # about 1.7 s through the link: room to act mid-fill
+SHORT_TTL = 2  # tag_ttl of the nodes' short.test registry (the same upstream)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,10 @@ def start_node(workdir, redis_server, swift, link, prefix, **s3) -> Gunicorn:
     return Gunicorn.with_config(
         workdir,
         redis_server.url,
-        [{"name": "docker.io", "url": link.url}],
+        [
+            {"name": "docker.io", "url": link.url},
+            {"name": "short.test", "url": link.url, "tag_ttl": SHORT_TTL},
+        ],
         workers=2,
         storage=s3_section(swift, prefix, **s3),
         upstream={"lease_ttl": 2},
@@ -185,6 +190,65 @@ def test_whatever_one_node_pulled_is_a_hit_on_the_other(
     assert page.status_code == 200 and image.tag in page.text
     listed = run_module("registry", b.config_path, "images")
     assert f"{image.repository}:{image.tag}" in listed.stdout, listed.stdout
+
+
+def manifest_of(node: Gunicorn, path: str) -> requests.Response:
+    response = requests.get(f"{node.url}/v2/{path}", headers=ACCEPT, timeout=30)
+    response.raise_for_status()
+    return response
+
+
+def test_a_cached_manifest_asks_the_bucket_nothing_and_a_moved_tag_reaches_every_node(
+    tmp_path, nodes, swift, redis_server, link, prefix, pusher
+):
+    """Each process reads a fresh tag's record from the bucket once, a revision's once; a
+    tag another node moves (the follower, admin refresh) is read again by every process at
+    once, and an evicted one is fetched again."""
+    a, b = nodes
+    image, _ = fresh_image(pusher, "remembered", 1 << 20)
+    repo = f"docker.io/{image.repository}"
+    tag_key, revision_key = (
+        paths.tag(repo, image.tag),
+        paths.revision(repo, Digest.parse(image.digest)),
+    )
+    manifest_of(a, f"{image.repository}/manifests/{image.tag}")  # node a fetches and stores it
+    reads, heads = swift.object_gets(tag_key), swift.object_heads(revision_key)
+    for _ in range(20):
+        assert manifest_of(b, f"{image.repository}/manifests/{image.tag}").content == image.manifest
+        assert manifest_of(b, f"{image.repository}/manifests/{image.digest}").status_code == 200
+    time.sleep(1)  # the proxy logs a request when it ends
+    # At most one read per process of node b (2 workers): 20 each without the memory.
+    assert swift.object_gets(tag_key) - reads <= 2
+    assert (
+        swift.object_requests("GET", revision_key) + swift.object_heads(revision_key) - heads <= 4
+    )
+
+    # The tag moves upstream; node a is told to fetch it now (as the follower does).
+    moved = single(image.repository, image.tag, [make_layer(7, 1 << 20)], docker=True)
+    pusher.push(moved)
+    pt = build_pullthrough(settings_from_mapping(yaml.safe_load(a.config_path.read_text()), env={}))
+    ref = f"{image.repository}:{image.tag}"
+    assert admin.refresh(pt, ref) == str(moved.digest)
+    for _ in range(4):  # both processes of node b
+        assert manifest_of(b, f"{image.repository}/manifests/{image.tag}").content == moved.manifest
+
+    admin.evict(pt, ref)
+    assert manifest_of(b, f"{image.repository}/manifests/{image.tag}").headers["X-Cache"] == "MISS"
+
+
+def test_a_tag_that_moves_upstream_is_seen_by_every_node_within_its_tag_ttl(nodes, pusher):
+    """No node is told: each process's remembered record ends with the tag's freshness."""
+    image, _ = fresh_image(pusher, "drifting", 1 << 20)
+    path = f"short.test/{image.repository}/manifests/{image.tag}"
+    for node in nodes:
+        for _ in range(4):
+            assert manifest_of(node, path).content == image.manifest
+    moved = single(image.repository, image.tag, [make_layer(8, 1 << 20)], docker=True)
+    pusher.push(moved)
+    time.sleep(SHORT_TTL + 0.5)
+    for node in nodes:
+        for _ in range(4):
+            assert manifest_of(node, path).content == moved.manifest
 
 
 def test_redirect_mode_sends_clients_to_a_presigned_url(

@@ -1,6 +1,7 @@
 """What a process remembers the store said exists (pullthrough/presence.py), on a real store
 on disk with a real Redis and the real GC: reused while nothing was deleted, asked again after
-a sweep deleted anything, including a sweep that ran while the question was being answered."""
+a sweep deleted anything, including a sweep that ran while the question was being answered;
+a tag's record reused while it is fresh and no tag moved."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from registry.digests import Digest
 from registry.gc import Collector
 from registry.names import Target
 from registry.pullthrough.presence import MISS_HOLD, Presence
-from registry.store import ContentStore, FilesystemDriver
+from registry.store import ContentStore, FilesystemDriver, TagRecord
 
 TARGET = Target(RegistrySettings("docker.io", "https://docker.io"), "library/p")
 
@@ -29,8 +30,18 @@ class CountingStore(ContentStore):
     def __init__(self, root) -> None:
         super().__init__(FilesystemDriver(root))
         self.asked = 0
+        self.tag_reads = 0
+        self.revision_reads = 0
         self.after_answer = None
         self.while_asking = None
+
+    def read_tag(self, target: Target, tag: str) -> TagRecord | None:
+        self.tag_reads += 1
+        return super().read_tag(target, tag)
+
+    def manifest_media_type(self, target: Target, digest: Digest) -> str | None:
+        self.revision_reads += 1
+        return super().manifest_media_type(target, digest)
 
     def blob_size(self, digest: Digest) -> int | None:
         self.asked += 1
@@ -64,7 +75,7 @@ def with_kept_blob(tmp_path, redis_client):
     coord = Coordination(redis_client, 5.0)
     kept = Digest.parse("sha256:" + hashlib.sha256(b"kept").hexdigest())
     store.put_verified_bytes(kept, b"kept")
-    return store, coord, Presence(store, coord.deletions, ttl=60), kept
+    return store, coord, Presence(store, coord.deletions, coord.tag_moves, ttl=60), kept
 
 
 def test_an_answer_is_reused_until_a_sweep_deletes_anything(tmp_path, redis_client):
@@ -83,7 +94,7 @@ def test_an_answer_is_reused_until_a_sweep_deletes_anything(tmp_path, redis_clie
 def test_a_sweep_racing_the_question_makes_the_answer_asked_again(tmp_path, redis_client):
     store = CountingStore(tmp_path / "data")
     coord = Coordination(redis_client, 5.0)
-    presence = Presence(store, coord.deletions, ttl=60)
+    presence = Presence(store, coord.deletions, coord.tag_moves, ttl=60)
     digest = orphan(store, b"deleted while the store answered")
     # The store answers "it exists", then the sweep deletes it before the answer is kept.
     store.after_answer = lambda: sweep(store, coord)
@@ -96,7 +107,7 @@ def test_an_answer_lasts_at_most_ttl_and_nothing_is_reused_without_redis(tmp_pat
     store = CountingStore(tmp_path / "data")
     coord = Coordination(redis_client, 5.0)
     now = [1000.0]
-    presence = Presence(store, coord.deletions, ttl=30, clock=lambda: now[0])
+    presence = Presence(store, coord.deletions, coord.tag_moves, ttl=30, clock=lambda: now[0])
     digest = Digest.parse("sha256:" + hashlib.sha256(b"x").hexdigest())
     store.put_verified_bytes(digest, b"x")
     store.link_blob(TARGET, digest)
@@ -109,7 +120,7 @@ def test_an_answer_lasts_at_most_ttl_and_nothing_is_reused_without_redis(tmp_pat
 
     # Redis away: no token to check an answer against, so the store answers each time.
     away = Coordination(redis_lib.Redis(port=1, socket_connect_timeout=0.2), 5.0)
-    blind = Presence(store, away.deletions, ttl=30)
+    blind = Presence(store, away.deletions, away.tag_moves, ttl=30)
     for _ in range(2):
         assert blind.asking().blob_size(digest) == 1
     assert store.asked == 4
@@ -120,9 +131,8 @@ def test_a_missing_blob_is_held_only_for_a_moment(tmp_path, redis_client):
     the fill, which sees a commit in its record), then the store is asked again."""
     now = [0.0]
     store = CountingStore(tmp_path / "data")
-    presence = Presence(
-        store, Coordination(redis_client, 5.0).deletions, ttl=60, clock=lambda: now[0]
-    )
+    coord = Coordination(redis_client, 5.0)
+    presence = Presence(store, coord.deletions, coord.tag_moves, ttl=60, clock=lambda: now[0])
     digest = Digest.parse("sha256:" + hashlib.sha256(b"later").hexdigest())
     assert presence.asking().blob_size(digest) is None
     store.put_verified_bytes(digest, b"later")  # a fill committed it
@@ -159,3 +169,77 @@ def test_requests_that_come_while_a_question_is_out_wait_for_its_answer(tmp_path
     # the token the sweep wrote, so the next request asks again.
     assert presence.asking().blob_size(kept) == 4
     assert store.asked == 2
+
+
+def tagged(store: ContentStore, tag: str, validated: float) -> Digest:
+    """A revision of TARGET (a manifest's digest and media type) and `tag` naming it."""
+    body = f"manifest of {tag} at {validated}".encode()
+    digest = Digest.parse("sha256:" + hashlib.sha256(body).hexdigest())
+    store.put_verified_bytes(digest, body)
+    store.put_manifest_revision(TARGET, digest, "application/vnd.oci.image.manifest.v1+json")
+    store.write_tag(
+        TARGET, tag, TagRecord(digest, "application/vnd.oci.image.manifest.v1+json", validated)
+    )
+    return digest
+
+
+def remembering(tmp_path, redis_client):
+    """A counting store on disk, and a Presence reusing for 60 s."""
+    store = CountingStore(tmp_path / "data")
+    coord = Coordination(redis_client, 5.0)
+    return store, coord, Presence(store, coord.deletions, coord.tag_moves, ttl=60)
+
+
+def test_a_tag_record_is_reused_while_fresh_until_a_tag_moves(tmp_path, redis_client):
+    store, coord, presence = remembering(tmp_path, redis_client)
+    first = tagged(store, "latest", 1000.0)
+    for _ in range(3):
+        assert presence.tag_record(TARGET, "latest", lambda r: True).digest == first
+    assert store.tag_reads == 1
+
+    # Another process moves the tag (writes its file, then the token).
+    second = tagged(store, "latest", 2000.0)
+    assert presence.tag_record(TARGET, "latest", lambda r: True).digest == first  # not told yet
+    coord.tag_moves.happened()
+    assert presence.tag_record(TARGET, "latest", lambda r: True).digest == second
+    assert store.tag_reads == 2
+
+    # A record past its tag_ttl is read again each time: another node may have revalidated it.
+    for _ in range(2):
+        assert presence.tag_record(TARGET, "latest", lambda r: False).digest == second
+    assert store.tag_reads == 4
+
+
+def test_a_tag_record_lasts_at_most_ttl_and_is_never_reused_without_redis(tmp_path, redis_client):
+    store = CountingStore(tmp_path / "data")
+    coord = Coordination(redis_client, 5.0)
+    now = [0.0]
+    presence = Presence(store, coord.deletions, coord.tag_moves, ttl=30, clock=lambda: now[0])
+    tagged(store, "latest", 1000.0)
+    presence.tag_record(TARGET, "latest", lambda r: True)
+    now[0] += 29
+    presence.tag_record(TARGET, "latest", lambda r: True)
+    assert store.tag_reads == 1
+    now[0] += 1
+    presence.tag_record(TARGET, "latest", lambda r: True)
+    assert store.tag_reads == 2
+
+    away = Coordination(redis_lib.Redis(port=1, socket_connect_timeout=0.2), 5.0)
+    blind = Presence(store, away.deletions, away.tag_moves, ttl=30)
+    for _ in range(2):
+        blind.tag_record(TARGET, "latest", lambda r: True)
+    assert store.tag_reads == 4
+
+
+def test_a_revision_is_reused_until_anything_is_deleted(tmp_path, redis_client):
+    store, coord, presence = remembering(tmp_path, redis_client)
+    digest = tagged(store, "latest", 1000.0)
+    for _ in range(3):
+        assert presence.media_type(TARGET, digest) == "application/vnd.oci.image.manifest.v1+json"
+    assert store.revision_reads == 1
+
+    store.delete_revision(str(TARGET), digest)
+    coord.deletions.happened()  # as admin evict and the GC's sweep do after deleting
+    assert presence.media_type(TARGET, digest) is None
+    assert presence.media_type(TARGET, digest) is None  # "it has none" is not remembered
+    assert store.revision_reads == 3

@@ -3,8 +3,9 @@ answers a GET or HEAD of a manifest the cache holds fresh (ManifestPulls.cached:
 its tag_ttl, a digest of the repository) with headers built once per manifest, and counts it
 as the Flask route would: the access log line, the metrics, the Hosts table, the hourly
 savings and the pull (api/v2.py count_manifest_answer, ManifestPulls.count_pull). Its
-lookups are the route's own (ContentStore.read_tag_of: a stat of the tag file per request),
-so a tag another worker or node moved or evicted is seen as the route would see it.
+lookups are the route's own (on disk a stat of the tag file per request; on S3 a record
+remembered while no tag moved, pullthrough/presence.py), so a tag another worker or node
+moved or evicted is seen as the route would see it.
 
 Everything else goes to Flask unchanged: another route or method, a query string (`?ns=`),
 a host name server.hosts does not list, a name or reference Flask answers with an error, a

@@ -18,6 +18,7 @@ when missing. Each key has one owner module that alone reads and writes it:
 - registry/coordination/upstream_health.py: pt:upstream:*
 - registry/coordination/tiers.py: the channel pt:tier:deleted
 - registry/coordination/deletions.py: pt:deletions
+- registry/coordination/tag_moves.py: pt:tag-moves
 - registry/coordination/hosts.py: pt:hosts, pt:host:*, pt:hosts:tls:*
 - registry/coordination/logins.py: pt:login:key, pt:login:failed:*
 
@@ -178,9 +179,15 @@ carries each owner.
     pt:deletions                string  no TTL. A random token, rewritten after anything is
                                         deleted from the store (GC sweep, admin evict, admin
                                         verify --delete). A node reuses the store's word that
-                                        a blob or a repository's link to it exists
+                                        a blob, a repository's link to it or a revision exists
                                         (storage.s3.lookup_ttl) only while the token is the
                                         one it read before asking.
+    pt:tag-moves                string  no TTL. A random token, rewritten after a tag's file
+                                        comes to name another digest or is deleted (a moved
+                                        tag fetched, the follower, admin evict, GC sweep). A
+                                        node reuses a tag record it read from the bucket
+                                        (storage.s3.lookup_ttl, while the tag is fresh) only
+                                        while the token is the one it read before reading.
     pt:login:key                string  no TTL. The key the cache's own login tokens are
                                         signed with (auth:), made by the first process to
                                         need it; a new one after a FLUSHALL logs clients out.

@@ -24,6 +24,7 @@ from registry.coordination.limits import Limits
 from registry.coordination.logins import Logins
 from registry.coordination.missing import NegativeCache
 from registry.coordination.pulls import Pulls
+from registry.coordination.tag_moves import TagMoves
 from registry.coordination.tiers import TierNews
 from registry.coordination.upstream_health import upstream_status
 from registry.coordination.verdicts import Verdicts
@@ -50,6 +51,7 @@ class Coordination:
         self.hourly = Hourly(client, quota=lambda registry: upstream_status(client, registry))
         self.tiers = TierNews(client)
         self.deletions = Deletions(client)
+        self.tag_moves = TagMoves(client)
         self.hosts = Hosts(client, hosts_max)
         self.logins = Logins(client)
 

@@ -70,6 +70,7 @@ class PullThroughBase:
         self.presence = Presence(
             store,
             coordination.deletions,
+            coordination.tag_moves,
             settings.s3.lookup_ttl if settings.s3 and store.lookups_are_requests else 0,
         )
         self.upstreams = upstreams

@@ -76,11 +76,11 @@ class ManifestPulls(PullThroughBase):
             body = self.store.read_manifest(digest)
             if body is None:
                 return None
-            media_type = self.store.manifest_media_type(target, digest)
+            media_type = self.presence.media_type(target, digest)
             return Manifest(body, digest, media_type, "hit") if media_type is not None else None
         if not is_tag(reference):
             return None
-        found = self._cached_tag(target, reference)
+        found = self._cached_tag(target, reference, remembered=True)
         if found is None:
             return None
         return found[0] if self._fresh(target, reference, found[1]) else None
@@ -118,7 +118,7 @@ class ManifestPulls(PullThroughBase):
     def _manifest_by_digest(self, target: Target, digest: Digest, client: str | None) -> Manifest:
         body = self.store.read_manifest(digest)
         if body is not None:
-            media_type = self.store.manifest_media_type(target, digest)
+            media_type = self.presence.media_type(target, digest)
             if media_type is None and self.store.is_linked(target, digest):
                 # A child of a cached index: entitled, but not recorded as a revision yet.
                 media_type = self._media_type_of(body)
@@ -140,7 +140,7 @@ class ManifestPulls(PullThroughBase):
         return Manifest(fetched.body, digest, media_type, "miss")
 
     def _manifest_by_tag(self, target: Target, tag: str, client: str | None) -> Manifest:
-        cached = self._cached_tag(target, tag)
+        cached = self._cached_tag(target, tag, remembered=True)
         if cached is not None and self._fresh(target, tag, cached[1]):
             return cached[0]
         try:
@@ -172,8 +172,17 @@ class ManifestPulls(PullThroughBase):
         """Whether upstream was asked about the tag within its tag_ttl."""
         return self.clock() - record.validated < target.registry.ttl_of(target.repository, tag)
 
-    def _cached_tag(self, target: Target, tag: str) -> tuple[Manifest, TagRecord] | None:
-        record = self.store.read_tag(target, tag)
+    def _cached_tag(
+        self, target: Target, tag: str, *, remembered: bool = False
+    ) -> tuple[Manifest, TagRecord] | None:
+        """The tag's manifest and record; `remembered`: a record this process read may do
+        (presence.py: on S3, while fresh and no tag moved), else the store is read."""
+        if remembered:
+            record = self.presence.tag_record(
+                target, tag, lambda known: self._fresh(target, tag, known)
+            )
+        else:
+            record = self.store.read_tag(target, tag)
         if record is None:
             return None
         body = self.store.read_manifest(record.digest)
@@ -230,7 +239,21 @@ class ManifestPulls(PullThroughBase):
             digest = claimed
         media_type = self._store_manifest(target, digest, fetched.body, fetched.media_type)
         self.store.write_tag(target, tag, TagRecord(digest, media_type, self.clock()))
+        if cached is None or cached[0].digest != digest:
+            self._tag_moved(target, tag)
         return Manifest(fetched.body, digest, media_type, "miss")
+
+    def _tag_moved(self, target: Target, tag: str) -> None:
+        """Processes that remember the tag's record read it again (presence.py)."""
+        try:
+            self.coord.tag_moves.happened()
+        except RedisError as exc:
+            log.warning(
+                "%s:%s moved; could not tell other processes (%s): they see it within its tag_ttl",
+                target,
+                tag,
+                exc,
+            )
 
     def _store_manifest(
         self, target: Target, digest: Digest, body: bytes, content_type: str

@@ -14,6 +14,12 @@ process's look and before the fill took its lease asked the bucket again, a wind
 milliseconds that stretches with the machine's load. With `ttl` 0, or when Redis does not
 answer, every question goes to the store.
 
+Manifests are asked about on every request: a repository's revision of a digest (its media
+type) is remembered as blobs are, while nothing was deleted; a tag's record while no tag moved
+(the `pt:tag-moves` token, coordination/tag_moves.py, rewritten after a tag's file names
+another digest or goes), while the record is fresh, for at most `ttl`. A cached manifest then
+costs one Redis read and no bucket request.
+
 With `ttl` above 0 a question is also put once at a time per process: requests that come
 while the same one is out wait for its answer, rather than each asking the bucket about a
 blob that a herd's first request is about to fill. Only the request that asked remembers the
@@ -29,9 +35,10 @@ from collections.abc import Callable, Hashable
 from typing import TypeVar, cast
 
 from registry.coordination.deletions import Deletions
+from registry.coordination.tag_moves import TagMoves
 from registry.digests import Digest
 from registry.names import Target
-from registry.store import ContentStore
+from registry.store import ContentStore, TagRecord
 
 CAPACITY = 4096
 # How long one process takes the store's "no such blob" as its answer (see above).
@@ -54,6 +61,7 @@ class Presence:
         self,
         store: ContentStore,
         deletions: Deletions,
+        tag_moves: TagMoves,
         ttl: float,
         *,
         capacity: int = CAPACITY,
@@ -61,6 +69,7 @@ class Presence:
     ) -> None:
         self.store = store
         self.deletions = deletions
+        self.tag_moves = tag_moves
         self.ttl = ttl
         self._known = _Memo(capacity, clock)  # what exists, for ttl
         self._out: dict[Hashable, _Question] = {}  # questions being asked now
@@ -71,6 +80,39 @@ class Presence:
         """The questions of one request: the token is read now, before any of them is put
         to the store."""
         return Asking(self, self.deletions.token() if self.ttl > 0 else None)
+
+    def tag_record(
+        self, target: Target, tag: str, fresh: Callable[[TagRecord], bool]
+    ) -> TagRecord | None:
+        """The tag's record: the one this process last read, while no tag moved since, for at
+        most ttl and while `fresh` holds for it; else the store's (remembered when there is
+        one). The token is read before the store, so a move racing the read is seen next."""
+        if self.ttl <= 0:
+            return self.store.read_tag(target, tag)
+        key = ("tag", str(target), tag)
+        token = self.tag_moves.token()
+        known = self._known.recall(key, token)
+        if known is not UNKNOWN and fresh(cast(TagRecord, known)):
+            return cast(TagRecord, known)
+        record = self.store.read_tag(target, tag)
+        if record is not None:
+            self._known.remember(key, token, self.ttl, record)
+        return record
+
+    def media_type(self, target: Target, digest: Digest) -> str | None:
+        """The media type of the repository's revision of `digest`, None when it has none;
+        that it has one is remembered while nothing was deleted, for at most ttl."""
+        if self.ttl <= 0:
+            return self.store.manifest_media_type(target, digest)
+        key = ("revision", str(target), digest)
+        token = self.deletions.token()
+        known = self._known.recall(key, token)
+        if known is not UNKNOWN:
+            return cast(str, known)
+        media_type = self.store.manifest_media_type(target, digest)
+        if media_type is not None:
+            self._known.remember(key, token, self.ttl, media_type)
+        return media_type
 
     def ask(self, key: Hashable, question: Callable[[], T]) -> tuple[T, bool]:
         """The store's answer to `question`, and whether this call asked it: a call made
