@@ -44,6 +44,7 @@ from bench.load import (
     CDN_TOTAL_MIBPS,
     HERD,
     HUGE_MIB,
+    ONE_CLIENT_REPEATS,
     RANGE_MIB,
     REPEATS,
     ROUNDS,
@@ -294,17 +295,22 @@ def set_pulls(pulls: dict[str, tuple[str, ThrottledRelay]], images, upstream, wo
 
 def blob_throughput(urls: dict[str, tuple[str, int]], size: int) -> dict:
     """Warm blob MiB/s with 1 and 8 concurrent clients, and the server's CPU seconds per GiB
-    sent, from every server that holds the blob; REPEATS runs with the servers taking turns
-    (one client's speed moves with where the scheduler puts it), median shown. `urls` maps
-    a server to (url, pid of its main process)."""
+    sent, from every server that holds the blob; REPEATS runs (ONE_CLIENT_REPEATS for one
+    client) with the servers taking turns, each round starting with the next one (one
+    client's speed moves with where the scheduler puts it), median shown. `urls` maps a
+    server to (url, pid of its main process)."""
     out: dict = {}
+    names = list(urls)
     for clients in (1, 8):
+        repeats = ONE_CLIENT_REPEATS if clients == 1 else REPEATS
         runs: dict[str, list[float]] = {name: [] for name in urls}
         cpu: dict[str, float] = dict.fromkeys(urls, 0.0)
         for url, _ in urls.values():
             curl_downloads(url, 1, size)  # page cache and connection pools warm for everyone
-        for _ in range(REPEATS):
-            for name, (url, pid) in urls.items():
+        for round_ in range(repeats):
+            turn = round_ % len(names)
+            for name in names[turn:] + names[:turn]:
+                url, pid = urls[name]
                 # The process tree now: gunicorn replaces a worker the WAN scenario killed.
                 _, used, mibps = timed_cpu(
                     tree(pid), lambda u=url, n=clients: curl_downloads(u, n, size)
@@ -312,7 +318,7 @@ def blob_throughput(urls: dict[str, tuple[str, int]], size: int) -> dict:
                 runs[name].append(mibps)
                 cpu[name] += used
         for name in urls:
-            served_gib = clients * size * REPEATS / (1 << 30)
+            served_gib = clients * size * repeats / (1 << 30)
             out[(name, clients)] = {
                 "mibps": median(runs[name]),
                 "cpu_per_gib": cpu[name] / served_gib,

@@ -15,6 +15,7 @@ from bench.load import (
     CDN_CONNECTION_MIBPS,
     CDN_TOTAL_MIBPS,
     HERD,
+    ONE_CLIENT_REPEATS,
     RANGE_MIB,
     REPEATS,
     ROUNDS,
@@ -425,8 +426,9 @@ def write_report(results: dict, *, size: int, huge_size: int) -> None:
         "",
         f"Herd: {HERD} Python clients hashing every byte of a cold {mib:.0f} MiB blob "
         f"({CLIENTS_PER_PROCESS} threads per process). Warm blob "
-        f"throughput: curl to /dev/null, {REPEATS} runs per server with the servers taking "
-        "turns (median run), CPU of the server's processes over all runs. Manifest rates: GET "
+        f"throughput: curl to /dev/null, {ONE_CLIENT_REPEATS} runs per server with 1 client "
+        f"and {REPEATS} with 8, the servers taking turns, each round starting with the next "
+        "(median run), CPU of the server's processes over all runs. Manifest rates: GET "
         "with wrk (2 threads, 32 connections), HEAD with ApacheBench (32 keep-alive "
         f"connections; whole milliseconds), {SECONDS:g} s each, {ROUNDS} rounds with the "
         "servers taking turns: the median round is shown, and the range of the per-round "
@@ -511,9 +513,13 @@ GAP_REASONS = {
         "above shows how far one round moves the ratio."
     ),
     "warm blob": (
-        "Both send with sendfile(2) from the page cache; on loopback the copy into the socket "
-        "is the whole cost, and one client's result moves ±20% between runs for either "
-        "server. pullthrough adds gevent's readiness waits and a yield per sendfile call."
+        "Both send with sendfile(2) from the page cache, corked, 2-4 MiB a call. On loopback "
+        "the sending process also does the receiving side's TCP work, so the sender's CPU "
+        "(0.40 s per GiB for either, on one core) is the limit: a bare blocking sendfile "
+        "loop in Python gets nginx's rate too, and one client's result moves ±10% between "
+        "runs for any of them. A smaller send buffer (192 KiB, tried on that loop) moves "
+        "that work to the client's core (1.8x nginx with 64 KiB reads) but depends on how "
+        "the client reads (1.0x with curl's 16 KiB, 0.85x with 1 MiB), so it is not used."
     ),
     "cold 1024 MiB blob to 8 clients on loopback": (
         "The 8 clients wait on the fill, and every client's last byte on its verified "
