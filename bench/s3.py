@@ -15,6 +15,9 @@ link). Two pullthrough nodes share the bucket and one Redis.
   that same file, and the node's CPU per GiB.
 - A cold herd over two nodes that both have a local tier: the same figures as the first
   herd, plus the bucket's reads of the fill's pieces (at most one per node is the goal).
+- A cached manifest by tag and by digest (wrk): requests/s and the bucket requests it cost,
+  on a node that remembers the bucket's answers (storage.s3.lookup_ttl, the default) and on
+  one that asks the bucket every time (lookup_ttl 0).
 
 Writes its section of docs/benchmarks.md (after `<!-- s3 -->`).
 """
@@ -23,15 +26,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from statistics import median
 
+import requests
+
 from bench.clients import CLIENTS_PER_PROCESS, download
 from bench.clients import herd as herd_clients
-from bench.load import BLOB_MIB, HERD, REPEATS, WAN_MIBPS, curl_downloads
+from bench.load import ACCEPT, BLOB_MIB, HERD, REPEATS, SECONDS, WAN_MIBPS, curl_downloads, wrk
 from bench.nginx import Nginx
 from bench.proc import cpu_seconds, timed_cpu, tree
 from bench.report import S3_MARKER, commit_id, table, write_section
@@ -127,6 +133,7 @@ def main() -> None:
             return server
 
         a, b = node("node-a"), node("node-b")
+        asking = node("node-0", lookup_ttl=0)
         redirecting = node("node-r", redirect=True)
         tiered, tiered_b = (
             node(name, local_cache={"path": str(work / f"{name}-tier"), "max_size": "8GiB"})
@@ -143,6 +150,12 @@ def main() -> None:
             tiered, tiered_b, upstream, relay, layers, swift, prefix, "tierherd", "tiersingle"
         )
         results["tier_herd"]["piece_reads"] = piece_reads(swift, layers["tierherd"])
+        results["manifests"] = manifest_rates(
+            {"remembered (lookup_ttl 30 s)": a, "asked every time (lookup_ttl 0)": asking},
+            swift,
+            prefix,
+            work,
+        )
         write(results, layers)
     finally:
         for server in reversed(started):
@@ -312,6 +325,55 @@ def tier_scenarios(node: Gunicorn, nginx: Nginx, swift: Swift, prefix: str, laye
     return {**out, **take_turns(ways, "pullthrough, local tier", node, size)}
 
 
+def manifest_rates(nodes: dict[str, Gunicorn], swift: Swift, prefix: str, work: Path) -> dict:
+    """GETs/s of the warm image's manifest by tag and by digest on each node (wrk, SECONDS
+    each), and the bucket requests under the repository's keys per manifest answered (Swift's
+    access log)."""
+    asked = re.compile(
+        rf"proxy-server: \d\S* .* (?:GET|HEAD) /\S*/{re.escape(prefix)}/repositories/\S* HTTP/"
+    )
+    out: dict = {}
+    for name, server in nodes.items():
+        tagged = f"{server.url}/v2/s3bench/warm/manifests/1"
+        answer = requests.get(tagged, headers={"Accept": ACCEPT}, timeout=60)
+        answer.raise_for_status()
+        digest = answer.headers["Docker-Content-Digest"]
+        for kind, url in (("tag", tagged), ("digest", tagged[: -len("1")] + digest)):
+            requests.get(url, headers={"Accept": ACCEPT}, timeout=60).raise_for_status()
+            time.sleep(1)  # Swift logs a request when it ends
+            logged = len(swift.access)
+            rate = wrk(url, work)
+            time.sleep(1)
+            bucket = sum(1 for line in swift.access[logged:] if asked.search(line))
+            out[(name, kind)] = {**rate, "bucket_per_request": bucket / (rate["rps"] * SECONDS)}
+    return out
+
+
+def manifest_lines(rates: dict) -> list[str]:
+    rows = [
+        [
+            f"GET by {kind}",
+            name,
+            f"{r['rps']:.0f}",
+            f"{r['p50_ms']:.2f}",
+            f"{r['bucket_per_request']:.3f}",
+        ]
+        for (name, kind), r in sorted(rates.items(), key=lambda item: item[0][1], reverse=True)
+    ]
+    return [
+        f"A cached manifest on one node ({NODE_WORKERS} workers; wrk, 2 threads, 32 connections, "
+        f"{SECONDS:g} s each), against a node that asks the bucket every time:",
+        "",
+        *table(["request", "node", "req/s", "p50 ms", "bucket requests per manifest"], rows),
+        "",
+        "A node remembers a tag's record while it is fresh and no tag moved (`pt:tag-moves`), "
+        "a revision while nothing was deleted (`pt:deletions`), each for at most "
+        "`lookup_ttl`: its manifests cost one Redis read each and, past each process's first, "
+        "no bucket request.",
+        "",
+    ]
+
+
 def write(results: dict, layers: dict) -> None:
     warm_rows = []
     for clients, rates in results["warm"].items():
@@ -368,6 +430,7 @@ def write(results: dict, layers: dict) -> None:
         "",
         *tier_lines(results["tier"]),
         *tier_herd_lines(results["tier_herd"]),
+        *manifest_lines(results["manifests"]),
     ]
     write_section(ROOT / "docs" / "benchmarks.md", S3_MARKER, lines)
     print("\n".join(lines))
