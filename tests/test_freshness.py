@@ -15,6 +15,7 @@ import pytest
 import redis as redis_lib
 import requests
 
+from registry.coordination.tag_moves import KEY as TAG_MOVES
 from registry.mediatypes import MANIFEST_TYPES
 from tests.support.clients import skopeo_copy, skopeo_policy
 from tests.support.fakes import FakeRegistry, Route
@@ -132,13 +133,17 @@ def test_tag_is_revalidated_once_per_ttl_by_one_head_across_workers(cache, own, 
     assert sorted(r.headers["X-Cache"] for r in after).count("REVALIDATED") == 1
 
 
-def test_moved_tag_is_fetched_once_after_its_ttl(cache, own):
+def test_moved_tag_is_fetched_once_after_its_ttl_and_tells_every_process(cache, own, redis):
+    """The move rewrites pt:tag-moves (what S3 nodes' processes remember is read again:
+    tests/test_cluster.py); a tag cached for the first time moves nothing and does not."""
     repository = "library/moving"
     first = single(repository, "latest", [make_layer(201, 2000)], docker=True)
     second = single(repository, "latest", [make_layer(202, 2000)], docker=True)
     own.pusher.push(first)
     url = f"{cache.url}/v2/{repository}/manifests/latest"
+    token = redis.get(TAG_MOVES)
     assert requests.get(url, headers=ACCEPT, timeout=30).content == first.manifest
+    assert redis.get(TAG_MOVES) == token
     own.pusher.push(second)
     # Within the TTL the cache still serves what it validated.
     assert requests.get(url, headers=ACCEPT, timeout=30).content == first.manifest
@@ -148,6 +153,7 @@ def test_moved_tag_is_fetched_once_after_its_ttl(cache, own):
     assert {r.content for r in moved} == {second.manifest}
     assert {r.headers["Docker-Content-Digest"] for r in moved} == {second.digest}
     assert manifest_calls(own, mark, repository) == [("HEAD", 200), ("GET", 200)]
+    assert redis.get(TAG_MOVES) not in (None, token)
 
 
 def test_immutable_tag_rule_is_never_revalidated(cache, own, images):

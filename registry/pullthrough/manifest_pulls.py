@@ -238,8 +238,12 @@ class ManifestPulls(PullThroughBase):
                 )
             digest = claimed
         media_type = self._store_manifest(target, digest, fetched.body, fetched.media_type)
+        # What the tag named before (without a cached answer, the follower's fetch or a
+        # manifest gone from under its tag: the file's): a new tag moves nothing anyone
+        # remembers.
+        before = cached[1] if cached is not None else self.store.read_tag(target, tag)
         self.store.write_tag(target, tag, TagRecord(digest, media_type, self.clock()))
-        if cached is None or cached[0].digest != digest:
+        if before is not None and before.digest != digest:
             self._tag_moved(target, tag)
         return Manifest(fetched.body, digest, media_type, "miss")
 
