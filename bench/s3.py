@@ -151,7 +151,10 @@ def main() -> None:
         )
         results["tier_herd"]["piece_reads"] = piece_reads(swift, layers["tierherd"])
         results["manifests"] = manifest_rates(
-            {"remembered (lookup_ttl 30 s)": a, "asked every time (lookup_ttl 0)": asking},
+            {
+                f"remembered (lookup_ttl {S3Settings.lookup_ttl:g} s)": a,
+                "asked every time (lookup_ttl 0)": asking,
+            },
             swift,
             prefix,
             work,
@@ -334,11 +337,11 @@ def manifest_rates(nodes: dict[str, Gunicorn], swift: Swift, prefix: str, work: 
     )
     out: dict = {}
     for name, server in nodes.items():
-        tagged = f"{server.url}/v2/s3bench/warm/manifests/1"
-        answer = requests.get(tagged, headers={"Accept": ACCEPT}, timeout=60)
+        manifests = f"{server.url}/v2/s3bench/warm/manifests"
+        answer = requests.get(f"{manifests}/1", headers={"Accept": ACCEPT}, timeout=60)
         answer.raise_for_status()
         digest = answer.headers["Docker-Content-Digest"]
-        for kind, url in (("tag", tagged), ("digest", tagged[: -len("1")] + digest)):
+        for kind, url in (("tag", f"{manifests}/1"), ("digest", f"{manifests}/{digest}")):
             requests.get(url, headers={"Accept": ACCEPT}, timeout=60).raise_for_status()
             time.sleep(1)  # Swift logs a request when it ends
             logged = len(swift.access)

@@ -79,9 +79,14 @@ def fresh_image(pusher, name: str, size: int = LAYER):
     return image, max(image.blobs, key=lambda d: len(image.blobs[d]))
 
 
-def get_manifest(node: Gunicorn, image) -> None:
-    url = f"{node.url}/v2/{image.repository}/manifests/{image.tag}"
-    requests.get(url, headers=ACCEPT, timeout=30).raise_for_status()
+def manifest_of(node: Gunicorn, path: str) -> requests.Response:
+    response = requests.get(f"{node.url}/v2/{path}", headers=ACCEPT, timeout=30)
+    response.raise_for_status()
+    return response
+
+
+def get_manifest(node: Gunicorn, image) -> requests.Response:
+    return manifest_of(node, f"{image.repository}/manifests/{image.tag}")
 
 
 def download(url: str, t0: float) -> dict:
@@ -192,12 +197,6 @@ def test_whatever_one_node_pulled_is_a_hit_on_the_other(
     assert f"{image.repository}:{image.tag}" in listed.stdout, listed.stdout
 
 
-def manifest_of(node: Gunicorn, path: str) -> requests.Response:
-    response = requests.get(f"{node.url}/v2/{path}", headers=ACCEPT, timeout=30)
-    response.raise_for_status()
-    return response
-
-
 def test_a_cached_manifest_asks_the_bucket_nothing_and_a_moved_tag_reaches_every_node(
     nodes, swift, pusher
 ):
@@ -211,14 +210,14 @@ def test_a_cached_manifest_asks_the_bucket_nothing_and_a_moved_tag_reaches_every
         paths.tag(repo, image.tag),
         paths.revision(repo, Digest.parse(image.digest)),
     )
-    manifest_of(a, f"{image.repository}/manifests/{image.tag}")  # node a fetches and stores it
+    get_manifest(a, image)  # node a fetches and stores it
 
     def revision_asked() -> int:
         return swift.object_requests("GET", revision_key) + swift.object_heads(revision_key)
 
     reads, asked = swift.object_gets(tag_key), revision_asked()
     for _ in range(20):
-        assert manifest_of(b, f"{image.repository}/manifests/{image.tag}").content == image.manifest
+        assert get_manifest(b, image).content == image.manifest
         assert manifest_of(b, f"{image.repository}/manifests/{image.digest}").status_code == 200
     time.sleep(1)  # the proxy logs a request when it ends
     # At most one read per process of node b (2 workers): 20 each without the memory; a
@@ -233,10 +232,10 @@ def test_a_cached_manifest_asks_the_bucket_nothing_and_a_moved_tag_reaches_every
     ref = f"{image.repository}:{image.tag}"
     assert admin.refresh(pt, ref) == str(moved.digest)
     for _ in range(4):  # both processes of node b
-        assert manifest_of(b, f"{image.repository}/manifests/{image.tag}").content == moved.manifest
+        assert get_manifest(b, image).content == moved.manifest
 
     admin.evict(pt, ref)
-    assert manifest_of(b, f"{image.repository}/manifests/{image.tag}").headers["X-Cache"] == "MISS"
+    assert get_manifest(b, image).headers["X-Cache"] == "MISS"
 
 
 def test_a_tag_that_moves_upstream_is_seen_by_every_node_within_its_tag_ttl(nodes, pusher):
