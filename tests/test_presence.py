@@ -11,6 +11,8 @@ import threading
 import time
 
 import redis as redis_lib
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from registry.config import GcSettings, RegistrySettings
 from registry.coordination import Coordination
@@ -53,6 +55,11 @@ class CountingStore(ContentStore):
             run, self.after_answer = self.after_answer, None
             run()
         return size
+
+
+def nobody() -> redis_lib.Redis:
+    """A Redis client with nothing at its address, that does not retry."""
+    return redis_lib.Redis(port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
 
 
 def orphan(store: ContentStore, data: bytes) -> Digest:
@@ -119,7 +126,7 @@ def test_an_answer_lasts_at_most_ttl_and_nothing_is_reused_without_redis(tmp_pat
     assert presence.asking().blob_size(digest) == 1 and store.asked == 2
 
     # Redis away: no token to check an answer against, so the store answers each time.
-    away = Coordination(redis_lib.Redis(port=1, socket_connect_timeout=0.2), 5.0)
+    away = Coordination(nobody(), 5.0)
     blind = Presence(store, away.deletions, away.tag_moves, ttl=30)
     for _ in range(2):
         assert blind.asking().blob_size(digest) == 1
@@ -224,7 +231,7 @@ def test_a_tag_record_lasts_at_most_ttl_and_is_never_reused_without_redis(tmp_pa
     presence.tag_record(TARGET, "latest", lambda r: True)
     assert store.tag_reads == 2
 
-    away = Coordination(redis_lib.Redis(port=1, socket_connect_timeout=0.2), 5.0)
+    away = Coordination(nobody(), 5.0)
     blind = Presence(store, away.deletions, away.tag_moves, ttl=30)
     for _ in range(2):
         blind.tag_record(TARGET, "latest", lambda r: True)
