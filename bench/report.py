@@ -493,8 +493,8 @@ def write_section(out: Path, marker: str, lines: list[str]) -> None:
     """Replace what follows `marker` in `out`, up to the next section's marker (a line that
     starts `<!-- `) or the end, with `lines`; the rest of the file is other runs'."""
     existing = out.read_text() if out.exists() else ""
-    head, _, rest = existing.partition(marker)
-    if not _:
+    head, found, rest = existing.partition(marker)
+    if not found:
         head, rest = existing, ""
     after = re.search(r"^<!-- ", rest, flags=re.M)
     tail = "\n\n" + rest[after.start() :].rstrip() + "\n" if after else "\n"

@@ -450,9 +450,9 @@ def test_a_fill_failure_redis_cannot_take_at_once_is_recorded_once_it_can(
 
 
 def test_the_record_of_a_fill_whose_process_died_goes_soon_after_its_lease(redis_client):
-    """A node SIGKILLed while its fill commits: its record said `committing` for its hour
-    with nothing behind it. A running fill's
-    record is refreshed with its lease; once the lease stops, the record goes."""
+    """A running fill's record lives a short TTL refreshed with its lease, so the record of
+    a fill whose process was SIGKILLed (here: mid-commit) goes soon after its lease stops
+    being renewed, instead of saying `committing` with nothing behind it."""
     import threading
 
     from registry.coordination.fill_records import FillRecords

@@ -103,7 +103,7 @@ def test_node_follows_a_sentinel_failover(tmp_path, sentinel_set, upstream, imag
 
 def test_a_worker_that_finds_no_master_says_which_sentinels_it_asked(tmp_path):
     """The GC worker starts while the Sentinels know no master (all down, or mid-failover):
-    its one line names the master and the Sentinels asked (it said `Redis at ?:?`)."""
+    its one line names the master and the Sentinels asked, not a host and port."""
     import yaml
 
     from tests.support.servers import free_port, run_module

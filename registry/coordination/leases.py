@@ -81,7 +81,9 @@ class Lease:
         def run() -> None:
             while alive():
                 time.sleep(self.ttl / 3)
-                if alive() and not self.renew():
+                if not alive():
+                    return
+                if not self.renew():
                     self.lost = True
                     return
                 with contextlib.suppress(redis.RedisError):

@@ -28,6 +28,7 @@ answer, under its own token.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -87,32 +88,37 @@ class Presence:
         """The tag's record: the one this process last read, while no tag moved since, for at
         most ttl and while `fresh` holds for it; else the store's (remembered when there is
         one). The token is read before the store, so a move racing the read is seen next."""
+        question = functools.partial(self.store.read_tag, target, tag)
         if self.ttl <= 0:
-            return self.store.read_tag(target, tag)
+            return question()
         key = ("tag", str(target), tag)
-        token = self.tag_moves.token()
-        known = self._known.recall(key, token)
-        if known is not UNKNOWN and fresh(cast(TagRecord, known)):
-            return cast(TagRecord, known)
-        record = self.store.read_tag(target, tag)
-        if record is not None:
-            self._known.remember(key, token, self.ttl, record)
-        return record
+        return self._reused(key, self.tag_moves.token(), question, fresh)
 
     def media_type(self, target: Target, digest: Digest) -> str | None:
         """The media type of the repository's revision of `digest`, None when it has none;
         that it has one is remembered while nothing was deleted, for at most ttl."""
+        question = functools.partial(self.store.manifest_media_type, target, digest)
         if self.ttl <= 0:
-            return self.store.manifest_media_type(target, digest)
+            return question()
         key = ("revision", str(target), digest)
-        token = self.deletions.token()
+        return self._reused(key, self.deletions.token(), question, lambda _known: True)
+
+    def _reused(
+        self,
+        key: Hashable,
+        token: str | None,
+        question: Callable[[], T | None],
+        usable: Callable[[T], bool],
+    ) -> T | None:
+        """The answer remembered under `token` where `usable` says it still is, else the
+        store's, remembered when there is one."""
         known = self._known.recall(key, token)
-        if known is not UNKNOWN:
-            return cast(str, known)
-        media_type = self.store.manifest_media_type(target, digest)
-        if media_type is not None:
-            self._known.remember(key, token, self.ttl, media_type)
-        return media_type
+        if known is not UNKNOWN and usable(cast(T, known)):
+            return cast(T, known)
+        answer = question()
+        if answer is not None:
+            self._known.remember(key, token, self.ttl, answer)
+        return answer
 
     def ask(self, key: Hashable, question: Callable[[], T]) -> tuple[T, bool]:
         """The store's answer to `question`, and whether this call asked it: a call made
